@@ -1,0 +1,228 @@
+"""ApET: approximation-error guided token compression.
+
+Paper: *ApET: Approximation-Error Guided Token Compression for Efficient VLMs*, arXiv 2602.19870.
+Authors' code: ``MaQianKun0/ApET`` (``llava/model/llava_arch.py``, ``llava/model/utils.py``,
+``qwen/model/qwen2_5_vl_custom.py``).
+
+The algorithm, as the authors run it before the language model (their defaults are ours):
+
+1. **Basis**: choose ``M = num_basis`` tokens, by farthest-point sampling with squared L2 distance
+   from a random start (``fps``), by greedy QR column pivoting (``qr``) or uniformly with
+   replacement (``random``).
+2. **Linear approximation**: ``G = S S^T + ridge * I``, ``C = solve(G, S X^T)^T``, ``X_hat = C S``.
+3. **Error** of each token: the L2 norm of its residual row (other norms by ``error_norm``).
+4. **Keep** the ``K`` tokens with the largest error: the basis explains them worst.
+5. **Basis injection**: the ``M`` kept tokens with the lowest errors are overwritten by the basis
+   tokens; ``replace`` (LLaVA) puts basis token ``j`` on the ``j``-th smallest position among those
+   slots, ``mix`` (Qwen2.5-VL) stores ``0.5 S_j + 0.5 X_slot`` on the ``j``-th of them in error order.
+6. **Merge**: every dropped token joins the kept non-basis token of highest cosine similarity, which
+   becomes the unweighted mean ``(x + sum) / (1 + count)``.
+7. **Output** in ascending original position.
+
+All maths run in float32 (the authors cast to half precision between steps 4 and 6; we do not);
+the output has the input's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from tokencomp.base import Compressor
+from tokencomp.kernels import (
+    batched_gather,
+    cosine_match,
+    fps_indices,
+    mean_merge,
+    qr_pivot_indices,
+    random_indices,
+    residual_errors,
+    ridge_residual,
+    slots_of,
+)
+from tokencomp.kernels.lstsq import ERROR_NORMS
+from tokencomp.registry import register
+from tokencomp.types import CompressionResult, Context
+from tokencomp.validation import (
+    InvalidParameterError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_seed,
+)
+
+BASES = ("fps", "random", "qr")
+INJECTIONS = ("replace", "mix", "none")
+
+
+@register("apet")
+class ApET(Compressor):
+    """Approximation-error guided token compression (ApET, arXiv 2602.19870).
+
+    Rebuild the tokens from a few basis tokens by ridge least squares and keep the tokens the basis
+    explains worst; inject the basis tokens into the least informative kept slots and merge every
+    dropped token into its most similar kept token. With default parameters this is the authors'
+    LLaVA-1.5 stage-1 procedure.
+
+    Parameters
+    ----------
+    basis : {"fps", "random", "qr"}, default "fps"
+        How the ``num_basis`` basis tokens are chosen: farthest-point sampling with squared L2
+        distance (the authors' default), uniform sampling with replacement, or the first pivots of
+        QR with column pivoting (the same pivots as LAPACK ``geqp3`` on ``X^T``).
+    num_basis : int, default 10
+        Number ``M`` of basis tokens.
+    fps_start : "random" or int, default "random"
+        Start of farthest-point sampling: a seeded uniformly random index per image (the authors'
+        choice), or a fixed token index.
+    error_norm : {"l2", "l1", "linf", "relative"}, default "l2"
+        Norm of the residual row used as the token's error; ``relative`` is ``l2`` over the token's
+        own L2 norm.
+    ridge : float, default 1e-5
+        Ridge (> 0) added to the basis Gram matrix (the authors use 1e-5 for LLaVA, 1e-1 for
+        Qwen2.5-VL); it keeps the solve well posed when basis tokens repeat.
+    basis_injection : {"replace", "mix", "none"}, default "replace"
+        Overwrite the ``M`` lowest-error kept slots with the basis tokens (LLaVA), store
+        ``0.5 * basis + 0.5 * slot`` there (Qwen2.5-VL), or keep the selected tokens as they are.
+    merge : bool, default True
+        Average every dropped token into its most cosine-similar kept non-basis token.
+    seed : int or None, default 0
+        Seed of the random start / random basis; ``None`` draws from torch's global generator.
+
+    Notes
+    -----
+    With injection, the budget must hold the basis (``K >= num_basis``), and with ``merge`` at least
+    one non-basis slot must receive the dropped tokens (``K > num_basis`` unless ``K = N``).
+
+    ``info`` holds ``basis_indices`` ``[B, M]`` (selection order), ``errors`` ``[B, N]`` and
+    ``basis_slots`` ``[B, M]`` (the output slots holding basis token ``j``; ``-1`` without injection).
+    In ``assignment``, an injected slot keeps mapping from its own position (its original content is
+    replaced under ``replace``), and dropped basis tokens are merged like every other dropped token,
+    exactly as the authors' code does with their values.
+    """
+
+    stage = "pre_llm"
+    needs_attention = False
+    text_conditioned = False
+    deterministic = False
+    summary = "Keep the tokens a least-squares basis rebuilds worst; inject the basis, merge the rest."
+    paper = "Ma et al., ApET: Approximation-Error Guided Token Compression, arXiv 2602.19870 (2026)"
+
+    def __init__(
+        self,
+        *,
+        basis: str = "fps",
+        num_basis: int = 10,
+        fps_start: Union[str, int] = "random",
+        error_norm: str = "l2",
+        ridge: float = 1e-5,
+        basis_injection: str = "replace",
+        merge: bool = True,
+        seed: Optional[int] = 0,
+    ) -> None:
+        name = "apet"
+        self.basis = check_choice(name, "basis", basis, BASES)
+        self.num_basis = check_int(name, "num_basis", num_basis, low=1)
+        if fps_start != "random":
+            check_int(name, "fps_start", fps_start, low=0)
+        self.fps_start = fps_start if fps_start == "random" else int(fps_start)
+        self.error_norm = check_choice(name, "error_norm", error_norm, ERROR_NORMS)
+        self.ridge = check_float(name, "ridge", ridge, low=0.0, low_inclusive=False)
+        self.basis_injection = check_choice(name, "basis_injection", basis_injection, INJECTIONS)
+        self.merge = check_bool(name, "merge", merge)
+        self.seed = check_seed(name, "seed", seed)
+
+    @property
+    def _injects(self) -> bool:
+        return self.basis_injection != "none"
+
+    def _check_budget(self, k: int, n: int, context: Context) -> None:
+        m = self.num_basis
+        if isinstance(self.fps_start, int) and self.basis == "fps" and self.fps_start >= n:
+            raise InvalidParameterError(
+                f"apet: fps_start={self.fps_start} is not a token index for N={n} tokens; "
+                f"use an index in [0, {n - 1}] or fps_start='random'."
+            )
+        if not self._injects:
+            return
+        low = m + 1 if (self.merge and k < n) else m
+        if k < low:
+            raise ValueError(
+                f"apet: budget K={k} cannot hold num_basis={m} injected basis tokens"
+                + (" plus one slot to merge the dropped tokens into" if low > m else "")
+                + f"; with basis_injection={self.basis_injection!r} K must be >= {low} (N={n}). "
+                "Raise the budget, lower num_basis, or set basis_injection='none'."
+            )
+
+    def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
+        x = tokens.float()
+        b, n, _ = x.shape
+        m = self.num_basis
+        rows = torch.arange(b, device=x.device).unsqueeze(1)
+
+        # 1. Basis selection.
+        basis_idx = self._select_basis(x, context)
+        s = batched_gather(x, basis_idx)  # [B, M, D]
+
+        # 2.-3. Ridge least-squares approximation and each token's error.
+        errors = residual_errors(ridge_residual(x, s, self.ridge), x, self.error_norm)
+
+        # 4. Keep the K tokens with the largest error (ties: lower position first).
+        order = torch.sort(errors, dim=-1, descending=True, stable=True).indices
+        kept, dropped = order[:, :k], order[:, k:]
+        values = batched_gather(x, kept)  # in top-K order
+
+        # 5. Basis injection into the M kept slots of lowest error.
+        n_inject = m if self._injects else 0
+        inject_rank = torch.empty(b, 0, dtype=torch.int64, device=x.device)
+        if self._injects:
+            tail = kept[:, k - m :]  # the last M entries of the top-K list
+            if self.basis_injection == "replace":
+                # By boolean mask in the authors' code: basis j goes to the j-th smallest position.
+                inject_rank = (k - m) + tail.argsort(dim=-1)
+                values[rows, inject_rank] = s
+            else:  # "mix": by index, basis j to the j-th of the last M top-K entries
+                inject_rank = torch.arange(k - m, k, device=x.device).expand(b, m)
+                values[rows, inject_rank] = 0.5 * s + 0.5 * values[rows, inject_rank]
+
+        # 6. Merge every dropped token into its most similar kept non-basis token.
+        targets = k - n_inject
+        match = None
+        if self.merge and dropped.shape[1] > 0:
+            src = batched_gather(x, dropped)
+            match = cosine_match(src, values[:, :targets])
+            values = torch.cat([mean_merge(values[:, :targets], src, match), values[:, targets:]], dim=1)
+
+        # 7. Output in ascending original position.
+        indices, perm = kept.sort(dim=-1)
+        out = batched_gather(values, perm)
+        assignment = slots_of(indices, n)
+        slot_of_rank = perm.argsort(dim=-1)  # top-K rank -> output slot
+        if match is not None:
+            assignment[rows, dropped] = torch.gather(slot_of_rank, 1, match)
+        basis_slots = (
+            torch.gather(slot_of_rank, 1, inject_rank)
+            if self._injects
+            else torch.full((b, m), -1, dtype=torch.int64, device=x.device)
+        )
+        return CompressionResult(
+            tokens=out,
+            indices=indices,
+            assignment=assignment,
+            info={"basis_indices": basis_idx, "errors": errors, "basis_slots": basis_slots},
+        )
+
+    def _select_basis(self, x: torch.Tensor, context: Context) -> torch.Tensor:
+        b, n, _ = x.shape
+        if self.basis == "qr":
+            return qr_pivot_indices(x, self.num_basis)
+        generator = self._generator(context, x.device)
+        if self.basis == "random":
+            return random_indices(b, n, self.num_basis, generator=generator, device=x.device)
+        if self.fps_start == "random":
+            start = torch.randint(n, (b,), generator=generator, device=x.device)
+        else:
+            start = torch.full((b,), self.fps_start, dtype=torch.int64, device=x.device)
+        return fps_indices(x, self.num_basis, start)

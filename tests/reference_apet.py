@@ -1,0 +1,59 @@
+"""A literal, loop-based re-statement of the ApET authors' stage-1 procedure, one image at a time.
+
+Written from ``apet-reference.md`` (the authors' ``llava_arch.py`` / ``qwen2_5_vl_custom.py``), with
+no vectorisation, so that the batched strategy can be compared against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def literal_fps(x: torch.Tensor, m: int, start: int) -> list[int]:
+    n = x.shape[0]
+    dist = torch.full((n,), float("inf"))
+    cur = start
+    picked = []
+    for _ in range(m):
+        picked.append(cur)
+        d = ((x - x[cur]) ** 2).sum(-1)
+        dist = torch.minimum(dist, d)
+        cur = int(torch.argmax(dist))
+    return picked
+
+
+def literal_apet(x: torch.Tensor, k: int, basis: list[int], *, ridge: float = 1e-5, injection: str = "replace"):
+    """Return (positions, tokens) the authors' procedure outputs for one image ``x`` ``[N, D]``."""
+    x = x.float()
+    n = x.shape[0]
+    m = len(basis)
+    s = x[basis]
+    g = s @ s.T + ridge * torch.eye(m)
+    c = torch.linalg.solve(g, s @ x.T).T
+    err = torch.linalg.norm(x - c @ s, dim=-1)
+    topk = [int(i) for i in torch.topk(err, k).indices]  # descending error
+
+    work = x.clone()
+    if injection == "replace":
+        mask = torch.zeros(n, dtype=torch.bool)
+        for pos in topk[k - m :]:
+            mask[pos] = True
+        work[mask] = s  # boolean-mask assignment: rows in ascending position order
+    elif injection == "mix":
+        for j, pos in enumerate(topk[k - m :]):
+            work[pos] = 0.5 * s[j] + 0.5 * x[pos]
+    targets = topk[: k - m] if injection != "none" else topk
+    dropped = [i for i in range(n) if i not in set(topk)]
+
+    sums = {t: work[t].clone() for t in targets}
+    counts = {t: 1 for t in targets}
+    target_rows = x[targets]
+    for i in dropped:
+        sims = (target_rows @ x[i]) / (target_rows.norm(dim=-1) * x[i].norm())
+        best = targets[int(torch.argmax(sims))]  # first maximum
+        sums[best] += x[i]
+        counts[best] += 1
+    for t in targets:
+        work[t] = sums[t] / counts[t]
+    positions = sorted(topk)
+    return positions, work[positions]

@@ -1,0 +1,78 @@
+"""The conformance suite over every registered strategy, and over a user-defined subclass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokencomp as tc
+from tokencomp.testing import all_checks, check_compressor
+
+STRATEGIES = tc.available()
+CHECKS = list(all_checks())
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_registered_strategy_conforms(name, check):
+    check(tc.create(name))
+
+
+def test_registry_holds_the_bundled_strategies():
+    assert {"apet", "random", "pooling"} <= set(STRATEGIES)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"basis": "qr"},
+        {"basis": "random", "num_basis": 4},
+        {"error_norm": "relative", "basis_injection": "mix"},
+        {"basis_injection": "none", "merge": False},
+        {"fps_start": 3, "error_norm": "linf"},
+    ],
+)
+def test_apet_variants_conform(params):
+    check_compressor(tc.create("apet", **params))
+
+
+class TopNorm(tc.Compressor):
+    """Keep the k tokens of largest norm: the README's ten-line example."""
+
+    deterministic = True
+
+    def __init__(self, *, power: int = 2) -> None:
+        self.power = tc.validation.check_int("top-norm", "power", power, low=1)
+
+    def _compress(self, tokens, k, context):
+        score = tokens.abs().pow(self.power).sum(-1)
+        idx = score.topk(k, dim=-1).indices.sort(dim=-1).values
+        return tc.selection_result(tokens, idx)
+
+
+def test_user_subclass_conforms():
+    check_compressor(TopNorm(power=3))
+    assert TopNorm(power=3).get_params() == {"power": 3}
+
+
+class Broken(tc.Compressor):
+    deterministic = True
+
+    def _compress(self, tokens, k, context):
+        idx = torch.arange(k).flip(0).expand(tokens.shape[0], k)  # descending: breaks the contract
+        return tc.selection_result(tokens, idx)
+
+
+def test_conformance_catches_a_broken_strategy():
+    with pytest.raises(AssertionError, match="ascending"):
+        check_compressor(Broken())
+
+
+class WrongShape(tc.Compressor):
+    def _compress(self, tokens, k, context):
+        return tc.selection_result(tokens, torch.arange(k + 1).expand(tokens.shape[0], k + 1))
+
+
+def test_base_class_rejects_malformed_results():
+    with pytest.raises(RuntimeError, match=r"WrongShape._compress returned a malformed result"):
+        WrongShape().compress(torch.randn(2, 10, 3), 4)

@@ -1,0 +1,182 @@
+"""The public API contract: budgets, input checks, context checks, registry, parameters."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from importlib.metadata import EntryPoint
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tokencomp as tc
+from tokencomp import registry
+from tokencomp.validation import resolve_budget
+
+
+def test_public_names():
+    for name in ("available", "create", "register", "Compressor", "Context", "CompressionResult"):
+        assert hasattr(tc, name)
+    assert tc.available() == sorted(tc.available())
+
+
+@pytest.mark.parametrize(
+    "budget,n,k",
+    [(1, 10, 1), (10, 10, 10), (np.int64(4), 10, 4), (0.5, 10, 5), (1.0, 7, 7), (0.01, 10, 1),
+     (0.25, 576, 144), (0.15, 10, 2), (0.25, 10, 2), (0.35, 10, 4)],
+)
+def test_resolve_budget(budget, n, k):
+    # round() halves to even: 0.25 * 10 = 2.5 -> 2, 0.35 * 10 = 3.5 -> 4
+    assert resolve_budget("x", budget, n) == k
+
+
+@pytest.mark.parametrize("budget", [0, -1, 11, 0.0, 1.01, -0.2, float("inf"), float("nan"), "3", None, True, False])
+def test_resolve_budget_rejects(budget):
+    with pytest.raises(ValueError, match="x: budget"):
+        resolve_budget("x", budget, 10)
+
+
+@given(st.integers(1, 5000), st.floats(min_value=1e-6, max_value=1.0))
+def test_float_budget_is_a_count_in_range(n, f):
+    k = resolve_budget("x", f, n)
+    assert 1 <= k <= n and k == max(1, round(f * n))
+
+
+def test_budget_error_names_strategy_and_range():
+    with pytest.raises(ValueError) as err:
+        tc.create("random").compress(torch.randn(20, 4), 21)
+    assert "random: budget 21 is out of range" in str(err.value) and "[1, 20]" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "tokens,fragment",
+    [
+        (torch.ones(4, 3, dtype=torch.int64), "floating-point dtype"),
+        (torch.ones(5), "[B, N, D] or [N, D]"),
+        (torch.ones(1, 2, 5, 3), "4 dimensions"),
+        (torch.ones(2, 0, 3), "B, N, D >= 1"),
+        (torch.tensor([[1.0, float("inf")]]), "NaN or infinite"),
+        ([[1.0, 2.0]], "must be a torch.Tensor"),
+    ],
+)
+def test_bad_tokens(tokens, fragment):
+    with pytest.raises(ValueError) as err:
+        tc.create("random").compress(tokens, 1)
+    assert fragment in str(err.value)
+
+
+def test_context_shape_checks():
+    x = torch.randn(2, 16, 4)
+    comp = tc.create("random")
+    with pytest.raises(ValueError, match=r"context.grid=\(3, 5\) holds 15 tokens but the tokens have N=16"):
+        comp.compress(x, 4, tc.Context(grid=(3, 5)))
+    with pytest.raises(ValueError, match=r"context.cls_attention must have shape \[B, N\] = \[2, 16\]"):
+        comp.compress(x, 4, tc.Context(cls_attention=torch.rand(2, 15)))
+    with pytest.raises(ValueError, match="context.valid must be a bool tensor"):
+        comp.compress(x, 4, tc.Context(valid=torch.ones(2, 16)))
+    with pytest.raises(ValueError, match="context must be a tokencomp.Context"):
+        comp.compress(x, 4, {"grid": (4, 4)})
+
+
+def test_required_context_field_is_named():
+    class NeedsCls(tc.Compressor):
+        requires = ("cls_attention",)
+
+        def _compress(self, tokens, k, context):
+            idx = context.cls_attention.topk(k, dim=-1).indices.sort(dim=-1).values
+            return tc.selection_result(tokens, idx)
+
+    x = torch.randn(2, 16, 4)
+    with pytest.raises(ValueError, match="needs context.cls_attention, which is missing"):
+        NeedsCls().compress(x, 4)
+    attn = torch.arange(16.0).expand(2, 16)
+    assert NeedsCls().compress(x, 4, tc.Context(cls_attention=attn)).indices.tolist() == [[12, 13, 14, 15]] * 2
+    # unbatched tokens take unbatched context rows
+    assert NeedsCls().compress(x[0], 2, tc.Context(cls_attention=attn[0])).indices.tolist() == [14, 15]
+
+
+def test_unknown_strategy_suggests_close_names():
+    with pytest.raises(KeyError, match=r"unknown strategy 'apte'. Did you mean 'apet'"):
+        tc.create("apte")
+
+
+def test_unknown_parameter_lists_allowed():
+    with pytest.raises(tc.InvalidParameterError, match=r"apet: unknown parameter\(s\) 'bases'; allowed: basis, num_basis"):
+        tc.create("apet", bases="qr")
+
+
+def test_duplicate_name_refused():
+    with pytest.raises(ValueError, match="'apet' is already taken by tokencomp.strategies.apet.ApET"):
+
+        @tc.register("apet")
+        class Other(tc.Compressor):
+            def _compress(self, tokens, k, context):
+                raise NotImplementedError
+
+
+@pytest.mark.parametrize("bad", ["", "Apet", "1x", "a b", None])
+def test_bad_register_name(bad):
+    with pytest.raises(ValueError, match="strategy name must be"):
+        tc.register(bad)
+
+
+def test_register_needs_a_compressor():
+    with pytest.raises(ValueError, match="expected a tokencomp.Compressor subclass"):
+        tc.register("not-a-compressor")(dict)
+
+
+def test_params_roundtrip_through_json():
+    comp = tc.create("apet", basis="qr", num_basis=6, error_norm="l1", ridge=0.1, basis_injection="mix", seed=None)
+    params = json.loads(json.dumps(comp.get_params()))
+    assert tc.create("apet", **params).get_params() == comp.get_params()
+    assert repr(comp).startswith("ApET(basis='qr', num_basis=6")
+
+
+def test_entry_point_plugins_are_loaded(tmp_path, monkeypatch):
+    module = tmp_path / "my_tc_plugin.py"
+    module.write_text(
+        textwrap.dedent(
+            """
+            import tokencomp as tc
+
+            class KeepLast(tc.Compressor):
+                deterministic = True
+                summary = "keep the last k tokens"
+
+                def _compress(self, tokens, k, context):
+                    import torch
+                    n = tokens.shape[1]
+                    return tc.selection_result(tokens, torch.arange(n - k, n).expand(tokens.shape[0], k))
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = EntryPoint(name="keep-last", value="my_tc_plugin:KeepLast", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep] if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    assert "keep-last" in tc.available()
+    assert tc.create("keep-last").compress(torch.randn(1, 6, 2), 2).indices.tolist() == [[4, 5]]
+    sys.modules.pop("my_tc_plugin", None)
+
+
+def test_broken_plugin_is_named(monkeypatch):
+    ep = EntryPoint(name="broken", value="no_such_module_xyz:Thing", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep])
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    with pytest.raises(ImportError, match="the strategy plugin 'broken' .* failed to import"):
+        tc.available()
+
+
+def test_capabilities_are_class_attributes():
+    for name in tc.available():
+        cls = tc.get(name)
+        assert cls.stage in ("pre_llm", "in_llm")
+        for flag in ("needs_attention", "text_conditioned", "deterministic"):
+            assert isinstance(getattr(cls, flag), bool)
+        assert cls.summary

@@ -1,0 +1,225 @@
+"""The abstract base class every compression strategy subclasses."""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from .types import CompressionResult, Context
+from .validation import check_tokens, resolve_budget
+
+__all__ = ["Compressor"]
+
+# Context fields that are per-token tensors and their expected trailing shape, given N.
+_PER_TOKEN_FIELDS = ("cls_attention", "text_attention", "valid")
+
+
+class Compressor(ABC):
+    """Base class of visual-token compression strategies.
+
+    A strategy subclasses this class, declares its capabilities as class attributes, takes its
+    parameters as keyword-only ``__init__`` arguments (validated there) and implements only
+    :meth:`_compress`. :meth:`compress` does everything shared: input and budget checks, adding and
+    removing the batch dimension, restoring the dtype, and checking the result's shapes.
+
+    Attributes
+    ----------
+    name : str
+        Registry name, set by :func:`tokencomp.register` (the class name when unregistered).
+    stage : {"pre_llm", "in_llm"}
+        Where the strategy runs: on vision features before the language model, or on hidden states
+        inside it.
+    needs_attention : bool
+        It reads attention weights, so it cannot run under FlashAttention / SDPA kernels.
+    text_conditioned : bool
+        Its selection depends on the instruction.
+    deterministic : bool
+        Its output is a function of its input alone (no random numbers, seeded or not).
+    requires : tuple of str
+        :class:`Context` fields that must be given to :meth:`compress`.
+    summary : str
+        One line shown by ``tokencomp ls``.
+    paper : str
+        Citation of the method (empty for the simple references).
+
+    Examples
+    --------
+    >>> import torch, tokencomp as tc
+    >>> class TopNorm(tc.Compressor):
+    ...     deterministic = True
+    ...     def _compress(self, tokens, k, context):
+    ...         idx = tokens.norm(dim=-1).topk(k, dim=-1).indices.sort(dim=-1).values
+    ...         return tc.selection_result(tokens, idx)
+    >>> TopNorm().compress(torch.randn(2, 16, 8), 4).tokens.shape
+    torch.Size([2, 4, 8])
+    """
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[str] = "pre_llm"
+    needs_attention: ClassVar[bool] = False
+    text_conditioned: ClassVar[bool] = False
+    deterministic: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    # ------------------------------------------------------------------ parameters
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        init = cls.__init__
+        if init is object.__init__:
+            return []
+        sig = inspect.signature(init)
+        return [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+    def get_params(self) -> dict[str, Any]:
+        """Return the constructor parameters, so that ``type(self)(**self.get_params())`` rebuilds it."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+    @classmethod
+    def display_name(cls) -> str:
+        """Registry name, or the class name for an unregistered subclass."""
+        return cls.name or cls.__name__
+
+    # ------------------------------------------------------------------ the public call
+    def compress(
+        self, tokens: torch.Tensor, budget: int | float, context: Optional[Context] = None
+    ) -> CompressionResult:
+        """Compress ``tokens`` down to ``budget`` tokens.
+
+        Parameters
+        ----------
+        tokens : torch.Tensor
+            ``[B, N, D]`` or ``[N, D]`` floating-point visual tokens (any float dtype and device).
+        budget : int or float
+            ``int >= 1``: tokens kept; ``float`` in ``(0, 1]``: fraction of ``N`` kept
+            (``K = max(1, round(budget * N))``).
+        context : Context, optional
+            Side information; strategies list what they need in :attr:`requires`.
+
+        Returns
+        -------
+        CompressionResult
+            Without the batch dimension when ``tokens`` was ``[N, D]``.
+
+        Raises
+        ------
+        ValueError
+            Bad tokens, a budget outside the valid range, or a missing or malformed context field.
+        """
+        owner = self.display_name()
+        x, unbatched = check_tokens(owner, tokens)
+        b, n, d = x.shape
+        context = self._batched_context(context, x, unbatched)
+        k = resolve_budget(owner, budget, n)
+        self._check_budget(k, n, context)
+        result = self._compress(x, k, context)
+        self._check_result(result, b, n, k, d)
+        out_tokens = result.tokens.to(dtype=tokens.dtype, device=tokens.device)
+        if unbatched:
+            return CompressionResult(
+                tokens=out_tokens[0],
+                indices=result.indices[0],
+                assignment=result.assignment[0],
+                info={key: _unbatch(v) for key, v in result.info.items()},
+            )
+        result.tokens = out_tokens
+        return result
+
+    @abstractmethod
+    def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
+        """Compress validated batched tokens ``[B, N, D]`` to exactly ``k`` tokens each."""
+
+    def _check_budget(self, k: int, n: int, context: Context) -> None:
+        """Raise ``ValueError`` if this strategy, as configured, cannot keep ``k`` of ``n`` tokens."""
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _generator(self, context: Context, device: torch.device) -> Optional[torch.Generator]:
+        """The random generator for one call: ``context.generator``, else one seeded with ``seed``."""
+        if context.generator is not None:
+            return context.generator
+        seed = getattr(self, "seed", None)
+        if seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def _batched_context(self, context: Optional[Context], x: torch.Tensor, unbatched: bool) -> Context:
+        owner = self.display_name()
+        if context is None:
+            context = Context()
+        elif not isinstance(context, Context):
+            raise ValueError(f"{owner}: context must be a tokencomp.Context or None; got {type(context).__name__}.")
+        for name in self.requires:
+            if getattr(context, name) is None:
+                raise ValueError(
+                    f"{owner}: needs context.{name}, which is missing. "
+                    f"Pass tokencomp.Context({name}=...) to compress()."
+                )
+        b, n, _ = x.shape
+        updates: dict[str, Any] = {}
+        for name in _PER_TOKEN_FIELDS:
+            value = getattr(context, name)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{owner}: context.{name} must be a tensor of shape [B, N]; got {type(value).__name__}.")
+            if unbatched and value.dim() == 1:
+                value = value.unsqueeze(0)
+            if tuple(value.shape) != (b, n):
+                raise ValueError(
+                    f"{owner}: context.{name} must have shape [B, N] = [{b}, {n}] to match the tokens; "
+                    f"got {tuple(value.shape)}."
+                )
+            updates[name] = value
+        if context.valid is not None and context.valid.dtype != torch.bool:
+            raise ValueError(f"{owner}: context.valid must be a bool tensor; got {context.valid.dtype}.")
+        if context.grid is not None:
+            grid = tuple(context.grid)
+            if len(grid) not in (2, 3) or not all(isinstance(g, int) and g >= 1 for g in grid):
+                raise ValueError(f"{owner}: context.grid must be (h, w) or (t, h, w) of positive ints; got {context.grid!r}.")
+            if _prod(grid) != n:
+                raise ValueError(
+                    f"{owner}: context.grid={grid} holds {_prod(grid)} tokens but the tokens have N={n}."
+                )
+            updates["grid"] = grid
+        if unbatched and context.text_embeddings is not None and context.text_embeddings.dim() == 2:
+            updates["text_embeddings"] = context.text_embeddings.unsqueeze(0)
+        if unbatched and context.hidden_states is not None and context.hidden_states.dim() == 2:
+            updates["hidden_states"] = context.hidden_states.unsqueeze(0)
+        if not updates:
+            return context
+        return Context(**{**{f: getattr(context, f) for f in Context.field_names()}, **updates})
+
+    def _check_result(self, result: CompressionResult, b: int, n: int, k: int, d: int) -> None:
+        owner = self.display_name()
+        problems = []
+        if not isinstance(result, CompressionResult):
+            raise TypeError(f"{owner}._compress must return a CompressionResult; got {type(result).__name__}.")
+        if tuple(result.tokens.shape) != (b, k, d):
+            problems.append(f"tokens {tuple(result.tokens.shape)} != {(b, k, d)}")
+        if tuple(result.indices.shape) != (b, k) or result.indices.dtype != torch.int64:
+            problems.append(f"indices {tuple(result.indices.shape)} {result.indices.dtype} != {(b, k)} int64")
+        if tuple(result.assignment.shape) != (b, n) or result.assignment.dtype != torch.int64:
+            problems.append(f"assignment {tuple(result.assignment.shape)} {result.assignment.dtype} != {(b, n)} int64")
+        if problems:
+            raise RuntimeError(f"{owner}._compress returned a malformed result: " + "; ".join(problems))
+
+
+def _prod(values: tuple[int, ...]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _unbatch(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1:
+        return value[0]
+    return value

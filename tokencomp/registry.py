@@ -1,0 +1,145 @@
+"""The strategy registry: ``register``, ``create``, ``available``, ``get``.
+
+Strategies are found by importing every module of :mod:`tokencomp.strategies` and by the entry-point
+group ``tokencomp.strategies``, both lazily on the first lookup. There is no hand-kept list.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+import re
+from importlib.metadata import entry_points
+from typing import Any, Callable, TypeVar
+
+from .base import Compressor
+from .validation import InvalidParameterError
+
+__all__ = ["ENTRY_POINT_GROUP", "available", "create", "get", "register"]
+
+ENTRY_POINT_GROUP = "tokencomp.strategies"
+_NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
+
+_registry: dict[str, type[Compressor]] = {}
+_loaded = False
+_loading = False
+
+C = TypeVar("C", bound=type[Compressor])
+
+
+def register(name: str) -> Callable[[C], C]:
+    """Class decorator registering a :class:`Compressor` subclass under ``name``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is malformed or already registered, or the class is not a ``Compressor``.
+
+    Examples
+    --------
+    >>> import tokencomp as tc
+    >>> @tc.register("keep-first-doc")
+    ... class KeepFirst(tc.Compressor):
+    ...     deterministic = True
+    ...     def _compress(self, tokens, k, context):
+    ...         import torch
+    ...         idx = torch.arange(k).expand(tokens.shape[0], k)
+    ...         return tc.selection_result(tokens, idx)
+    >>> "keep-first-doc" in tc.available()
+    True
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"register: strategy name must be lower-case letters, digits, '-' or '_' starting with a "
+            f"letter; got {name!r}."
+        )
+
+    def decorate(cls: C) -> C:
+        if not (isinstance(cls, type) and issubclass(cls, Compressor)):
+            raise ValueError(f"register({name!r}): expected a tokencomp.Compressor subclass; got {cls!r}.")
+        if name in _registry:
+            other = _registry[name]
+            raise ValueError(
+                f"register: the name {name!r} is already taken by {other.__module__}.{other.__qualname__}; "
+                "choose another name."
+            )
+        cls.name = name
+        _registry[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load() -> None:
+    """Import the bundled strategies and the entry points once."""
+    global _loaded, _loading
+    if _loaded or _loading:
+        return
+    _loading = True
+    try:
+        from . import strategies as package
+
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{package.__name__}.{info.name}")
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in _registry:
+                continue
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a broken plugin must say which one it is
+                raise ImportError(
+                    f"tokencomp: the strategy plugin {ep.name!r} ({ep.value}) from entry-point group "
+                    f"{ENTRY_POINT_GROUP!r} failed to import: {exc}"
+                ) from exc
+            if ep.name not in _registry and isinstance(obj, type) and issubclass(obj, Compressor):
+                register(ep.name)(obj)
+        _loaded = True
+    finally:
+        _loading = False
+
+
+def available() -> list[str]:
+    """Sorted names of all registered strategies."""
+    _load()
+    return sorted(_registry)
+
+
+def get(name: str) -> type[Compressor]:
+    """The class registered under ``name``.
+
+    Raises
+    ------
+    KeyError
+        For an unknown name, with close matches.
+    """
+    _load()
+    if name in _registry:
+        return _registry[name]
+    close = difflib.get_close_matches(str(name), list(_registry), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise KeyError(
+        f"unknown strategy {name!r}.{hint} Available: {', '.join(sorted(_registry))}."
+    )
+
+
+def create(name: str, **params: Any) -> Compressor:
+    """Build the strategy registered under ``name`` with keyword parameters.
+
+    Raises
+    ------
+    KeyError
+        Unknown strategy name.
+    InvalidParameterError
+        A parameter the strategy does not take, or a value it does not allow.
+    """
+    cls = get(name)
+    allowed = cls._param_names()
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise InvalidParameterError(
+            f"{name}: unknown parameter(s) {', '.join(repr(u) for u in unknown)}; "
+            f"allowed: {', '.join(allowed) if allowed else 'none'}."
+        )
+    return cls(**params)

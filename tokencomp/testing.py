@@ -1,0 +1,293 @@
+"""Conformance checks every strategy must pass, in the manner of scikit-learn's ``check_estimator``.
+
+>>> import tokencomp as tc
+>>> from tokencomp.testing import check_compressor
+>>> check_compressor(tc.create("random"))
+
+Each check is a plain function ``check(compressor)`` that raises ``AssertionError`` with a message on
+failure; :func:`all_checks` lists them so a test suite can parametrise over strategies x checks.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .base import Compressor
+from .registry import create, get
+from .types import CompressionResult, Context
+
+__all__ = ["all_checks", "check_compressor", "make_context", "make_tokens", "valid_budgets"]
+
+_GRID = (8, 8)
+_N = _GRID[0] * _GRID[1]
+_D = 12
+_B = 3
+
+
+def make_tokens(b: int = _B, n: int = _N, d: int = _D, *, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """Reproducible random tokens ``[B, N, D]`` with a little structure (clusters plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(b, 4, d, generator=g) * 3
+    which = torch.randint(4, (b, n), generator=g)
+    x = torch.gather(centres, 1, which.unsqueeze(-1).expand(-1, -1, d)) + torch.randn(b, n, d, generator=g)
+    return x.to(dtype)
+
+
+def make_context(compressor: Compressor, tokens: torch.Tensor, grid: Optional[tuple[int, ...]] = None) -> Context:
+    """A valid :class:`Context` for ``compressor`` on ``tokens`` ``[B, N, D]``, built from its ``requires``.
+
+    Every context is given a ``grid`` (``grid`` or a square one when ``N`` is square). Required
+    attention fields are random probability rows, text embeddings are random ``[B, 5, D]``.
+    """
+    b, n, d = tokens.shape
+    g = torch.Generator().manual_seed(1)
+    fields: dict = {}
+    side = int(round(n**0.5))
+    if grid is not None:
+        fields["grid"] = tuple(grid)
+    elif side * side == n:
+        fields["grid"] = (side, side)
+    for name in compressor.requires:
+        if name in ("cls_attention", "text_attention"):
+            fields[name] = torch.rand(b, n, generator=g).softmax(-1).to(tokens.device)
+        elif name == "text_embeddings":
+            fields[name] = torch.randn(b, 5, d, generator=g).to(tokens.device, tokens.dtype)
+        elif name == "hidden_states":
+            fields[name] = tokens
+        elif name == "layer":
+            fields[name] = 2
+        elif name == "valid":
+            fields[name] = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
+        elif name != "grid":
+            raise AssertionError(f"make_context does not know how to build context.{name}")
+    return Context(**fields)
+
+
+def _accepts(compressor: Compressor, k: int, n: int, context: Context) -> bool:
+    try:
+        compressor._check_budget(k, n, context)
+    except ValueError:
+        return False
+    return True
+
+
+def valid_budgets(compressor: Compressor, n: int, context: Context) -> list[int]:
+    """All ``K`` in ``[1, n]`` that ``compressor`` accepts, as declared by its ``_check_budget``."""
+    return [k for k in range(1, n + 1) if _accepts(compressor, k, n, context)]
+
+
+def _fresh(compressor: Compressor) -> Compressor:
+    return type(compressor)(**compressor.get_params())
+
+
+def _run(compressor: Compressor, tokens: torch.Tensor, budget, context: Optional[Context] = None) -> CompressionResult:
+    if context is None:
+        context = make_context(compressor, tokens if tokens.dim() == 3 else tokens.unsqueeze(0))
+    return compressor.compress(tokens, budget, context)
+
+
+def _some_budgets(compressor: Compressor) -> list[int]:
+    x = make_tokens()
+    budgets = valid_budgets(compressor, _N, make_context(compressor, x))
+    assert budgets, f"{compressor!r} accepts no budget at all for N={_N}"
+    picks = {budgets[0], budgets[len(budgets) // 2], budgets[-1]}
+    return sorted(picks)
+
+
+def _assert_result_valid(compressor: Compressor, result: CompressionResult, b: int, n: int, k: int, d: int) -> None:
+    who = repr(compressor)
+    assert tuple(result.tokens.shape) == (b, k, d), f"{who}: tokens shape {tuple(result.tokens.shape)} != {(b, k, d)}"
+    assert tuple(result.indices.shape) == (b, k), f"{who}: indices shape {tuple(result.indices.shape)}"
+    assert result.indices.dtype == torch.int64, f"{who}: indices dtype {result.indices.dtype}"
+    assert result.assignment.dtype == torch.int64, f"{who}: assignment dtype {result.assignment.dtype}"
+    assert tuple(result.assignment.shape) == (b, n), f"{who}: assignment shape {tuple(result.assignment.shape)}"
+    idx = result.indices
+    assert bool(((idx >= 0) & (idx < n)).all()), f"{who}: indices out of [0, {n})"
+    if k > 1:
+        assert bool((idx[:, 1:] > idx[:, :-1]).all()), f"{who}: indices not strictly ascending: {idx}"
+    a = result.assignment
+    assert bool(((a >= -1) & (a < k)).all()), f"{who}: assignment outside [-1, {k})"
+    own = torch.gather(a, 1, idx)
+    assert torch.equal(own, torch.arange(k).expand(b, k)), (
+        f"{who}: assignment[indices[k]] must be k (a kept position maps to its own slot)"
+    )
+    assert bool(torch.isfinite(result.tokens.float()).all()), f"{who}: output tokens are not finite"
+
+
+# ---------------------------------------------------------------------------- the checks
+def check_shapes_and_indices(compressor: Compressor) -> None:
+    """Output shapes, indices ascending/unique/in range, assignment consistent with indices."""
+    x = make_tokens()
+    for k in _some_budgets(compressor):
+        result = _run(compressor, x, k)
+        _assert_result_valid(compressor, result, _B, _N, k, _D)
+
+
+def check_float_budget(compressor: Compressor) -> None:
+    """A float budget keeps ``max(1, round(f * N))`` tokens, the same as that int budget."""
+    x = make_tokens()
+    ctx = make_context(compressor, x)
+    for k in _some_budgets(compressor):
+        f = k / _N
+        assert max(1, round(f * _N)) == k
+        a = _fresh(compressor).compress(x, f, ctx)
+        b = _fresh(compressor).compress(x, k, ctx)
+        assert a.kept == k, f"{compressor!r}: budget {f} kept {a.kept}, expected {k}"
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.tokens, b.tokens), (
+            f"{compressor!r}: float budget {f} and int budget {k} disagree"
+        )
+
+
+def check_dtype_and_device(compressor: Compressor) -> None:
+    """The output has the input's dtype and device, for float16, bfloat16, float32 and float64."""
+    k = _some_budgets(compressor)[-1]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = make_tokens(dtype=dtype)
+        result = _run(compressor, x, k)
+        assert result.tokens.dtype == dtype, f"{compressor!r}: {dtype} input gave {result.tokens.dtype} output"
+        assert result.tokens.device == x.device
+        assert result.indices.device == x.device and result.assignment.device == x.device
+        _assert_result_valid(compressor, result, _B, _N, k, _D)
+
+
+def check_unbatched(compressor: Compressor) -> None:
+    """``[N, D]`` input gives the batch-free version of the ``[1, N, D]`` result."""
+    x = make_tokens(b=1)
+    k = _some_budgets(compressor)[0]
+    batched = _run(_fresh(compressor), x, k)
+    single = _fresh(compressor).compress(x[0], k, make_context(compressor, x))
+    assert tuple(single.tokens.shape) == (k, _D), f"{compressor!r}: unbatched tokens {tuple(single.tokens.shape)}"
+    assert torch.equal(single.indices, batched.indices[0])
+    assert torch.equal(single.assignment, batched.assignment[0])
+    torch.testing.assert_close(single.tokens, batched.tokens[0])
+    for key, value in batched.info.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1:
+            assert torch.equal(single.info[key], value[0]), f"{compressor!r}: info[{key!r}] not unbatched"
+
+
+def check_seeded_determinism(compressor: Compressor) -> None:
+    """Two calls, and two instances with the same parameters, give the same result."""
+    x = make_tokens()
+    k = _some_budgets(compressor)[0]
+    first = _run(compressor, x, k)
+    again = _run(compressor, x, k)
+    other = _run(_fresh(compressor), x, k)
+    for r in (again, other):
+        assert torch.equal(first.indices, r.indices), f"{compressor!r}: not reproducible (indices)"
+        assert torch.equal(first.assignment, r.assignment), f"{compressor!r}: not reproducible (assignment)"
+        assert torch.equal(first.tokens, r.tokens), f"{compressor!r}: not reproducible (tokens)"
+
+
+def check_batch_rows_independent(compressor: Compressor) -> None:
+    """For deterministic strategies, row ``b`` of a batch equals compressing row ``b`` alone."""
+    if not compressor.deterministic:
+        return
+    x = make_tokens()
+    k = _some_budgets(compressor)[0]
+    whole = _run(compressor, x, k)
+    for i in range(_B):
+        part = _run(compressor, x[i : i + 1], k)
+        assert torch.equal(part.indices[0], whole.indices[i]), f"{compressor!r}: row {i} depends on the batch"
+        torch.testing.assert_close(part.tokens[0], whole.tokens[i])
+
+
+def check_get_params_roundtrip(compressor: Compressor) -> None:
+    """``get_params`` is JSON-serialisable and rebuilds an equal compressor (also through the registry)."""
+    params = compressor.get_params()
+    restored = json.loads(json.dumps(params))
+    assert restored == params, f"{compressor!r}: get_params() is not JSON round-trippable: {params}"
+    rebuilt = type(compressor)(**restored)
+    assert rebuilt.get_params() == params
+    if compressor.name:
+        assert get(compressor.name) is type(compressor), f"{compressor!r}: registered under another class"
+        assert create(compressor.name, **restored).get_params() == params
+    x = make_tokens()
+    k = _some_budgets(compressor)[0]
+    a, b = _run(compressor, x, k), _run(rebuilt, x, k)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.tokens, b.tokens)
+
+
+def check_bad_budgets(compressor: Compressor) -> None:
+    """Budgets that are 0, negative, above N, non-numeric or fractions outside (0, 1] raise ValueError."""
+    x = make_tokens()
+    ctx = make_context(compressor, x)
+    owner = compressor.display_name()
+    for bad in (0, -1, _N + 1, 0.0, -0.5, 1.5, float("nan"), "8", None, True, [8]):
+        try:
+            compressor.compress(x, bad, ctx)
+        except ValueError as exc:
+            assert owner in str(exc), f"{compressor!r}: the error for budget {bad!r} does not name {owner!r}: {exc}"
+        else:
+            raise AssertionError(f"{compressor!r}: budget {bad!r} was accepted")
+
+
+def check_bad_tokens(compressor: Compressor) -> None:
+    """Integer, 1-D, 4-D and non-finite tokens raise ValueError."""
+    x = make_tokens()
+    ctx = make_context(compressor, x)
+    nan = x.clone()
+    nan[0, 0, 0] = float("nan")
+    for bad in (x.long(), x[0, 0], x.unsqueeze(0), nan, x.numpy()):
+        try:
+            compressor.compress(bad, 4, ctx)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"{compressor!r}: bad tokens of shape {getattr(bad, 'shape', None)} were accepted")
+
+
+def check_missing_context(compressor: Compressor) -> None:
+    """Each required context field, when missing, raises a ValueError naming it."""
+    x = make_tokens()
+    full = make_context(compressor, x)
+    k = _some_budgets(compressor)[-1]
+    for name in compressor.requires:
+        partial = Context(**{f: getattr(full, f) for f in Context.field_names() if f != name})
+        try:
+            compressor.compress(x, k, partial)
+        except ValueError as exc:
+            assert name in str(exc), f"{compressor!r}: missing context.{name} error does not name it: {exc}"
+        else:
+            raise AssertionError(f"{compressor!r}: ran without its required context.{name}")
+
+
+def check_keep_all(compressor: Compressor) -> None:
+    """Keeping every token keeps every position, each mapped to its own slot."""
+    x = make_tokens()
+    ctx = make_context(compressor, x)
+    if not _accepts(compressor, _N, _N, ctx):
+        return
+    result = compressor.compress(x, _N, ctx)
+    assert torch.equal(result.indices, torch.arange(_N).expand(_B, _N))
+    assert torch.equal(result.assignment, torch.arange(_N).expand(_B, _N))
+
+
+_CHECKS: tuple[Callable[[Compressor], None], ...] = (
+    check_shapes_and_indices,
+    check_float_budget,
+    check_dtype_and_device,
+    check_unbatched,
+    check_seeded_determinism,
+    check_batch_rows_independent,
+    check_get_params_roundtrip,
+    check_bad_budgets,
+    check_bad_tokens,
+    check_missing_context,
+    check_keep_all,
+)
+
+
+def all_checks() -> Iterator[Callable[[Compressor], None]]:
+    """The conformance checks, each a function of a compressor."""
+    return iter(_CHECKS)
+
+
+def check_compressor(compressor: Compressor) -> None:
+    """Run every conformance check on ``compressor``; raise ``AssertionError`` on the first failure."""
+    if not isinstance(compressor, Compressor):
+        raise TypeError(f"check_compressor expects a tokencomp.Compressor instance; got {type(compressor).__name__}")
+    for check in _CHECKS:
+        check(compressor)

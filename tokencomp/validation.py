@@ -1,0 +1,170 @@
+"""Checks of user input that raise errors saying what was given, what is allowed and how to fix it."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Iterable, Optional
+
+import torch
+
+__all__ = [
+    "InvalidParameterError",
+    "check_bool",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "check_seed",
+    "check_tokens",
+    "resolve_budget",
+]
+
+
+class InvalidParameterError(ValueError):
+    """A strategy parameter or an argument has a value that is not allowed."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Return ``value`` if it is one of ``choices``, else raise :class:`InvalidParameterError`."""
+    choices = tuple(choices)
+    if isinstance(value, str) and value in choices:
+        return value
+    allowed = ", ".join(repr(c) for c in choices)
+    raise InvalidParameterError(
+        f"{owner}: parameter {name!r} must be one of {allowed}; got {value!r}. "
+        f"Pass one of the allowed values, e.g. {name}={choices[0]!r}."
+    )
+
+
+def check_int(
+    owner: str, name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None
+) -> int:
+    """Return ``value`` as ``int`` if it is an integer in ``[low, high]``."""
+    lo = "-inf" if low is None else str(low)
+    hi = "inf" if high is None else str(high)
+    if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+        raise InvalidParameterError(
+            f"{owner}: parameter {name!r} must be an integer in [{lo}, {hi}]; got {value!r}."
+        )
+    return int(value)
+
+
+def check_float(
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_inclusive: bool = True,
+) -> float:
+    """Return ``value`` as ``float`` if it is a finite real number in the given range."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bracket = "[" if low_inclusive else "("
+        lo = "-inf" if low is None else repr(low)
+        hi = "inf" if high is None else repr(high)
+        raise InvalidParameterError(
+            f"{owner}: parameter {name!r} must be a finite number in {bracket}{lo}, {hi}]; got {value!r}."
+        )
+    return float(value)
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+    """Return ``value`` if it is a ``bool``."""
+    if not isinstance(value, bool):
+        raise InvalidParameterError(f"{owner}: parameter {name!r} must be True or False; got {value!r}.")
+    return value
+
+
+def check_seed(owner: str, name: str, value: Any) -> Optional[int]:
+    """Return ``value`` if it is ``None`` (fresh randomness each call) or an integer >= 0."""
+    if value is None:
+        return None
+    if not _is_int(value) or value < 0:
+        raise InvalidParameterError(
+            f"{owner}: parameter {name!r} must be None or an integer >= 0; got {value!r}."
+        )
+    return int(value)
+
+
+def check_tokens(owner: str, tokens: Any) -> tuple[torch.Tensor, bool]:
+    """Validate visual tokens and return them batched ``[B, N, D]`` with a flag for unbatched input.
+
+    Raises
+    ------
+    ValueError
+        If ``tokens`` is not a floating-point tensor of 2 or 3 dimensions with ``N >= 1`` and
+        ``D >= 1`` and only finite values.
+    """
+    if not isinstance(tokens, torch.Tensor):
+        raise ValueError(
+            f"{owner}: tokens must be a torch.Tensor of shape [B, N, D] or [N, D]; got {type(tokens).__name__}."
+        )
+    if not tokens.is_floating_point():
+        raise ValueError(
+            f"{owner}: tokens must have a floating-point dtype; got {tokens.dtype}. "
+            "Convert them first, e.g. tokens.float()."
+        )
+    if tokens.dim() not in (2, 3):
+        raise ValueError(
+            f"{owner}: tokens must have shape [B, N, D] or [N, D]; got {tuple(tokens.shape)} "
+            f"({tokens.dim()} dimensions)."
+        )
+    unbatched = tokens.dim() == 2
+    batched = tokens.unsqueeze(0) if unbatched else tokens
+    if batched.shape[1] < 1 or batched.shape[2] < 1 or batched.shape[0] < 1:
+        raise ValueError(f"{owner}: tokens must have B, N, D >= 1; got shape {tuple(tokens.shape)}.")
+    if not bool(torch.isfinite(batched).all()):
+        raise ValueError(
+            f"{owner}: tokens contain NaN or infinite values; only finite values can be compressed."
+        )
+    return batched, unbatched
+
+
+def resolve_budget(owner: str, budget: Any, n: int) -> int:
+    """Turn a budget into the number ``K`` of tokens kept out of ``n``.
+
+    Parameters
+    ----------
+    owner : str
+        Name used in error messages (the strategy).
+    budget : int or float
+        ``int >= 1``: number of tokens kept. ``float`` in ``(0, 1]``: fraction of ``n`` kept,
+        ``K = max(1, round(budget * n))`` (Python's ``round``, halves to even).
+    n : int
+        Number of input tokens.
+
+    Raises
+    ------
+    ValueError
+        For any other value, or when ``K > n``.
+    """
+    if _is_int(budget):
+        k = int(budget)
+        if k < 1 or k > n:
+            raise ValueError(
+                f"{owner}: budget {budget!r} is out of range; an int budget must be in [1, {n}] "
+                f"(the number of input tokens N={n}), or pass a float fraction in (0, 1]."
+            )
+        return k
+    if isinstance(budget, numbers.Real) and not isinstance(budget, bool):
+        f = float(budget)
+        if not (math.isfinite(f) and 0.0 < f <= 1.0):
+            raise ValueError(
+                f"{owner}: budget {budget!r} is out of range; a float budget is a fraction of the "
+                f"N={n} tokens and must be in (0, 1]; pass an int for a token count."
+            )
+        return max(1, round(f * n))
+    raise ValueError(
+        f"{owner}: budget must be an int in [1, {n}] (tokens kept) or a float in (0, 1] (fraction kept); "
+        f"got {budget!r} of type {type(budget).__name__}."
+    )
