@@ -12,15 +12,20 @@ The algorithm, as the authors run it before the language model (their defaults a
 2. **Linear approximation**: ``G = S S^T + ridge * I``, ``C = solve(G, S X^T)^T``, ``X_hat = C S``.
 3. **Error** of each token: the L2 norm of its residual row (other norms by ``error_norm``).
 4. **Keep** the ``K`` tokens with the largest error: the basis explains them worst.
-5. **Basis injection**: the ``M`` kept tokens with the lowest errors are overwritten by the basis
-   tokens; ``replace`` (LLaVA) puts basis token ``j`` on the ``j``-th smallest position among those
-   slots, ``mix`` (Qwen2.5-VL) stores ``0.5 S_j + 0.5 X_slot`` on the ``j``-th of them in error order.
+5. **Basis injection**: the ``M`` kept tokens with the lowest errors (the last ``M`` of the top-K
+   list) are overwritten by the basis tokens: ``replace`` (LLaVA) stores ``S_j``, ``mix``
+   (Qwen2.5-VL) stores ``0.5 S_j + 0.5 X_slot``. In stage 1 the authors assign by boolean mask, so
+   basis token ``j`` lands on the ``j``-th smallest position among those slots; their LLaVA stage 2
+   assigns by index, basis ``j`` to the ``j``-th of those slots in top-K order (``injection_order``).
 6. **Merge**: every dropped token joins the kept non-basis token of highest cosine similarity, which
    becomes the unweighted mean ``(x + sum) / (1 + count)``.
 7. **Output** in ascending original position.
 
-All maths run in float32 (the authors cast to half precision between steps 4 and 6; we do not);
-the output has the input's dtype.
+Departures from the authors' code, all numerical: the maths run in float32 throughout (the authors
+cast to half precision between steps 4 and 6 in LLaVA stage 1) and the small ``M x M`` solve in
+float64 (so repeated basis tokens never make it singular); FPS starts from distance ``+inf`` (theirs:
+``1e10``, which differs only when squared distances exceed ``1e10``); ties in the error ranking go to
+the lower position. The output has the input's dtype.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from tokencomp.validation import (
 
 BASES = ("fps", "random", "qr")
 INJECTIONS = ("replace", "mix", "none")
+INJECTION_ORDERS = ("position", "rank")
 
 
 @register("apet")
@@ -81,11 +87,14 @@ class ApET(Compressor):
         Norm of the residual row used as the token's error; ``relative`` is ``l2`` over the token's
         own L2 norm.
     ridge : float, default 1e-5
-        Ridge (> 0) added to the basis Gram matrix (the authors use 1e-5 for LLaVA, 1e-1 for
-        Qwen2.5-VL); it keeps the solve well posed when basis tokens repeat.
+        Ridge (> 0) added to the basis Gram matrix; the authors' running code uses 1e-5 for LLaVA
+        and Qwen2.5-VL alike (1e-1 appears only in an unused Qwen path).
     basis_injection : {"replace", "mix", "none"}, default "replace"
         Overwrite the ``M`` lowest-error kept slots with the basis tokens (LLaVA), store
         ``0.5 * basis + 0.5 * slot`` there (Qwen2.5-VL), or keep the selected tokens as they are.
+    injection_order : {"position", "rank"}, default "position"
+        Which of those slots basis token ``j`` goes to: the ``j``-th smallest position (the
+        authors' stage 1, LLaVA and Qwen) or the ``j``-th in top-K order (their LLaVA stage 2).
     merge : bool, default True
         Average every dropped token into its most cosine-similar kept non-basis token.
     seed : int or None, default 0
@@ -119,6 +128,7 @@ class ApET(Compressor):
         error_norm: str = "l2",
         ridge: float = 1e-5,
         basis_injection: str = "replace",
+        injection_order: str = "position",
         merge: bool = True,
         seed: Optional[int] = 0,
     ) -> None:
@@ -131,6 +141,7 @@ class ApET(Compressor):
         self.error_norm = check_choice(name, "error_norm", error_norm, ERROR_NORMS)
         self.ridge = check_float(name, "ridge", ridge, low=0.0, low_inclusive=False)
         self.basis_injection = check_choice(name, "basis_injection", basis_injection, INJECTIONS)
+        self.injection_order = check_choice(name, "injection_order", injection_order, INJECTION_ORDERS)
         self.merge = check_bool(name, "merge", merge)
         self.seed = check_seed(name, "seed", seed)
 
@@ -178,13 +189,13 @@ class ApET(Compressor):
         n_inject = m if self._injects else 0
         inject_rank = torch.empty(b, 0, dtype=torch.int64, device=x.device)
         if self._injects:
-            tail = kept[:, k - m :]  # the last M entries of the top-K list
-            if self.basis_injection == "replace":
-                # By boolean mask in the authors' code: basis j goes to the j-th smallest position.
-                inject_rank = (k - m) + tail.argsort(dim=-1)
-                values[rows, inject_rank] = s
-            else:  # "mix": by index, basis j to the j-th of the last M top-K entries
+            if self.injection_order == "position":  # boolean-mask assignment in the authors' stage 1
+                inject_rank = (k - m) + kept[:, k - m :].argsort(dim=-1)
+            else:  # index assignment in top-K order (their LLaVA stage 2)
                 inject_rank = torch.arange(k - m, k, device=x.device).expand(b, m)
+            if self.basis_injection == "replace":
+                values[rows, inject_rank] = s
+            else:  # "mix"
                 values[rows, inject_rank] = 0.5 * s + 0.5 * values[rows, inject_rank]
 
         # 6. Merge every dropped token into its most similar kept non-basis token.

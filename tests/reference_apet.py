@@ -22,7 +22,9 @@ def literal_fps(x: torch.Tensor, m: int, start: int) -> list[int]:
     return picked
 
 
-def literal_apet(x: torch.Tensor, k: int, basis: list[int], *, ridge: float = 1e-5, injection: str = "replace"):
+def literal_apet(
+    x: torch.Tensor, k: int, basis: list[int], *, ridge: float = 1e-5, injection: str = "replace", order: str = "position"
+):
     """Return (positions, tokens) the authors' procedure outputs for one image ``x`` ``[N, D]``."""
     x = x.float()
     n = x.shape[0]
@@ -34,14 +36,13 @@ def literal_apet(x: torch.Tensor, k: int, basis: list[int], *, ridge: float = 1e
     topk = [int(i) for i in torch.topk(err, k).indices]  # descending error
 
     work = x.clone()
-    if injection == "replace":
-        mask = torch.zeros(n, dtype=torch.bool)
-        for pos in topk[k - m :]:
-            mask[pos] = True
-        work[mask] = s  # boolean-mask assignment: rows in ascending position order
-    elif injection == "mix":
-        for j, pos in enumerate(topk[k - m :]):
-            work[pos] = 0.5 * s[j] + 0.5 * x[pos]
+    if injection != "none":
+        if order == "position":  # boolean-mask assignment: rows in ascending position order
+            slots = sorted(topk[k - m :])
+        else:  # index assignment in top-K order
+            slots = topk[k - m :]
+        for j, pos in enumerate(slots):
+            work[pos] = s[j] if injection == "replace" else 0.5 * s[j] + 0.5 * x[pos]
     targets = topk[: k - m] if injection != "none" else topk
     dropped = [i for i in range(n) if i not in set(topk)]
 

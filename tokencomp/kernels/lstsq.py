@@ -12,6 +12,11 @@ def ridge_residual(x: torch.Tensor, s: torch.Tensor, ridge: float) -> torch.Tens
 
     ``G = S S^T + ridge * I``, ``C = solve(G, S X^T)^T``, ``X_hat = C S``; returns ``X - X_hat``.
 
+    The ``M x M`` system is formed and solved in float64: with repeated basis tokens (random
+    sampling with replacement, or FPS on rank-deficient tokens) and token norms above ~100, a small
+    ridge vanishes in float32 (``1e4 + 1e-5 == 1e4``) and ``G`` is singular there. In float64 the
+    ridge solution is well defined; everything of size ``N`` stays in the input's precision.
+
     Parameters
     ----------
     x : torch.Tensor
@@ -22,8 +27,10 @@ def ridge_residual(x: torch.Tensor, s: torch.Tensor, ridge: float) -> torch.Tens
         Ridge added to the diagonal of the Gram matrix.
     """
     m = s.shape[1]
-    gram = s @ s.transpose(1, 2) + ridge * torch.eye(m, dtype=s.dtype, device=s.device)
-    coef = torch.linalg.solve(gram, s @ x.transpose(1, 2))  # [B, M, N]
+    s64 = s.double()
+    gram = s64 @ s64.transpose(1, 2) + ridge * torch.eye(m, dtype=torch.float64, device=s.device)
+    rhs = (s @ x.transpose(1, 2)).double()  # [B, M, N]
+    coef = torch.linalg.solve(gram, rhs).to(x.dtype)
     return x - coef.transpose(1, 2) @ s
 
 

@@ -1,0 +1,92 @@
+"""Real images that ship inside PyPI packages, and loading a folder of the user's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["BUNDLED_IMAGES", "bundled_images", "load_image_folder", "to_rgb"]
+
+# scikit-image images that load offline (natural photographs, microscopy, astronomy, scans, text).
+_SKIMAGE = (
+    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
+    "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
+    "moon", "page", "retina", "rocket", "text",
+)
+# scikit-image's stereo pair (left view) and scikit-learn's two sample photographs.
+BUNDLED_IMAGES = _SKIMAGE + ("motorcycle", "china", "flower")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """Any 2-D or 3-D image array as ``[H, W, 3]`` uint8."""
+    img = np.asarray(image)
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    elif img.dtype != np.uint8:
+        img = img.astype(np.float64)
+        lo, hi = float(img.min()), float(img.max())
+        img = np.zeros_like(img) if hi <= lo else (img - lo) / (hi - lo)
+        img = (img * 255).round().astype(np.uint8)
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an image of shape [H, W], [H, W, 3] or [H, W, 4]; got {img.shape}")
+    return np.ascontiguousarray(img[..., :3])
+
+
+def _load_bundled(name: str) -> np.ndarray:
+    if name == "motorcycle":
+        import skimage.data
+
+        return skimage.data.stereo_motorcycle()[0]
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(f"{name}.jpg")
+    import skimage.data
+
+    return getattr(skimage.data, name)()
+
+
+def bundled_images(names: tuple[str, ...] | list[str] | None = None) -> list[tuple[str, np.ndarray]]:
+    """The bundled real images as ``(name, [H, W, 3] uint8)``, in a fixed order.
+
+    Parameters
+    ----------
+    names : sequence of str, optional
+        A subset of :data:`BUNDLED_IMAGES` (default: all of them).
+    """
+    names = BUNDLED_IMAGES if names is None else tuple(names)
+    unknown = [n for n in names if n not in BUNDLED_IMAGES]
+    if unknown:
+        raise ValueError(f"unknown bundled image(s) {unknown}; available: {', '.join(BUNDLED_IMAGES)}")
+    return [(name, to_rgb(_load_bundled(name))) for name in names]
+
+
+def load_image_folder(folder: str | Path) -> list[tuple[str, np.ndarray]]:
+    """Every image file in ``folder`` (sorted by name) as ``(file name, [H, W, 3] uint8)``.
+
+    Raises
+    ------
+    ValueError
+        If the folder does not exist, holds no image, or an image file cannot be decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"image folder {str(path)!r} does not exist or is not a folder")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"image folder {str(path)!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                images.append((file.name, to_rgb(np.asarray(im.convert("RGB")))))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"cannot read image {str(file)!r}: {exc}") from exc
+    return images
