@@ -132,7 +132,7 @@ class ApET(Compressor):
         merge: bool = True,
         seed: Optional[int] = 0,
     ) -> None:
-        name = "apet"
+        name = self.display_name()
         self.basis = check_choice(name, "basis", basis, BASES)
         self.num_basis = check_int(name, "num_basis", num_basis, low=1)
         if fps_start != "random":
@@ -153,7 +153,7 @@ class ApET(Compressor):
         m = self.num_basis
         if isinstance(self.fps_start, int) and self.basis == "fps" and self.fps_start >= n:
             raise InvalidParameterError(
-                f"apet: fps_start={self.fps_start} is not a token index for N={n} tokens; "
+                f"{self.display_name()}: fps_start={self.fps_start} is not a token index for N={n} tokens; "
                 f"use an index in [0, {n - 1}] or fps_start='random'."
             )
         if not self._injects:
@@ -161,7 +161,7 @@ class ApET(Compressor):
         low = m + 1 if (self.merge and k < n) else m
         if k < low:
             raise ValueError(
-                f"apet: budget K={k} cannot hold num_basis={m} injected basis tokens"
+                f"{self.display_name()}: budget K={k} cannot hold num_basis={m} injected basis tokens"
                 + (" plus one slot to merge the dropped tokens into" if low > m else "")
                 + f"; with basis_injection={self.basis_injection!r} K must be >= {low} (N={n}). "
                 "Raise the budget, lower num_basis, or set basis_injection='none'."
@@ -237,3 +237,54 @@ class ApET(Compressor):
         else:
             start = torch.full((b,), self.fps_start, dtype=torch.int64, device=x.device)
         return fps_indices(x, self.num_basis, start)
+
+
+@register("apet-llm")
+class ApETLLM(ApET):
+    """ApET's second stage: the same procedure on the language model's hidden states at a layer.
+
+    The authors run it at prefill on LLaVA-1.5 / LLaVA-NeXT after decoder layer 16 of 32, on the
+    hidden states of the visual tokens that survived stage 1; later layers and decoding see the
+    shorter sequence (the model integration does that plumbing; this class is the tensor maths).
+    Their stage 2 differs from stage 1 in one detail: the basis tokens are assigned by index, basis
+    ``j`` to the ``j``-th of the lowest-error kept slots in top-K order, so ``injection_order``
+    defaults to ``"rank"``; and it merges in float32.
+
+    Parameters
+    ----------
+    layer : int, default 16
+        Number of decoder layers run before compressing (the hidden states entering layer
+        ``layer``, 0-based, i.e. the output of the 16th layer).
+    basis, num_basis, fps_start, error_norm, ridge, basis_injection, injection_order, merge, seed
+        As for :class:`ApET`, with ``injection_order="rank"``.
+    """
+
+    stage = "in_llm"
+    summary = "ApET's stage 2 on LLM hidden states at a decoder layer (authors: after layer 16)."
+
+    def __init__(
+        self,
+        *,
+        layer: int = 16,
+        basis: str = "fps",
+        num_basis: int = 10,
+        fps_start: Union[str, int] = "random",
+        error_norm: str = "l2",
+        ridge: float = 1e-5,
+        basis_injection: str = "replace",
+        injection_order: str = "rank",
+        merge: bool = True,
+        seed: Optional[int] = 0,
+    ) -> None:
+        super().__init__(
+            basis=basis,
+            num_basis=num_basis,
+            fps_start=fps_start,
+            error_norm=error_norm,
+            ridge=ridge,
+            basis_injection=basis_injection,
+            injection_order=injection_order,
+            merge=merge,
+            seed=seed,
+        )
+        self.layer = check_int("apet-llm", "layer", layer, low=0)

@@ -209,3 +209,23 @@ def test_half_precision_input_and_output():
     assert half.tokens.dtype == torch.float16
     same = (half.indices == full.indices).float().mean()
     assert same > 0.9
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_stage_two_injects_in_rank_order_like_the_authors(seed):
+    x = _tokens(2, 200, 32, seed)
+    comp = tc.create("apet-llm", seed=seed)
+    assert comp.stage == "in_llm" and comp.layer == 16 and comp.injection_order == "rank"
+    result = comp.compress(x, 48)
+    for b in range(2):
+        basis = result.info["basis_indices"][b].tolist()
+        positions, tokens = literal_apet(x[b], 48, basis, order="rank")
+        assert result.indices[b].tolist() == positions
+        torch.testing.assert_close(result.tokens[b], tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_stage_two_parameter_errors_name_it():
+    with pytest.raises(tc.InvalidParameterError, match="apet-llm: parameter 'layer'"):
+        tc.create("apet-llm", layer=-1)
+    with pytest.raises(tc.InvalidParameterError, match="apet-llm: parameter 'basis'"):
+        tc.create("apet-llm", basis="kmeans")
