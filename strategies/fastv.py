@@ -1,0 +1,62 @@
+"""FastV: drop the image tokens the last token attends to least, after an early LLM layer.
+
+Paper: Chen et al., *An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference
+Acceleration for Large Vision-Language Models*, ECCV 2024 (arXiv 2403.06764).
+Authors' code: ``pkunlp-icler/FastV`` (``src/transformers/models/llama/modeling_llama.py``, the
+``use_fast_v`` branch of ``LlamaModel.forward``).
+
+The algorithm, at prefill:
+
+1. Run the decoder up to layer ``K`` (default 2) as usual.
+2. Take the attention weights of layer ``K - 1`` from the **last** token of the sequence to every image
+   token, averaged over heads.
+3. Keep the ``R`` image tokens with the highest average attention (``topk``), in their original order;
+   drop the rest (no merging). Later layers and decoding see only the kept tokens.
+
+Here the attention row arrives as ``Context.text_attention`` (``[B, N]``, the last token's
+head-averaged attention to the N visual tokens); the model integration extracts it, which needs eager
+attention weights, so FastV cannot run under FlashAttention / SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokencomp.base import Compressor
+from tokencomp.kernels import selection_result
+from tokencomp.registry import register
+from tokencomp.types import CompressionResult, Context
+from tokencomp.validation import check_int
+
+
+@register("fastv")
+class FastV(Compressor):
+    """Keep the image tokens with the most attention from the last token at LLM layer ``layer``.
+
+    Parameters
+    ----------
+    layer : int, default 2
+        The decoder layer ``K`` after which the tokens are pruned (the authors' ``K = 2``): the
+        attention row is that of layer ``K - 1``.
+
+    Notes
+    -----
+    Ties in attention go to the lower position (a stable descending sort). ``info["scores"]`` holds the
+    attention row used.
+    """
+
+    stage = "in_llm"
+    needs_attention = True
+    text_conditioned = True
+    deterministic = True
+    requires = ("text_attention",)
+    summary = "Keep image tokens with most attention from the last token at LLM layer 2."
+    paper = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024 (arXiv 2403.06764)"
+
+    def __init__(self, *, layer: int = 2) -> None:
+        self.layer = check_int("fastv", "layer", layer, low=1)
+
+    def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
+        scores = context.text_attention.float()
+        top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+        return selection_result(tokens, top.sort(dim=-1).values, scores=scores)
