@@ -24,6 +24,7 @@ import torch
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import selection_result
+from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import check_int
@@ -57,6 +58,6 @@ class FastV(Compressor):
         self.layer = check_int("fastv", "layer", layer, low=1)
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        scores = context.text_attention.float()
-        top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+        scores = attention_scores("fastv", context, "text_attention")
+        top = rank_descending(scores)[:, :k]
         return selection_result(tokens, top.sort(dim=-1).values, scores=scores)

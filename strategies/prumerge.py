@@ -1,0 +1,209 @@
+"""LLaVA-PruMerge: IQR outliers of [CLS] attention, each absorbing its nearest neighbours.
+
+Paper: Shang et al., *LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal
+Models*, arXiv 2403.15388 (2024). Authors' code: ``42Shawn/LLaVA-PruMerge`` (commit ``097c041``,
+``llava/model/multimodal_encoder/clip_encoder.py``: ``outlier_dectection``,
+``token_prune_merge_advanced`` (PruMerge) and ``token_prune_merge_advanced_plus`` (PruMerge+)).
+
+The algorithm, as the authors run it on the vision tower's output (their defaults are ours):
+
+1. **Outliers**: with ``Q1``, ``Q3`` the 25th / 75th percentiles of the image's [CLS] attention
+   (linear interpolation, as ``numpy.percentile``), the outliers are the tokens with attention
+   ``> Q3 + 1.5 (Q3 - Q1)``. Their number ``m`` is the adaptive budget of PruMerge.
+2. **Centres** (``K_c = K - 1`` of them with ``extra_token``, else ``K``; see *Exact budget*).
+3. **Merge**: every centre ``i`` finds its ``knn`` most cosine-similar tokens among *all* other
+   tokens (other centres included, as the authors' loop does) and becomes
+   ``x_i + sum_j a_j x_j``, where ``a_j`` is neighbour ``j``'s [CLS] attention. This is the
+   authors' formula: the attention-weighted sum is not normalised (their ``/ torch.sum(weights)``
+   is commented out) and is added to the unchanged centre.
+4. **Extra token** (``extra_token=True``, the authors' code): one more output,
+   ``sum_j a_j x_j`` over all non-centre tokens.
+5. **Output** in ascending original position.
+
+*Exact budget.* PruMerge adapts the token count to the image (``m`` outliers; PruMerge+ adds about
+``3 m`` spatially uniform tokens), whereas our API returns exactly ``K``. Our rule:
+
+* ``plus=False``: the centres are the outliers ranked by attention, filled (or truncated) to
+  ``K_c`` with the next highest-attention tokens, i.e. the ``K_c`` tokens of largest attention.
+* ``plus=True``: the ``min(m, K_c)`` highest-attention outliers, then ``u = K_c - min(m, K_c)``
+  tokens evenly spaced over the ``R = N - min(m, K_c)`` other positions in raster order: those of
+  rank ``floor(j R / u)``, ``j = 0 .. u - 1`` (the authors take every ``int(int(N / m) / 3)``-th
+  position from 0 and skip the outliers).
+
+``info["num_outliers"]`` ``[B]`` gives ``m``, the count the authors would have kept.
+
+Each output sits at a position of a token it represents: a centre at its own position, the extra
+token at the position of the non-centre token of largest attention. ``assignment`` names one
+representative per input token: its own slot for a centre; for another token the centre of largest
+cosine similarity among those that took it as a neighbour, else the extra token (``-1`` without
+it). A token can feed several centres (and the extra token); ``info["neighbours"]`` ``[B, K, knn]``
+lists each output slot's neighbour positions (``-1`` for the extra token's row).
+
+Departures from the authors' code:
+
+* Similarity uses the tokens themselves: the authors compare the keys of the vision tower's last
+  layer, which :class:`~tokencomp.Context` does not carry.
+* ``Context.cls_attention`` is the attention averaged over heads; the authors recompute a
+  single-head attention from the full-width query and key of the last layer
+  (``softmax(q k^T / sqrt(C))``).
+* The quartiles are per image; the authors' ``outlier_dectection`` pools every image of the batch
+  (identical for their batch size of 1).
+* The exact-``K`` rule above (the authors' count is adaptive), and PruMerge+'s uniform fill.
+* ``knn`` neighbours need ``N > knn`` tokens; smaller inputs raise ``ValueError`` (the authors'
+  ``topk`` fails there too). Ties in the attention ranking go to the lower position; ties in the
+  similarity ranking follow ``torch.topk``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokencomp.base import Compressor
+from tokencomp.kernels import batched_gather, slots_of
+from tokencomp.kernels.attention import attention_scores, rank_descending
+from tokencomp.registry import register
+from tokencomp.types import CompressionResult, Context
+from tokencomp.validation import check_bool, check_int
+
+# Centres whose [B, chunk, N] similarity rows are computed at once.
+_CHUNK = 1024
+
+
+def iqr_outlier_count(attn: torch.Tensor) -> torch.Tensor:
+    """Number ``[B]`` of entries of each row of ``attn`` ``[B, N]`` above ``Q3 + 1.5 IQR``."""
+    q = torch.quantile(attn, torch.tensor([0.25, 0.75], dtype=attn.dtype, device=attn.device), dim=-1)
+    upper = q[1] + 1.5 * (q[1] - q[0])
+    return (attn > upper.unsqueeze(-1)).sum(dim=-1)
+
+
+@register("prumerge")
+class PruMerge(Compressor):
+    """Keep the [CLS]-attention outliers (PruMerge+: plus uniform samples), each merged with its neighbours.
+
+    Parameters
+    ----------
+    plus : bool, default False
+        PruMerge+: after the outliers, fill the centres with spatially evenly spaced tokens
+        instead of the next highest-attention ones.
+    knn : int, default 32
+        Neighbours each centre absorbs (the authors' ``topk(..., k=32)``).
+    extra_token : bool, default True
+        Spend one output on the attention-weighted sum of all non-centre tokens, as the authors'
+        code appends it.
+
+    Notes
+    -----
+    See the module docstring for the exact-``K`` rule, the ``assignment`` rule and the departures
+    from the authors' code.
+    """
+
+    stage = "pre_llm"
+    needs_attention = True
+    text_conditioned = False
+    deterministic = True
+    requires = ("cls_attention",)
+    summary = "IQR outliers of [CLS] attention, each merging its k nearest neighbours (PruMerge/PruMerge+)."
+    paper = (
+        "Shang et al., LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models, "
+        "arXiv 2403.15388 (2024)"
+    )
+
+    def __init__(self, *, plus: bool = False, knn: int = 32, extra_token: bool = True) -> None:
+        name = "prumerge"
+        self.plus = check_bool(name, "plus", plus)
+        self.knn = check_int(name, "knn", knn, low=1)
+        self.extra_token = check_bool(name, "extra_token", extra_token)
+
+    def _check_budget(self, k: int, n: int, context: Context) -> None:
+        centres = k - 1 if self.extra_token else k
+        if centres > 0 and self.knn > n - 1:
+            raise ValueError(
+                f"prumerge: knn={self.knn} neighbours per kept token need at least knn + 1 = {self.knn + 1} "
+                f"tokens; got N={n} (budget K={k}). Lower knn to at most {n - 1}."
+            )
+
+    def _centres(self, attn: torch.Tensor, kc: int, num_out: torch.Tensor) -> torch.Tensor:
+        """Boolean ``[B, N]`` mask of the ``kc`` centres of every row."""
+        b, n = attn.shape
+        rank = rank_descending(attn).argsort(dim=-1)  # attention rank of every position
+        if not self.plus:
+            return rank < kc
+        o = num_out.clamp(max=kc)  # outliers kept, [B]
+        sel = rank < o.unsqueeze(-1)
+        u = kc - o  # uniform fill, [B]
+        r = n - o
+        rest = torch.sort(sel.to(torch.int64), dim=-1, stable=True).indices  # non-outliers first, ascending
+        j = torch.arange(kc, device=attn.device).unsqueeze(0)  # [1, kc]
+        valid = j < u.unsqueeze(-1)
+        pick = torch.where(valid, j * r.unsqueeze(-1) // u.clamp_min(1).unsqueeze(-1), torch.zeros_like(j))
+        hits = torch.zeros(b, n, dtype=torch.int64, device=attn.device)
+        hits.scatter_add_(1, torch.gather(rest, 1, pick), valid.to(torch.int64))
+        return sel | (hits > 0)
+
+    def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
+        x = tokens.float()
+        b, n, d = x.shape
+        dev = x.device
+        attn = attention_scores("prumerge", context)
+        num_out = iqr_outlier_count(attn)
+        kc = k - 1 if self.extra_token else k
+
+        # 1.-2. Centres, in ascending position order.
+        sel = self._centres(attn, kc, num_out)
+        cpos = torch.sort((~sel).to(torch.int64), dim=-1, stable=True).indices[:, :kc]  # [B, kc]
+
+        # 3. Each centre absorbs its knn most similar other tokens, weighted by their attention.
+        xn = F.normalize(x, dim=-1)
+        merged, nbrs, sims = [], [], []
+        for start in range(0, kc, _CHUNK):
+            cp = cpos[:, start : start + _CHUNK]
+            c = cp.shape[1]
+            sim = batched_gather(xn, cp) @ xn.transpose(1, 2)  # [B, c, N]
+            sim.scatter_(2, cp.unsqueeze(-1), float("-inf"))  # not itself
+            val, nb = sim.topk(self.knn, dim=-1)  # [B, c, knn]
+            weights = torch.gather(attn.unsqueeze(1).expand(-1, c, -1), 2, nb)
+            w = torch.zeros(b, c, n, dtype=x.dtype, device=dev).scatter_(2, nb, weights)
+            merged.append(batched_gather(x, cp) + w @ x)
+            nbrs.append(nb)
+            sims.append(val)
+        values = torch.cat(merged, dim=1) if merged else x.new_zeros(b, 0, d)
+        nb_all = torch.cat(nbrs, dim=1) if nbrs else torch.zeros(b, 0, self.knn, dtype=torch.int64, device=dev)
+        positions = cpos
+        neighbours = nb_all
+
+        # 4. The extra token: attention-weighted sum of every non-centre token.
+        if self.extra_token:
+            rest_w = torch.where(sel, torch.zeros_like(attn), attn)
+            extra = torch.bmm(rest_w.unsqueeze(1), x)  # [B, 1, D]
+            extra_pos = rank_descending(torch.where(sel, torch.full_like(attn, float("-inf")), attn))[:, :1]
+            values = torch.cat([values, extra], dim=1)
+            positions = torch.cat([positions, extra_pos], dim=1)
+            neighbours = torch.cat(
+                [neighbours, torch.full((b, 1, self.knn), -1, dtype=torch.int64, device=dev)], dim=1
+            )
+
+        # 5. Output in ascending position; one representative slot per input token.
+        indices, perm = positions.sort(dim=-1)
+        slot_of = perm.argsort(dim=-1)  # row of ``values`` -> output slot
+        assignment = slots_of(indices, n)
+        fallback = slot_of[:, kc:] if self.extra_token else torch.full((b, 1), -1, dtype=torch.int64, device=dev)
+        rep = fallback.expand(b, n).clone()
+        if kc > 0:
+            flat_nb = nb_all.reshape(b, -1)
+            flat_sim = torch.cat(sims, dim=1).reshape(b, -1)
+            best = torch.full((b, n), float("-inf"), dtype=x.dtype, device=dev)
+            best.scatter_reduce_(1, flat_nb, flat_sim, reduce="amax")
+            centre = torch.arange(kc, device=dev).repeat_interleave(self.knn).expand(b, -1)
+            cand = torch.where(flat_sim == torch.gather(best, 1, flat_nb), centre, torch.full_like(centre, kc))
+            owner = torch.full((b, n), kc, dtype=torch.int64, device=dev)
+            owner.scatter_reduce_(1, flat_nb, cand, reduce="amin")
+            owner_slot = torch.gather(slot_of, 1, owner.clamp(max=kc - 1))
+            rep = torch.where(owner < kc, owner_slot, rep)
+        assignment = torch.where(assignment >= 0, assignment, rep)
+        return CompressionResult(
+            tokens=batched_gather(values, perm),
+            indices=indices,
+            assignment=assignment,
+            info={"num_outliers": num_out, "neighbours": batched_gather(neighbours, perm)},
+        )

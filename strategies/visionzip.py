@@ -1,0 +1,156 @@
+"""VisionZip: dominant tokens by [CLS] attention plus merged contextual tokens.
+
+Paper: Yang et al., *VisionZip: Longer is Better but Not Necessary in Vision Language Models*,
+CVPR 2025, arXiv 2412.04467. Authors' code: ``dvlab-research/VisionZip`` (commit ``3151f6d``,
+``visionzip/clip_encoder.py`` for the algorithm, ``visionzip/main.py`` and ``README.md`` for the
+settings, ``visionzip/utils.py`` for the keys used as similarity metric).
+
+The algorithm, as the authors run it on the vision tower's output (their defaults are ours):
+
+1. **Budget split**: of the ``K`` output tokens, ``C = contextual`` are contextual and
+   ``K - C`` dominant. The authors' settings are 54 + 10 (``K = 64``), 108 + 20 (128) and 162 + 30
+   (192): ``C = K * 10 / 64``. With ``contextual=None`` we use that rule for every ``K``, rounded
+   half up: ``C = floor(5 K / 32 + 1/2)``.
+2. **Dominant tokens**: the ``K - C`` tokens of largest [CLS] attention (their code sums the heads,
+   ours averages them: the same ranking), kept unchanged.
+3. **Targets**: the ``M = N - (K - C)`` remaining tokens, in ascending position order; with
+   ``step = max(1, M // C)`` the targets are those of rank ``0, step, 2 step, ...`` (the first
+   ``C`` of them).
+4. **Assignment**: every other remaining token goes to the target of largest cosine similarity
+   (dot product of L2-normalised vectors; the first maximum on ties).
+5. **Merge**: each contextual token is ``target + mean(assigned tokens)`` (the authors' code adds
+   the mean of the assigned tokens to the target, ``target`` alone when nothing is assigned);
+   ``contextual_merge="mean"`` gives the plain average ``(target + sum) / (1 + count)`` instead.
+6. **Output** in ascending original position; a contextual token sits at its target's position.
+
+Departures from the authors' code:
+
+* Similarity uses the tokens themselves: the authors compare the keys of the vision tower's
+  penultimate layer (averaged over heads), which :class:`~tokencomp.Context` does not carry.
+* The authors keep the [CLS] token as one of the dominant tokens (``dominant=54`` is 53 patches +
+  [CLS]); our tokens are the patch tokens only, so all ``K - C`` dominant slots hold patch tokens.
+* ``C = 0`` (the default rule for ``K <= 3``, or ``contextual=0``) keeps ``K`` dominant tokens and
+  drops the rest; the authors' code divides by zero there.
+* Ties in the attention ranking go to the lower position (``torch.topk`` leaves them unspecified);
+  a zero similarity vector is normalised with ``eps`` (``F.normalize``) instead of giving NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from tokencomp.base import Compressor
+from tokencomp.kernels import batched_gather, cosine_match, mean_merge, selection_result, slots_of
+from tokencomp.kernels.attention import attention_scores, rank_descending
+from tokencomp.registry import register
+from tokencomp.types import CompressionResult, Context
+from tokencomp.validation import check_choice, check_int
+
+CONTEXTUAL_MERGES = ("target_plus_mean", "mean")
+
+
+def default_contextual(k: int) -> int:
+    """The authors' share of contextual tokens, ``K * 10 / 64`` rounded half up (10 of 64, 20 of 128)."""
+    return (5 * k + 16) // 32
+
+
+@register("visionzip")
+class VisionZip(Compressor):
+    """Keep the tokens of largest [CLS] attention; merge the rest into a few contextual tokens.
+
+    Parameters
+    ----------
+    contextual : int or None, default None
+        Number ``C`` of contextual (merged) tokens within the budget; the other ``K - C`` are the
+        dominant tokens. ``None`` follows the authors' settings (10 of 64, 20 of 128, 30 of 192):
+        ``C = floor(5 K / 32 + 1/2)``. Must not exceed the budget.
+    contextual_merge : {"target_plus_mean", "mean"}, default "target_plus_mean"
+        How a contextual token is formed from its target and the tokens assigned to it: the
+        target plus the mean of the assigned tokens (the authors' code), or the plain mean of the
+        target and the assigned tokens.
+
+    Notes
+    -----
+    ``info["dominant"]`` ``[B, K]`` bool marks the output slots holding dominant tokens. Every
+    input token is represented (``assignment`` has no ``-1``) unless ``C = 0``.
+    """
+
+    stage = "pre_llm"
+    needs_attention = True
+    text_conditioned = False
+    deterministic = True
+    requires = ("cls_attention",)
+    summary = "Top [CLS]-attention tokens plus contextual tokens merged by similarity."
+    paper = (
+        "Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, "
+        "CVPR 2025 (arXiv 2412.04467)"
+    )
+
+    def __init__(self, *, contextual: Optional[int] = None, contextual_merge: str = "target_plus_mean") -> None:
+        name = "visionzip"
+        self.contextual = None if contextual is None else check_int(name, "contextual", contextual, low=0)
+        self.contextual_merge = check_choice(name, "contextual_merge", contextual_merge, CONTEXTUAL_MERGES)
+
+    def _contextual_count(self, k: int) -> int:
+        return default_contextual(k) if self.contextual is None else self.contextual
+
+    def _check_budget(self, k: int, n: int, context: Context) -> None:
+        if self.contextual is not None and self.contextual > k:
+            raise ValueError(
+                f"visionzip: contextual={self.contextual} contextual tokens do not fit in the budget K={k}; "
+                f"contextual must be in [0, K] = [0, {k}]. Raise the budget, lower contextual, or pass "
+                "contextual=None for the authors' split."
+            )
+
+    def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
+        x = tokens.float()
+        b, n, d = x.shape
+        attn = attention_scores("visionzip", context)
+        c = self._contextual_count(k)
+        dom = k - c
+
+        # 2. Dominant tokens: the top K - C by [CLS] attention.
+        top = rank_descending(attn)[:, :dom]
+        dom_pos = top.sort(dim=-1).values
+        if c == 0:
+            return selection_result(x, dom_pos, dominant=torch.ones(b, k, dtype=torch.bool, device=x.device))
+        is_dom = torch.zeros(b, n, dtype=torch.bool, device=x.device).scatter_(1, top, True)
+        m = n - dom
+        # remaining positions in ascending order: a stable sort puts the non-dominant ones first
+        rem = torch.sort(is_dom.to(torch.int64), dim=-1, stable=True).indices[:, :m]
+
+        # 3. Evenly spaced targets among the remaining tokens.
+        step = max(1, m // c)
+        ranks = torch.arange(0, m, step, device=x.device)[:c]
+        is_target = torch.zeros(m, dtype=torch.bool, device=x.device)
+        is_target[ranks] = True
+        tgt_pos = rem[:, ranks]  # [B, C], ascending
+        oth_pos = rem[:, (~is_target).nonzero().squeeze(1)]  # [B, M - C]
+        tgt = batched_gather(x, tgt_pos)
+        oth = batched_gather(x, oth_pos)
+
+        # 4.-5. Assign every other remaining token to its most similar target and merge.
+        match = cosine_match(oth, tgt)  # [B, M - C] in [0, C)
+        if self.contextual_merge == "mean":
+            ctx = mean_merge(tgt, oth, match)
+        else:
+            sums = torch.zeros_like(tgt).scatter_add_(1, match.unsqueeze(-1).expand(-1, -1, d), oth)
+            counts = torch.zeros(b, c, dtype=x.dtype, device=x.device)
+            counts.scatter_add_(1, match, torch.ones(match.shape, dtype=x.dtype, device=x.device))
+            ctx = tgt + sums / counts.clamp_min(1).unsqueeze(-1)
+
+        # 6. Output in ascending original position.
+        positions = torch.cat([dom_pos, tgt_pos], dim=1)
+        values = torch.cat([batched_gather(x, dom_pos), ctx], dim=1)
+        indices, perm = positions.sort(dim=-1)
+        assignment = slots_of(indices, n)
+        slot_of = perm.argsort(dim=-1)  # position in ``positions`` -> output slot
+        assignment.scatter_(1, oth_pos, torch.gather(slot_of[:, dom:], 1, match))
+        return CompressionResult(
+            tokens=batched_gather(values, perm),
+            indices=indices,
+            assignment=assignment,
+            info={"dominant": perm < dom},
+        )

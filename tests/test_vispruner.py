@@ -1,0 +1,135 @@
+"""VisPruner: fidelity to the authors' procedure, hand-worked examples, the ratio, parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokencomp as tc
+from tokencomp.testing import check_compressor
+from reference_vispruner import literal_vispruner
+
+
+def tokens(b, n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, n, d, generator=g) * (0.5 + torch.rand(b, n, 1, generator=g) * 2)
+
+
+def attention(b, n, seed):
+    """Rows summing to 1 with a heavy upper tail, like ViT [CLS] attention."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    return (torch.randn(b, n, generator=g) * 1.5).softmax(dim=-1)
+
+
+def sign_tokens(b, n, d, seed):
+    """Entries +-1 with d a power of 4: unit vectors have entries +-1/sqrt(d) and every cosine is an
+    exact multiple of 2/d in float32, whatever the summation order, so the ranking of the scores
+    cannot depend on rounding (over ~60 rounds of 576 tokens, Gaussian tokens do hit scores equal to
+    1e-7, where float32 matmul and a loop of dot products may order them differently). Exact ties are
+    frequent instead, which exercises the tie rule."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (b, n, d), generator=g).float() * 2 - 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    "kind,n,d,k",
+    [("sign", 576, 64, 64), ("sign", 576, 16, 128), ("sign", 576, 64, 192), ("gauss", 100, 16, 30), ("gauss", 40, 8, 37)],
+)
+def test_default_equals_literal_authors_procedure(seed, kind, n, d, k):
+    x = sign_tokens(2, n, d, seed) if kind == "sign" else tokens(2, n, d, seed)
+    a = attention(2, n, seed)
+    result = tc.create("vispruner").compress(x, k, tc.Context(cls_attention=a))
+    for b in range(2):
+        positions = literal_vispruner(x[b], a[b], k)
+        assert result.indices[b].tolist() == positions
+        torch.testing.assert_close(result.tokens[b], x[b, positions])
+        assert int(result.info["important"][b].sum()) == k // 2
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.75, 0.9, 1.0])
+@pytest.mark.parametrize("seed", range(3))
+def test_ratios_equal_literal(ratio, seed):
+    x, a = tokens(2, 196, 24, seed), attention(2, 196, seed)
+    result = tc.create("vispruner", important_ratio=ratio).compress(x, 33, tc.Context(cls_attention=a))
+    for b in range(2):
+        assert result.indices[b].tolist() == literal_vispruner(x[b], a[b], 33, ratio)
+        assert int(result.info["important"][b].sum()) == int(33 * ratio)
+
+
+def test_hand_worked_example_one_round():
+    # attention [.05, .30, .02, .20, .11, .15, .08, .09] -> decreasing order 1, 3, 5, 4, 7, 6, 0, 2.
+    # K = 6, ratio .5: important = [1, 3, 5]; residual [4, 7, 6, 0, 2], R = 5, K_div = 3, r = 2.
+    # A = [4, 6, 2], B = [7, 0] with x7 = (1, 0), x0 = (0, 1):
+    #   x4 = (1, .2): max cos = 1 / sqrt(1.04) = .981;  x6 = (.5, .5): .707;  x2 = (.1, 1): .995.
+    # Drop the r = 2 highest (2 and 4) -> residual [6, 7, 0] -> keep {1, 3, 5} + {6, 7, 0}.
+    x = torch.tensor(
+        [[0.0, 1.0], [3.0, 3.0], [0.1, 1.0], [3.0, 3.0], [1.0, 0.2], [3.0, 3.0], [0.5, 0.5], [1.0, 0.0]]
+    )
+    a = torch.tensor([0.05, 0.30, 0.02, 0.20, 0.11, 0.15, 0.08, 0.09])
+    result = tc.create("vispruner").compress(x, 6, tc.Context(cls_attention=a))
+    assert result.indices.tolist() == [0, 1, 3, 5, 6, 7]
+    assert result.info["important"].tolist() == [False, True, True, True, False, False]
+    assert result.assignment.tolist() == [0, 1, -1, 2, -1, 3, 4, 5]
+    torch.testing.assert_close(result.tokens, x[[0, 1, 3, 5, 6, 7]])
+
+
+def test_hand_worked_example_two_rounds():
+    # Same tokens and attention, K = 4: important = [1, 3]; residual [5, 4, 7, 6, 0, 2], K_div = 2.
+    # Round 1: R = 6, r = min(8, 4) = 4 > |A| = 3, so all of A = [5, 7, 0] goes -> residual [4, 6, 2].
+    # Round 2: R = 3, r = 1, A = [4, 2], B = [6] = (.5, .5): cos(x4, x6) = .6 / .721 = .832,
+    # cos(x2, x6) = .55 / .711 = .774 -> drop 4 -> residual [2, 6] -> keep {1, 3} + {2, 6}.
+    x = torch.tensor(
+        [[0.0, 1.0], [3.0, 3.0], [0.1, 1.0], [3.0, 3.0], [1.0, 0.2], [3.0, 3.0], [0.5, 0.5], [1.0, 0.0]]
+    )
+    a = torch.tensor([0.05, 0.30, 0.02, 0.20, 0.11, 0.15, 0.08, 0.09])
+    result = tc.create("vispruner").compress(x, 4, tc.Context(cls_attention=a))
+    assert result.indices.tolist() == [1, 2, 3, 6]
+
+
+def test_full_ratio_is_top_attention():
+    x, a = tokens(2, 100, 8, 0), attention(2, 100, 0)
+    result = tc.create("vispruner", important_ratio=1.0).compress(x, 25, tc.Context(cls_attention=a))
+    assert torch.equal(result.indices, a.topk(25, dim=-1).indices.sort(dim=-1).values)
+
+
+def test_rows_are_independent_with_their_own_attention():
+    x, a = tokens(3, 64, 12, 0), attention(3, 64, 0)
+    comp = tc.create("vispruner")
+    whole = comp.compress(x, 16, tc.Context(cls_attention=a))
+    for i in range(3):
+        part = comp.compress(x[i], 16, tc.Context(cls_attention=a[i]))
+        assert torch.equal(part.indices, whole.indices[i])
+        torch.testing.assert_close(part.tokens, whole.tokens[i])
+
+
+def test_chunked_similarity_equals_unchunked(monkeypatch):
+    import tokencomp.strategies.vispruner as mod
+
+    x, a = tokens(2, 150, 8, 4), attention(2, 150, 4)
+    ctx = tc.Context(cls_attention=a)
+    full = tc.create("vispruner").compress(x, 40, ctx)
+    monkeypatch.setattr(mod, "_CHUNK", 5)
+    assert torch.equal(full.indices, tc.create("vispruner").compress(x, 40, ctx).indices)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "half", True])
+def test_bad_ratio_raises_on_construction(value):
+    with pytest.raises(tc.InvalidParameterError) as err:
+        tc.create("vispruner", important_ratio=value)
+    assert "'important_ratio' must be a finite number in [0.0, 1.0]" in str(err.value)
+    assert repr(value) in str(err.value)
+
+
+def test_attention_is_required_and_finite():
+    x, a = tokens(1, 40, 4, 0), attention(1, 40, 0)
+    with pytest.raises(ValueError, match="vispruner: needs context.cls_attention"):
+        tc.create("vispruner").compress(x, 5)
+    a[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="vispruner: context.cls_attention contains NaN"):
+        tc.create("vispruner").compress(x, 5, tc.Context(cls_attention=a))
+
+
+@pytest.mark.parametrize("params", [{"important_ratio": 0.0}, {"important_ratio": 0.75}, {"important_ratio": 1.0}])
+def test_variants_conform(params):
+    check_compressor(tc.create("vispruner", **params))
