@@ -34,8 +34,13 @@ DEFAULT_BUDGETS = (64, 128, 192)
 DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "apet": {"basis": ["fps", "qr", "random"], "error_norm": ["l2", "l1", "linf", "relative"]},
 }
-# Context fields the image ablation can provide.
-PROVIDED_CONTEXT = ("grid",)
+# Context fields the image ablation can provide. Neither feature set has a [CLS] token, so
+# ``cls_attention`` is a stated proxy (see :func:`mean_token_attention`).
+PROVIDED_CONTEXT = ("grid", "cls_attention")
+CLS_PROXY_NOTE = (
+    "cls_attention is a proxy: the features have no [CLS] token, so the attention a query equal to the "
+    "mean token gives, softmax(X mean(X) / sqrt(D))"
+)
 
 
 @dataclass
@@ -46,6 +51,21 @@ class TokenSet:
     tokens: torch.Tensor
     grid: tuple[int, int]
     image_names: list[str]
+
+    def context(self) -> tc.Context:
+        """The context every strategy gets: the grid and the [CLS]-attention proxy."""
+        return tc.Context(grid=self.grid, cls_attention=mean_token_attention(self.tokens))
+
+
+def mean_token_attention(tokens: torch.Tensor) -> torch.Tensor:
+    """A [CLS]-like attention row for features without a [CLS] token: ``softmax(X m / sqrt(D))``.
+
+    ``m`` is the mean token of each image, standing in for the [CLS] query (a global summary of the
+    image, which is what [CLS] attends from). Returns ``[B, N]`` rows summing to 1.
+    """
+    x = tokens.float()
+    query = x.mean(dim=1, keepdim=True)  # [B, 1, D]
+    return ((x @ query.transpose(1, 2)).squeeze(-1) / math.sqrt(x.shape[-1])).softmax(dim=-1)
 
 
 @dataclass
@@ -185,7 +205,7 @@ def run_ablation(
     """
     cells = []
     for ts in token_sets:
-        context = tc.Context(grid=ts.grid)
+        context = ts.context()
         for (name, params), budget in itertools.product(configs, budgets):
             comp = tc.create(name, **params)
             start = time.perf_counter()

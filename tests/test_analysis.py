@@ -10,10 +10,9 @@ from tokencomp.analysis import lstsq_error, recon_error, reconstruct
 
 def test_keeping_everything_is_lossless():
     x = torch.randn(2, 36, 5)
-    for name in tc.available():
-        result = tc.create(name).compress(x, 36)
-        if name == "apet":  # the injected basis overwrites slots even at K = N
-            continue
+    for name in ("random", "pooling", "apet"):
+        params = {"basis_injection": "none"} if name == "apet" else {}
+        result = tc.create(name, **params).compress(x, 36)
         torch.testing.assert_close(recon_error(x, result), torch.zeros(2))
         torch.testing.assert_close(lstsq_error(x, result), torch.zeros(2), atol=1e-6, rtol=0)
 
@@ -48,3 +47,12 @@ def test_lstsq_error_of_rank_one_outputs():
     result = tc.selection_result(x, torch.tensor([[0]]))
     # projecting on span{(1, 0)} loses (0, 1) entirely: error 1 / sqrt(2)
     torch.testing.assert_close(lstsq_error(x, result), torch.tensor([2**-0.5]))
+
+
+def test_mean_token_attention_proxy():
+    from tokencomp.analysis.ablation import mean_token_attention
+
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]])
+    # mean token (0.25, 0.5); scores X m / sqrt(2) = (0.25, 0.5, 0.75, -0.25) / sqrt(2)
+    expected = (torch.tensor([0.25, 0.5, 0.75, -0.25]) / 2**0.5).softmax(-1)
+    torch.testing.assert_close(mean_token_attention(x)[0], expected)

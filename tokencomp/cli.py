@@ -150,6 +150,7 @@ def ablate_command(
 ) -> None:
     """Run the ablation grid on real image tokens and print retention tables."""
     from tokencomp.analysis.ablation import (
+        CLS_PROXY_NOTE,
         DEFAULT_GRIDS,
         configurations,
         make_tokens,
@@ -188,6 +189,9 @@ def ablate_command(
                 raise UserError(f"--param {spec!r} names {strat!r}, which is not among the strategies run: {', '.join(names)}")
             grids.setdefault(strat, {})[key] = values
         configs = configurations(names, grids, seed)
+        needing_cls = [n for n in names if "cls_attention" in tc.get(n).requires]
+        if needing_cls:
+            console.print(f"[yellow]note[/] for {', '.join(needing_cls)}: {CLS_PROXY_NOTE}")
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             if not os.access(out, os.W_OK):
