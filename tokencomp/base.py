@@ -13,8 +13,10 @@ from .validation import check_tokens, resolve_budget
 
 __all__ = ["Compressor"]
 
-# Context fields that are per-token tensors and their expected trailing shape, given N.
-_PER_TOKEN_FIELDS = ("cls_attention", "text_attention", "valid")
+# Context fields that are per-token tensors of shape [B, N].
+_PER_TOKEN_FIELDS = ("cls_attention", "text_attention", "valid", "visual_positions")
+# Other batched tensor fields and their number of dimensions (with the batch dimension).
+_BATCHED_FIELDS = {"text_embeddings": 3, "hidden_states": 3, "cross_attention": 3, "query": 3, "keys": 4, "key_mask": 2}
 
 
 class Compressor(ABC):
@@ -189,13 +191,52 @@ class Compressor(ABC):
                     f"{owner}: context.grid={grid} holds {_prod(grid)} tokens but the tokens have N={n}."
                 )
             updates["grid"] = grid
-        if unbatched and context.text_embeddings is not None and context.text_embeddings.dim() == 2:
-            updates["text_embeddings"] = context.text_embeddings.unsqueeze(0)
-        if unbatched and context.hidden_states is not None and context.hidden_states.dim() == 2:
-            updates["hidden_states"] = context.hidden_states.unsqueeze(0)
+        # Fields with extra dimensions: add the batch dimension for unbatched tokens, check it.
+        for name, rank in _BATCHED_FIELDS.items():
+            value = getattr(context, name)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{owner}: context.{name} must be a tensor; got {type(value).__name__}.")
+            if unbatched and value.dim() == rank - 1:
+                value = value.unsqueeze(0)
+            if value.dim() != rank or value.shape[0] != b:
+                raise ValueError(
+                    f"{owner}: context.{name} must have {rank} dimensions with batch size B={b}; "
+                    f"got shape {tuple(value.shape)}."
+                )
+            updates[name] = value
+        self._check_attention_inputs(updates, context, b, n)
         if not updates:
             return context
         return Context(**{**{f: getattr(context, f) for f in Context.field_names()}, **updates})
+
+    def _check_attention_inputs(self, updates: dict, context: Context, b: int, n: int) -> None:
+        owner = self.display_name()
+        get = lambda name: updates.get(name, getattr(context, name))  # noqa: E731
+        cross = get("cross_attention")
+        if cross is not None and cross.shape[2] != n:
+            raise ValueError(f"{owner}: context.cross_attention must be [B, T, N] with N={n}; got {tuple(cross.shape)}.")
+        query, keys, pos, mask = get("query"), get("keys"), get("visual_positions"), get("key_mask")
+        if query is not None and keys is not None:
+            if keys.shape[1] != query.shape[1] or keys.shape[3] != query.shape[2]:
+                raise ValueError(
+                    f"{owner}: context.keys [B, H, L, Dh] = {tuple(keys.shape)} does not match "
+                    f"context.query [B, H, Dh] = {tuple(query.shape)}."
+                )
+        if pos is not None:
+            if pos.dtype != torch.int64 or tuple(pos.shape) != (b, n):
+                raise ValueError(
+                    f"{owner}: context.visual_positions must be int64 of shape [B, N] = [{b}, {n}]; "
+                    f"got {pos.dtype} {tuple(pos.shape)}."
+                )
+            if keys is not None and bool(((pos < 0) | (pos >= keys.shape[2])).any()):
+                raise ValueError(f"{owner}: context.visual_positions must index the L={keys.shape[2]} keys.")
+        if mask is not None and keys is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, keys.shape[2])):
+            raise ValueError(
+                f"{owner}: context.key_mask must be bool of shape [B, L] = [{b}, {keys.shape[2]}]; "
+                f"got {mask.dtype} {tuple(mask.shape)}."
+            )
 
     def _check_result(self, result: CompressionResult, b: int, n: int, k: int, d: int) -> None:
         owner = self.display_name()

@@ -61,6 +61,17 @@ def make_context(compressor: Compressor, tokens: torch.Tensor, grid: Optional[tu
             fields[name] = 2
         elif name == "valid":
             fields[name] = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
+        elif name == "cross_attention":
+            fields[name] = torch.rand(b, 5, n, generator=g).softmax(-1).to(tokens.device)
+        elif name in ("query", "keys", "visual_positions", "key_mask"):
+            # a prompt of 3 text tokens, the N visual tokens, then 4 more text tokens; 4 heads of 8
+            length = n + 7
+            fields.setdefault("query", torch.randn(b, 4, 8, generator=g).to(tokens.device))
+            fields.setdefault("keys", torch.randn(b, 4, length, 8, generator=g).to(tokens.device))
+            fields.setdefault(
+                "visual_positions", (3 + torch.arange(n, device=tokens.device)).expand(b, n).contiguous()
+            )
+            fields.setdefault("key_mask", torch.ones(b, length, dtype=torch.bool, device=tokens.device))
         elif name != "grid":
             raise AssertionError(f"make_context does not know how to build context.{name}")
     return Context(**fields)

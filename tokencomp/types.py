@@ -66,6 +66,19 @@ class Context:
         ``[B, N]`` bool, ``False`` at padding positions of a padded batch.
     generator : torch.Generator, optional
         Source of randomness; overrides the strategy's ``seed``.
+    cross_attention : torch.Tensor, optional
+        ``[B, T, N]`` attention of each of ``T`` text tokens to the visual tokens at ``layer``,
+        averaged over heads (SparseVLM's text raters).
+    query : torch.Tensor, optional
+        ``[B, H, Dh]`` query of the rater token (the last instruction token) at ``layer``, with its
+        rotary embedding applied, for strategies that compute one attention row themselves.
+    keys : torch.Tensor, optional
+        ``[B, H, L, Dh]`` keys of the ``L`` tokens the rater attends to at ``layer`` (rotary applied,
+        key/value heads repeated to ``H``).
+    visual_positions : torch.Tensor, optional
+        ``[B, N]`` int64 positions of the visual tokens among the ``L`` keys.
+    key_mask : torch.Tensor, optional
+        ``[B, L]`` bool, ``False`` for keys the rater must not attend to (padding).
     """
 
     grid: Optional[tuple[int, ...]] = None
@@ -76,6 +89,11 @@ class Context:
     layer: Optional[int] = None
     valid: Optional[torch.Tensor] = None
     generator: Optional[torch.Generator] = None
+    cross_attention: Optional[torch.Tensor] = None
+    query: Optional[torch.Tensor] = None
+    keys: Optional[torch.Tensor] = None
+    visual_positions: Optional[torch.Tensor] = None
+    key_mask: Optional[torch.Tensor] = None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

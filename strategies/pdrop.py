@@ -1,0 +1,83 @@
+"""PyramidDrop: rank image tokens by one attention row computed from a layer's query and keys.
+
+Paper: Xing et al., *PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual
+Redundancy Reduction*, CVPR 2025 (arXiv 2410.17247). Authors' code: ``Cooperx521/PyramidDrop``
+(``llava/model/modeling_llama_pdrop.py``, ``pdrop_forward`` and ``pdrop_rank_drop``).
+
+The algorithm, at prefill (their defaults are ours):
+
+1. The decoder is split into stages at layers ``layers = [8, 16, 24]``; at the end of each stage the
+   image tokens are cut to ``ratio = 0.5`` of those that entered it (``int(n * ratio)``), so the four
+   stages see 576, 288, 144 and 72 image tokens.
+2. At a stage boundary ``l`` (the hidden states leaving layer ``l - 1``), the next layer's
+   ``input_layernorm``, ``q_proj`` and ``k_proj`` and rotary embedding give the **last instruction
+   token's** query and every prompt token's keys; its attention row is ``softmax(q K^T / sqrt(Dh))``
+   over the whole causal prefix (in float32), averaged over heads.
+3. The image part of that row ranks the image tokens; the ``k`` with the highest attention are kept
+   in their original order (``topk``, then sorted), the rest dropped, without merging.
+
+One row is computed by hand, never the full attention matrix, so PyramidDrop runs beside FlashAttention
+/ SDPA: ``needs_attention`` is False. The model integration supplies ``Context.query`` ``[B, H, Dh]``,
+``Context.keys`` ``[B, H, L, Dh]`` (heads repeated for grouped-query attention), the visual tokens'
+``Context.visual_positions`` ``[B, N]`` among the keys and, for padded prompts, ``Context.key_mask``.
+One call of :meth:`compress` is one stage boundary; ``layers`` and ``ratio`` are the schedule the
+integration runs (:meth:`stage_budgets`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokencomp.base import Compressor
+from tokencomp.kernels import selection_result
+from tokencomp.kernels.attention import attention_row, rank_descending
+from tokencomp.registry import register
+from tokencomp.types import CompressionResult, Context
+from tokencomp.validation import InvalidParameterError, check_float, check_int
+
+
+@register("pdrop")
+class PyramidDrop(Compressor):
+    """Keep the image tokens the last instruction token attends to most, from its own query and keys.
+
+    Parameters
+    ----------
+    layers : list of int, default [8, 16, 24]
+        Stage boundaries: the decoder layers after which a cut happens (strictly increasing, >= 1).
+    ratio : float, default 0.5
+        Fraction of the image tokens entering a stage that survive its boundary, in (0, 1].
+
+    Notes
+    -----
+    Ties in attention go to the lower position. ``info["scores"]`` holds the attention row of the
+    visual tokens used for the ranking.
+    """
+
+    stage = "in_llm"
+    needs_attention = False
+    text_conditioned = True
+    deterministic = True
+    requires = ("query", "keys", "visual_positions")
+    summary = "Pyramid of cuts at LLM layers 8/16/24, ranking by the last instruction token's q/k attention."
+    paper = "Xing et al., PyramidDrop, CVPR 2025 (arXiv 2410.17247)"
+
+    def __init__(self, *, layers: list[int] = (8, 16, 24), ratio: float = 0.5) -> None:  # type: ignore[assignment]
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise InvalidParameterError(f"pdrop: parameter 'layers' must be a list of layer indices; got {layers!r}.")
+        checked = [check_int("pdrop", "layers", v, low=1) for v in layers]
+        if not checked or any(b <= a for a, b in zip(checked, checked[1:])):
+            raise InvalidParameterError(
+                f"pdrop: parameter 'layers' must be a non-empty, strictly increasing list; got {list(layers)!r}."
+            )
+        self.layers = checked
+        self.ratio = check_float("pdrop", "ratio", ratio, low=0.0, high=1.0, low_inclusive=False)
+
+    def stage_budgets(self, n: int) -> list[int]:
+        """Image tokens kept after each boundary of ``layers``, starting from ``n`` (``int(n * ratio^s)``)."""
+        return [int(n * self.ratio ** (s + 1)) for s in range(len(self.layers))]
+
+    def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
+        row = attention_row(context.query, context.keys, context.key_mask)  # [B, L]
+        scores = torch.gather(row, 1, context.visual_positions)  # [B, N]
+        keep = rank_descending(scores)[:, :k]
+        return selection_result(tokens, keep.sort(dim=-1).values, scores=scores)
