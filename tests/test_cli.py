@@ -74,3 +74,24 @@ def test_ablate_user_errors_are_one_line_exit_2(args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_readme_strategy_table_is_the_registry():
+    """The README's table is `tokencomp ls --markdown`, so it cannot drift from the classes."""
+    from pathlib import Path
+
+    from tokencomp.cli import strategy_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin = readme.index("<!-- strategies-table")
+    block = readme[readme.index("\n", begin) + 1 : readme.index("<!-- /strategies-table -->")].strip()
+    assert block == strategy_markdown(), "README table is stale: paste the output of `tokencomp ls --markdown`"
+    for name in tc.available():
+        assert f"| `{name}` |" in block
+
+
+def test_flash_attention_status_follows_capabilities():
+    assert tc.get("apet").flash_attention() == "yes"
+    assert tc.get("pdrop").flash_attention() == "yes"
+    assert tc.get("visionzip").flash_attention().startswith("LLM yes")
+    assert tc.get("fastv").flash_attention().startswith("no")

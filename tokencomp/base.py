@@ -16,7 +16,15 @@ __all__ = ["Compressor"]
 # Context fields that are per-token tensors of shape [B, N].
 _PER_TOKEN_FIELDS = ("cls_attention", "text_attention", "valid", "visual_positions")
 # Other batched tensor fields and their number of dimensions (with the batch dimension).
-_BATCHED_FIELDS = {"text_embeddings": 3, "hidden_states": 3, "cross_attention": 3, "query": 3, "keys": 4, "key_mask": 2}
+_BATCHED_FIELDS = {
+    "text_embeddings": 3,
+    "hidden_states": 3,
+    "cross_attention": 3,
+    "query": 3,
+    "keys": 4,
+    "key_mask": 2,
+    "image_embeddings": 3,
+}
 
 
 class Compressor(ABC):
@@ -84,6 +92,21 @@ class Compressor(ABC):
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
+
+    @classmethod
+    def flash_attention(cls) -> str:
+        """Whether the strategy runs beside FlashAttention / SDPA kernels, derived from its capabilities.
+
+        ``"yes"`` when it reads no attention weights; for ``needs_attention`` strategies, which
+        attention it reads: the vision tower's [CLS] row (only the vision-tower layer it is read from must
+        run eagerly; the language model keeps its fast kernel) or the language model's attention (eager
+        attention in that decoder layer).
+        """
+        if not cls.needs_attention:
+            return "yes"
+        if "cls_attention" in cls.requires:
+            return "LLM yes; [CLS] row needs one eager ViT layer"
+        return "no: reads LLM attention weights"
 
     @classmethod
     def display_name(cls) -> str:
@@ -217,6 +240,15 @@ class Compressor(ABC):
         cross = get("cross_attention")
         if cross is not None and cross.shape[2] != n:
             raise ValueError(f"{owner}: context.cross_attention must be [B, T, N] with N={n}; got {tuple(cross.shape)}.")
+        image = get("image_embeddings")
+        if image is not None and image.shape[1] != n:
+            raise ValueError(f"{owner}: context.image_embeddings must be [B, N, E] with N={n}; got {tuple(image.shape)}.")
+        text, joint_dim = get("text_embeddings"), (image.shape[2] if image is not None else None)
+        if text is not None and joint_dim is not None and text.shape[2] != joint_dim:
+            raise ValueError(
+                f"{owner}: context.text_embeddings [B, T, E] and context.image_embeddings [B, N, E] must share "
+                f"E; got {tuple(text.shape)} and {tuple(image.shape)}."
+            )
         query, keys, pos, mask = get("query"), get("keys"), get("visual_positions"), get("key_mask")
         if query is not None and keys is not None:
             if keys.shape[1] != query.shape[1] or keys.shape[3] != query.shape[2]:

@@ -23,7 +23,7 @@ app = typer.Typer(
     help="Compare visual-token compression strategies for vision-language models.",
 )
 # A pipe or CI log gets a wide console instead of rich's 80 columns, so tables stay readable.
-console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 150)
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 class UserError(Exception):
@@ -40,10 +40,16 @@ def _yes(flag: bool) -> str:
 
 
 @app.command("ls")
-def ls_command() -> None:
+def ls_command(
+    markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (the README's) instead."),
+) -> None:
     """List the registered strategies and their capabilities (read from the classes)."""
+    if markdown:
+        typer.echo(strategy_markdown())
+        return
     table = Table(title="tokencomp strategies")
-    for column in ("name", "stage", "needs attention", "text-conditioned", "deterministic", "needs context", "summary"):
+    columns = ("name", "stage", "needs attention", "FlashAttention", "text", "deterministic", "needs context", "summary")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for name in tc.available():
         cls = tc.get(name)
@@ -51,12 +57,27 @@ def ls_command() -> None:
             name,
             cls.stage,
             _yes(cls.needs_attention),
+            cls.flash_attention(),
             _yes(cls.text_conditioned),
             _yes(cls.deterministic),
             ", ".join(cls.requires) or "-",
             cls.summary,
         )
     console.print(table)
+
+
+def strategy_markdown() -> str:
+    """The registry as a Markdown table: name, paper, stage, needs attention, FlashAttention, summary."""
+    lines = [
+        "| name | paper | stage | needs attention | FlashAttention / SDPA | summary |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in tc.available():
+        cls = tc.get(name)
+        cells = [f"`{name}`", cls.paper or "(reference)", cls.stage, "yes" if cls.needs_attention else "no",
+                 cls.flash_attention(), cls.summary]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def _split(text: str, what: str) -> list[str]:

@@ -40,7 +40,9 @@ def make_context(compressor: Compressor, tokens: torch.Tensor, grid: Optional[tu
     """A valid :class:`Context` for ``compressor`` on ``tokens`` ``[B, N, D]``, built from its ``requires``.
 
     Every context is given a ``grid`` (``grid`` or a square one when ``N`` is square). Required
-    attention fields are random probability rows, text embeddings are random ``[B, 5, D]``.
+    attention fields are random probability rows, text embeddings are random ``[B, 5, D]``. In-LLM
+    fields describe a prompt of 3 text tokens, the ``N`` visual tokens and 4 more text tokens (4 heads of
+    8 for ``query`` / ``keys``); ``hidden_states`` then covers that whole prompt.
     """
     b, n, d = tokens.shape
     g = torch.Generator().manual_seed(1)
@@ -56,7 +58,12 @@ def make_context(compressor: Compressor, tokens: torch.Tensor, grid: Optional[tu
         elif name == "text_embeddings":
             fields[name] = torch.randn(b, 5, d, generator=g).to(tokens.device, tokens.dtype)
         elif name == "hidden_states":
-            fields[name] = tokens
+            if any(f in compressor.requires for f in ("query", "keys", "visual_positions", "key_mask")):
+                # the whole prompt (3 text tokens, the N visual tokens, 4 text tokens), as the keys
+                text = torch.randn(b, 7, d, generator=g).to(tokens.device, tokens.dtype)
+                fields[name] = torch.cat([text[:, :3], tokens, text[:, 3:]], dim=1)
+            else:
+                fields[name] = tokens
         elif name == "layer":
             fields[name] = 2
         elif name == "valid":

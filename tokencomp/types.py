@@ -79,6 +79,10 @@ class Context:
         ``[B, N]`` int64 positions of the visual tokens among the ``L`` keys.
     key_mask : torch.Tensor, optional
         ``[B, L]`` bool, ``False`` for keys the rater must not attend to (padding).
+    image_embeddings : torch.Tensor, optional
+        ``[B, N, E]`` the visual tokens in the joint image-text space of ``text_embeddings`` (for CLIP:
+        the vision tower's post-layernorm and visual projection), for strategies that score the tokens'
+        relevance to the instruction. When absent, such strategies use the tokens themselves.
     """
 
     grid: Optional[tuple[int, ...]] = None
@@ -94,6 +98,7 @@ class Context:
     keys: Optional[torch.Tensor] = None
     visual_positions: Optional[torch.Tensor] = None
     key_mask: Optional[torch.Tensor] = None
+    image_embeddings: Optional[torch.Tensor] = None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

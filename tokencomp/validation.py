@@ -61,19 +61,21 @@ def check_float(
     low: Optional[float] = None,
     high: Optional[float] = None,
     low_inclusive: bool = True,
+    high_inclusive: bool = True,
 ) -> float:
     """Return ``value`` as ``float`` if it is a finite real number in the given range."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
         ok = value >= low if low_inclusive else value > low
     if ok and high is not None:
-        ok = value <= high
+        ok = value <= high if high_inclusive else value < high
     if not ok:
         bracket = "[" if low_inclusive else "("
+        closing = "]" if high_inclusive else ")"
         lo = "-inf" if low is None else repr(low)
         hi = "inf" if high is None else repr(high)
         raise InvalidParameterError(
-            f"{owner}: parameter {name!r} must be a finite number in {bracket}{lo}, {hi}]; got {value!r}."
+            f"{owner}: parameter {name!r} must be a finite number in {bracket}{lo}, {hi}{closing}; got {value!r}."
         )
     return float(value)
 
