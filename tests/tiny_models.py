@@ -1,0 +1,67 @@
+"""Tiny random-weight vision-language models built from their config classes (milliseconds on CPU).
+
+The default initialisation (std 0.02) makes greedy generation repeat one token whatever the image;
+the weight matrices are re-drawn with std 0.2 so that outputs depend on the image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def spread_weights(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+def tiny_llava(attn_implementation: str = "sdpa", image_size: int = 84, layers: int = 4):
+    """LLaVA-1.5 layout: CLIP tower (14 px patches, [CLS]), features of layer -2 without [CLS], Llama."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        image_size=image_size, patch_size=14, projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=120, max_position_embeddings=1024, pad_token_id=0,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=119, vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    return spread_weights(model)
+
+
+def llava_prompt(model, images: int = 1, batch: int = 1, seed: int = 0, pad: list[int] | None = None):
+    """``input_ids``, ``attention_mask`` and ``pixel_values`` for ``batch`` rows of ``images`` images each.
+
+    ``pad[b]`` left-pads row ``b`` with that many pad tokens.
+    """
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    rows = []
+    for b in range(batch):
+        row = [1] + torch.randint(2, 100, (3,), generator=g).tolist()
+        for _ in range(images):
+            row += [cfg.image_token_id] * n + torch.randint(2, 100, (2,), generator=g).tolist()
+        row += torch.randint(2, 100, (3,), generator=g).tolist()
+        rows.append(row)
+    pad = pad or [0] * batch
+    length = max(len(r) + p for r, p in zip(rows, pad))
+    ids = torch.zeros(batch, length, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for b, (r, p) in enumerate(zip(rows, pad)):
+        start = length - len(r)
+        ids[b, start:] = torch.tensor(r)
+        mask[b, start:] = 1
+    size = cfg.vision_config.image_size
+    pixels = torch.randn(batch * images, 3, size, size, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}

@@ -1,0 +1,210 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): compress the image features before the language model.
+
+Where: on the vision features that enter the multimodal projector (``point="pre_projector"``, as the
+ApET authors do) or on the projector's output (``point="post_projector"``), one compression call per
+batch of images (all of LLaVA-1.5's images have the same ``N``). The prompt's image-placeholder runs are
+then shortened to the budget, and every later decoding step is translated to the shorter layout
+(:mod:`tokencomp.integrations.sequence`), so ``generate`` with the KV cache stays correct.
+
+Context supplied to the strategy: ``grid`` (the square patch grid) and, for strategies that read it,
+``cls_attention``: the [CLS] row of the attention in the vision layer whose output LLaVA uses
+(``vision_feature_layer``), averaged over heads, without the [CLS] column. That needs eager attention in
+the vision tower; under SDPA / FlashAttention the call raises unless ``allow_eager_fallback=True``, which
+switches the vision tower to eager attention for the call and back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+import torch
+
+from ..base import Compressor
+from ..types import Context
+from .handle import Handle
+from .sequence import Shortening, placeholder_keep, positions_from_mask, shorten, translate_decode
+
+POINTS = ("pre_projector", "post_projector")
+SUPPLIED = ("grid", "cls_attention")
+
+
+class LlavaPreLLM:
+    """Hooks that run ``compressor`` on LLaVA's image features and shorten the prompt to match."""
+
+    def __init__(
+        self, model: Any, compressor: Compressor, budget: int | float, point: str, allow_eager_fallback: bool,
+        handle: Handle,
+    ) -> None:
+        self.model, self.compressor, self.budget, self.point = model, compressor, budget, point
+        self.allow_eager_fallback = allow_eager_fallback
+        self.handle = handle
+        self.inner = model.model
+        self.state: Optional[Shortening] = None
+        self._cls_attention: Optional[torch.Tensor] = None
+        self._pending: dict[str, Any] = {}
+        self._check_context_supply()
+
+    # ------------------------------------------------------------------ installation
+    def install(self) -> None:
+        hooks = []
+        vision = self.inner.vision_tower
+        hooks.append(vision.register_forward_pre_hook(self._vision_start))
+        hooks.append(vision.register_forward_hook(self._vision_end))
+        if "cls_attention" in self.compressor.requires:
+            hooks.append(self._attention_layer().register_forward_hook(self._capture_attention))
+        projector = self.inner.multi_modal_projector
+        if self.point == "pre_projector":
+            hooks.append(projector.register_forward_pre_hook(self._compress_projector_input))
+        else:
+            hooks.append(projector.register_forward_hook(self._compress_projector_output))
+        hooks.append(self.inner.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        hooks.append(self.inner.register_forward_hook(self._after_model))
+        for hook in hooks:
+            self.handle.on_remove(hook.remove)
+
+    def _check_context_supply(self) -> None:
+        missing = [f for f in self.compressor.requires if f not in SUPPLIED]
+        if missing:
+            raise ValueError(
+                f"tokencomp.apply: strategy {self.compressor.display_name()!r} needs context "
+                f"{', '.join(missing)}, which the LLaVA pre-LLM integration does not supply (it supplies "
+                f"{', '.join(SUPPLIED)}); choose a strategy that needs only those."
+            )
+
+    def _attention_layer(self) -> torch.nn.Module:
+        tower = self.inner.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel wraps it in older layouts
+        layers = tower.encoder.layers
+        feature_layer = self.model.config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            raise ValueError(
+                f"tokencomp.apply: [CLS] attention needs a single vision_feature_layer; this model uses "
+                f"{feature_layer!r}."
+            )
+        # hidden_states[i] is the output of encoder layer i - 1 (hidden_states[0] are the embeddings).
+        index = feature_layer % (len(layers) + 1) - 1
+        if index < 0:
+            raise ValueError("tokencomp.apply: vision_feature_layer selects the embeddings; they have no attention.")
+        return layers[index].self_attn
+
+    # ------------------------------------------------------------------ vision side
+    def _vision_start(self, module: torch.nn.Module, args: tuple) -> None:
+        self._pending = {"start": time.perf_counter(), "compress": 0.0, "in": 0, "out": 0}
+        self._cls_attention = None
+        if "cls_attention" in self.compressor.requires and self.allow_eager_fallback:
+            config = module.config
+            self._pending["restore_attn"] = config._attn_implementation
+            config._attn_implementation = "eager"
+
+    def _vision_end(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        restore = self._pending.pop("restore_attn", None)
+        if restore is not None:
+            module.config._attn_implementation = restore
+
+    def _capture_attention(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            implementation = self.inner.vision_tower.config._attn_implementation
+            raise RuntimeError(
+                f"tokencomp: strategy {self.compressor.display_name()!r} reads the vision tower's [CLS] "
+                f"attention, but the vision tower runs {implementation!r} attention, which returns no weights. "
+                "Load the model with attn_implementation='eager', or pass allow_eager_fallback=True to "
+                "tokencomp.apply to switch the vision tower to eager attention for each call."
+            )
+        self._cls_attention = weights[:, :, 0, 1:].float().mean(dim=1)  # [images, N]
+
+    def _context(self, n: int) -> Context:
+        side = math.isqrt(n)
+        grid = (side, side) if side * side == n else None
+        cls = self._cls_attention
+        if cls is not None and cls.shape[1] != n:
+            cls = None  # the feature selection kept the [CLS] token ("full"): no [CLS]-free row to give
+            if "cls_attention" in self.compressor.requires:
+                raise ValueError(
+                    "tokencomp.apply: [CLS] attention needs vision_feature_select_strategy='default' "
+                    "(features without the [CLS] token)."
+                )
+        return Context(grid=grid, cls_attention=cls)
+
+    def _compress(self, features: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        result = self.compressor.compress(features, self.budget, self._context(features.shape[1]))
+        self._pending["compress"] = self._pending.get("compress", 0.0) + time.perf_counter() - start
+        self._pending["in"] = self._pending.get("in", 0) + features.shape[0] * features.shape[1]
+        self._pending["out"] = self._pending.get("out", 0) + result.tokens.shape[0] * result.tokens.shape[1]
+        return result.tokens
+
+    def _compress_projector_input(self, module: torch.nn.Module, args: tuple) -> tuple:
+        return (self._compress(args[0]),) + tuple(args[1:])
+
+    def _compress_projector_output(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self._compress(output)
+
+    # ------------------------------------------------------------------ language side
+    def _before_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            raise TypeError("tokencomp: call the LLaVA model with keyword arguments (input_ids=..., ...).")
+        input_ids = kwargs.get("input_ids")
+        token_id = self.model.config.image_token_id
+        if input_ids is not None and bool((input_ids == token_id).any()):
+            return args, self._prefill(module, kwargs, input_ids, token_id)
+        cache = kwargs.get("cache")
+        if self.state is not None and cache is not None and input_ids is not None:
+            mask, positions, matched = translate_decode(
+                self.state, kwargs.get("attention_mask"), kwargs.get("position_ids"),
+                cache.get_seq_length(), input_ids.shape[1],
+            )
+            if matched:
+                kwargs["attention_mask"], kwargs["position_ids"] = mask, positions
+        return args, kwargs
+
+    def _prefill(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor, token_id: int) -> dict:
+        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
+        if encoded.get("image") is None:
+            if kwargs.get("pixel_values") is None:
+                raise ValueError("tokencomp: the prompt has image tokens but neither pixel_values nor mm_encoder_outputs.")
+            encoded["image"] = module.get_image_features(
+                pixel_values=kwargs["pixel_values"],
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                image_sizes=kwargs.get("image_sizes"),
+                return_dict=True,
+            )
+        kwargs["pixel_values"] = None
+        kwargs["mm_encoder_outputs"] = encoded
+        features = list(encoded["image"].pooler_output)
+        kept = features[0].shape[0]
+        if any(f.shape[0] != kept for f in features):
+            raise ValueError("tokencomp: images of one LLaVA batch must keep the same number of features.")
+        per_image = int((input_ids == token_id).sum()) // len(features)
+        keep = placeholder_keep(input_ids, token_id, per_image, kept)
+        self.state = Shortening(keep=keep, removed=(~keep).sum(dim=1))
+        kwargs["input_ids"] = shorten(input_ids, keep)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = shorten(mask, keep)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = (
+                positions_from_mask(kwargs["attention_mask"]) if mask is not None
+                else torch.arange(kwargs["input_ids"].shape[1], device=input_ids.device).expand_as(kwargs["input_ids"])
+            )
+        self._pending["prefill"] = True
+        self._pending.setdefault("start", time.perf_counter())
+        return kwargs
+
+    def _after_model(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if not self._pending.pop("prefill", False):
+            return
+        self.handle.stats.append(
+            {
+                "stage": "pre_llm",
+                "strategy": self.compressor.display_name(),
+                "tokens_in": self._pending.get("in", 0),
+                "tokens_out": self._pending.get("out", 0),
+                "compress_seconds": self._pending.get("compress", 0.0),
+                "prefill_seconds": time.perf_counter() - self._pending["start"],
+            }
+        )
+        self._pending = {}
