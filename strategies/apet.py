@@ -260,6 +260,7 @@ class ApETLLM(ApET):
     """
 
     stage = "in_llm"
+    in_llm_positions = "renumber"  # the authors renumber the position ids after their stage-2 cut
     summary = "ApET's stage 2 on LLM hidden states at a decoder layer (authors: after layer 16)."
 
     def __init__(

@@ -157,8 +157,12 @@ def test_cls_attention_is_the_layer_rows(model):
 
 
 def test_errors(model):
-    with pytest.raises(ValueError, match="inside the language model"):
-        tc.apply(model, "fastv", budget=8)
+    with pytest.raises(ValueError, match="decoder layers"):
+        tc.apply(model, "fastv", budget=8, layer=4)
+    with pytest.raises(ValueError, match="at most one pre-LLM stage"):
+        tc.apply(model, [("apet", 20), ("random", 8)])
+    with pytest.raises(ValueError, match="pass budget=None"):
+        tc.apply(model, "pdrop", budget=8, layers=[1, 2])
     with pytest.raises(ValueError, match="text_embeddings"):
         tc.apply(model, "cdpruner", budget=8)
     with pytest.raises(ValueError, match="point must be one of"):

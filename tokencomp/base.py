@@ -54,6 +54,9 @@ class Compressor(ABC):
         One line shown by ``tokencomp ls``.
     paper : str
         Citation of the method (empty for the simple references).
+    in_llm_positions : {"keep", "renumber"}
+        For in-LLM strategies: whether the kept tokens keep their original position ids in later layers
+        and decoding (FastV, PyramidDrop, DART) or the shorter sequence is renumbered (ApET's stage 2).
 
     Examples
     --------
@@ -75,6 +78,7 @@ class Compressor(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    in_llm_positions: ClassVar[str] = "keep"
 
     # ------------------------------------------------------------------ parameters
     @classmethod

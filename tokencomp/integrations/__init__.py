@@ -2,25 +2,27 @@
 
 ``tokencomp.apply(model, strategy, budget=..., **params)`` installs hooks on the model and returns a
 :class:`Handle`; ``handle.remove()`` (or leaving a ``with`` block) restores it exactly. The model's
-weights are never touched.
+weights are never touched. A schedule of several stages is one argument:
+``tc.apply(model, [("apet", 288), ("apet-llm", 96)])``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Sequence, Union
 
 from ..base import Compressor
 from ..registry import create
+from .decoder import Stage
 from .handle import Handle
-from .llava import POINTS, LlavaPreLLM
+from .llava import POINTS, LlavaIntegration
 
 __all__ = ["Handle", "apply", "SUPPORTED"]
 
-# transformers class name -> installer
-SUPPORTED = {"LlavaForConditionalGeneration": LlavaPreLLM}
+# transformers class name -> integration
+SUPPORTED = {"LlavaForConditionalGeneration": LlavaIntegration}
 
 
-def _installer(model: Any) -> type:
+def _integration(model: Any) -> type:
     for cls in type(model).__mro__:
         if cls.__name__ in SUPPORTED:
             return SUPPORTED[cls.__name__]
@@ -30,10 +32,56 @@ def _installer(model: Any) -> type:
     )
 
 
+def _compressor(strategy: Any, params: dict) -> Compressor:
+    if isinstance(strategy, Compressor):
+        if params:
+            raise ValueError(
+                f"tokencomp.apply: parameters {sorted(params)} were given with a ready {type(strategy).__name__} "
+                "instance; pass the strategy's name instead, or set them on the instance."
+            )
+        return strategy
+    if isinstance(strategy, str):
+        return create(strategy, **params)
+    raise TypeError(
+        f"tokencomp.apply: a strategy must be a registered name or a Compressor; got {type(strategy).__name__}."
+    )
+
+
+def _check_budget(name: str, budget: Any) -> None:
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool):
+        raise ValueError(f"tokencomp.apply: budget of {name!r} must be an int >= 1 or a fraction in (0, 1]; got {budget!r}.")
+
+
+def _in_llm_stages(compressor: Compressor, budget: Any) -> list[Stage]:
+    """A strategy's stages: one at its ``layer``, or one per ``layers`` entry with ``stage_budgets``."""
+    name = compressor.display_name()
+    if hasattr(compressor, "layers") and hasattr(compressor, "stage_budgets"):
+        if budget is not None:
+            raise ValueError(
+                f"tokencomp.apply: {name!r} sets its own budget at each of its layers {list(compressor.layers)} "
+                "(stage_budgets); pass budget=None."
+            )
+        first: dict[str, int] = {}
+
+        def budget_of(s: int):
+            def resolve(n: int) -> int:
+                if s == 0:
+                    first["n"] = n
+                return compressor.stage_budgets(first["n"])[s]
+
+            return resolve
+
+        return [Stage(compressor, budget_of(s), layer) for s, layer in enumerate(compressor.layers)]
+    if not hasattr(compressor, "layer"):
+        raise ValueError(f"tokencomp.apply: in-LLM strategy {name!r} declares no `layer` to run at.")
+    _check_budget(name, budget)
+    return [Stage(compressor, budget, compressor.layer)]
+
+
 def apply(
     model: Any,
-    strategy: Union[str, Compressor],
-    budget: int | float,
+    strategy: Union[str, Compressor, Sequence[tuple]],
+    budget: Optional[int | float] = None,
     *,
     point: str = "pre_projector",
     allow_eager_fallback: bool = False,
@@ -45,57 +93,65 @@ def apply(
     ----------
     model : transformers.PreTrainedModel
         A supported vision-language model (see ``SUPPORTED``).
-    strategy : str or Compressor
-        A registered name (then ``params`` are its parameters) or a ready instance.
+    strategy : str, Compressor or list of tuples
+        A registered name (then ``params`` are its parameters), a ready instance, or a schedule:
+        ``[(strategy, budget), (strategy, budget, params), ...]`` with at most one pre-LLM stage and any
+        number of in-LLM stages (each at its strategy's ``layer``), e.g. the ApET authors' LLaVA-1.5
+        setting ``[("apet", 288), ("apet-llm", 96)]``.
     budget : int or float
-        Visual tokens kept per image: ``int >= 1`` or a fraction in ``(0, 1]``.
+        Visual tokens kept: per image before the LLM; per prompt row (all its images together) inside
+        it. ``None`` for a schedule, and for strategies that set their own per-layer budgets
+        (``stage_budgets``, e.g. PyramidDrop).
     point : {"pre_projector", "post_projector"}
         LLaVA: compress the vision features before the multimodal projector (the ApET authors' choice)
         or the projector's output.
     allow_eager_fallback : bool
-        Strategies that read the vision tower's attention need eager attention there; when the model
-        runs SDPA / FlashAttention, switch only the vision tower to eager for each call and back.
+        Strategies that read attention weights (the vision tower's [CLS] row, or the LLM's attention at
+        a layer) need eager attention there. When the model runs SDPA / FlashAttention, switch only that
+        module to eager for the call and back; without this flag such a call raises.
     **params
         Strategy parameters, with a registered name only.
 
     Returns
     -------
     Handle
-        ``handle.stats`` records each prefill; ``handle.remove()`` undoes everything.
+        ``handle.stats`` records each stage of each prefill; ``handle.remove()`` undoes everything.
 
     Raises
     ------
     TypeError
-        Unsupported model class.
+        Unsupported model class or strategy type.
     ValueError
-        Bad budget, point or strategy, or a strategy that needs context this model cannot supply.
+        Bad budget, point, layer or schedule, or a strategy that needs context this model cannot supply.
     RuntimeError
         The model already has a compression applied.
     """
-    install = _installer(model)
-    if isinstance(strategy, Compressor):
-        if params:
-            raise ValueError(
-                f"tokencomp.apply: parameters {sorted(params)} were given with a ready {type(strategy).__name__} "
-                "instance; pass the strategy's name instead, or set them on the instance."
-            )
-        compressor = strategy
-    elif isinstance(strategy, str):
-        compressor = create(strategy, **params)
-    else:
-        raise TypeError(f"tokencomp.apply: strategy must be a registered name or a Compressor; got {type(strategy).__name__}.")
+    integration = _integration(model)
     if point not in POINTS:
         raise ValueError(f"tokencomp.apply: point must be one of {', '.join(POINTS)}; got {point!r}.")
-    if not isinstance(budget, (int, float)) or isinstance(budget, bool):
-        raise ValueError(f"tokencomp.apply: budget must be an int >= 1 or a fraction in (0, 1]; got {budget!r}.")
-    if compressor.stage != "pre_llm":
-        raise ValueError(
-            f"tokencomp.apply: {compressor.display_name()!r} runs inside the language model (stage "
-            f"{compressor.stage!r}); this version applies pre-LLM strategies only."
-        )
-    handle = Handle(model, f"{compressor.display_name()} budget={budget} at {point}")
+    if isinstance(strategy, (list, tuple)):
+        if budget is not None or params:
+            raise ValueError("tokencomp.apply: with a schedule, give each stage's budget and parameters inside it.")
+        entries = []
+        for entry in strategy:
+            if not isinstance(entry, tuple) or len(entry) not in (2, 3):
+                raise ValueError(
+                    f"tokencomp.apply: a schedule entry must be (strategy, budget) or (strategy, budget, params); got {entry!r}."
+                )
+            entries.append((_compressor(entry[0], dict(entry[2]) if len(entry) == 3 else {}), entry[1]))
+    else:
+        entries = [(_compressor(strategy, params), budget)]
+    pre = [(c, b) for c, b in entries if c.stage == "pre_llm"]
+    if len(pre) > 1:
+        raise ValueError("tokencomp.apply: a schedule takes at most one pre-LLM stage.")
+    for c, b in pre:
+        _check_budget(c.display_name(), b)
+    stages = [s for c, b in entries if c.stage == "in_llm" for s in _in_llm_stages(c, b)]
+    description = " -> ".join(f"{c.display_name()}({b})" for c, b in entries)
+    handle = Handle(model, description)
     try:
-        install(model, compressor, budget, point, allow_eager_fallback, handle).install()
+        compressor, pre_budget = pre[0] if pre else (None, None)
+        integration(model, compressor, pre_budget, stages, point, allow_eager_fallback, handle).install()
     except BaseException:
         handle.remove()
         raise

@@ -23,6 +23,7 @@ import torch
 
 from ..base import Compressor
 from ..types import Context
+from .decoder import DecoderStages, Stage
 from .handle import Handle
 from .sequence import Shortening, placeholder_keep, positions_from_mask, shorten, translate_decode
 
@@ -30,39 +31,50 @@ POINTS = ("pre_projector", "post_projector")
 SUPPLIED = ("grid", "cls_attention")
 
 
-class LlavaPreLLM:
-    """Hooks that run ``compressor`` on LLaVA's image features and shorten the prompt to match."""
+class LlavaIntegration:
+    """Hooks that run a pre-LLM ``compressor`` on LLaVA's image features and in-LLM ``stages`` in its decoder."""
 
     def __init__(
-        self, model: Any, compressor: Compressor, budget: int | float, point: str, allow_eager_fallback: bool,
-        handle: Handle,
+        self, model: Any, compressor: Optional[Compressor], budget: Optional[int | float], stages: list[Stage],
+        point: str, allow_eager_fallback: bool, handle: Handle,
     ) -> None:
         self.model, self.compressor, self.budget, self.point = model, compressor, budget, point
         self.allow_eager_fallback = allow_eager_fallback
         self.handle = handle
         self.inner = model.model
         self.state: Optional[Shortening] = None
+        self.visual: Optional[torch.Tensor] = None  # [B, L] image positions of the prompt the LLM sees
+        self.mask2d: Optional[torch.Tensor] = None
         self._cls_attention: Optional[torch.Tensor] = None
         self._pending: dict[str, Any] = {}
-        self._check_context_supply()
+        if compressor is not None:
+            self._check_context_supply()
+        self.decoder = (
+            DecoderStages(self.inner.language_model, stages, allow_eager_fallback, handle,
+                          visual_mask=lambda: self.visual, key_mask=lambda: self.mask2d)
+            if stages else None
+        )
 
     # ------------------------------------------------------------------ installation
     def install(self) -> None:
         hooks = []
-        vision = self.inner.vision_tower
-        hooks.append(vision.register_forward_pre_hook(self._vision_start))
-        hooks.append(vision.register_forward_hook(self._vision_end))
-        if "cls_attention" in self.compressor.requires:
-            hooks.append(self._attention_layer().register_forward_hook(self._capture_attention))
-        projector = self.inner.multi_modal_projector
-        if self.point == "pre_projector":
-            hooks.append(projector.register_forward_pre_hook(self._compress_projector_input))
-        else:
-            hooks.append(projector.register_forward_hook(self._compress_projector_output))
+        if self.compressor is not None:
+            vision = self.inner.vision_tower
+            hooks.append(vision.register_forward_pre_hook(self._vision_start))
+            hooks.append(vision.register_forward_hook(self._vision_end))
+            if "cls_attention" in self.compressor.requires:
+                hooks.append(self._attention_layer().register_forward_hook(self._capture_attention))
+            projector = self.inner.multi_modal_projector
+            if self.point == "pre_projector":
+                hooks.append(projector.register_forward_pre_hook(self._compress_projector_input))
+            else:
+                hooks.append(projector.register_forward_hook(self._compress_projector_output))
         hooks.append(self.inner.register_forward_pre_hook(self._before_model, with_kwargs=True))
         hooks.append(self.inner.register_forward_hook(self._after_model))
         for hook in hooks:
             self.handle.on_remove(hook.remove)
+        if self.decoder is not None:
+            self.decoder.install()
 
     def _check_context_supply(self) -> None:
         missing = [f for f in self.compressor.requires if f not in SUPPLIED]
@@ -149,9 +161,16 @@ class LlavaPreLLM:
         input_ids = kwargs.get("input_ids")
         token_id = self.model.config.image_token_id
         if input_ids is not None and bool((input_ids == token_id).any()):
-            return args, self._prefill(module, kwargs, input_ids, token_id)
+            if self.compressor is not None:
+                kwargs = self._prefill(module, kwargs, input_ids, token_id)
+            self.visual = kwargs["input_ids"] == token_id
+            self.mask2d = kwargs.get("attention_mask")
+            return args, kwargs
         cache = kwargs.get("cache")
-        if self.state is not None and cache is not None and input_ids is not None:
+        continuing = cache is not None and input_ids is not None and cache.get_seq_length() > 0
+        if not continuing:
+            self.visual, self.mask2d, self.state = None, None, None
+        elif self.state is not None:
             mask, positions, matched = translate_decode(
                 self.state, kwargs.get("attention_mask"), kwargs.get("position_ids"),
                 cache.get_seq_length(), input_ids.shape[1],
@@ -195,8 +214,8 @@ class LlavaPreLLM:
         return kwargs
 
     def _after_model(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if not self._pending.pop("prefill", False):
-            return
+        if not self._pending.pop("prefill", False) or "in" not in self._pending:
+            return  # no prefill, or features compressed by an earlier call (generate encodes once)
         self.handle.stats.append(
             {
                 "stage": "pre_llm",
