@@ -48,12 +48,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--question", type=int, default=20, help="tokens after the image")
     parser.add_argument("--strategies", default="apet,random,divprune,pooling")
     parser.add_argument("--budgets", default="64,192")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     model = build(args.layers, args.hidden)
-    ids = torch.tensor([[1] + list(range(100, 135)) + [31999] * 576 + list(range(200, 240))])
+    # LLaVA-1.5's layout: 35 system/user tokens, the 576 image tokens, then the question
+    ids = torch.tensor([[1] + list(range(100, 134)) + [31999] * 576 + list(range(200, 200 + args.question))])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 336, 336)}
     base = prefill_seconds(model, inputs, args.repeats)
     print(f"LLaVA random: {args.layers} layers, hidden {args.hidden}, 576 image tokens, prompt {ids.shape[1]} tokens, SDPA, "
