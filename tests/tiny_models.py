@@ -65,3 +65,25 @@ def llava_prompt(model, images: int = 1, batch: int = 1, seed: int = 0, pad: lis
     size = cfg.vision_config.image_size
     pixels = torch.randn(batch * images, 3, size, size, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def save_tiny_llava_checkpoint(folder) -> None:
+    """A tiny LLaVA and a working processor (word-level tokenizer, CLIP image processor) saved to ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 119)])}
+    vocab["<image>"] = 119
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = CLIPImageProcessor(size={"shortest_edge": 84}, crop_size={"height": 84, "width": 84})
+    processor = LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+        image_token="<image>", num_additional_image_tokens=1,
+    )
+    tiny_llava().save_pretrained(folder)
+    processor.save_pretrained(folder)

@@ -242,6 +242,50 @@ def ablate_command(
         console.print(f"results written to {out / 'results.csv'} and {out / 'results.json'}")
 
 
+@app.command("generate")
+def generate_command(
+    model: str = typer.Option(..., "--model", "-m", help="Hub id or local folder of a supported VLM (from_pretrained)."),
+    image: str = typer.Option(..., "--image", "-i", help="An image file, or a bundled image name (e.g. astronaut)."),
+    prompt: str = typer.Option(..., "--prompt", help="The question."),
+    strategy: str = typer.Option("apet", "--strategy", "-s", help="Registered strategy name."),
+    budget: str = typer.Option("64", "--budget", "-b", help="Visual tokens kept (count or fraction)."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Strategy parameter P=V (repeatable)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    eager_fallback: bool = typer.Option(False, "--eager-fallback", help="Allow eager attention where the strategy reads weights."),
+) -> None:
+    """Answer with a real checkpoint, uncompressed and compressed, and show the token counts."""
+    from tokencomp.analysis.ablation import parse_value
+    from tokencomp.generate import build_inputs, compare_answers, load, load_image
+
+    try:
+        (budget_value,) = _parse_budgets(budget)
+        params: dict[str, Any] = {}
+        for spec in param:
+            key, sep, value = spec.partition("=")
+            if not sep or not key.strip():
+                raise UserError(f"--param {spec!r}: expected P=V, e.g. --param num_basis=8")
+            params[key.strip()] = parse_value(value)
+        tc.create(strategy, **params)  # validate before loading a large model
+        picture = load_image(image)
+        if not Path(model).exists() and "/" not in model:
+            raise UserError(f"--model {model!r} is neither a local folder nor a hub id (owner/name)")
+        processor, vlm = load(model)
+        inputs = build_inputs(processor, picture, prompt)
+        answers = compare_answers(vlm, processor, inputs, strategy, budget_value, params, max_new_tokens, eager_fallback)
+    except UserError as exc:
+        _fail(str(exc))
+    except KeyError as exc:
+        _fail(str(exc.args[0]) if exc.args else str(exc))
+    except (ValueError, OSError, TypeError) as exc:
+        _fail(str(exc))
+    table = Table(title=f"{model}: {prompt}")
+    for column in ("run", "prompt tokens", "visual tokens in -> out", "seconds", "answer"):
+        table.add_column(column, overflow="fold")
+    for a in answers:
+        table.add_row(a.label, str(a.prompt_tokens), f"{a.visual_tokens_in} -> {a.visual_tokens_out}", f"{a.seconds:.2f}", a.text)
+    console.print(table)
+
+
 def main() -> None:
     """Entry point of the ``tokencomp`` script."""
     app()
