@@ -87,3 +87,48 @@ def save_tiny_llava_checkpoint(folder) -> None:
     )
     tiny_llava().save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+def tiny_qwen2_vl(attn_implementation: str = "sdpa", version: str = "2"):
+    """Qwen2-VL (or Qwen2.5-VL with ``version="2.5"``) layout: 14 px patches, 2x2 merger, M-RoPE decoder."""
+    if version == "2.5":
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    else:
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2)
+    text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    config = Config(vision_config=vision, text_config=text, image_token_id=151, video_token_id=152,
+                    vision_start_token_id=150, vision_end_token_id=153)
+    torch.manual_seed(0)
+    return spread_weights(Model._from_config(config, attn_implementation=attn_implementation))
+
+
+def qwen_prompt(sizes: list[tuple[int, int]], batch: int = 1, seed: int = 0, pad: list[int] | None = None):
+    """Inputs for rows that each hold images of ``sizes`` (in 14 px patches, even), as the processor gives them."""
+    g = torch.Generator().manual_seed(seed)
+    rows, grids, pixels = [], [], []
+    for _ in range(batch):
+        row = [1] + torch.randint(3, 100, (3,), generator=g).tolist()
+        for h, w in sizes:
+            row += [150] + [151] * (h * w // 4) + [153] + torch.randint(3, 100, (2,), generator=g).tolist()
+            grids.append([1, h, w])
+            pixels.append(torch.randn(h * w, 3 * 2 * 14 * 14, generator=g))
+        rows.append(row + torch.randint(3, 100, (3,), generator=g).tolist())
+    pad = pad or [0] * batch
+    length = max(len(r) + p for r, p in zip(rows, pad))
+    ids = torch.zeros(batch, length, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, length - len(r):] = torch.tensor(r)
+        mask[b, length - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels),
+            "image_grid_thw": torch.tensor(grids), "mm_token_type_ids": (ids == 151).int()}

@@ -14,12 +14,17 @@ from ..base import Compressor
 from ..registry import create
 from .decoder import Stage
 from .handle import Handle
-from .llava import POINTS, LlavaIntegration
+from .llava import LlavaIntegration
+from .qwen2_vl import QwenVLIntegration
 
 __all__ = ["Handle", "apply", "SUPPORTED"]
 
 # transformers class name -> integration
-SUPPORTED = {"LlavaForConditionalGeneration": LlavaIntegration}
+SUPPORTED = {
+    "LlavaForConditionalGeneration": LlavaIntegration,
+    "Qwen2VLForConditionalGeneration": QwenVLIntegration,
+    "Qwen2_5_VLForConditionalGeneration": QwenVLIntegration,
+}
 
 
 def _integration(model: Any) -> type:
@@ -83,7 +88,7 @@ def apply(
     strategy: Union[str, Compressor, Sequence[tuple]],
     budget: Optional[int | float] = None,
     *,
-    point: str = "pre_projector",
+    point: Optional[str] = None,
     allow_eager_fallback: bool = False,
     **params: Any,
 ) -> Handle:
@@ -102,9 +107,9 @@ def apply(
         Visual tokens kept: per image before the LLM; per prompt row (all its images together) inside
         it. ``None`` for a schedule, and for strategies that set their own per-layer budgets
         (``stage_budgets``, e.g. PyramidDrop).
-    point : {"pre_projector", "post_projector"}
-        LLaVA: compress the vision features before the multimodal projector (the ApET authors' choice)
-        or the projector's output.
+    point : str, optional
+        Where pre-LLM compression acts. LLaVA: ``"pre_projector"`` (default, the ApET authors' choice)
+        or ``"post_projector"``. Qwen2(.5)-VL: ``"post_merger"`` (default, the merged visual tokens).
     allow_eager_fallback : bool
         Strategies that read attention weights (the vision tower's [CLS] row, or the LLM's attention at
         a layer) need eager attention there. When the model runs SDPA / FlashAttention, switch only that
@@ -127,8 +132,12 @@ def apply(
         The model already has a compression applied.
     """
     integration = _integration(model)
-    if point not in POINTS:
-        raise ValueError(f"tokencomp.apply: point must be one of {', '.join(POINTS)}; got {point!r}.")
+    point = integration.points[0] if point is None else point
+    if point not in integration.points:
+        raise ValueError(
+            f"tokencomp.apply: point must be one of {', '.join(integration.points)} for {type(model).__name__}; "
+            f"got {point!r}."
+        )
     if isinstance(strategy, (list, tuple)):
         if budget is not None or params:
             raise ValueError("tokencomp.apply: with a schedule, give each stage's budget and parameters inside it.")

@@ -34,6 +34,8 @@ SUPPLIED = ("grid", "cls_attention")
 class LlavaIntegration:
     """Hooks that run a pre-LLM ``compressor`` on LLaVA's image features and in-LLM ``stages`` in its decoder."""
 
+    points = POINTS
+
     def __init__(
         self, model: Any, compressor: Optional[Compressor], budget: Optional[int | float], stages: list[Stage],
         point: str, allow_eager_fallback: bool, handle: Handle,

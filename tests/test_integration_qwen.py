@@ -1,0 +1,123 @@
+"""tc.apply on tiny random Qwen2-VL and Qwen2.5-VL: M-RoPE positions kept, cache correctness, restoration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokencomp as tc
+from tiny_models import qwen_prompt, tiny_qwen2_vl
+
+SIZES = [(8, 12), (8, 8)]  # patches; merged tokens 24 and 16 per image
+
+
+@pytest.fixture(scope="module", params=["2", "2.5"])
+def model(request):
+    return tiny_qwen2_vl(version=request.param)
+
+
+def greedy(model, inputs, **kw):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=5, do_sample=False, suppress_tokens=[151], **kw)
+
+
+def language_inputs(model, run):
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"].shape[1])
+        seen.setdefault("positions", kwargs["position_ids"])
+
+    hook = model.model.language_model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("strategy,budget,kept", [("apet", 0.5, (12, 8)), ("divprune", 6, (6, 6)), ("pooling", 0.25, (6, 4))])
+def test_language_model_sees_the_budget_and_original_positions(model, strategy, budget, kept):
+    inputs = qwen_prompt(SIZES, batch=2, pad=[0, 3], seed=1)
+    params = {"num_basis": 3} if strategy == "apet" else {}
+    rope, _ = model.model.get_rope_index(
+        inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+    )
+    with tc.apply(model, strategy, budget=budget, **params) as handle:
+        seen = language_inputs(model, lambda: model(**inputs))
+    removed = (24 - kept[0]) + (16 - kept[1])
+    assert seen["embeds"] == inputs["input_ids"].shape[1] - removed
+    assert handle.stats[0]["tokens_in"] == 80 and handle.stats[0]["tokens_out"] == 2 * sum(kept)
+    positions = seen["positions"]  # [4, B, L']: text row, then the three M-RoPE rows
+    assert positions.shape[0] == 4
+    # every kept token sits at one of the original M-RoPE positions of its row, in the original order
+    for b in range(2):
+        original = {tuple(rope[:, b, i].tolist()) for i in range(rope.shape[2])}
+        kept_positions = [tuple(positions[1:, b, i].tolist()) for i in range(positions.shape[2])]
+        assert set(kept_positions) <= original
+    # the text after the last image keeps its original positions
+    torch.testing.assert_close(positions[1:, :, -3:], rope[:, :, -3:])
+
+
+@pytest.mark.parametrize("strategy,budget", [("apet", 0.5), ("divprune", 6), ("random", 0.3)])
+def test_generation_with_cache_equals_without(model, strategy, budget):
+    inputs = qwen_prompt(SIZES, batch=2, pad=[2, 0], seed=2)
+    params = {"num_basis": 3} if strategy == "apet" else {}
+    with tc.apply(model, strategy, budget=budget, **params):
+        cached = greedy(model, inputs)
+        recomputed = greedy(model, inputs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_rope_deltas_continue_after_the_kept_tokens(model):
+    # Decoding after a compressed prefill must use the original next position (max original position + 1),
+    # i.e. rope_deltas rise by the number of tokens removed from each row.
+    inputs = qwen_prompt(SIZES, batch=2, pad=[0, 3], seed=3)
+    rope, deltas = model.model.get_rope_index(
+        inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+    )
+    with torch.no_grad(), tc.apply(model, "divprune", budget=6):
+        model(**inputs)
+        removed = (24 - 6) + (16 - 6)
+        assert model.model.rope_deltas.tolist() == (deltas + removed).tolist()
+        real = inputs["attention_mask"].sum(dim=1, keepdim=True) - removed  # tokens the cache holds per row
+        next_position = real + model.model.rope_deltas  # what compute_3d_position_ids gives the next token
+        assert next_position.view(-1).tolist() == (rope.amax(dim=(0, 2)) + 1).tolist()
+
+
+def test_full_budget_selection_equals_uncompressed(model):
+    inputs = qwen_prompt(SIZES, batch=2, pad=[0, 2], seed=4)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with tc.apply(model, "divprune", budget=1.0):
+            compressed = model(**inputs).logits
+    assert torch.equal(compressed, reference)
+
+
+def test_remove_restores_exactly(model):
+    inputs = qwen_prompt(SIZES, seed=5)
+    before = greedy(model, inputs)
+    deltas = model.model.rope_deltas.clone()
+    with tc.apply(model, "apet", budget=8, num_basis=3):
+        greedy(model, inputs)
+    assert torch.equal(model.model.rope_deltas, deltas)
+    assert torch.equal(greedy(model, inputs), before)
+    assert not model.model._forward_pre_hooks and not model.model.visual._forward_pre_hooks
+
+
+def test_errors(model):
+    with pytest.raises(ValueError, match="M-RoPE"):
+        tc.apply(model, "fastv", budget=8)
+    with pytest.raises(ValueError, match=r"\[CLS\]"):
+        tc.apply(model, "visionzip", budget=8)
+    with pytest.raises(ValueError, match="post_merger"):
+        tc.apply(model, "random", budget=8, point="pre_projector")
+    inputs = qwen_prompt([(8, 12)], batch=2, seed=6)
+    inputs["image_grid_thw"] = torch.tensor([[1, 8, 12], [1, 8, 12]])
+    with tc.apply(model, "random", budget=30):
+        with pytest.raises(ValueError, match="budget 30 is out of range"):
+            with torch.no_grad():
+                model(**inputs)

@@ -1,0 +1,195 @@
+"""Qwen2-VL and Qwen2.5-VL: compress each image's merged visual tokens before the language model.
+
+Where: on the vision tower's output after the patch merger (``point="post_merger"``), one call per image
+(images differ in size; the strategy gets the image's ``grid = (t, h, w)`` of merged tokens). The kept
+tokens keep their **original 3-D M-RoPE positions** (temporal, height, width): their placeholders stay at
+their positions in the prompt, the others leave it, and the position ids handed to the language model
+are the original ones gathered at the kept positions. ``generate`` then continues from the right
+positions: its own 3-D position ids keep counting in the original layout, and the model's
+``rope_deltas`` are raised by the number of tokens removed from each row, so a plain ``forward`` with a
+cache continues correctly too.
+
+In-LLM stages on Qwen's M-RoPE decoder are not supported yet (a clear error says so).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Optional
+
+import torch
+
+from ..base import Compressor
+from ..types import Context
+from .decoder import Stage
+from .handle import Handle
+from .sequence import Shortening, positions_from_mask, shorten, translate_decode
+
+POINTS = ("post_merger",)
+SUPPLIED = ("grid",)
+
+
+class QwenVLIntegration:
+    """Hooks that run a pre-LLM ``compressor`` on Qwen2(.5)-VL image tokens, keeping their M-RoPE positions."""
+
+    points = POINTS
+
+    def __init__(
+        self, model: Any, compressor: Optional[Compressor], budget: Optional[int | float], stages: list[Stage],
+        point: str, allow_eager_fallback: bool, handle: Handle,
+    ) -> None:
+        if stages:
+            raise ValueError(
+                f"tokencomp.apply: in-LLM stages are not supported for {type(model).__name__} yet (its decoder uses "
+                "3-D M-RoPE); use a pre-LLM strategy."
+            )
+        if compressor is None:
+            raise ValueError("tokencomp.apply: nothing to apply.")
+        missing = [f for f in compressor.requires if f not in SUPPLIED]
+        if missing:
+            raise ValueError(
+                f"tokencomp.apply: strategy {compressor.display_name()!r} needs context {', '.join(missing)}, which the "
+                f"Qwen-VL integration does not supply (it supplies {', '.join(SUPPLIED)}; Qwen's vision tower has no "
+                "[CLS] token)."
+            )
+        self.model, self.compressor, self.budget = model, compressor, budget
+        self.handle = handle
+        self.inner = model.model
+        self.state: Optional[Shortening] = None
+        self._pending: Optional[dict[str, Any]] = None
+        self._grids: list[torch.Tensor] = []  # grid_thw of the vision tower's recent calls
+
+    def _record_grid(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid is not None:
+            self._grids = (self._grids + [grid])[-4:]
+
+    def _image_grid(self, kwargs: dict, tokens: int, merge: int) -> torch.Tensor:
+        """The images' ``grid_thw``: given to forward, or recorded when ``generate`` encoded them first."""
+        if kwargs.get("image_grid_thw") is not None:
+            return kwargs["image_grid_thw"]
+        for grid in reversed(self._grids):
+            if int((grid.prod(dim=-1) // merge**2).sum()) == tokens:
+                return grid
+        raise ValueError("tokencomp: Qwen-VL image tokens need image_grid_thw (returned by the processor).")
+
+    def install(self) -> None:
+        for hook in (
+            self.inner.visual.register_forward_pre_hook(self._record_grid, with_kwargs=True),
+            self.inner.register_forward_pre_hook(self._before_model, with_kwargs=True),
+            self.inner.register_forward_hook(self._after_model),
+        ):
+            self.handle.on_remove(hook.remove)
+        saved = self.inner.rope_deltas
+        self.handle.on_remove(lambda: setattr(self.inner, "rope_deltas", saved))
+
+    # ------------------------------------------------------------------ the language side
+    def _before_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            raise TypeError("tokencomp: call the Qwen-VL model with keyword arguments (input_ids=..., ...).")
+        input_ids = kwargs.get("input_ids")
+        token_id = self.model.config.image_token_id
+        if input_ids is not None and bool((input_ids == token_id).any()):
+            return args, self._prefill(module, kwargs, input_ids, token_id)
+        cache = kwargs.get("cache")
+        if self.state is None or cache is None or input_ids is None or cache.get_seq_length() == 0:
+            self.state = None
+            return args, kwargs
+        mask, _, matched = translate_decode(
+            self.state, kwargs.get("attention_mask"), None, cache.get_seq_length(), input_ids.shape[1]
+        )
+        if matched:
+            kwargs["attention_mask"] = mask
+            positions = kwargs.get("position_ids")
+            if positions is not None and positions.dim() == 3 and positions.shape[0] == 4:
+                # generate's row 0 counts text positions in the original layout; rows 1-3 are M-RoPE
+                shift = self.state.removed.to(positions.device).view(1, -1, 1)
+                kwargs["position_ids"] = torch.cat([positions[:1] - shift, positions[1:]], dim=0)
+        return args, kwargs
+
+    def _prefill(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor, token_id: int) -> dict:
+        start = time.perf_counter()
+        merge = module.visual.spatial_merge_size
+        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
+        if encoded.get("image") is None:
+            if kwargs.get("pixel_values") is None or kwargs.get("image_grid_thw") is None:
+                raise ValueError(
+                    "tokencomp: the prompt has image tokens but no pixel_values with image_grid_thw, nor mm_encoder_outputs."
+                )
+            encoded["image"] = module.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
+        features = list(encoded["image"].pooler_output)
+        grid_thw = self._image_grid(kwargs, sum(f.shape[0] for f in features), merge)
+        # Step 1: compress each image (sizes differ); note which of its tokens survive.
+        compress_seconds, kept_tokens, selected = 0.0, [], []
+        for feature, (t, h, w) in zip(features, grid_thw.tolist()):
+            grid = (t, h // merge, w // merge) if t > 1 else (h // merge, w // merge)
+            if math.prod(grid) != feature.shape[0]:
+                grid = None
+            tick = time.perf_counter()
+            result = self.compressor.compress(feature, self.budget, Context(grid=grid))
+            compress_seconds += time.perf_counter() - tick
+            kept_tokens.append(result.tokens)
+            flags = torch.zeros(feature.shape[0], dtype=torch.bool, device=feature.device)
+            flags[result.indices] = True
+            selected.append(flags)
+        # Step 2: the placeholders that stay (image tokens run in the order of the images, row by row).
+        is_image = input_ids == token_id
+        chosen = torch.cat(selected).to(input_ids.device)
+        if int(is_image.sum()) != chosen.numel():
+            raise ValueError(
+                f"tokencomp: the prompt has {int(is_image.sum())} image tokens but the images give {chosen.numel()} features."
+            )
+        keep = ~is_image
+        keep[is_image] = chosen
+        removed = (~keep).sum(dim=1)
+        if bool((removed != removed[0]).any()):
+            raise ValueError(
+                "tokencomp: rows of this batch would lose different numbers of tokens (different image sizes per "
+                "row); give every row images of the same sizes."
+            )
+        # Step 3: original M-RoPE positions at the kept places; the text row renumbered.
+        positions = kwargs.get("position_ids")
+        mask = kwargs.get("attention_mask")
+        if positions is None or positions.dim() != 3:
+            rope, deltas = module.get_rope_index(
+                input_ids, image_grid_thw=grid_thw, video_grid_thw=kwargs.get("video_grid_thw"),
+                attention_mask=mask, mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+            )
+        else:
+            rope, deltas = positions[-3:], module.rope_deltas
+        short_mask = shorten(mask, keep) if mask is not None else None
+        text = (
+            positions_from_mask(short_mask) if short_mask is not None
+            else torch.arange(int(keep[0].sum()), device=input_ids.device).expand(keep.shape[0], -1)
+        )
+        rope_kept = torch.stack([shorten(r, keep) for r in rope])
+        kwargs["position_ids"] = torch.cat([text[None].to(rope_kept.dtype), rope_kept], dim=0)
+        module.rope_deltas = deltas + removed.view(-1, 1).to(deltas.device)
+        # Step 4: the shorter prompt.
+        self.state = Shortening(keep=keep, removed=removed)
+        kwargs["input_ids"] = shorten(input_ids, keep)
+        kwargs["attention_mask"] = short_mask
+        if kwargs.get("mm_token_type_ids") is not None:
+            kwargs["mm_token_type_ids"] = shorten(kwargs["mm_token_type_ids"], keep)
+        image = copy.copy(encoded["image"])  # generate reuses its own outputs on every step
+        image.pooler_output = tuple(kept_tokens)
+        encoded["image"] = image
+        kwargs["mm_encoder_outputs"] = encoded
+        kwargs["pixel_values"] = None
+        self._pending = {
+            "stage": "pre_llm",
+            "strategy": self.compressor.display_name(),
+            "tokens_in": sum(f.shape[0] for f in features),
+            "tokens_out": sum(k.shape[0] for k in kept_tokens),
+            "compress_seconds": compress_seconds,
+            "start": start,
+        }
+        return kwargs
+
+    def _after_model(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending["prefill_seconds"] = time.perf_counter() - pending.pop("start")
+            self.handle.stats.append(pending)
