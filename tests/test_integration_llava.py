@@ -31,7 +31,7 @@ def first_layer_lengths(model, run):
 
 def greedy(model, inputs, **kw):
     with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=6, do_sample=False, **kw)
+        return model.generate(**inputs, max_new_tokens=6, do_sample=False, suppress_tokens=[119], **kw)
 
 
 @pytest.mark.parametrize("strategy,budget", [("apet", 16), ("divprune", 9), ("pooling", 9), ("random", 0.25)])
@@ -179,3 +179,15 @@ def test_errors(model):
         with pytest.raises(ValueError, match="budget 40 is out of range"):
             with torch.no_grad():
                 model(**llava_prompt(model))
+
+
+def test_rows_with_different_numbers_of_images_equal_rows_alone():
+    from tiny_models import left_pad_batch
+
+    model = tiny_llava(attn_implementation="eager")
+    rows = [llava_prompt(model, images=2, seed=11), llava_prompt(model, images=1, seed=12)]
+    batch = left_pad_batch(rows)
+    with tc.apply(model, "divprune", budget=10):
+        batched = greedy(model, batch)
+        for row, alone in enumerate(rows):
+            assert torch.equal(batched[row, -6:], greedy(model, alone)[0, -6:])

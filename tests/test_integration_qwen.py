@@ -121,3 +121,14 @@ def test_errors(model):
         with pytest.raises(ValueError, match="budget 30 is out of range"):
             with torch.no_grad():
                 model(**inputs)
+
+
+def test_rows_with_images_of_different_sizes_equal_rows_alone(model):
+    from tiny_models import left_pad_batch
+
+    rows = [qwen_prompt([(8, 12)], seed=7), qwen_prompt([(8, 8), (4, 8)], seed=8)]
+    batch = left_pad_batch(rows)
+    with tc.apply(model, "divprune", budget=0.5):
+        batched = greedy(model, batch)
+        for row, alone in enumerate(rows):
+            assert torch.equal(batched[row, -5:], greedy(model, alone)[0, -5:])

@@ -132,3 +132,20 @@ def qwen_prompt(sizes: list[tuple[int, int]], batch: int = 1, seed: int = 0, pad
         mask[b, length - len(r):] = 1
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels),
             "image_grid_thw": torch.tensor(grids), "mm_token_type_ids": (ids == 151).int()}
+
+
+def left_pad_batch(rows: list[dict], pad_id: int = 0) -> dict:
+    """Stack single-row prompts of different lengths into one left-padded batch (images concatenated)."""
+    length = max(r["input_ids"].shape[1] for r in rows)
+    out: dict = {}
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key not in rows[0]:
+            continue
+        fill = pad_id if key == "input_ids" else 0
+        out[key] = torch.cat(
+            [torch.nn.functional.pad(r[key], (length - r[key].shape[1], 0), value=fill) for r in rows]
+        )
+    for key in ("pixel_values", "image_grid_thw"):
+        if key in rows[0]:
+            out[key] = torch.cat([r[key] for r in rows])
+    return out

@@ -25,7 +25,7 @@ from ..base import Compressor
 from ..types import Context
 from .decoder import DecoderStages, Stage
 from .handle import Handle
-from .sequence import Shortening, placeholder_keep, positions_from_mask, shorten, translate_decode
+from .sequence import Shortening, placeholder_keep, positions_from_mask, translate_decode
 
 POINTS = ("pre_projector", "post_projector")
 SUPPLIED = ("grid", "cls_attention")
@@ -200,12 +200,15 @@ class LlavaIntegration:
         if any(f.shape[0] != kept for f in features):
             raise ValueError("tokencomp: images of one LLaVA batch must keep the same number of features.")
         per_image = int((input_ids == token_id).sum()) // len(features)
-        keep = placeholder_keep(input_ids, token_id, per_image, kept)
-        self.state = Shortening(keep=keep, removed=(~keep).sum(dim=1))
-        kwargs["input_ids"] = shorten(input_ids, keep)
+        state = Shortening.from_keep(placeholder_keep(input_ids, token_id, per_image, kept))
+        self.state = state
+        pad = self.model.config.text_config.pad_token_id
+        kwargs["input_ids"] = state.apply(input_ids, fill=0 if pad is None else pad)
         mask = kwargs.get("attention_mask")
+        if mask is None and bool((state.source < 0).any()):
+            mask = torch.ones_like(input_ids)  # rows were re-padded: the model needs to know where
         if mask is not None:
-            kwargs["attention_mask"] = shorten(mask, keep)
+            kwargs["attention_mask"] = state.apply(mask, fill=0)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = (
                 positions_from_mask(kwargs["attention_mask"]) if mask is not None

@@ -25,7 +25,7 @@ from ..base import Compressor
 from ..types import Context
 from .decoder import Stage
 from .handle import Handle
-from .sequence import Shortening, positions_from_mask, shorten, translate_decode
+from .sequence import Shortening, positions_from_mask, translate_decode
 
 POINTS = ("post_merger",)
 SUPPLIED = ("grid",)
@@ -143,12 +143,7 @@ class QwenVLIntegration:
             )
         keep = ~is_image
         keep[is_image] = chosen
-        removed = (~keep).sum(dim=1)
-        if bool((removed != removed[0]).any()):
-            raise ValueError(
-                "tokencomp: rows of this batch would lose different numbers of tokens (different image sizes per "
-                "row); give every row images of the same sizes."
-            )
+        state = Shortening.from_keep(keep)
         # Step 3: original M-RoPE positions at the kept places; the text row renumbered.
         positions = kwargs.get("position_ids")
         mask = kwargs.get("attention_mask")
@@ -159,20 +154,19 @@ class QwenVLIntegration:
             )
         else:
             rope, deltas = positions[-3:], module.rope_deltas
-        short_mask = shorten(mask, keep) if mask is not None else None
-        text = (
-            positions_from_mask(short_mask) if short_mask is not None
-            else torch.arange(int(keep[0].sum()), device=input_ids.device).expand(keep.shape[0], -1)
-        )
-        rope_kept = torch.stack([shorten(r, keep) for r in rope])
-        kwargs["position_ids"] = torch.cat([text[None].to(rope_kept.dtype), rope_kept], dim=0)
-        module.rope_deltas = deltas + removed.view(-1, 1).to(deltas.device)
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        short_mask = state.apply(mask, fill=0)
+        rope_kept = torch.stack([state.apply(r, fill=1) for r in rope])
+        kwargs["position_ids"] = torch.cat([positions_from_mask(short_mask)[None].to(rope_kept.dtype), rope_kept], dim=0)
+        module.rope_deltas = deltas + state.removed.view(-1, 1).to(deltas.device)
         # Step 4: the shorter prompt.
-        self.state = Shortening(keep=keep, removed=removed)
-        kwargs["input_ids"] = shorten(input_ids, keep)
+        self.state = state
+        pad = self.model.config.text_config.pad_token_id
+        kwargs["input_ids"] = state.apply(input_ids, fill=0 if pad is None else pad)
         kwargs["attention_mask"] = short_mask
         if kwargs.get("mm_token_type_ids") is not None:
-            kwargs["mm_token_type_ids"] = shorten(kwargs["mm_token_type_ids"], keep)
+            kwargs["mm_token_type_ids"] = state.apply(kwargs["mm_token_type_ids"], fill=0)
         image = copy.copy(encoded["image"])  # generate reuses its own outputs on every step
         image.pooler_output = tuple(kept_tokens)
         encoded["image"] = image

@@ -1,10 +1,11 @@
 """Shortening a prompt's image-placeholder runs, and keeping later decoding steps consistent with it.
 
 When ``K`` of an image's ``N`` features survive, ``N - K`` of its placeholder tokens must leave the
-prompt: the language model then sees a shorter sequence, numbered ``0 .. L' - 1``. ``generate`` knows
-nothing of this and keeps counting in the original layout (its 2-D attention mask grows from ``L``,
-its position ids continue from ``L``), so every decoding step is translated back: the mask loses the
-same columns, the positions shift down by the number of tokens removed from that row.
+prompt: the language model then sees a shorter sequence. ``generate`` knows nothing of this and keeps
+counting in the original layout (its 2-D attention mask grows from ``L``, its position ids continue
+from ``L``), so every decoding step is translated back: the mask loses the same columns, the positions
+shift down by the number of tokens removed from that row. Rows that lose different numbers of tokens
+(different images per row) are left-padded again to a common length.
 """
 
 from __future__ import annotations
@@ -17,22 +18,45 @@ import torch
 
 @dataclass
 class Shortening:
-    """The columns kept from one prefill's prompt.
+    """Where each column of the shortened prompt comes from.
 
     Attributes
     ----------
-    keep : torch.Tensor
-        ``[B, L]`` bool over the original prompt.
+    source : torch.Tensor
+        ``[B, L']`` int64, the original column of each new column, ``-1`` for added left padding.
     removed : torch.Tensor
         ``[B]`` int64, tokens removed from each row.
+    length : int
+        ``L``, the original prompt length.
     """
 
-    keep: torch.Tensor
+    source: torch.Tensor
     removed: torch.Tensor
+    length: int
+
+    @classmethod
+    def from_keep(cls, keep: torch.Tensor) -> "Shortening":
+        """From a ``[B, L]`` bool mask of the kept columns (kept columns stay in order, rows right-aligned)."""
+        b, length = keep.shape
+        counts = keep.sum(dim=1)
+        width = int(counts.max())
+        columns = torch.arange(length, device=keep.device).expand(b, length)
+        ordered = torch.where(keep, columns, torch.full_like(columns, -1)).sort(dim=1).values
+        return cls(source=ordered[:, length - width :], removed=length - counts, length=length)
 
     @property
     def kept_length(self) -> int:
-        return int(self.keep.shape[1] - self.removed[0])
+        return int(self.source.shape[1])
+
+    def apply(self, tensor: Optional[torch.Tensor], fill: int | float = 0) -> Optional[torch.Tensor]:
+        """``tensor`` ``[B, L, ...]`` in the shortened layout; added padding columns get ``fill``."""
+        if tensor is None:
+            return None
+        index = self.source.clamp(min=0).to(tensor.device)
+        extra = tensor.dim() - 2
+        shape = (*index.shape, *([1] * extra))
+        gathered = tensor.gather(1, index.view(shape).expand(*index.shape, *tensor.shape[2:]))
+        return gathered.masked_fill((self.source < 0).to(tensor.device).view(shape), fill)
 
 
 def placeholder_keep(input_ids: torch.Tensor, token_id: int, per_image: int, kept: int) -> torch.Tensor:
@@ -43,8 +67,7 @@ def placeholder_keep(input_ids: torch.Tensor, token_id: int, per_image: int, kep
     Raises
     ------
     ValueError
-        If a row's placeholder count is not a multiple of ``per_image``, or rows would end up with
-        different lengths (a different number of images per row).
+        If a row's placeholder count is not a multiple of ``per_image``.
     """
     is_image = input_ids == token_id
     counts = is_image.sum(dim=1)
@@ -54,24 +77,7 @@ def placeholder_keep(input_ids: torch.Tensor, token_id: int, per_image: int, kep
             f"{per_image} features per image; the processor and the model disagree on the image size."
         )
     rank = torch.cumsum(is_image.long(), dim=1) - 1
-    keep = ~is_image | (rank % per_image < kept)
-    removed = (~keep).sum(dim=1)
-    if bool((removed != removed[0]).any()):
-        raise ValueError(
-            "tokencomp: rows of this batch hold different numbers of images "
-            f"({(counts // per_image).tolist()}); give every row the same number of images."
-        )
-    return keep
-
-
-def shorten(tensor: Optional[torch.Tensor], keep: torch.Tensor) -> Optional[torch.Tensor]:
-    """``tensor[..., keep]`` row by row for a ``[B, L]`` (or ``[B, L, ...]``) tensor; ``None`` stays ``None``."""
-    if tensor is None:
-        return None
-    b = keep.shape[0]
-    if tensor.dim() == 2:
-        return tensor[keep].view(b, -1)
-    return tensor[keep].view(b, -1, *tensor.shape[2:])
+    return ~is_image | (rank % per_image < kept)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -96,7 +102,7 @@ def translate_decode(
     attention_mask : torch.Tensor or None
         ``[B, L + t]`` in the original layout.
     position_ids : torch.Tensor or None
-        ``[B, new_length]`` (or ``[3, B, new_length]`` for M-RoPE) in the original numbering.
+        ``[B, new_length]`` (or ``[3, B, new_length]``) in the original numbering.
     past_length : int
         Tokens already in the (shortened) cache.
     new_length : int
@@ -108,15 +114,15 @@ def translate_decode(
         ``(attention_mask, position_ids, matched)``; ``matched`` is False when the inputs do not
         continue that prefill (then they are returned unchanged).
     """
-    b, full = state.keep.shape
+    b = state.source.shape[0]
     generated = past_length - state.kept_length
     if generated < 0:
         return attention_mask, position_ids, False
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape[1] != full + generated + new_length:
+        if attention_mask.dim() != 2 or attention_mask.shape[1] != state.length + generated + new_length:
             return attention_mask, position_ids, False
-        tail = torch.ones(b, generated + new_length, dtype=torch.bool, device=state.keep.device)
-        attention_mask = shorten(attention_mask, torch.cat([state.keep, tail], dim=1))
+        head = state.apply(attention_mask[:, : state.length])
+        attention_mask = torch.cat([head, attention_mask[:, state.length :]], dim=1)
     if position_ids is not None:
         shift = state.removed.to(position_ids.device)
         position_ids = position_ids - (shift.view(1, b, 1) if position_ids.dim() == 3 else shift.view(b, 1))
