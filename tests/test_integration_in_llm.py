@@ -206,3 +206,29 @@ def test_fastv_row_is_the_last_tokens_attention(eager):
     expected = full.attentions[1][:, :, -1, start : start + N].mean(dim=1)
     torch.testing.assert_close(captured["row"], expected)
     assert captured["pos"].tolist() == [list(range(start, start + N))]
+
+
+def test_cross_attention_is_the_instruction_rows(eager):
+    inputs = llava_prompt(eager, batch=2, pad=[0, 2], seed=11)
+    captured = {}
+
+    class Spy(tc.Compressor):
+        stage, needs_attention, deterministic = "in_llm", True, True
+        requires = ("cross_attention",)
+        layer = 2
+
+        def _compress(self, tokens, k, context):
+            captured["cross"] = context.cross_attention
+            return tc.selection_result(tokens, torch.arange(k).expand(tokens.shape[0], k))
+
+    with torch.no_grad():
+        full = eager(**inputs, output_attentions=True)
+        with tc.apply(eager, Spy(), budget=5):
+            eager(**inputs)
+    start = int((inputs["input_ids"][0] == IMAGE).nonzero()[0])
+    tail = inputs["input_ids"].shape[1] - (start + N)  # tokens after the image (same in both rows)
+    weights = full.attentions[1].mean(dim=1)  # layer 1 feeds the stage at layer 2
+    expected = torch.stack(
+        [weights[b, -tail:, s : s + N] for b, s in enumerate((inputs["input_ids"] == IMAGE).int().argmax(dim=1).tolist())]
+    )
+    torch.testing.assert_close(captured["cross"], expected)

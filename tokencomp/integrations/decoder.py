@@ -6,6 +6,9 @@ computed from the model at that point:
 
 - ``text_attention``: the last token's head-averaged attention to the visual tokens in layer ``l - 1``
   (eager attention weights, as FastV reads them);
+- ``cross_attention``: the same layer's head-averaged attention of the text tokens after the last visual
+  token (the instruction; the last ``T`` of them, ``T`` the shortest such tail in the batch) to the
+  visual tokens (SparseVLM's raters);
 - ``query`` / ``keys``: layer ``l``'s own projections of the last token's query and every key, rotary
   applied (PyramidDrop computes its one attention row from them);
 - ``keys`` for strategies that also require ``hidden_states`` (DART): layer ``l - 1``'s keys; and
@@ -33,7 +36,7 @@ from ..base import Compressor
 from ..types import Context
 from .handle import Handle
 
-SUPPLIED = ("text_attention", "query", "keys", "hidden_states", "visual_positions", "key_mask", "layer", "grid")
+SUPPLIED = ("text_attention", "cross_attention", "query", "keys", "hidden_states", "visual_positions", "key_mask", "layer", "grid")
 
 
 @dataclass
@@ -113,7 +116,7 @@ class DecoderStages:
                 hooks.append(layer.register_forward_pre_hook(self._make_layer_hook(j), with_kwargs=True))
         for stage in self.stages:
             before = self.layers[stage.layer - 1]
-            if "text_attention" in stage.compressor.requires:
+            if {"text_attention", "cross_attention"} & set(stage.compressor.requires):
                 hooks.append(
                     before.self_attn.register_forward_pre_hook(self._make_eager_switch(stage.layer - 1), with_kwargs=True)
                 )
@@ -178,7 +181,10 @@ class DecoderStages:
                     "with attn_implementation='eager', or pass allow_eager_fallback=True to tokencomp.apply "
                     "to switch that one layer to eager attention during prefill."
                 )
-            self._attention[stage.layer] = weights[:, :, -1, :].float().mean(dim=1)  # [B, L_prev]
+            if "cross_attention" in stage.compressor.requires:
+                self._attention[stage.layer] = weights.float().mean(dim=1)  # [B, L, L]
+            else:
+                self._attention[stage.layer] = weights[:, :, -1:, :].float().mean(dim=1)  # [B, 1, L]
 
         return capture
 
@@ -264,7 +270,16 @@ class DecoderStages:
             row = self._attention.get(stage.layer)
             if row is None:
                 raise RuntimeError(f"tokencomp: no attention weights were captured for layer {stage.layer - 1}.")
-            fields["text_attention"] = row.gather(1, visual_idx)
+            fields["text_attention"] = row[:, -1].gather(1, visual_idx)
+        if "cross_attention" in need:
+            weights = self._attention.get(stage.layer)
+            if weights is None:
+                raise RuntimeError(f"tokencomp: no attention weights were captured for layer {stage.layer - 1}.")
+            tail = int((weights.shape[1] - 1 - visual_idx[:, -1]).min())  # text tokens after the last visual one
+            if tail < 1:
+                raise ValueError("tokencomp: cross_attention needs text tokens after the image; the prompt has none.")
+            rows = weights[:, -tail:, :]  # [B, T, L]
+            fields["cross_attention"] = rows.gather(2, visual_idx[:, None, :].expand(-1, tail, -1))
         if "hidden_states" in need:
             fields["hidden_states"] = self.lm.norm(hidden)
         if "query" in need or "keys" in need:
