@@ -109,8 +109,6 @@ def test_remove_restores_exactly(model):
 
 
 def test_errors(model):
-    with pytest.raises(ValueError, match="M-RoPE"):
-        tc.apply(model, "fastv", budget=8)
     with pytest.raises(ValueError, match=r"\[CLS\]"):
         tc.apply(model, "visionzip", budget=8)
     with pytest.raises(ValueError, match="post_merger"):
@@ -132,3 +130,44 @@ def test_rows_with_images_of_different_sizes_equal_rows_alone(model):
         batched = greedy(model, batch)
         for row, alone in enumerate(rows):
             assert torch.equal(batched[row, -5:], greedy(model, alone)[0, -5:])
+
+
+@pytest.fixture(scope="module", params=["2", "2.5"])
+def eager_qwen(request):
+    return tiny_qwen2_vl(attn_implementation="eager", version=request.param)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [[("apet-llm", 20, {"num_basis": 3, "layer": 2})],
+     [("apet", 0.5, {"num_basis": 3}), ("apet-llm", 12, {"num_basis": 3, "layer": 2})]],
+)
+def test_in_llm_and_two_stage_schedule_cache_equals_no_cache(eager_qwen, schedule):
+    inputs = qwen_prompt(SIZES, batch=2, pad=[0, 2], seed=9)
+    with tc.apply(eager_qwen, schedule) as handle:
+        cached = greedy(eager_qwen, inputs)
+        recomputed = greedy(eager_qwen, inputs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    stages = {s["stage"]: (s["tokens_in"], s["tokens_out"]) for s in handle.stats}
+    assert stages["in_llm@2"][1] == 2 * schedule[-1][1]
+
+
+@pytest.mark.parametrize("strategy,budget,params", [("fastv", 10, {}), ("dart-llm", 10, {}), ("pdrop", None, {"layers": [1, 3]})])
+def test_text_conditioned_stages_cache_equals_recomputation_with_the_same_picks(eager_qwen, strategy, budget, params):
+    from test_integration_in_llm import Replay
+
+    inputs = qwen_prompt(SIZES, batch=2, pad=[2, 0], seed=10)
+    with tc.apply(eager_qwen, Replay(tc.create(strategy, **params)), budget=budget):
+        cached = greedy(eager_qwen, inputs)
+        recomputed = greedy(eager_qwen, inputs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("strategy,budget,params", [("fastv", 40, {}), ("pdrop", None, {"layers": [1, 2], "ratio": 1.0})])
+def test_in_llm_full_budget_equals_uncompressed(eager_qwen, strategy, budget, params):
+    inputs = qwen_prompt(SIZES, batch=2, pad=[0, 3], seed=11)
+    with torch.no_grad():
+        reference = eager_qwen(**inputs).logits
+        with tc.apply(eager_qwen, strategy, budget=budget, **params):
+            compressed = eager_qwen(**inputs).logits
+    assert torch.equal(compressed, reference)

@@ -79,6 +79,7 @@ class DecoderStages:
     def __init__(
         self, language_model: torch.nn.Module, stages: list[Stage], allow_eager_fallback: bool, handle: Handle,
         visual_mask: Callable[[], Optional[torch.Tensor]], key_mask: Callable[[], Optional[torch.Tensor]],
+        renumber: bool = True,
     ) -> None:
         self.lm = language_model
         self.layers = language_model.layers
@@ -86,6 +87,7 @@ class DecoderStages:
         self.allow_eager_fallback = allow_eager_fallback
         self.handle = handle
         self.visual_mask, self.key_mask = visual_mask, key_mask
+        self.renumber = renumber  # False for M-RoPE decoders: kept tokens always keep their positions
         self.prefill: Optional[_Prefill] = None
         self._attention: dict[int, torch.Tensor] = {}
         self._inputs: dict[int, torch.Tensor] = {}
@@ -247,7 +249,7 @@ class DecoderStages:
         slot = _gather_rows(visual_now, order, 1)  # visual slots of the new sequence, in order
         new_hidden[slot] = result.tokens.to(new_hidden.dtype).reshape(-1, new_hidden.shape[-1])
         p.kept[stage.layer] = positions_now.gather(1, order)
-        p.renumber[stage.layer] = getattr(stage.compressor, "in_llm_positions", "keep") == "renumber"
+        p.renumber[stage.layer] = self.renumber and getattr(stage.compressor, "in_llm_positions", "keep") == "renumber"
         p.records.append(
             {
                 "stage": f"in_llm@{stage.layer}",

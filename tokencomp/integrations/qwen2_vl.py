@@ -9,7 +9,9 @@ positions: its own 3-D position ids keep counting in the original layout, and th
 ``rope_deltas`` are raised by the number of tokens removed from each row, so a plain ``forward`` with a
 cache continues correctly too.
 
-In-LLM stages on Qwen's M-RoPE decoder are not supported yet (a clear error says so).
+In-LLM stages run in Qwen's decoder as in LLaVA's (:mod:`tokencomp.integrations.decoder`), with one
+difference: the kept tokens always keep their 3-D M-RoPE positions (a strategy that asks to renumber,
+ApET's stage 2, keeps them too, since renumbering a 3-D layout has no single meaning).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from ..base import Compressor
 from ..types import Context
-from .decoder import Stage
+from .decoder import DecoderStages, Stage
 from .handle import Handle
 from .sequence import Shortening, positions_from_mask, translate_decode
 
@@ -40,14 +42,7 @@ class QwenVLIntegration:
         self, model: Any, compressor: Optional[Compressor], budget: Optional[int | float], stages: list[Stage],
         point: str, allow_eager_fallback: bool, handle: Handle,
     ) -> None:
-        if stages:
-            raise ValueError(
-                f"tokencomp.apply: in-LLM stages are not supported for {type(model).__name__} yet (its decoder uses "
-                "3-D M-RoPE); use a pre-LLM strategy."
-            )
-        if compressor is None:
-            raise ValueError("tokencomp.apply: nothing to apply.")
-        missing = [f for f in compressor.requires if f not in SUPPLIED]
+        missing = [f for f in (compressor.requires if compressor is not None else ()) if f not in SUPPLIED]
         if missing:
             raise ValueError(
                 f"tokencomp.apply: strategy {compressor.display_name()!r} needs context {', '.join(missing)}, which the "
@@ -58,7 +53,14 @@ class QwenVLIntegration:
         self.handle = handle
         self.inner = model.model
         self.state: Optional[Shortening] = None
+        self.visual: Optional[torch.Tensor] = None
+        self.mask2d: Optional[torch.Tensor] = None
         self._pending: Optional[dict[str, Any]] = None
+        self.decoder = (
+            DecoderStages(self.inner.language_model, stages, allow_eager_fallback, handle,
+                          visual_mask=lambda: self.visual, key_mask=lambda: self.mask2d, renumber=False)
+            if stages else None
+        )
         self._grids: list[torch.Tensor] = []  # grid_thw of the vision tower's recent calls
 
     def _record_grid(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -82,6 +84,8 @@ class QwenVLIntegration:
             self.inner.register_forward_hook(self._after_model),
         ):
             self.handle.on_remove(hook.remove)
+        if self.decoder is not None:
+            self.decoder.install()
         saved = self.inner.rope_deltas
         self.handle.on_remove(lambda: setattr(self.inner, "rope_deltas", saved))
 
@@ -92,10 +96,16 @@ class QwenVLIntegration:
         input_ids = kwargs.get("input_ids")
         token_id = self.model.config.image_token_id
         if input_ids is not None and bool((input_ids == token_id).any()):
-            return args, self._prefill(module, kwargs, input_ids, token_id)
+            if self.compressor is not None:
+                kwargs = self._prefill(module, kwargs, input_ids, token_id)
+            self.visual = kwargs["input_ids"] == token_id
+            self.mask2d = kwargs.get("attention_mask")
+            return args, kwargs
         cache = kwargs.get("cache")
-        if self.state is None or cache is None or input_ids is None or cache.get_seq_length() == 0:
-            self.state = None
+        if cache is None or input_ids is None or cache.get_seq_length() == 0:
+            self.state, self.visual, self.mask2d = None, None, None
+            return args, kwargs
+        if self.state is None:
             return args, kwargs
         mask, _, matched = translate_decode(
             self.state, kwargs.get("attention_mask"), None, cache.get_seq_length(), input_ids.shape[1]
