@@ -18,7 +18,7 @@ def model(request):
 
 def greedy(model, inputs, **kw):
     with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=5, do_sample=False, suppress_tokens=[151], **kw)
+        return model.generate(**inputs, max_new_tokens=5, do_sample=False, suppress_tokens=[151, 152], **kw)
 
 
 def language_inputs(model, run):
@@ -171,3 +171,41 @@ def test_in_llm_full_budget_equals_uncompressed(eager_qwen, strategy, budget, pa
         with tc.apply(eager_qwen, strategy, budget=budget, **params):
             compressed = eager_qwen(**inputs).logits
     assert torch.equal(compressed, reference)
+
+
+@pytest.mark.parametrize("video,budget,kept", [("clip", 12, 12), ("frame", 4, 12), ("clip", 0.25, 12)])
+def test_video_per_clip_or_per_frame(model, video, budget, kept):
+    # a clip of 3 temporal patches of 8 x 8 patches (16 merged tokens each: 48) beside an image
+    inputs = qwen_prompt([(3, 8, 8), (8, 8)], batch=2, pad=[0, 2], seed=12)
+    with tc.apply(model, "divprune", budget=budget, video=video) as handle:
+        seen = language_inputs(model, lambda: model(**inputs))
+        cached = greedy(model, inputs)
+        recomputed = greedy(model, inputs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    image_kept = budget if isinstance(budget, int) else round(budget * 16)
+    removed = (48 - kept) + (16 - image_kept)
+    assert seen["embeds"] == inputs["input_ids"].shape[1] - removed
+    assert handle.stats[0]["tokens_in"] == 2 * 64 and handle.stats[0]["tokens_out"] == 2 * (kept + image_kept)
+
+
+def test_video_frames_each_keep_their_budget(model):
+    inputs = qwen_prompt([(3, 8, 8)], seed=13)
+    original = model.model.get_rope_index(
+        inputs["input_ids"], video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+    )[0]
+    shortened = {}
+
+    def spy(module, args, kwargs):
+        shortened["ids"] = kwargs["input_ids"]
+
+    with tc.apply(model, "divprune", budget=5, video="frame"):
+        hook = model.model.register_forward_pre_hook(spy, with_kwargs=True)  # runs after ours
+        try:
+            seen = language_inputs(model, lambda: model(**inputs))
+        finally:
+            hook.remove()
+    video = shortened["ids"][0] == 152
+    temporal = seen["positions"][1, 0][video]
+    frames = original[0, 0][inputs["input_ids"][0] == 152].unique()  # the three temporal positions
+    assert [int((temporal == f).sum()) for f in frames] == [5, 5, 5]

@@ -112,16 +112,18 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", version: str = "2"):
     return spread_weights(Model._from_config(config, attn_implementation=attn_implementation))
 
 
-def qwen_prompt(sizes: list[tuple[int, int]], batch: int = 1, seed: int = 0, pad: list[int] | None = None):
-    """Inputs for rows that each hold images of ``sizes`` (in 14 px patches, even), as the processor gives them."""
+def qwen_prompt(sizes: list[tuple[int, ...]], batch: int = 1, seed: int = 0, pad: list[int] | None = None):
+    """Inputs for rows that each hold images ``(h, w)`` or videos ``(t, h, w)`` (14 px patches, even h, w)."""
     g = torch.Generator().manual_seed(seed)
-    rows, grids, pixels = [], [], []
+    rows, grids, pixels, video_grids, video_pixels = [], [], [], [], []
     for _ in range(batch):
         row = [1] + torch.randint(3, 100, (3,), generator=g).tolist()
-        for h, w in sizes:
-            row += [150] + [151] * (h * w // 4) + [153] + torch.randint(3, 100, (2,), generator=g).tolist()
-            grids.append([1, h, w])
-            pixels.append(torch.randn(h * w, 3 * 2 * 14 * 14, generator=g))
+        for size in sizes:
+            t, h, w = size if len(size) == 3 else (1, *size)
+            token = 152 if len(size) == 3 else 151
+            row += [150] + [token] * (t * h * w // 4) + [153] + torch.randint(3, 100, (2,), generator=g).tolist()
+            (video_grids if len(size) == 3 else grids).append([t, h, w])
+            (video_pixels if len(size) == 3 else pixels).append(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g))
         rows.append(row + torch.randint(3, 100, (3,), generator=g).tolist())
     pad = pad or [0] * batch
     length = max(len(r) + p for r, p in zip(rows, pad))
@@ -130,8 +132,12 @@ def qwen_prompt(sizes: list[tuple[int, int]], batch: int = 1, seed: int = 0, pad
     for b, r in enumerate(rows):
         ids[b, length - len(r):] = torch.tensor(r)
         mask[b, length - len(r):] = 1
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels),
-            "image_grid_thw": torch.tensor(grids), "mm_token_type_ids": (ids == 151).int()}
+    out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == 151).int() + 2 * (ids == 152).int()}
+    if grids:
+        out.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(grids))
+    if video_grids:
+        out.update(pixel_values_videos=torch.cat(video_pixels), video_grid_thw=torch.tensor(video_grids))
+    return out
 
 
 def left_pad_batch(rows: list[dict], pad_id: int = 0) -> dict:
@@ -145,7 +151,7 @@ def left_pad_batch(rows: list[dict], pad_id: int = 0) -> dict:
         out[key] = torch.cat(
             [torch.nn.functional.pad(r[key], (length - r[key].shape[1], 0), value=fill) for r in rows]
         )
-    for key in ("pixel_values", "image_grid_thw"):
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if key in rows[0]:
             out[key] = torch.cat([r[key] for r in rows])
     return out

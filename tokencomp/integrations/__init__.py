@@ -90,6 +90,7 @@ def apply(
     *,
     point: Optional[str] = None,
     allow_eager_fallback: bool = False,
+    video: str = "clip",
     **params: Any,
 ) -> Handle:
     """Compress the visual tokens of ``model`` with ``strategy`` on every prefill, until removed.
@@ -114,6 +115,9 @@ def apply(
         Strategies that read attention weights (the vision tower's [CLS] row, or the LLM's attention at
         a layer) need eager attention there. When the model runs SDPA / FlashAttention, switch only that
         module to eager for the call and back; without this flag such a call raises.
+    video : {"clip", "frame"}
+        For video inputs: compress each clip as one token set (the budget per clip, ``grid = (t, h, w)``)
+        or each frame on its own (the budget per frame).
     **params
         Strategy parameters, with a registered name only.
 
@@ -138,6 +142,8 @@ def apply(
             f"tokencomp.apply: point must be one of {', '.join(integration.points)} for {type(model).__name__}; "
             f"got {point!r}."
         )
+    if video not in ("clip", "frame"):
+        raise ValueError(f"tokencomp.apply: video must be 'clip' or 'frame'; got {video!r}.")
     if isinstance(strategy, (list, tuple)):
         if budget is not None or params:
             raise ValueError("tokencomp.apply: with a schedule, give each stage's budget and parameters inside it.")
@@ -160,7 +166,7 @@ def apply(
     handle = Handle(model, description)
     try:
         compressor, pre_budget = pre[0] if pre else (None, None)
-        integration(model, compressor, pre_budget, stages, point, allow_eager_fallback, handle).install()
+        integration(model, compressor, pre_budget, stages, point, allow_eager_fallback, handle, video=video).install()
     except BaseException:
         handle.remove()
         raise

@@ -38,7 +38,7 @@ class LlavaIntegration:
 
     def __init__(
         self, model: Any, compressor: Optional[Compressor], budget: Optional[int | float], stages: list[Stage],
-        point: str, allow_eager_fallback: bool, handle: Handle,
+        point: str, allow_eager_fallback: bool, handle: Handle, video: str = "clip",
     ) -> None:
         self.model, self.compressor, self.budget, self.point = model, compressor, budget, point
         self.allow_eager_fallback = allow_eager_fallback

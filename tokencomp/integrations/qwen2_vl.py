@@ -1,7 +1,9 @@
 """Qwen2-VL and Qwen2.5-VL: compress each image's merged visual tokens before the language model.
 
 Where: on the vision tower's output after the patch merger (``point="post_merger"``), one call per image
-(images differ in size; the strategy gets the image's ``grid = (t, h, w)`` of merged tokens). The kept
+(images differ in size; the strategy gets the image's ``grid = (h, w)`` of merged tokens) and, for
+videos, one call per clip (``video="clip"``, ``grid = (t, h, w)``, the budget per clip) or one batched
+call over its frames (``video="frame"``, the budget per temporal patch). The kept
 tokens keep their **original 3-D M-RoPE positions** (temporal, height, width): their placeholders stay at
 their positions in the prompt, the others leave it, and the position ids handed to the language model
 are the original ones gathered at the kept positions. ``generate`` then continues from the right
@@ -30,6 +32,7 @@ from .handle import Handle
 from .sequence import Shortening, positions_from_mask, translate_decode
 
 POINTS = ("post_merger",)
+VIDEO = ("clip", "frame")
 SUPPLIED = ("grid",)
 
 
@@ -40,7 +43,7 @@ class QwenVLIntegration:
 
     def __init__(
         self, model: Any, compressor: Optional[Compressor], budget: Optional[int | float], stages: list[Stage],
-        point: str, allow_eager_fallback: bool, handle: Handle,
+        point: str, allow_eager_fallback: bool, handle: Handle, video: str = "clip",
     ) -> None:
         missing = [f for f in (compressor.requires if compressor is not None else ()) if f not in SUPPLIED]
         if missing:
@@ -50,6 +53,7 @@ class QwenVLIntegration:
                 "[CLS] token)."
             )
         self.model, self.compressor, self.budget = model, compressor, budget
+        self.video = video
         self.handle = handle
         self.inner = model.model
         self.state: Optional[Shortening] = None
@@ -68,14 +72,12 @@ class QwenVLIntegration:
         if grid is not None:
             self._grids = (self._grids + [grid])[-4:]
 
-    def _image_grid(self, kwargs: dict, tokens: int, merge: int) -> torch.Tensor:
-        """The images' ``grid_thw``: given to forward, or recorded when ``generate`` encoded them first."""
-        if kwargs.get("image_grid_thw") is not None:
-            return kwargs["image_grid_thw"]
+    def _recorded_grid(self, tokens: int, merge: int) -> torch.Tensor:
+        """The ``grid_thw`` the vision tower was called with for these ``tokens`` (when ``generate`` encoded first)."""
         for grid in reversed(self._grids):
             if int((grid.prod(dim=-1) // merge**2).sum()) == tokens:
                 return grid
-        raise ValueError("tokencomp: Qwen-VL image tokens need image_grid_thw (returned by the processor).")
+        raise ValueError("tokencomp: Qwen-VL visual tokens need their grid_thw (returned by the processor).")
 
     def install(self) -> None:
         for hook in (
@@ -94,11 +96,11 @@ class QwenVLIntegration:
         if args:
             raise TypeError("tokencomp: call the Qwen-VL model with keyword arguments (input_ids=..., ...).")
         input_ids = kwargs.get("input_ids")
-        token_id = self.model.config.image_token_id
-        if input_ids is not None and bool((input_ids == token_id).any()):
+        visual_ids = torch.tensor([self.model.config.image_token_id, self.model.config.video_token_id])
+        if input_ids is not None and bool(torch.isin(input_ids, visual_ids.to(input_ids.device)).any()):
             if self.compressor is not None:
-                kwargs = self._prefill(module, kwargs, input_ids, token_id)
-            self.visual = kwargs["input_ids"] == token_id
+                kwargs = self._prefill(module, kwargs, input_ids)
+            self.visual = torch.isin(kwargs["input_ids"], visual_ids.to(input_ids.device))
             self.mask2d = kwargs.get("attention_mask")
             return args, kwargs
         cache = kwargs.get("cache")
@@ -119,47 +121,84 @@ class QwenVLIntegration:
                 kwargs["position_ids"] = torch.cat([positions[:1] - shift, positions[1:]], dim=0)
         return args, kwargs
 
-    def _prefill(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor, token_id: int) -> dict:
+    def _modalities(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor) -> list[tuple]:
+        """``(name, placeholder mask, features, grid_thw)`` for the images and videos the prompt holds."""
+        config, merge = self.model.config, module.visual.spatial_merge_size
+        encoded = dict(kwargs.get("mm_encoder_outputs") or {})  # generate keeps its own dict for later steps
+        kwargs["mm_encoder_outputs"] = encoded
+        found = []
+        for name, token_id, pixels, grid_key, encode in (
+            ("image", config.image_token_id, "pixel_values", "image_grid_thw", module.get_image_features),
+            ("video", config.video_token_id, "pixel_values_videos", "video_grid_thw", module.get_video_features),
+        ):
+            placeholders = input_ids == token_id
+            if not bool(placeholders.any()):
+                continue
+            if encoded.get(name) is None:
+                if kwargs.get(pixels) is None or kwargs.get(grid_key) is None:
+                    raise ValueError(
+                        f"tokencomp: the prompt has {name} tokens but no {pixels} with {grid_key}, nor mm_encoder_outputs."
+                    )
+                encoded[name] = encode(kwargs[pixels], kwargs[grid_key], return_dict=True)
+            kwargs[pixels] = None
+            features = list(encoded[name].pooler_output)
+            grid = kwargs.get(grid_key)
+            grid = grid if grid is not None else self._recorded_grid(sum(f.shape[0] for f in features), merge)
+            found.append((name, placeholders, features, grid))
+        return found
+
+    def _compress_item(self, feature: torch.Tensor, thw: list[int], merge: int, video: bool) -> tuple:
+        """Compress one image or video; ``(kept tokens [K, D], kept flags [N], seconds)``."""
+        t, h, w = thw[0], thw[1] // merge, thw[2] // merge
+        tick = time.perf_counter()
+        if video and self.video == "frame":
+            frames = feature.view(t, h * w, -1)  # one call, the frames as a batch
+            result = self.compressor.compress(frames, self.budget, Context(grid=(h, w)))
+            offsets = (torch.arange(t, device=feature.device) * h * w)[:, None]
+            indices, tokens = (result.indices + offsets).reshape(-1), result.tokens.reshape(-1, feature.shape[-1])
+        else:
+            grid = (t, h, w) if t > 1 else (h, w)
+            result = self.compressor.compress(feature, self.budget, Context(grid=grid))
+            indices, tokens = result.indices, result.tokens
+        flags = torch.zeros(feature.shape[0], dtype=torch.bool, device=feature.device)
+        flags[indices] = True
+        return tokens, flags, time.perf_counter() - tick
+
+    def _prefill(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor) -> dict:
         start = time.perf_counter()
         merge = module.visual.spatial_merge_size
-        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
-        if encoded.get("image") is None:
-            if kwargs.get("pixel_values") is None or kwargs.get("image_grid_thw") is None:
+        # Step 1: compress each image and each video (clip or frame by frame); note the survivors.
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        grids: dict[str, torch.Tensor] = {}
+        seconds, tokens_in, tokens_out = 0.0, 0, 0
+        for name, placeholders, features, grid in self._modalities(module, kwargs, input_ids):
+            kept_tokens, flags = [], []
+            for feature, thw in zip(features, grid.tolist()):
+                tokens, chosen, spent = self._compress_item(feature, thw, merge, video=name == "video")
+                kept_tokens.append(tokens)
+                flags.append(chosen)
+                seconds += spent
+            chosen = torch.cat(flags).to(input_ids.device)
+            if int(placeholders.sum()) != chosen.numel():
                 raise ValueError(
-                    "tokencomp: the prompt has image tokens but no pixel_values with image_grid_thw, nor mm_encoder_outputs."
+                    f"tokencomp: the prompt has {int(placeholders.sum())} {name} tokens but the {name}s give "
+                    f"{chosen.numel()} features."
                 )
-            encoded["image"] = module.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
-        features = list(encoded["image"].pooler_output)
-        grid_thw = self._image_grid(kwargs, sum(f.shape[0] for f in features), merge)
-        # Step 1: compress each image (sizes differ); note which of its tokens survive.
-        compress_seconds, kept_tokens, selected = 0.0, [], []
-        for feature, (t, h, w) in zip(features, grid_thw.tolist()):
-            grid = (t, h // merge, w // merge) if t > 1 else (h // merge, w // merge)
-            if math.prod(grid) != feature.shape[0]:
-                grid = None
-            tick = time.perf_counter()
-            result = self.compressor.compress(feature, self.budget, Context(grid=grid))
-            compress_seconds += time.perf_counter() - tick
-            kept_tokens.append(result.tokens)
-            flags = torch.zeros(feature.shape[0], dtype=torch.bool, device=feature.device)
-            flags[result.indices] = True
-            selected.append(flags)
-        # Step 2: the placeholders that stay (image tokens run in the order of the images, row by row).
-        is_image = input_ids == token_id
-        chosen = torch.cat(selected).to(input_ids.device)
-        if int(is_image.sum()) != chosen.numel():
-            raise ValueError(
-                f"tokencomp: the prompt has {int(is_image.sum())} image tokens but the images give {chosen.numel()} features."
-            )
-        keep = ~is_image
-        keep[is_image] = chosen
+            # Step 2: the placeholders that stay (they run in the order of the items, row by row).
+            keep[placeholders] = chosen
+            output = copy.copy(kwargs["mm_encoder_outputs"][name])  # generate reuses its outputs on every step
+            output.pooler_output = tuple(kept_tokens)
+            kwargs["mm_encoder_outputs"][name] = output
+            grids[name] = grid
+            tokens_in += chosen.numel()
+            tokens_out += int(chosen.sum())
         state = Shortening.from_keep(keep)
         # Step 3: original M-RoPE positions at the kept places; the text row renumbered.
         positions = kwargs.get("position_ids")
         mask = kwargs.get("attention_mask")
         if positions is None or positions.dim() != 3:
             rope, deltas = module.get_rope_index(
-                input_ids, image_grid_thw=grid_thw, video_grid_thw=kwargs.get("video_grid_thw"),
+                input_ids, image_grid_thw=grids.get("image"), video_grid_thw=grids.get("video"),
                 attention_mask=mask, mm_token_type_ids=kwargs.get("mm_token_type_ids"),
             )
         else:
@@ -177,17 +216,12 @@ class QwenVLIntegration:
         kwargs["attention_mask"] = short_mask
         if kwargs.get("mm_token_type_ids") is not None:
             kwargs["mm_token_type_ids"] = state.apply(kwargs["mm_token_type_ids"], fill=0)
-        image = copy.copy(encoded["image"])  # generate reuses its own outputs on every step
-        image.pooler_output = tuple(kept_tokens)
-        encoded["image"] = image
-        kwargs["mm_encoder_outputs"] = encoded
-        kwargs["pixel_values"] = None
         self._pending = {
             "stage": "pre_llm",
             "strategy": self.compressor.display_name(),
-            "tokens_in": sum(f.shape[0] for f in features),
-            "tokens_out": sum(k.shape[0] for k in kept_tokens),
-            "compress_seconds": compress_seconds,
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "compress_seconds": seconds,
             "start": start,
         }
         return kwargs
