@@ -1,0 +1,380 @@
+"""SparseVLM: text raters score the visual tokens inside the LLM; pruned tokens are recycled by clustering.
+
+Paper: Zhang et al., *SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model
+Inference*, ICML 2025 (arXiv 2410.04417). Authors' code: ``Gumpest/SparseVLMs``, the ICML release
+(tag ``v1.5``, commit ``b9619e6``; the same algorithm is ``USE_VERSION=1_0``, the default, on ``main``
+``26a5f48``, which adds the 96-token setting):
+
+* ``llava/model/language_model/modelling_sparse_llama.py``, ``LlamaDynamicvitModel.forward``: the text
+  raters, the pruning layers ``pruning_loc = [2, 6, 15]`` and the recycling;
+* ``llava/model/language_model/score.py``, ``attn_postprocess_topk``: the scores and the per-layer counts
+  ``sparse_token_dict``;
+* ``llava/model/language_model/utils.py``, ``cluster_and_merge``: the density-peak clustering;
+* ``LlamaDynamicvitFlashAttention2.forward`` (same file as the first): the attention the scores read,
+  ``softmax(q k^T / sqrt(Dh))`` with the causal mask over the whole prompt.
+
+The algorithm, at prefill (the authors' defaults are ours):
+
+1. **Raters** (once, at the LLM input). With ``V`` the visual and ``T`` the text embeddings (every token
+   after the image: the instruction and the assistant prefix), ``m = mean_over_visual(softmax_over_text(
+   V T^T))``; the raters are the text tokens with ``m_t > mean(m)``.
+2. **Scores**, at each pruning layer: the decoder layer's attention, averaged over heads, of the rater
+   rows to the visual columns, averaged over the raters: one score per visual token.
+3. **Keep**: the ``keep`` tokens of largest score (``topk``), ``keep = min(count, N - 1)`` with the
+   per-layer ``count`` of ``sparse_token_dict[retained]``: ``192: [300, 200, 110]``,
+   ``128: [303, 110, 36]``, ``96: [238, 48, 26]``, ``64: [66, 30, 17]`` at layers ``[2, 6, 15]`` for
+   LLaVA-1.5's ``N = 576``.
+4. **Recycle**: of the ``P = N - keep`` pruned tokens, the ``r = int(0.3 P) + 1`` of largest score
+   (``recycle_ratio = 0.3``) are clustered into ``c = int(r / 10) + 1`` clusters
+   (``cluster_divisor = 10``) by density-peak clustering with k-nearest neighbours (DPC-KNN, ``k = c``):
+   distances ``d_ij = ||x_i - x_j|| / sqrt(D)``, density ``rho_i = exp(-mean(d_i^2 over its c nearest,
+   itself included))``, ``delta_i`` = distance to the nearest denser token (the largest distance of the
+   set for the densest), centres = the ``c`` largest ``rho_i * delta_i``, every token joins its nearest
+   centre (a centre joins itself), and each cluster becomes the mean of its members. The other
+   ``P - r`` pruned tokens are dropped.
+5. The layer's output holds ``keep + c`` visual tokens: the kept ones and the ``c`` merged ones. Later
+   layers see only those (the next pruning layer re-scores and re-recycles all of them, merged ones
+   included).
+
+Here one call of :meth:`compress` is one pruning layer. ``tokens`` are the visual hidden states there
+and ``Context.cross_attention`` ``[B, T, N]`` the head-averaged attention of the ``T`` text tokens (those
+after the image) to the ``N`` visual tokens in the layer whose attention the authors read. The budget
+``K`` is the number of outputs, kept plus merged; :meth:`stage_budgets` gives the authors' ``K`` per layer
+(``[309, 204, 113]`` for ``retained=192``, ``N = 576``) and a call splits its ``K`` back into ``keep`` and
+``c`` (below). Outputs are ordered by position: a kept token at its own position, a merged token at its
+cluster centre's position (the density peak, a pruned token, so no position is used twice);
+``assignment`` maps every recycled token to its cluster's slot and the ``P - r`` others to ``-1``.
+In a padded batch, give the padding text rows of ``cross_attention`` as zeros: with the attention rule a
+zero row is never above the mean, so it never rates.
+
+Layers: a stage at ``layer = l`` acts on the hidden states entering decoder layer ``l`` with the
+attention of layer ``l - 1`` (as FastV's ``layer = 2``); the authors score with the attention of layer
+``2`` and cut the output of that same layer, so their ``pruning_loc = [2, 6, 15]`` is our
+``layers = [3, 7, 16]``.
+
+Departures from the authors' code:
+
+* **Budget split.** The authors fix ``keep`` and the output count follows. We are given the output count
+  ``K`` and take the largest ``keep`` with ``keep + c(N - keep) = K`` (``keep + c`` grows by 0 or 1 per
+  extra kept token, so such a ``keep`` exists for every ``K`` from ``c(N)`` to ``N``); this gives back the
+  authors' ``keep`` for all twelve entries of their table. Budgets below ``c(N)`` (zero tokens kept)
+  raise ``ValueError`` unless ``recycle=False``. ``K = N`` keeps everything (the authors always prune at
+  least one token, ``min(count, N - 1)``, and recycle it as a cluster of one: the same tokens).
+* **Raters from attention by default.** The authors' raters need the visual and text embeddings at the
+  LLM input; :class:`~tokencomp.Context` carries the visual tokens of *this* layer. ``raters="embeddings"``
+  applies their rule to ``Context.text_embeddings`` ``[B, T, D]`` and ``Context.image_embeddings``
+  ``[B, N, D]`` (the visual tokens in the same space; the tokens themselves when absent).
+  ``raters="attention"`` applies the same rule to the attention instead: each visual token's column of
+  ``cross_attention`` normalised over the text tokens takes the place of ``softmax_over_text(V T^T)``,
+  then the mean over the visual tokens and the mean threshold as theirs. ``raters="auto"`` (default)
+  uses the embeddings when ``Context.text_embeddings`` is given, else the attention. When no text token
+  is above the mean (all equal, e.g. ``T = 1``), every text token rates; the authors' mean over an empty
+  set would be NaN.
+* **Fixed counts, not the rank.** The paper's rank-based adaptive count (``v1.0`` code,
+  ``attn_postprocess_rank``: ``keep = min(int(13.5 * rank(A_raters)), N - 1)``) is not what their ICML
+  release runs, and our budget is given by the caller. ``info["rater_rank"]`` reports that rank for
+  analysis.
+* **Ties.** The authors add ``1e-6 * rand`` to the densities to break ties; we break them
+  deterministically: of two equal densities, the token of higher score (then lower position) counts as
+  the denser. Score ties in the keep / recycle ranking and in the choice of centres go to the lower
+  position / the higher-score candidate (``torch.topk`` leaves them unspecified); a token equidistant
+  from two centres joins the one of larger ``rho * delta``.
+* **Where merged tokens sit.** The authors append the merged tokens after the kept visual tokens and
+  renumber the position ids of the shorter sequence; ours sit at their centres' positions (our output is
+  ordered by position), and the sequence is renumbered too (``in_llm_positions = "renumber"``).
+* **Merge weights.** The authors divide each cluster's sum by ``count + 1e-6``; we divide by ``count``
+  (a relative difference below ``1e-6``).
+* **Schedule for other N.** The authors' counts are for ``N = 576``; for another first-stage ``N``,
+  :meth:`stage_budgets` scales them by ``N / 576`` (rounded half up, at least 1). ``keep_counts`` gives
+  explicit counts instead.
+* Distances use ``torch.cdist`` (no ``[B, r, r, D]`` difference tensor); maths in float32 (the authors
+  run in float16).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from tokencomp.base import Compressor
+from tokencomp.kernels import batched_gather, slots_of
+from tokencomp.kernels.attention import rank_descending
+from tokencomp.registry import register
+from tokencomp.types import CompressionResult, Context
+from tokencomp.validation import InvalidParameterError, check_bool, check_choice, check_float, check_int
+
+#: The authors' per-layer top-k counts at their three pruning layers, by ``RETAIN_TOKN`` (``N = 576``).
+AUTHORS_KEEP = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+#: Number of visual tokens the authors' counts are for (LLaVA-1.5).
+AUTHORS_N = 576
+RATERS = ("auto", "attention", "embeddings")
+_NAME = "sparsevlm"
+
+
+def recycled_count(pruned: int, recycle_ratio: float = 0.3) -> int:
+    """Pruned tokens that are recycled: ``int(P * recycle_ratio) + 1``, at most ``P`` (0 when ``P = 0``)."""
+    if pruned <= 0:
+        return 0
+    return min(pruned, int(pruned * recycle_ratio) + 1)
+
+
+def cluster_count(pruned: int, recycle_ratio: float = 0.3, cluster_divisor: int = 10) -> int:
+    """Merged tokens made from ``P`` pruned ones: ``int(r / cluster_divisor) + 1`` clusters of the ``r`` recycled."""
+    r = recycled_count(pruned, recycle_ratio)
+    if r == 0:
+        return 0
+    return min(r, r // cluster_divisor + 1)
+
+
+@register(_NAME)
+class SparseVLM(Compressor):
+    """Keep the visual tokens the text raters attend to most; recycle the best pruned ones into clusters.
+
+    Parameters
+    ----------
+    layers : list of int, default [3, 7, 16]
+        The decoder layers the stages run at (strictly increasing, >= 1): a stage at ``l`` cuts the hidden
+        states entering layer ``l``, scored with the attention of layer ``l - 1``. The authors'
+        ``pruning_loc = [2, 6, 15]`` (score with layer ``i``'s attention, cut its output).
+    retained : {192, 128, 96, 64}, default 192
+        The authors' ``RETAIN_TOKN``: which row of their per-layer count table :meth:`stage_budgets`
+        uses (it needs three ``layers``). Ignored when ``keep_counts`` is given.
+    keep_counts : list of int, optional
+        Explicit top-k counts, one per entry of ``layers`` (each >= 1), instead of the authors' table.
+    recycle : bool, default True
+        Merge the best pruned tokens into a few extra tokens (the authors' recycling); ``False`` drops
+        every pruned token.
+    recycle_ratio : float, default 0.3
+        Share of the ``P`` pruned tokens that is recycled: ``r = min(P, int(P * recycle_ratio) + 1)``,
+        in [0, 1].
+    cluster_divisor : int, default 10
+        The ``r`` recycled tokens form ``c = min(r, r // cluster_divisor + 1)`` clusters, >= 1.
+    raters : {"auto", "attention", "embeddings"}, default "auto"
+        How the text raters are chosen: the authors' mean-threshold rule on the embeddings
+        (``Context.text_embeddings``, with ``Context.image_embeddings`` or the tokens), on the attention
+        (``Context.cross_attention``), or ``"auto"``: embeddings when ``text_embeddings`` is given, else
+        attention.
+
+    Notes
+    -----
+    ``info``: ``scores`` ``[B, N]`` the raters' mean attention, ``raters`` ``[B, T]`` bool,
+    ``recycled`` ``[B, K]`` bool marking the merged output slots, ``rater_rank`` ``[B]`` the rank of the
+    raters' attention rows (the paper's adaptive-count statistic).
+    """
+
+    stage = "in_llm"
+    needs_attention = True
+    text_conditioned = True
+    deterministic = True
+    requires = ("cross_attention",)
+    in_llm_positions = "renumber"
+    summary = "Text raters' attention keeps visual tokens after LLM layers 2/6/15; best pruned ones recycled by DPC-KNN."
+    paper = (
+        "Zhang et al., SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model "
+        "Inference, ICML 2025 (arXiv 2410.04417)"
+    )
+
+    def __init__(
+        self,
+        *,
+        layers: list[int] = (3, 7, 16),  # type: ignore[assignment]
+        retained: int = 192,
+        keep_counts: Optional[list[int]] = None,
+        recycle: bool = True,
+        recycle_ratio: float = 0.3,
+        cluster_divisor: int = 10,
+        raters: str = "auto",
+    ) -> None:
+        self.layers = _int_list("layers", layers, low=1, increasing=True)
+        self.retained = check_int(_NAME, "retained", retained)
+        if self.retained not in AUTHORS_KEEP:
+            raise InvalidParameterError(
+                f"{_NAME}: parameter 'retained' must be one of {sorted(AUTHORS_KEEP, reverse=True)} (the authors' "
+                f"settings); got {retained!r}. For other schedules pass keep_counts=[...] (one count per layer)."
+            )
+        self.keep_counts = None if keep_counts is None else _int_list("keep_counts", keep_counts, low=1)
+        expected = len(AUTHORS_KEEP[self.retained]) if self.keep_counts is None else len(self.keep_counts)
+        if len(self.layers) != expected:
+            what = "keep_counts" if self.keep_counts is not None else f"the authors' table (retained={self.retained})"
+            raise InvalidParameterError(
+                f"{_NAME}: parameter 'layers' has {len(self.layers)} entries ({self.layers}) but {what} has "
+                f"{expected} per-layer counts; give one count per layer with keep_counts=[...]."
+            )
+        self.recycle = check_bool(_NAME, "recycle", recycle)
+        self.recycle_ratio = check_float(_NAME, "recycle_ratio", recycle_ratio, low=0.0, high=1.0)
+        self.cluster_divisor = check_int(_NAME, "cluster_divisor", cluster_divisor, low=1)
+        self.raters = check_choice(_NAME, "raters", raters, RATERS)
+
+    # ------------------------------------------------------------------ the schedule
+    def _clusters(self, pruned: int) -> int:
+        return cluster_count(pruned, self.recycle_ratio, self.cluster_divisor) if self.recycle else 0
+
+    def stage_counts(self, n: int, final_k: Optional[int] = None) -> list[int]:
+        """Top-k counts per layer for ``n`` visual tokens entering the first stage.
+
+        The authors' row ``AUTHORS_KEEP[final_k]`` (``final_k`` defaults to ``retained``), scaled by
+        ``n / 576`` when ``n != 576``; or ``keep_counts`` as given.
+        """
+        n = check_int(_NAME, "n", n, low=1)
+        if self.keep_counts is not None:
+            if final_k is not None:
+                raise ValueError(
+                    f"{_NAME}: final_k={final_k!r} selects a row of the authors' table, but this instance has "
+                    f"explicit keep_counts={self.keep_counts}; drop final_k."
+                )
+            return list(self.keep_counts)
+        key = self.retained if final_k is None else final_k
+        if key not in AUTHORS_KEEP or isinstance(key, bool):
+            raise ValueError(
+                f"{_NAME}: final_k must be one of {sorted(AUTHORS_KEEP, reverse=True)} (the authors' settings); "
+                f"got {final_k!r}. Use keep_counts=[...] for other schedules."
+            )
+        counts = AUTHORS_KEEP[key]
+        if n == AUTHORS_N:
+            return list(counts)
+        return [max(1, (2 * c * n + AUTHORS_N) // (2 * AUTHORS_N)) for c in counts]
+
+    def stage_budgets(self, n: int, final_k: Optional[int] = None) -> list[int]:
+        """Visual tokens leaving each stage (kept plus merged), starting from ``n``: the budgets of the calls.
+
+        At each stage ``keep = min(count, n_s - 1)`` of the ``n_s`` entering tokens (the authors' rule;
+        ``keep = 1`` when ``n_s = 1``), plus ``c(n_s - keep)`` merged tokens when recycling. For
+        ``n = 576``: ``[309, 204, 113]`` (192), ``[312, 117, 39]`` (128), ``[249, 55, 27]`` (96),
+        ``[82, 32, 18]`` (64).
+        """
+        out, m = [], n
+        for count in self.stage_counts(n, final_k):
+            keep = min(count, m - 1) if m > 1 else 1
+            m = keep + self._clusters(m - keep)
+            out.append(m)
+        return out
+
+    def split(self, n: int, k: int) -> tuple[int, int]:
+        """``(keep, clusters)`` for ``k`` outputs from ``n`` tokens: the largest ``keep`` with ``keep + c(n - keep) = k``."""
+        if not self.recycle:
+            return k, 0
+        lo, hi = 0, n  # f(keep) = keep + c(n - keep) is non-decreasing: largest keep with f(keep) <= k
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if mid + self._clusters(n - mid) <= k:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, k - lo
+
+    def _check_budget(self, k: int, n: int, context: Context) -> None:
+        if self.recycle and k < self._clusters(n):
+            raise ValueError(
+                f"{_NAME}: budget K={k} is below the minimum {self._clusters(n)} for N={n} with recycling: even "
+                f"keeping no token, the N pruned tokens are recycled into {self._clusters(n)} merged tokens "
+                f"(recycle_ratio={self.recycle_ratio}, cluster_divisor={self.cluster_divisor}). The budget must "
+                f"be in [{self._clusters(n)}, {n}]; raise it or pass recycle=False."
+            )
+
+    # ------------------------------------------------------------------ one pruning layer
+    def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
+        x = tokens.float()
+        b, n, d = x.shape
+        attn = context.cross_attention.float()  # [B, T, N]
+        if attn.shape[1] < 1:
+            raise ValueError(f"{_NAME}: context.cross_attention has T=0 text tokens; it needs at least one row.")
+        if not bool(torch.isfinite(attn).all()):
+            raise ValueError(f"{_NAME}: context.cross_attention contains NaN or infinite values; pass finite attention weights.")
+
+        # 1. Raters, 2. scores: the raters' mean attention to each visual token.
+        raters = self._raters(x, attn, context)  # [B, T] bool
+        w = raters.to(attn.dtype)
+        scores = (attn * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)  # [B, N]
+        rank = torch.linalg.matrix_rank(attn * w.unsqueeze(-1))
+        order = rank_descending(scores)  # [B, N] by decreasing score, ties to the lower position
+        keep, c = self.split(n, k)
+        info = {"scores": scores, "raters": raters, "rater_rank": rank}
+
+        # 3. Keep the top ``keep``.
+        keep_pos = order[:, :keep].sort(dim=-1).values
+        if c == 0:
+            indices = keep_pos
+            info["recycled"] = torch.zeros(b, k, dtype=torch.bool, device=x.device)
+            return CompressionResult(batched_gather(x, indices), indices, slots_of(indices, n), info)
+
+        # 4. Recycle: the r best pruned tokens (in decreasing score), clustered into c merged tokens.
+        r = recycled_count(n - keep, self.recycle_ratio)
+        cand_pos = order[:, keep : keep + r]  # [B, r]
+        centres, owner = _dpc_knn(batched_gather(x, cand_pos), c)  # [B, c] candidate ids; [B, r] cluster ids
+        sums = torch.zeros(b, c, d, dtype=x.dtype, device=x.device)
+        sums.scatter_add_(1, owner.unsqueeze(-1).expand(-1, -1, d), batched_gather(x, cand_pos))
+        counts = torch.zeros(b, c, dtype=x.dtype, device=x.device)
+        counts.scatter_add_(1, owner, torch.ones_like(owner, dtype=x.dtype))
+        merged = sums / counts.unsqueeze(-1)  # every cluster holds at least its centre
+        centre_pos = torch.gather(cand_pos, 1, centres)
+
+        # 5. Output by position: kept tokens at theirs, merged tokens at their centres'.
+        positions = torch.cat([keep_pos, centre_pos], dim=1)
+        values = torch.cat([batched_gather(x, keep_pos), merged], dim=1)
+        indices, perm = positions.sort(dim=-1)
+        slot_of = perm.argsort(dim=-1)  # entry of ``positions`` -> output slot
+        assignment = slots_of(indices, n)
+        assignment.scatter_(1, cand_pos, torch.gather(slot_of[:, keep:], 1, owner))
+        info["recycled"] = perm >= keep
+        return CompressionResult(batched_gather(values, perm), indices, assignment, info)
+
+    def _raters(self, x: torch.Tensor, attn: torch.Tensor, context: Context) -> torch.Tensor:
+        """``[B, T]`` bool: text tokens whose mean relevance to the visual tokens is above the mean."""
+        mode = self.raters
+        if mode == "auto":
+            mode = "embeddings" if context.text_embeddings is not None else "attention"
+        t = attn.shape[1]
+        if mode == "embeddings":
+            text = context.text_embeddings
+            if text is None:
+                raise ValueError(
+                    f"{_NAME}: raters='embeddings' needs context.text_embeddings [B, T, D], which is missing. "
+                    "Pass tokencomp.Context(text_embeddings=...) or use raters='attention'."
+                )
+            visual = x if context.image_embeddings is None else context.image_embeddings.float()
+            if text.shape[1] != t or text.shape[2] != visual.shape[2]:
+                raise ValueError(
+                    f"{_NAME}: context.text_embeddings must be [B, T, D] with the T={t} text tokens of "
+                    f"context.cross_attention and the visual tokens' D={visual.shape[2]}; got {tuple(text.shape)}."
+                )
+            m = (visual @ text.float().transpose(1, 2)).softmax(dim=2).mean(dim=1)  # [B, T]
+        else:
+            col = attn / attn.sum(dim=1, keepdim=True).clamp_min(torch.finfo(attn.dtype).tiny)
+            m = col.mean(dim=2)  # [B, T]
+        raters = m > m.mean(dim=1, keepdim=True)
+        return raters | ~raters.any(dim=1, keepdim=True)  # nobody above the mean: everyone rates
+
+
+def _dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peak clustering with k-nearest neighbours (``k = c``) of ``x`` ``[B, r, D]`` into ``c`` clusters.
+
+    Returns the centres ``[B, c]`` (row indices, by decreasing ``rho * delta``) and each row's cluster
+    ``[B, r]`` in ``[0, c)``. Ties: of two equal densities the lower row index counts as the denser; equal
+    ``rho * delta`` go to the lower row; a row equidistant from two centres joins the earlier centre.
+    """
+    b, r, d = x.shape
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(d)  # [B, r, r]
+    knn = dist.topk(c, dim=-1, largest=False).values
+    density = (-(knn**2).mean(dim=-1)).exp()  # [B, r]
+    ids = torch.arange(r, device=x.device)
+    rho_i, rho_j = density.unsqueeze(2), density.unsqueeze(1)
+    denser = (rho_j > rho_i) | ((rho_j == rho_i) & (ids.view(1, 1, r) < ids.view(1, r, 1)))  # [b, i, j]
+    dist_max = dist.flatten(1).max(dim=-1).values.view(b, 1, 1)
+    delta = torch.where(denser, dist, dist_max).min(dim=-1).values
+    centres = rank_descending(delta * density)[:, :c]  # [B, c]
+    to_centre = torch.gather(dist, 1, centres.unsqueeze(-1).expand(-1, -1, r))  # [B, c, r]
+    owner = to_centre.argmin(dim=1)  # first minimum: the earlier centre
+    owner.scatter_(1, centres, torch.arange(c, device=x.device).expand(b, c).contiguous())
+    return centres, owner
+
+
+def _int_list(name: str, value, *, low: int, increasing: bool = False) -> list[int]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InvalidParameterError(f"{_NAME}: parameter {name!r} must be a list of integers; got {value!r}.")
+    checked = [check_int(_NAME, name, v, low=low) for v in value]
+    if not checked or (increasing and any(bb <= a for a, bb in zip(checked, checked[1:]))):
+        rule = "a non-empty, strictly increasing list" if increasing else "a non-empty list"
+        raise InvalidParameterError(f"{_NAME}: parameter {name!r} must be {rule}; got {list(value)!r}.")
+    return checked
