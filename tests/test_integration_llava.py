@@ -163,8 +163,14 @@ def test_errors(model):
         tc.apply(model, [("apet", 20), ("random", 8)])
     with pytest.raises(ValueError, match="pass budget=None"):
         tc.apply(model, "pdrop", budget=8, layers=[1, 2])
-    with pytest.raises(ValueError, match="text_embeddings"):
-        tc.apply(model, "cdpruner", budget=8)
+    class NeedsHidden(tc.Compressor):
+        requires = ("hidden_states",)
+
+        def _compress(self, tokens, k, context):
+            raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match="needs context hidden_states"):
+        tc.apply(model, NeedsHidden(), budget=8)
     with pytest.raises(ValueError, match="point must be one of"):
         tc.apply(model, "random", budget=8, point="middle")
     with pytest.raises(ValueError, match="pass the strategy's name"):
@@ -191,3 +197,32 @@ def test_rows_with_different_numbers_of_images_equal_rows_alone():
         batched = greedy(model, batch)
         for row, alone in enumerate(rows):
             assert torch.equal(batched[row, -6:], greedy(model, alone)[0, -6:])
+
+
+def test_text_conditioned_strategy_gets_the_instruction(model):
+    inputs = llava_prompt(model, batch=2, pad=[0, 2], seed=13)
+    with pytest.raises(ValueError, match="post_projector"):
+        tc.apply(model, "cdpruner", budget=8)
+    captured = {}
+
+    class Spy(tc.Compressor):
+        requires = ("text_embeddings",)
+        text_conditioned = deterministic = True
+
+        def _compress(self, tokens, k, context):
+            captured["text"] = context.text_embeddings
+            return tc.selection_result(tokens, torch.arange(k).expand(tokens.shape[0], k))
+
+    with torch.no_grad(), tc.apply(model, Spy(), budget=8, point="post_projector"):
+        model(**inputs)
+    embed = model.model.get_input_embeddings()
+    tail = 5  # the prompt's 2 + 3 tokens after the image
+    torch.testing.assert_close(captured["text"], embed(inputs["input_ids"][:, -tail:]))
+    # (a recomputation without cache would see the generated tokens as part of the instruction, so the
+    # check is that generate's prefill is the forward's: the same first token)
+    with tc.apply(model, "cdpruner", budget=8, point="post_projector") as handle:
+        first = greedy(model, inputs)[:, inputs["input_ids"].shape[1]]
+        with torch.no_grad():
+            logits = model(**inputs).logits[:, -1]
+    assert torch.equal(first, logits.masked_fill(torch.arange(120) == 119, float("-inf")).argmax(-1))
+    assert handle.stats[0]["tokens_out"] == 2 * 8

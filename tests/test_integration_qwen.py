@@ -209,3 +209,29 @@ def test_video_frames_each_keep_their_budget(model):
     temporal = seen["positions"][1, 0][video]
     frames = original[0, 0][inputs["input_ids"][0] == 152].unique()  # the three temporal positions
     assert [int((temporal == f).sum()) for f in frames] == [5, 5, 5]
+
+
+def test_cdpruner_gets_each_rows_instruction(model):
+    inputs = qwen_prompt(SIZES, batch=2, pad=[0, 2], seed=14)
+    captured = []
+
+    class Spy(tc.Compressor):
+        requires = ("text_embeddings",)
+        text_conditioned = deterministic = True
+
+        def _compress(self, tokens, k, context):
+            captured.append(context.text_embeddings)
+            return tc.selection_result(tokens, torch.arange(k).expand(tokens.shape[0], k))
+
+    with torch.no_grad(), tc.apply(model, Spy(), budget=6):
+        model(**inputs)
+    tail = model.model.get_input_embeddings()(inputs["input_ids"][:, -6:])  # vision_end, then 2 + 3 tokens
+    assert [t.shape for t in captured] == [torch.Size([1, 6, 64])] * 4  # two images in each of two rows
+    for item, row in zip(captured, [0, 0, 1, 1]):
+        torch.testing.assert_close(item[0], tail[row])
+    with tc.apply(model, "cdpruner", budget=6) as handle:
+        first = greedy(model, inputs)[:, inputs["input_ids"].shape[1]]
+        with torch.no_grad():
+            logits = model(**inputs).logits[:, -1]
+    assert torch.equal(first, logits.masked_fill((torch.arange(160) == 151) | (torch.arange(160) == 152), float("-inf")).argmax(-1))
+    assert handle.stats[0]["tokens_out"] == 2 * 2 * 6

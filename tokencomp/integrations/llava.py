@@ -15,6 +15,7 @@ switches the vision tower to eager attention for the call and back.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any, Optional
@@ -25,10 +26,10 @@ from ..base import Compressor
 from ..types import Context
 from .decoder import DecoderStages, Stage
 from .handle import Handle
-from .sequence import Shortening, placeholder_keep, positions_from_mask, translate_decode
+from .sequence import Shortening, instruction_embeddings, placeholder_keep, positions_from_mask, translate_decode
 
 POINTS = ("pre_projector", "post_projector")
-SUPPLIED = ("grid", "cls_attention")
+SUPPLIED = ("grid", "cls_attention", "text_embeddings")
 
 
 class LlavaIntegration:
@@ -49,8 +50,16 @@ class LlavaIntegration:
         self.mask2d: Optional[torch.Tensor] = None
         self._cls_attention: Optional[torch.Tensor] = None
         self._pending: dict[str, Any] = {}
+        # Text-conditioned strategies run once the prompt is known, on the projector's output: the
+        # instruction's embeddings (the language model's input embeddings) live in that space.
+        self._late = compressor is not None and "text_embeddings" in compressor.requires
         if compressor is not None:
             self._check_context_supply()
+        if self._late and point != "post_projector":
+            raise ValueError(
+                f"tokencomp.apply: {compressor.display_name()!r} scores the tokens against the instruction's "
+                "embeddings, which live in the language model's space; pass point='post_projector'."
+            )
         self.decoder = (
             DecoderStages(self.inner.language_model, stages, allow_eager_fallback, handle,
                           visual_mask=lambda: self.visual, key_mask=lambda: self.mask2d)
@@ -67,7 +76,9 @@ class LlavaIntegration:
             if "cls_attention" in self.compressor.requires:
                 hooks.append(self._attention_layer().register_forward_hook(self._capture_attention))
             projector = self.inner.multi_modal_projector
-            if self.point == "pre_projector":
+            if self._late:
+                pass  # compressed in _prefill, where the instruction is known
+            elif self.point == "pre_projector":
                 hooks.append(projector.register_forward_pre_hook(self._compress_projector_input))
             else:
                 hooks.append(projector.register_forward_hook(self._compress_projector_output))
@@ -129,7 +140,7 @@ class LlavaIntegration:
             )
         self._cls_attention = weights[:, :, 0, 1:].float().mean(dim=1)  # [images, N]
 
-    def _context(self, n: int) -> Context:
+    def _context(self, n: int, text: Optional[torch.Tensor] = None) -> Context:
         side = math.isqrt(n)
         grid = (side, side) if side * side == n else None
         cls = self._cls_attention
@@ -140,11 +151,11 @@ class LlavaIntegration:
                     "tokencomp.apply: [CLS] attention needs vision_feature_select_strategy='default' "
                     "(features without the [CLS] token)."
                 )
-        return Context(grid=grid, cls_attention=cls)
+        return Context(grid=grid, cls_attention=cls, text_embeddings=text)
 
-    def _compress(self, features: torch.Tensor) -> torch.Tensor:
+    def _compress(self, features: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
         start = time.perf_counter()
-        result = self.compressor.compress(features, self.budget, self._context(features.shape[1]))
+        result = self.compressor.compress(features, self.budget, self._context(features.shape[1], text))
         self._pending["compress"] = self._pending.get("compress", 0.0) + time.perf_counter() - start
         self._pending["in"] = self._pending.get("in", 0) + features.shape[0] * features.shape[1]
         self._pending["out"] = self._pending.get("out", 0) + result.tokens.shape[0] * result.tokens.shape[1]
@@ -196,6 +207,8 @@ class LlavaIntegration:
         kwargs["pixel_values"] = None
         kwargs["mm_encoder_outputs"] = encoded
         features = list(encoded["image"].pooler_output)
+        if self._late:
+            features = self._compress_with_instruction(module, input_ids, token_id, features, encoded)
         kept = features[0].shape[0]
         if any(f.shape[0] != kept for f in features):
             raise ValueError("tokencomp: images of one LLaVA batch must keep the same number of features.")
@@ -217,6 +230,21 @@ class LlavaIntegration:
         self._pending["prefill"] = True
         self._pending.setdefault("start", time.perf_counter())
         return kwargs
+
+    def _compress_with_instruction(
+        self, module: torch.nn.Module, input_ids: torch.Tensor, token_id: int, features: list, encoded: dict
+    ) -> list:
+        """Compress the projected features of every image against its row's instruction embeddings."""
+        visual = input_ids == token_id
+        text = instruction_embeddings(module.get_input_embeddings(), input_ids, visual)  # [B, T, D]
+        per_image = features[0].shape[0]
+        rows = torch.repeat_interleave(torch.arange(input_ids.shape[0], device=input_ids.device), visual.sum(dim=1) // per_image)
+        stacked = torch.stack(features)
+        tokens = self._compress(stacked, text[rows].to(stacked.dtype))
+        output = copy.copy(encoded["image"])  # generate reuses its own outputs on every step
+        output.pooler_output = list(tokens)
+        encoded["image"] = output
+        return list(tokens)
 
     def _after_model(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if not self._pending.pop("prefill", False) or "in" not in self._pending:

@@ -29,11 +29,11 @@ from ..base import Compressor
 from ..types import Context
 from .decoder import DecoderStages, Stage
 from .handle import Handle
-from .sequence import Shortening, positions_from_mask, translate_decode
+from .sequence import Shortening, instruction_embeddings, positions_from_mask, translate_decode
 
 POINTS = ("post_merger",)
 VIDEO = ("clip", "frame")
-SUPPLIED = ("grid",)
+SUPPLIED = ("grid", "text_embeddings")
 
 
 class QwenVLIntegration:
@@ -147,18 +147,21 @@ class QwenVLIntegration:
             found.append((name, placeholders, features, grid))
         return found
 
-    def _compress_item(self, feature: torch.Tensor, thw: list[int], merge: int, video: bool) -> tuple:
+    def _compress_item(
+        self, feature: torch.Tensor, thw: list[int], merge: int, video: bool, text: Optional[torch.Tensor]
+    ) -> tuple:
         """Compress one image or video; ``(kept tokens [K, D], kept flags [N], seconds)``."""
         t, h, w = thw[0], thw[1] // merge, thw[2] // merge
         tick = time.perf_counter()
         if video and self.video == "frame":
             frames = feature.view(t, h * w, -1)  # one call, the frames as a batch
-            result = self.compressor.compress(frames, self.budget, Context(grid=(h, w)))
+            texts = None if text is None else text.expand(t, *text.shape)
+            result = self.compressor.compress(frames, self.budget, Context(grid=(h, w), text_embeddings=texts))
             offsets = (torch.arange(t, device=feature.device) * h * w)[:, None]
             indices, tokens = (result.indices + offsets).reshape(-1), result.tokens.reshape(-1, feature.shape[-1])
         else:
             grid = (t, h, w) if t > 1 else (h, w)
-            result = self.compressor.compress(feature, self.budget, Context(grid=grid))
+            result = self.compressor.compress(feature, self.budget, Context(grid=grid, text_embeddings=text))
             indices, tokens = result.indices, result.tokens
         flags = torch.zeros(feature.shape[0], dtype=torch.bool, device=feature.device)
         flags[indices] = True
@@ -171,10 +174,19 @@ class QwenVLIntegration:
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         grids: dict[str, torch.Tensor] = {}
         seconds, tokens_in, tokens_out = 0.0, 0, 0
-        for name, placeholders, features, grid in self._modalities(module, kwargs, input_ids):
+        modalities = self._modalities(module, kwargs, input_ids)
+        text = None
+        if "text_embeddings" in self.compressor.requires:
+            visual = torch.stack([m[1] for m in modalities]).any(dim=0)
+            text = instruction_embeddings(module.get_input_embeddings(), input_ids, visual)  # [B, T, D]
+        for name, placeholders, features, grid in modalities:
             kept_tokens, flags = [], []
-            for feature, thw in zip(features, grid.tolist()):
-                tokens, chosen, spent = self._compress_item(feature, thw, merge, video=name == "video")
+            # the row each item sits in: the row of its first placeholder (items run row by row)
+            starts = torch.tensor([0] + [f.shape[0] for f in features[:-1]], device=input_ids.device).cumsum(0)
+            rows = placeholders.nonzero()[:, 0][starts].tolist()
+            for feature, thw, row in zip(features, grid.tolist(), rows):
+                item_text = None if text is None else text[row].to(feature.dtype)
+                tokens, chosen, spent = self._compress_item(feature, thw, merge, name == "video", item_text)
                 kept_tokens.append(tokens)
                 flags.append(chosen)
                 seconds += spent

@@ -127,3 +127,21 @@ def translate_decode(
         shift = state.removed.to(position_ids.device)
         position_ids = position_ids - (shift.view(1, b, 1) if position_ids.dim() == 3 else shift.view(b, 1))
     return attention_mask, position_ids, True
+
+
+def instruction_embeddings(embed: torch.nn.Module, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """``[B, T, D]`` input embeddings of the instruction: the last ``T`` tokens of each row after its last
+    visual token, ``T`` the shortest such tail in the batch (rows are left-padded, so these are real tokens).
+
+    Raises
+    ------
+    ValueError
+        If a row has no token after its last visual token.
+    """
+    length = input_ids.shape[1]
+    columns = torch.arange(length, device=input_ids.device)
+    last = torch.where(visual, columns, torch.full_like(columns, -1)).amax(dim=1)
+    tail = int((length - 1 - last).min())
+    if tail < 1:
+        raise ValueError("tokencomp: the strategy needs the instruction's embeddings, but a prompt has no text after its image.")
+    return embed(input_ids[:, length - tail :])
