@@ -1,0 +1,140 @@
+"""ToMe: bipartite soft matching, repeated until the budget, with size-weighted averages.
+
+Paper: Bolya et al., *Token Merging: Your ViT But Faster*, ICLR 2023 (arXiv 2210.09461). Authors' code:
+``facebookresearch/ToMe`` (``tome/merge.py``: ``bipartite_soft_matching``, ``merge_wavg``,
+``merge_source``).
+
+One round of the authors' procedure on ``t`` tokens, merging ``r`` of them:
+
+1. The metric is L2-normalised; the tokens alternate into set ``A`` (even places) and ``B`` (odd places).
+2. ``scores = A B^T``; every ``A`` token's best match in ``B`` (``max`` / ``argmax``). With
+   ``protect_first`` (the authors' ``class_token``) the first token's row is ``-inf``: it never merges.
+3. The ``A`` tokens sorted by their best score, descending: the first ``r`` merge into their match, the
+   rest stay (with ``protect_first`` the staying ones are put back in their order).
+4. Merging is size-weighted averaging (``merge_wavg``): ``x * size`` and ``size`` are summed into the
+   match, then divided; sizes start at 1 and carry over rounds.
+5. The new order is ``[staying A tokens..., B tokens...]``; the next round splits that order again.
+
+"Repeated until the budget": each round merges ``r = min(t - k, (t - protected) // 2)`` (the authors'
+cap on ``r``) until ``k`` tokens remain. A pre-LLM compressor has no attention keys, so the metric is
+the current tokens themselves (the authors use the keys of the block's attention).
+
+Departures: the ranking in step 3 is a stable sort (the authors' ``argsort`` leaves ties unspecified);
+the output is re-ordered at the end to our convention (ascending ``indices``, where a token's index is
+the original position of the token that represents it: the ``B`` token a group merged into, or an ``A``
+token that stayed); the best-match search runs in row chunks (``chunk``) so that no full ``t/2 x t/2``
+matrix is built for long videos.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokencomp.base import Compressor
+from tokencomp.kernels import batched_gather
+from tokencomp.registry import register
+from tokencomp.types import CompressionResult, Context
+from tokencomp.validation import InvalidParameterError, check_bool, check_int
+
+
+def best_match(a: torch.Tensor, b: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise max and argmax of ``a b^T`` (``[B, ta, D]``, ``[B, tb, D]``), ``chunk`` rows at a time."""
+    values, indices = [], []
+    for start in range(0, a.shape[1], chunk):
+        block = a[:, start : start + chunk] @ b.transpose(1, 2)
+        v, i = block.max(dim=-1)
+        values.append(v)
+        indices.append(i)
+    return torch.cat(values, dim=1), torch.cat(indices, dim=1)
+
+
+@register("tome")
+class ToMe(Compressor):
+    """Merge the most similar tokens pairwise (bipartite soft matching) until ``k`` remain.
+
+    Parameters
+    ----------
+    protect_first : bool, default False
+        Never merge the first token (the authors' ``class_token``, for a [CLS] token in front).
+    chunk : int, default 2048
+        Rows of the similarity block computed at once (memory only; the result does not depend on it).
+
+    Notes
+    -----
+    ``info["size"]`` ``[B, K]`` is the number of input tokens each output token stands for.
+    """
+
+    stage = "pre_llm"
+    needs_attention = False
+    text_conditioned = False
+    deterministic = True
+    summary = "Bipartite soft matching repeated until the budget; size-weighted averages (ToMe)."
+    paper = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (arXiv 2210.09461)"
+
+    def __init__(self, *, protect_first: bool = False, chunk: int = 2048) -> None:
+        self.protect_first = check_bool("tome", "protect_first", protect_first)
+        self.chunk = check_int("tome", "chunk", chunk, low=1)
+
+    def _check_budget(self, k: int, n: int, context: Context) -> None:
+        if self.protect_first and k < min(n, 2):
+            raise InvalidParameterError(
+                f"tome: with protect_first=True the first token never merges and the last pair needs a partner, "
+                f"so the budget must be at least 2 (N={n}); got K={k}. Raise the budget or set protect_first=False."
+            )
+
+    def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
+        x = tokens.float()
+        b, n, d = x.shape
+        size = torch.ones(b, n, 1, device=x.device)
+        rep = torch.arange(n, device=x.device).expand(b, n)  # original position representing each token
+        owner = rep.clone()  # current slot of every original token
+        protected = 1 if self.protect_first else 0
+        t = n
+        while t > k:
+            r = min(t - k, (t - protected) // 2)
+            x, size, rep, owner = self._round(x, size, rep, owner, r)
+            t -= r
+        # our convention: outputs by ascending representative position
+        order = rep.argsort(dim=1)
+        slot = order.argsort(dim=1)  # current slot -> output slot
+        return CompressionResult(
+            tokens=batched_gather(x, order),
+            indices=rep.gather(1, order),
+            assignment=slot.gather(1, owner),
+            info={"size": size.squeeze(-1).gather(1, order)},
+        )
+
+    def _round(self, x, size, rep, owner, r):
+        b, t, d = x.shape
+        rows = torch.arange(b, device=x.device)[:, None]
+        metric = F.normalize(x, dim=-1)
+        a, bb = metric[:, ::2], metric[:, 1::2]
+        node_max, node_idx = best_match(a, bb, self.chunk)
+        if self.protect_first:
+            node_max[:, 0] = float("-inf")
+        edge = node_max.argsort(dim=1, descending=True, stable=True)
+        unm, src = edge[:, r:], edge[:, :r]
+        if self.protect_first:
+            unm = unm.sort(dim=1).values
+        dst = node_idx.gather(1, src)  # [B, r] indices into B
+        ta = a.shape[1]
+        # size-weighted sums (merge_wavg): x * size and size summed into the matches
+        weighted = x * size
+        wa, wb = weighted[:, ::2], weighted[:, 1::2]
+        sa, sb = size[:, ::2], size[:, 1::2]
+        new_b = wb.scatter_add(1, dst[..., None].expand(-1, -1, d), batched_gather(wa, src))
+        new_sb = sb.scatter_add(1, dst[..., None], batched_gather(sa, src))
+        new_size = torch.cat([batched_gather(sa, unm), new_sb], dim=1)
+        new_x = torch.cat([batched_gather(wa, unm), new_b], dim=1) / new_size
+        new_rep = torch.cat([rep[:, ::2].gather(1, unm), rep[:, 1::2]], dim=1)
+        # where every current token goes: A tokens that stay -> their place among the stayers; merged A
+        # tokens -> their match's place; B tokens -> after the stayers
+        keep_a = ta - r
+        moved = torch.empty(b, t, dtype=torch.int64, device=x.device)
+        a_slots = torch.empty(b, ta, dtype=torch.int64, device=x.device)
+        a_slots[rows, unm] = torch.arange(keep_a, device=x.device).expand(b, keep_a)
+        a_slots[rows, src] = keep_a + dst
+        moved[:, ::2] = a_slots
+        moved[:, 1::2] = keep_a + torch.arange(t // 2, device=x.device).expand(b, t // 2)
+        return new_x, new_size, new_rep, moved.gather(1, owner)
