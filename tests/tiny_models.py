@@ -155,3 +155,52 @@ def left_pad_batch(rows: list[dict], pad_id: int = 0) -> dict:
         if key in rows[0]:
             out[key] = torch.cat([r[key] for r in rows])
     return out
+
+
+def tiny_llava_next(attn_implementation: str = "sdpa", onevision: bool = False):
+    """LLaVA-NeXT (or OneVision) layout: 56 px crops of 4 x 4 patches, any-res pinpoints, newline token."""
+    from transformers import CLIPVisionConfig, LlamaConfig, SiglipVisionConfig
+
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=120, max_position_embeddings=2048, pad_token_id=0)
+    pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
+    if onevision:
+        from transformers import LlavaOnevisionConfig as Config
+        from transformers import LlavaOnevisionForConditionalGeneration as Model
+
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                    image_size=56, patch_size=14)
+        config = Config(vision_config=vision, text_config=text, image_token_id=119, video_token_id=118,
+                        image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                        vision_feature_select_strategy="full")
+    else:
+        from transformers import LlavaNextConfig as Config
+        from transformers import LlavaNextForConditionalGeneration as Model
+
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                  image_size=56, patch_size=14, projection_dim=32)
+        config = Config(vision_config=vision, text_config=text, image_token_id=119, image_grid_pinpoints=pinpoints,
+                        vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    return spread_weights(Model._from_config(config, attn_implementation=attn_implementation))
+
+
+def llava_next_prompt(model, sizes: list[tuple[int, int]], seed: int = 0):
+    """One row with an image of each original ``(height, width)`` in ``sizes``; placeholder counts from the model."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    patches = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
+    most = max(patches)
+    pixels = torch.randn(len(sizes), most, 3, 56, 56, generator=g)
+    image_sizes = torch.tensor(sizes)
+    with torch.no_grad():
+        lengths = [f.shape[0] for f in model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes,
+                                                                       return_dict=True).pooler_output]
+    row = [1] + torch.randint(2, 100, (3,), generator=g).tolist()
+    for length in lengths:
+        row += [cfg.image_token_id] * length + torch.randint(2, 100, (2,), generator=g).tolist()
+    row += torch.randint(2, 100, (3,), generator=g).tolist()
+    ids = torch.tensor([row])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_sizes": image_sizes}

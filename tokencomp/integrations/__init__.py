@@ -14,7 +14,7 @@ from ..base import Compressor
 from ..registry import create
 from .decoder import Stage
 from .handle import Handle
-from .llava import LlavaIntegration
+from .llava import LlavaIntegration, LlavaNextIntegration
 from .qwen2_vl import QwenVLIntegration
 
 __all__ = ["Handle", "apply", "SUPPORTED"]
@@ -22,6 +22,8 @@ __all__ = ["Handle", "apply", "SUPPORTED"]
 # transformers class name -> integration
 SUPPORTED = {
     "LlavaForConditionalGeneration": LlavaIntegration,
+    "LlavaNextForConditionalGeneration": LlavaNextIntegration,
+    "LlavaOnevisionForConditionalGeneration": LlavaNextIntegration,
     "Qwen2VLForConditionalGeneration": QwenVLIntegration,
     "Qwen2_5_VLForConditionalGeneration": QwenVLIntegration,
 }

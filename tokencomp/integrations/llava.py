@@ -45,6 +45,7 @@ class LlavaIntegration:
         self.allow_eager_fallback = allow_eager_fallback
         self.handle = handle
         self.inner = model.model
+        self.packed = hasattr(self.inner, "pack_image_features")  # LLaVA-NeXT family: any-res crops + newlines
         self.state: Optional[Shortening] = None
         self.visual: Optional[torch.Tensor] = None  # [B, L] image positions of the prompt the LLM sees
         self.mask2d: Optional[torch.Tensor] = None
@@ -55,7 +56,7 @@ class LlavaIntegration:
         self._late = compressor is not None and "text_embeddings" in compressor.requires
         if compressor is not None:
             self._check_context_supply()
-        if self._late and point != "post_projector":
+        if self._late and point != "post_projector" and not self.packed:
             raise ValueError(
                 f"tokencomp.apply: {compressor.display_name()!r} scores the tokens against the instruction's "
                 "embeddings, which live in the language model's space; pass point='post_projector'."
@@ -76,7 +77,7 @@ class LlavaIntegration:
             if "cls_attention" in self.compressor.requires:
                 hooks.append(self._attention_layer().register_forward_hook(self._capture_attention))
             projector = self.inner.multi_modal_projector
-            if self._late:
+            if self._late or self.packed:
                 pass  # compressed in _prefill, where the instruction is known
             elif self.point == "pre_projector":
                 hooks.append(projector.register_forward_pre_hook(self._compress_projector_input))
@@ -90,12 +91,13 @@ class LlavaIntegration:
             self.decoder.install()
 
     def _check_context_supply(self) -> None:
-        missing = [f for f in self.compressor.requires if f not in SUPPLIED]
+        supplied = [f for f in SUPPLIED if not (self.packed and f == "cls_attention")]
+        missing = [f for f in self.compressor.requires if f not in supplied]
         if missing:
             raise ValueError(
                 f"tokencomp.apply: strategy {self.compressor.display_name()!r} needs context "
-                f"{', '.join(missing)}, which the LLaVA pre-LLM integration does not supply (it supplies "
-                f"{', '.join(SUPPLIED)}); choose a strategy that needs only those."
+                f"{', '.join(missing)}, which the {type(self.model).__name__} pre-LLM integration does not supply "
+                f"(it supplies {', '.join(supplied)}); choose a strategy that needs only those."
             )
 
     def _attention_layer(self) -> torch.nn.Module:
@@ -169,7 +171,9 @@ class LlavaIntegration:
 
     # ------------------------------------------------------------------ language side
     def _before_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:
+        if len(args) == 1 and "input_ids" not in kwargs:
+            args, kwargs = (), {"input_ids": args[0], **kwargs}  # LLaVA-NeXT passes input_ids by position
+        elif args:
             raise TypeError("tokencomp: call the LLaVA model with keyword arguments (input_ids=..., ...).")
         input_ids = kwargs.get("input_ids")
         token_id = self.model.config.image_token_id
@@ -207,13 +211,17 @@ class LlavaIntegration:
         kwargs["pixel_values"] = None
         kwargs["mm_encoder_outputs"] = encoded
         features = list(encoded["image"].pooler_output)
-        if self._late:
-            features = self._compress_with_instruction(module, input_ids, token_id, features, encoded)
-        kept = features[0].shape[0]
-        if any(f.shape[0] != kept for f in features):
-            raise ValueError("tokencomp: images of one LLaVA batch must keep the same number of features.")
-        per_image = int((input_ids == token_id).sum()) // len(features)
-        state = Shortening.from_keep(placeholder_keep(input_ids, token_id, per_image, kept))
+        if self.packed:
+            keep = self._compress_packed(module, input_ids, token_id, features, encoded)
+        else:
+            if self._late:
+                features = self._compress_with_instruction(module, input_ids, token_id, features, encoded)
+            kept = features[0].shape[0]
+            if any(f.shape[0] != kept for f in features):
+                raise ValueError("tokencomp: images of one LLaVA batch must keep the same number of features.")
+            per_image = int((input_ids == token_id).sum()) // len(features)
+            keep = placeholder_keep(input_ids, token_id, per_image, kept)
+        state = Shortening.from_keep(keep)
         self.state = state
         pad = self.model.config.text_config.pad_token_id
         kwargs["input_ids"] = state.apply(input_ids, fill=0 if pad is None else pad)
@@ -230,6 +238,51 @@ class LlavaIntegration:
         self._pending["prefill"] = True
         self._pending.setdefault("start", time.perf_counter())
         return kwargs
+
+    def _compress_packed(
+        self, module: torch.nn.Module, input_ids: torch.Tensor, token_id: int, features: list, encoded: dict
+    ) -> torch.Tensor:
+        """LLaVA-NeXT / OneVision: compress each image's packed tokens (base view plus unpadded crops),
+        keeping its newline tokens; returns the ``[B, L]`` placeholders kept."""
+        newline = getattr(module, "image_newline", None)
+        visual = input_ids == token_id
+        text = None
+        if "text_embeddings" in self.compressor.requires:
+            text = instruction_embeddings(module.get_input_embeddings(), input_ids, visual)
+        starts = torch.tensor([0] + [f.shape[0] for f in features[:-1]], device=input_ids.device).cumsum(0)
+        rows = visual.nonzero()[:, 0][starts].tolist()
+        flags, packed = [], []
+        for feature, row in zip(features, rows):
+            is_newline = (
+                (feature == newline.to(feature)).all(dim=-1) if newline is not None
+                else torch.zeros(feature.shape[0], dtype=torch.bool, device=feature.device)
+            )
+            tokens = feature[~is_newline]
+            n = tokens.shape[0]
+            side = math.isqrt(n)
+            context = Context(
+                grid=(side, side) if side * side == n else None,
+                text_embeddings=None if text is None else text[row : row + 1].to(tokens.dtype),
+            )
+            start = time.perf_counter()
+            result = self.compressor.compress(tokens[None], self.budget, context)
+            self._pending["compress"] = self._pending.get("compress", 0.0) + time.perf_counter() - start
+            self._pending["in"] = self._pending.get("in", 0) + n
+            self._pending["out"] = self._pending.get("out", 0) + result.tokens.shape[1]
+            chosen = torch.zeros(n, dtype=torch.bool, device=feature.device)
+            chosen[result.indices[0]] = True
+            keep = is_newline.clone()
+            keep[~is_newline] = chosen
+            out = feature[keep].clone()
+            out[~is_newline[keep]] = result.tokens[0].to(out.dtype)  # merged values at the kept slots
+            flags.append(keep)
+            packed.append(out)
+        output = copy.copy(encoded["image"])  # generate reuses its own outputs on every step
+        output.pooler_output = packed
+        encoded["image"] = output
+        keep_all = torch.ones_like(visual)
+        keep_all[visual] = torch.cat(flags).to(visual.device)
+        return keep_all
 
     def _compress_with_instruction(
         self, module: torch.nn.Module, input_ids: torch.Tensor, token_id: int, features: list, encoded: dict
@@ -260,3 +313,11 @@ class LlavaIntegration:
             }
         )
         self._pending = {}
+
+
+class LlavaNextIntegration(LlavaIntegration):
+    """LLaVA-NeXT and LLaVA-OneVision: compression after the any-res packing (base view, unpadded crops,
+    newline tokens), per image; the newline tokens always stay and are not counted in the budget, the
+    strategy sees the image's other tokens (``grid`` when they form a square)."""
+
+    points = ("post_pack",)

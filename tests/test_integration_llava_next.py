@@ -1,0 +1,76 @@
+"""tc.apply on tiny random LLaVA-NeXT and LLaVA-OneVision: any-res packing, newline tokens, cache, removal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokencomp as tc
+from tiny_models import llava_next_prompt, tiny_llava_next
+
+SIZES = [(100, 60), (40, 50)]  # 2 x 1 crops + base view, and a single crop + base view
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["next", "onevision"])
+def model(request):
+    return tiny_llava_next(attn_implementation="eager", onevision=request.param)
+
+
+def greedy(model, inputs, **kw):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=5, do_sample=False, suppress_tokens=[118, 119], **kw)
+
+
+def newline_count(model, inputs):
+    with torch.no_grad():
+        packed = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+        ).pooler_output
+    newline = model.model.image_newline
+    return [int((f == newline).all(dim=-1).sum()) for f in packed], [f.shape[0] for f in packed]
+
+
+def test_newlines_stay_and_the_budget_counts_the_other_tokens(model):
+    inputs = llava_next_prompt(model, SIZES, seed=1)
+    newlines, lengths = newline_count(model, inputs)
+    seen = []
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad(), tc.apply(model, "divprune", budget=10) as handle:
+            model(**inputs)
+    finally:
+        hook.remove()
+    visual = [n - l for n, l in zip(lengths, newlines)]
+    assert handle.stats[0]["tokens_in"] == sum(visual) and handle.stats[0]["tokens_out"] == 20
+    assert seen == [inputs["input_ids"].shape[1] - sum(v - 10 for v in visual)]
+
+
+@pytest.mark.parametrize("schedule", [[("divprune", 10)], [("apet", 12, {"num_basis": 4}), ("apet-llm", 16, {"num_basis": 4, "layer": 2})]])
+def test_generation_with_cache_equals_without(model, schedule):
+    inputs = llava_next_prompt(model, SIZES, seed=2)
+    with tc.apply(model, schedule):
+        cached = greedy(model, inputs)
+        recomputed = greedy(model, inputs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_full_budget_equals_uncompressed_and_remove_restores(model):
+    inputs = llava_next_prompt(model, SIZES, seed=3)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with tc.apply(model, "divprune", budget=1.0):
+            full = model(**inputs).logits
+        with tc.apply(model, "random", budget=0.25):
+            changed = model(**inputs).logits
+        after = model(**inputs).logits
+    assert torch.equal(full, reference) and torch.equal(after, reference)
+    assert changed.shape[1] < reference.shape[1]
+
+
+def test_errors(model):
+    with pytest.raises(ValueError, match="cls_attention"):
+        tc.apply(model, "visionzip", budget=10)
+    with pytest.raises(ValueError, match="post_pack"):
+        tc.apply(model, "random", budget=10, point="pre_projector")
