@@ -74,3 +74,35 @@ def test_errors(model):
         tc.apply(model, "visionzip", budget=10)
     with pytest.raises(ValueError, match="post_pack"):
         tc.apply(model, "random", budget=10, point="pre_projector")
+
+
+@pytest.fixture(scope="module", params=["next-video", "onevision"])
+def video_model(request):
+    return tiny_llava_next(attn_implementation="eager", onevision=request.param == "onevision",
+                           video=request.param == "next-video")
+
+
+@pytest.mark.parametrize("video,budget,kept", [("clip", 6, 6), ("frame", 2, 8)])
+def test_videos_per_clip_or_per_frame(video_model, video, budget, kept):
+    from tiny_models import llava_video_prompt
+
+    inputs = llava_video_prompt(video_model, frames=4, seed=4, image=(100, 60))
+    video_tokens = int((inputs["input_ids"] == 118).sum())
+    newline = 1 if hasattr(video_model.model, "apply_pooling") else 0  # OneVision ends a video with one
+    seen = []
+    hook = video_model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True
+    )
+    try:
+        with tc.apply(video_model, "divprune", budget=budget, video=video) as handle:
+            with torch.no_grad():
+                video_model(**inputs)
+            cached = greedy(video_model, inputs)
+            recomputed = greedy(video_model, inputs, use_cache=False)
+    finally:
+        hook.remove()
+    assert torch.equal(cached, recomputed)
+    images_in = handle.stats[0]["tokens_in"] - (video_tokens - newline)
+    assert handle.stats[0]["tokens_out"] == kept + budget  # the video's tokens plus the image's own budget
+    removed_video = video_tokens - newline - kept
+    assert seen[0] == inputs["input_ids"].shape[1] - removed_video - (images_in - budget)

@@ -157,8 +157,9 @@ def left_pad_batch(rows: list[dict], pad_id: int = 0) -> dict:
     return out
 
 
-def tiny_llava_next(attn_implementation: str = "sdpa", onevision: bool = False):
-    """LLaVA-NeXT (or OneVision) layout: 56 px crops of 4 x 4 patches, any-res pinpoints, newline token."""
+def tiny_llava_next(attn_implementation: str = "sdpa", onevision: bool = False, video: bool = False):
+    """LLaVA-NeXT (OneVision, or NeXT-Video) layout: 56 px crops of 4 x 4 patches, any-res pinpoints,
+    newline token; video frames pooled to 2 x 2 tokens."""
     from transformers import CLIPVisionConfig, LlamaConfig, SiglipVisionConfig
 
     text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -174,13 +175,20 @@ def tiny_llava_next(attn_implementation: str = "sdpa", onevision: bool = False):
                         image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
                         vision_feature_select_strategy="full")
     else:
-        from transformers import LlavaNextConfig as Config
-        from transformers import LlavaNextForConditionalGeneration as Model
+        if video:
+            from transformers import LlavaNextVideoConfig as Config
+            from transformers import LlavaNextVideoForConditionalGeneration as Model
 
+            extra = {"video_token_id": 118, "spatial_pool_stride": 2}
+        else:
+            from transformers import LlavaNextConfig as Config
+            from transformers import LlavaNextForConditionalGeneration as Model
+
+            extra = {}
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                                   image_size=56, patch_size=14, projection_dim=32)
         config = Config(vision_config=vision, text_config=text, image_token_id=119, image_grid_pinpoints=pinpoints,
-                        vision_feature_layer=-2, vision_feature_select_strategy="default")
+                        vision_feature_layer=-2, vision_feature_select_strategy="default", **extra)
     torch.manual_seed(0)
     return spread_weights(Model._from_config(config, attn_implementation=attn_implementation))
 
@@ -204,3 +212,24 @@ def llava_next_prompt(model, sizes: list[tuple[int, int]], seed: int = 0):
     row += torch.randint(2, 100, (3,), generator=g).tolist()
     ids = torch.tensor([row])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_sizes": image_sizes}
+
+
+def llava_video_prompt(model, frames: int = 4, seed: int = 0, image: tuple[int, int] | None = None):
+    """One row with a video of ``frames`` frames (and optionally an image before it); counts from the model."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    video = torch.randn(1, frames, 3, 56, 56, generator=g)
+    with torch.no_grad():
+        video_len = model.model.get_video_features(pixel_values_videos=video, return_dict=True).pooler_output
+    video_len = video_len.reshape(-1, video_len.shape[-1]).shape[0]
+    row = [1] + torch.randint(2, 100, (3,), generator=g).tolist()
+    out = {}
+    if image is not None:
+        inputs = llava_next_prompt(model, [image], seed=seed)
+        length = int((inputs["input_ids"] == cfg.image_token_id).sum())
+        row += [cfg.image_token_id] * length + torch.randint(2, 100, (2,), generator=g).tolist()
+        out.update(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    row += [cfg.video_token_id] * video_len + torch.randint(2, 100, (4,), generator=g).tolist()
+    ids = torch.tensor([row])
+    out.update(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=video)
+    return out

@@ -24,6 +24,7 @@ SUPPORTED = {
     "LlavaForConditionalGeneration": LlavaIntegration,
     "LlavaNextForConditionalGeneration": LlavaNextIntegration,
     "LlavaOnevisionForConditionalGeneration": LlavaNextIntegration,
+    "LlavaNextVideoForConditionalGeneration": LlavaNextIntegration,
     "Qwen2VLForConditionalGeneration": QwenVLIntegration,
     "Qwen2_5_VLForConditionalGeneration": QwenVLIntegration,
 }

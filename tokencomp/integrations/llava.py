@@ -42,6 +42,7 @@ class LlavaIntegration:
         point: str, allow_eager_fallback: bool, handle: Handle, video: str = "clip",
     ) -> None:
         self.model, self.compressor, self.budget, self.point = model, compressor, budget, point
+        self.video = video
         self.allow_eager_fallback = allow_eager_fallback
         self.handle = handle
         self.inner = model.model
@@ -118,7 +119,7 @@ class LlavaIntegration:
 
     # ------------------------------------------------------------------ vision side
     def _vision_start(self, module: torch.nn.Module, args: tuple) -> None:
-        self._pending = {"start": time.perf_counter(), "compress": 0.0, "in": 0, "out": 0}
+        self._pending.setdefault("start", time.perf_counter())  # counters add up until the prefill is recorded
         self._cls_attention = None
         if "cls_attention" in self.compressor.requires and self.allow_eager_fallback:
             config = module.config
@@ -177,10 +178,12 @@ class LlavaIntegration:
             raise TypeError("tokencomp: call the LLaVA model with keyword arguments (input_ids=..., ...).")
         input_ids = kwargs.get("input_ids")
         token_id = self.model.config.image_token_id
-        if input_ids is not None and bool((input_ids == token_id).any()):
+        ids = [token_id] + [v for v in [getattr(self.model.config, "video_token_id", None)] if v is not None]
+        visual_ids = torch.tensor(ids, device=input_ids.device) if input_ids is not None else None
+        if input_ids is not None and bool(torch.isin(input_ids, visual_ids).any()):
             if self.compressor is not None:
                 kwargs = self._prefill(module, kwargs, input_ids, token_id)
-            self.visual = kwargs["input_ids"] == token_id
+            self.visual = torch.isin(kwargs["input_ids"], visual_ids)
             self.mask2d = kwargs.get("attention_mask")
             return args, kwargs
         cache = kwargs.get("cache")
@@ -198,29 +201,13 @@ class LlavaIntegration:
 
     def _prefill(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor, token_id: int) -> dict:
         encoded = dict(kwargs.get("mm_encoder_outputs") or {})
-        if encoded.get("image") is None:
-            if kwargs.get("pixel_values") is None:
-                raise ValueError("tokencomp: the prompt has image tokens but neither pixel_values nor mm_encoder_outputs.")
-            encoded["image"] = module.get_image_features(
-                pixel_values=kwargs["pixel_values"],
-                vision_feature_layer=kwargs.get("vision_feature_layer"),
-                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-                image_sizes=kwargs.get("image_sizes"),
-                return_dict=True,
-            )
-        kwargs["pixel_values"] = None
         kwargs["mm_encoder_outputs"] = encoded
-        features = list(encoded["image"].pooler_output)
-        if self.packed:
-            keep = self._compress_packed(module, input_ids, token_id, features, encoded)
-        else:
-            if self._late:
-                features = self._compress_with_instruction(module, input_ids, token_id, features, encoded)
-            kept = features[0].shape[0]
-            if any(f.shape[0] != kept for f in features):
-                raise ValueError("tokencomp: images of one LLaVA batch must keep the same number of features.")
-            per_image = int((input_ids == token_id).sum()) // len(features)
-            keep = placeholder_keep(input_ids, token_id, per_image, kept)
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        if bool((input_ids == token_id).any()):
+            keep &= self._compress_images(module, kwargs, encoded, input_ids, token_id)
+        video_id = getattr(self.model.config, "video_token_id", None)
+        if video_id is not None and bool((input_ids == video_id).any()):
+            keep &= self._compress_videos(module, kwargs, encoded, input_ids, video_id)
         state = Shortening.from_keep(keep)
         self.state = state
         pad = self.model.config.text_config.pad_token_id
@@ -238,6 +225,104 @@ class LlavaIntegration:
         self._pending["prefill"] = True
         self._pending.setdefault("start", time.perf_counter())
         return kwargs
+
+    def _compress_images(
+        self, module: torch.nn.Module, kwargs: dict, encoded: dict, input_ids: torch.Tensor, token_id: int
+    ) -> torch.Tensor:
+        """``[B, L]`` bool: the image placeholders kept (every other column True)."""
+        if encoded.get("image") is None:
+            if kwargs.get("pixel_values") is None:
+                raise ValueError("tokencomp: the prompt has image tokens but neither pixel_values nor mm_encoder_outputs.")
+            encoded["image"] = module.get_image_features(
+                pixel_values=kwargs["pixel_values"],
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                image_sizes=kwargs.get("image_sizes"),
+                return_dict=True,
+            )
+        kwargs["pixel_values"] = None
+        features = list(encoded["image"].pooler_output)
+        if self.packed:
+            return self._compress_packed(module, input_ids, token_id, features, encoded)
+        if self._late:
+            features = self._compress_with_instruction(module, input_ids, token_id, features, encoded)
+        kept = features[0].shape[0]
+        if any(f.shape[0] != kept for f in features):
+            raise ValueError("tokencomp: images of one LLaVA batch must keep the same number of features.")
+        per_image = int((input_ids == token_id).sum()) // len(features)
+        return placeholder_keep(input_ids, token_id, per_image, kept)
+
+    def _frame_tokens(self, module: torch.nn.Module) -> int:
+        """Tokens per video frame after the model's own pooling (OneVision: bilinear to ceil(s/2);
+        NeXT-Video: its pooler's stride)."""
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        if hasattr(module, "apply_pooling"):
+            return math.ceil(side / 2) ** 2
+        return (side // self.model.config.spatial_pool_stride) ** 2
+
+    def _compress_videos(
+        self, module: torch.nn.Module, kwargs: dict, encoded: dict, input_ids: torch.Tensor, video_id: int
+    ) -> torch.Tensor:
+        """``[B, L]`` bool: the video placeholders kept; each clip compressed whole (``grid = (T, h, w)``) or
+        frame by frame (``video="frame"``); OneVision's trailing newline token stays."""
+        if encoded.get("video") is None:
+            if kwargs.get("pixel_values_videos") is None:
+                raise ValueError("tokencomp: the prompt has video tokens but neither pixel_values_videos nor mm_encoder_outputs.")
+            encoded["video"] = module.get_video_features(
+                pixel_values_videos=kwargs["pixel_values_videos"],
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                return_dict=True,
+            )
+        kwargs["pixel_values_videos"] = None
+        newline = getattr(module, "image_newline", None) if hasattr(module, "apply_pooling") else None
+        per_frame = self._frame_tokens(module)
+        side = math.isqrt(per_frame)
+        flags, outs = [], []
+        for video in encoded["video"].pooler_output:
+            video = video.reshape(-1, video.shape[-1])
+            is_newline = (
+                (video == newline.to(video)).all(dim=-1) if newline is not None
+                else torch.zeros(video.shape[0], dtype=torch.bool, device=video.device)
+            )
+            tokens = video[~is_newline]
+            n, d = tokens.shape
+            if n % per_frame:
+                raise ValueError(f"tokencomp: a video has {n} tokens, not a multiple of {per_frame} per frame.")
+            frames = n // per_frame
+            start = time.perf_counter()
+            if self.video == "frame":
+                grid = (side, side) if side * side == per_frame else None
+                result = self.compressor.compress(tokens.view(frames, per_frame, d), self.budget, Context(grid=grid))
+                offsets = (torch.arange(frames, device=video.device) * per_frame)[:, None]
+                indices, values = (result.indices + offsets).reshape(-1), result.tokens.reshape(-1, d)
+            else:
+                grid = (frames, side, side) if side * side == per_frame else None
+                result = self.compressor.compress(tokens[None], self.budget, Context(grid=grid))
+                indices, values = result.indices[0], result.tokens[0]
+            self._pending["compress"] = self._pending.get("compress", 0.0) + time.perf_counter() - start
+            self._pending["in"] = self._pending.get("in", 0) + n
+            self._pending["out"] = self._pending.get("out", 0) + values.shape[0]
+            chosen = torch.zeros(n, dtype=torch.bool, device=video.device)
+            chosen[indices] = True
+            keep = is_newline.clone()
+            keep[~is_newline] = chosen
+            out = video[keep].clone()
+            out[~is_newline[keep]] = values.to(out.dtype)
+            flags.append(keep)
+            outs.append(out)
+        output = copy.copy(encoded["video"])  # generate reuses its own outputs on every step
+        output.pooler_output = torch.cat(outs)[None]  # one row: the models flatten it before scattering
+        encoded["video"] = output
+        placeholders = input_ids == video_id
+        keep_all = torch.ones_like(placeholders)
+        chosen_all = torch.cat(flags).to(input_ids.device)
+        if int(placeholders.sum()) != chosen_all.numel():
+            raise ValueError(
+                f"tokencomp: the prompt has {int(placeholders.sum())} video tokens but the videos give {chosen_all.numel()}."
+            )
+        keep_all[placeholders] = chosen_all
+        return keep_all
 
     def _compress_packed(
         self, module: torch.nn.Module, input_ids: torch.Tensor, token_id: int, features: list, encoded: dict
