@@ -106,3 +106,32 @@ def test_videos_per_clip_or_per_frame(video_model, video, budget, kept):
     assert handle.stats[0]["tokens_out"] == kept + budget  # the video's tokens plus the image's own budget
     removed_video = video_tokens - newline - kept
     assert seen[0] == inputs["input_ids"].shape[1] - removed_video - (images_in - budget)
+
+
+@pytest.mark.parametrize("strategy,budget,params", [("fastv", 20, {}), ("pdrop", None, {"layers": [1, 3]})])
+def test_in_llm_attention_stages_decode_consistently(model, strategy, budget, params):
+    from test_integration_in_llm import Replay
+
+    inputs = llava_next_prompt(model, SIZES, seed=5)
+    with tc.apply(model, Replay(tc.create(strategy, **params)), budget=budget):
+        cached = greedy(model, inputs)
+        recomputed = greedy(model, inputs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with tc.apply(model, strategy, budget=int((inputs["input_ids"] == 119).sum()) if budget else None,
+                      **({"layers": [1, 3], "ratio": 1.0} if strategy == "pdrop" else {})):
+            full = model(**inputs).logits
+    assert torch.equal(full, reference)
+
+
+def test_video_model_in_llm_stage(video_model):
+    from test_integration_in_llm import Replay
+    from tiny_models import llava_video_prompt
+
+    inputs = llava_video_prompt(video_model, frames=4, seed=6)
+    with tc.apply(video_model, [("divprune", 8), (Replay(tc.create("fastv")), 6)]) as handle:
+        cached = greedy(video_model, inputs)
+        recomputed = greedy(video_model, inputs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    assert handle.stats[0]["tokens_out"] == 6
