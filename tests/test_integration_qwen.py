@@ -235,3 +235,45 @@ def test_cdpruner_gets_each_rows_instruction(model):
             logits = model(**inputs).logits[:, -1]
     assert torch.equal(first, logits.masked_fill((torch.arange(160) == 151) | (torch.arange(160) == 152), float("-inf")).argmax(-1))
     assert handle.stats[0]["tokens_out"] == 2 * 2 * 6
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return tiny_qwen2_vl(attn_implementation="eager", version="3")
+
+
+def qwen3_prompt(**kw):
+    return qwen_prompt(SIZES, patch=16, **kw)
+
+
+@pytest.mark.parametrize("strategy,budget,params", [("divprune", 6, {}), ("tome", 8, {}), ("apet", 0.5, {"num_basis": 3})])
+def test_qwen3_deepstack_follows_the_selection(qwen3, strategy, budget, params):
+    inputs = qwen3_prompt(batch=2, pad=[0, 2], seed=15)
+    with tc.apply(qwen3, strategy, budget=budget, **params):
+        cached = greedy(qwen3, inputs)
+        recomputed = greedy(qwen3, inputs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_qwen3_deepstack_of_a_kept_token_is_its_own(qwen3):
+    inputs = qwen3_prompt(seed=16)
+    with torch.no_grad():
+        reference = qwen3(**inputs).logits
+        with tc.apply(qwen3, "divprune", budget=1.0):
+            full = qwen3(**inputs).logits
+    assert torch.equal(full, reference)
+    from tokencomp.integrations.qwen2_vl import _group_mean
+
+    features = torch.arange(12.0).view(4, 3)
+    torch.testing.assert_close(_group_mean(features, torch.tensor([0, 0, 1, -1]), 2), torch.tensor([[1.5, 2.5, 3.5], [6.0, 7.0, 8.0]]))
+
+
+def test_qwen3_in_llm_stage_after_deepstack(qwen3):
+    with pytest.raises(ValueError, match="DeepStack"):
+        tc.apply(qwen3, "apet-llm", budget=16, layer=1, num_basis=3)
+    inputs = qwen3_prompt(batch=2, pad=[2, 0], seed=17)
+    with tc.apply(qwen3, [("divprune", 10), ("apet-llm", 12, {"layer": 2, "num_basis": 3})]) as handle:
+        cached = greedy(qwen3, inputs)
+        recomputed = greedy(qwen3, inputs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    assert {s["stage"] for s in handle.stats} == {"pre_llm", "in_llm@2"}

@@ -90,7 +90,23 @@ def save_tiny_llava_checkpoint(folder) -> None:
 
 
 def tiny_qwen2_vl(attn_implementation: str = "sdpa", version: str = "2"):
-    """Qwen2-VL (or Qwen2.5-VL with ``version="2.5"``) layout: 14 px patches, 2x2 merger, M-RoPE decoder."""
+    """Qwen2-VL (``version="2.5"``: Qwen2.5-VL, ``"3"``: Qwen3-VL with DeepStack) layout: 2x2 merger, M-RoPE
+    decoder; 14 px patches (16 px for Qwen3-VL)."""
+    text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    if version == "3":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1])
+        text = dict(text, head_dim=16)
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+        config = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=151, video_token_id=152,
+                               vision_start_token_id=150, vision_end_token_id=153)
+        torch.manual_seed(0)
+        return spread_weights(Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation))
     if version == "2.5":
         from transformers import Qwen2_5_VLConfig as Config
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
@@ -103,16 +119,13 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", version: str = "2"):
 
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2)
-    text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     config = Config(vision_config=vision, text_config=text, image_token_id=151, video_token_id=152,
                     vision_start_token_id=150, vision_end_token_id=153)
     torch.manual_seed(0)
     return spread_weights(Model._from_config(config, attn_implementation=attn_implementation))
 
 
-def qwen_prompt(sizes: list[tuple[int, ...]], batch: int = 1, seed: int = 0, pad: list[int] | None = None):
+def qwen_prompt(sizes: list[tuple[int, ...]], batch: int = 1, seed: int = 0, pad: list[int] | None = None, patch: int = 14):
     """Inputs for rows that each hold images ``(h, w)`` or videos ``(t, h, w)`` (14 px patches, even h, w)."""
     g = torch.Generator().manual_seed(seed)
     rows, grids, pixels, video_grids, video_pixels = [], [], [], [], []
@@ -123,7 +136,7 @@ def qwen_prompt(sizes: list[tuple[int, ...]], batch: int = 1, seed: int = 0, pad
             token = 152 if len(size) == 3 else 151
             row += [150] + [token] * (t * h * w // 4) + [153] + torch.randint(3, 100, (2,), generator=g).tolist()
             (video_grids if len(size) == 3 else grids).append([t, h, w])
-            (video_pixels if len(size) == 3 else pixels).append(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g))
+            (video_pixels if len(size) == 3 else pixels).append(torch.randn(t * h * w, 3 * 2 * patch * patch, generator=g))
         rows.append(row + torch.randint(3, 100, (3,), generator=g).tolist())
     pad = pad or [0] * batch
     length = max(len(r) + p for r, p in zip(rows, pad))

@@ -27,6 +27,7 @@ SUPPORTED = {
     "LlavaNextVideoForConditionalGeneration": LlavaNextIntegration,
     "Qwen2VLForConditionalGeneration": QwenVLIntegration,
     "Qwen2_5_VLForConditionalGeneration": QwenVLIntegration,
+    "Qwen3VLForConditionalGeneration": QwenVLIntegration,
 }
 
 

@@ -14,6 +14,10 @@ cache continues correctly too.
 In-LLM stages run in Qwen's decoder as in LLaVA's (:mod:`tokencomp.integrations.decoder`), with one
 difference: the kept tokens always keep their 3-D M-RoPE positions (a strategy that asks to renumber,
 ApET's stage 2, keeps them too, since renumbering a 3-D layout has no single meaning).
+
+Qwen3-VL: its DeepStack features (from intermediate vision layers, added to the visual positions of the
+first decoder layers) are cut with the same selection; a merged output token gets the mean of the
+DeepStack features of the inputs it stands for; in-LLM stages must come after the DeepStack layers.
 """
 
 from __future__ import annotations
@@ -60,6 +64,13 @@ class QwenVLIntegration:
         self.visual: Optional[torch.Tensor] = None
         self.mask2d: Optional[torch.Tensor] = None
         self._pending: Optional[dict[str, Any]] = None
+        deep = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or [])
+        early = [st for st in stages if st.layer < deep]
+        if early:
+            raise ValueError(
+                f"tokencomp.apply: {type(model).__name__} adds DeepStack visual features in decoder layers 0..{deep - 1}; "
+                f"an in-LLM stage at layer {early[0].layer} would cut before them. Use a layer >= {deep}."
+            )
         self.decoder = (
             DecoderStages(self.inner.language_model, stages, allow_eager_fallback, handle,
                           visual_mask=lambda: self.visual, key_mask=lambda: self.mask2d, renumber=False)
@@ -159,13 +170,16 @@ class QwenVLIntegration:
             result = self.compressor.compress(frames, self.budget, Context(grid=(h, w), text_embeddings=texts))
             offsets = (torch.arange(t, device=feature.device) * h * w)[:, None]
             indices, tokens = (result.indices + offsets).reshape(-1), result.tokens.reshape(-1, feature.shape[-1])
+            kept = result.indices.shape[1]
+            slot_offsets = (torch.arange(t, device=feature.device) * kept)[:, None]
+            assignment = torch.where(result.assignment >= 0, result.assignment + slot_offsets, -1).reshape(-1)
         else:
             grid = (t, h, w) if t > 1 else (h, w)
             result = self.compressor.compress(feature, self.budget, Context(grid=grid, text_embeddings=text))
-            indices, tokens = result.indices, result.tokens
+            indices, tokens, assignment = result.indices, result.tokens, result.assignment
         flags = torch.zeros(feature.shape[0], dtype=torch.bool, device=feature.device)
         flags[indices] = True
-        return tokens, flags, time.perf_counter() - tick
+        return tokens, flags, time.perf_counter() - tick, assignment
 
     def _prefill(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor) -> dict:
         start = time.perf_counter()
@@ -180,15 +194,16 @@ class QwenVLIntegration:
             visual = torch.stack([m[1] for m in modalities]).any(dim=0)
             text = instruction_embeddings(module.get_input_embeddings(), input_ids, visual)  # [B, T, D]
         for name, placeholders, features, grid in modalities:
-            kept_tokens, flags = [], []
+            kept_tokens, flags, assignments = [], [], []
             # the row each item sits in: the row of its first placeholder (items run row by row)
             starts = torch.tensor([0] + [f.shape[0] for f in features[:-1]], device=input_ids.device).cumsum(0)
             rows = placeholders.nonzero()[:, 0][starts].tolist()
             for feature, thw, row in zip(features, grid.tolist(), rows):
                 item_text = None if text is None else text[row].to(feature.dtype)
-                tokens, chosen, spent = self._compress_item(feature, thw, merge, name == "video", item_text)
+                tokens, chosen, spent, assignment = self._compress_item(feature, thw, merge, name == "video", item_text)
                 kept_tokens.append(tokens)
                 flags.append(chosen)
+                assignments.append(assignment)
                 seconds += spent
             chosen = torch.cat(flags).to(input_ids.device)
             if int(placeholders.sum()) != chosen.numel():
@@ -200,6 +215,12 @@ class QwenVLIntegration:
             keep[placeholders] = chosen
             output = copy.copy(kwargs["mm_encoder_outputs"][name])  # generate reuses its outputs on every step
             output.pooler_output = tuple(kept_tokens)
+            if getattr(output, "deepstack_features", None) is not None:
+                # Qwen3-VL: each output token's DeepStack features are the mean over the inputs it stands for
+                output.deepstack_features = [
+                    tuple(_group_mean(f, a, k.shape[0]) for f, a, k in zip(layer, assignments, kept_tokens))
+                    for layer in output.deepstack_features
+                ]
             kwargs["mm_encoder_outputs"][name] = output
             grids[name] = grid
             tokens_in += chosen.numel()
@@ -243,3 +264,13 @@ class QwenVLIntegration:
         if pending is not None:
             pending["prefill_seconds"] = time.perf_counter() - pending.pop("start")
             self.handle.stats.append(pending)
+
+
+def _group_mean(features: torch.Tensor, assignment: torch.Tensor, slots: int) -> torch.Tensor:
+    """``[slots, D]``: the mean of the ``features`` rows assigned to each slot (``-1`` rows ignored)."""
+    valid = assignment >= 0
+    sums = torch.zeros(slots, features.shape[-1], dtype=torch.float32, device=features.device)
+    sums.index_add_(0, assignment[valid], features[valid].float())
+    counts = torch.zeros(slots, dtype=torch.float32, device=features.device)
+    counts.index_add_(0, assignment[valid], torch.ones(int(valid.sum()), device=features.device))
+    return (sums / counts.clamp_min(1)[:, None]).to(features.dtype)
