@@ -69,9 +69,41 @@ def test_full_budget_equals_uncompressed_and_remove_restores(model):
     assert changed.shape[1] < reference.shape[1]
 
 
+def test_cls_attention_follows_the_packing():
+    # LLaVA-NeXT's CLIP crops each have a [CLS] row; packed like the tokens, it must equal the row of the
+    # crop each packed token came from.
+    model = tiny_llava_next(attn_implementation="eager")
+    inputs = llava_next_prompt(model, SIZES, seed=7)
+    captured = []
+
+    class Spy(tc.Compressor):
+        requires = ("cls_attention",)
+        needs_attention = deterministic = True
+
+        def _compress(self, tokens, k, context):
+            captured.append((tokens[0], context.cls_attention[0]))
+            return tc.selection_result(tokens, torch.arange(k).expand(tokens.shape[0], k))
+
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"].flatten(0, 1), output_attentions=True)
+        with tc.apply(model, Spy(), budget=4):
+            model(**inputs)
+    rows = out.attentions[-2][:, :, 0, 1:].mean(dim=1)  # [crops of both images (5 each, padded), 16]
+    # the base view of image 0 is crop 0: its 16 tokens come first, in raster order
+    torch.testing.assert_close(captured[0][1][:16], rows[0])
+    # image 1 (40 x 50) has its base view at crop 5
+    torch.testing.assert_close(captured[1][1][:16], rows[5])
+    assert [c[1].shape[0] for c in captured] == [c[0].shape[0] for c in captured]
+    with tc.apply(model, "visionzip", budget=10):
+        cached = greedy(model, inputs)
+        recomputed = greedy(model, inputs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
 def test_errors(model):
-    with pytest.raises(ValueError, match="cls_attention"):
-        tc.apply(model, "visionzip", budget=10)
+    if hasattr(model.model, "apply_pooling"):  # OneVision: SigLIP, no [CLS] token
+        with pytest.raises(ValueError, match=r"no \[CLS\] token"):
+            tc.apply(model, "visionzip", budget=10)
     with pytest.raises(ValueError, match="post_pack"):
         tc.apply(model, "random", budget=10, point="pre_projector")
 

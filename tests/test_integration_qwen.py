@@ -277,3 +277,21 @@ def test_qwen3_in_llm_stage_after_deepstack(qwen3):
         recomputed = greedy(qwen3, inputs, use_cache=False)
     assert torch.equal(cached, recomputed)
     assert {s["stage"] for s in handle.stats} == {"pre_llm", "in_llm@2"}
+
+
+def test_qwen3_counts_attention_stage_and_removal(qwen3):
+    from test_integration_in_llm import Replay
+
+    inputs = qwen3_prompt(batch=2, pad=[0, 3], seed=18)
+    with torch.no_grad():
+        before = qwen3(**inputs).logits
+    with tc.apply(qwen3, "divprune", budget=6):
+        seen = language_inputs(qwen3, lambda: qwen3(**inputs))
+    assert seen["embeds"] == inputs["input_ids"].shape[1] - (24 - 6) - (16 - 6)
+    with tc.apply(qwen3, Replay(tc.create("fastv")), budget=10):
+        cached = greedy(qwen3, inputs)
+        recomputed = greedy(qwen3, inputs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    with torch.no_grad():
+        after = qwen3(**inputs).logits
+    assert torch.equal(before, after)

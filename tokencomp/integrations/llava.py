@@ -16,7 +16,9 @@ switches the vision tower to eager attention for the call and back.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import sys
 import time
 from typing import Any, Optional
 
@@ -51,6 +53,8 @@ class LlavaIntegration:
         self.visual: Optional[torch.Tensor] = None  # [B, L] image positions of the prompt the LLM sees
         self.mask2d: Optional[torch.Tensor] = None
         self._cls_attention: Optional[torch.Tensor] = None
+        self._image_sizes: Optional[torch.Tensor] = None
+        self._image_cls: Optional[torch.Tensor] = None
         self._pending: dict[str, Any] = {}
         # Text-conditioned strategies run once the prompt is known, on the projector's output: the
         # instruction's embeddings (the language model's input embeddings) live in that space.
@@ -77,6 +81,8 @@ class LlavaIntegration:
             hooks.append(vision.register_forward_hook(self._vision_end))
             if "cls_attention" in self.compressor.requires:
                 hooks.append(self._attention_layer().register_forward_hook(self._capture_attention))
+                if self.packed:
+                    self._record_image_sizes()
             projector = self.inner.multi_modal_projector
             if self._late or self.packed:
                 pass  # compressed in _prefill, where the instruction is known
@@ -91,8 +97,51 @@ class LlavaIntegration:
         if self.decoder is not None:
             self.decoder.install()
 
+    def _record_image_sizes(self) -> None:
+        """Packed models: remember the ``image_sizes`` of each image encoding (``generate`` encodes the
+        images before the forward, without them), to split the per-crop [CLS] rows per image."""
+        inner = self.inner
+        original = inner.get_image_features
+
+        @functools.wraps(original)
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            self._image_sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+            result = original(*args, **kwargs)
+            self._image_cls = self._cls_attention  # a video encoding may run the tower again before forward
+            return result
+
+        inner.get_image_features = get_image_features  # an instance attribute over the class's method
+        self.handle.on_remove(lambda: delattr(inner, "get_image_features"))
+
+    def _packed_cls(self, module: torch.nn.Module, image: int, n: int) -> Optional[torch.Tensor]:
+        """Image ``image``'s [CLS] attention laid out like its packed tokens (``[1, n]``, newlines excluded)."""
+        if self._image_cls is None:
+            return None
+        sizes = self._image_sizes
+        if sizes is None:
+            raise ValueError("tokencomp: [CLS] attention on an any-res model needs image_sizes.")
+        helper = sys.modules[type(module).__module__].image_size_to_num_patches
+        counts = [helper(image_size=s, grid_pinpoints=self.model.config.image_grid_pinpoints,
+                         patch_size=self.model.config.vision_config.image_size) for s in sizes]
+        rows = torch.split(self._image_cls, counts)[image]  # [crops, tokens per crop]
+        packed, _ = module.pack_image_features(
+            [rows[..., None]], sizes[image : image + 1],
+            vision_feature_select_strategy=self.model.config.vision_feature_select_strategy, image_newline=None,
+        )
+        cls = packed[0][:, 0]
+        if cls.shape[0] != n:
+            raise ValueError("tokencomp: the [CLS] rows do not line up with the packed image tokens.")
+        return cls[None]
+
     def _check_context_supply(self) -> None:
-        supplied = [f for f in SUPPLIED if not (self.packed and f == "cls_attention")]
+        supplied = list(SUPPLIED)
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        if "cls_attention" in self.compressor.requires and strategy != "default":
+            raise ValueError(
+                f"tokencomp.apply: {self.compressor.display_name()!r} reads the vision tower's [CLS] attention, but "
+                f"this model's features keep every vision token (vision_feature_select_strategy={strategy!r}; "
+                "e.g. a SigLIP tower has no [CLS] token); choose a strategy without cls_attention."
+            )
         missing = [f for f in self.compressor.requires if f not in supplied]
         if missing:
             raise ValueError(
@@ -348,6 +397,7 @@ class LlavaIntegration:
             context = Context(
                 grid=(side, side) if side * side == n else None,
                 text_embeddings=None if text is None else text[row : row + 1].to(tokens.dtype),
+                cls_attention=self._packed_cls(module, len(packed), n) if "cls_attention" in self.compressor.requires else None,
             )
             start = time.perf_counter()
             result = self.compressor.compress(tokens[None], self.budget, context)
