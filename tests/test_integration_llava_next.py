@@ -167,3 +167,16 @@ def test_video_model_in_llm_stage(video_model):
         recomputed = greedy(video_model, inputs, use_cache=False)
     assert torch.equal(cached, recomputed)
     assert handle.stats[0]["tokens_out"] == 6
+
+
+def test_batch_of_rows_with_images_of_different_sizes(model):
+    from tiny_models import left_pad_batch
+
+    rows = [llava_next_prompt(model, [(100, 60)], seed=8, crops=5), llava_next_prompt(model, [(40, 50)], seed=9, crops=5)]
+    batch = left_pad_batch(rows)
+    batch["image_sizes"] = torch.cat([r["image_sizes"] for r in rows])
+    assert rows[0]["input_ids"].shape[1] != rows[1]["input_ids"].shape[1]
+    with tc.apply(model, "divprune", budget=6):
+        batched = greedy(model, batch)
+        for row, alone in enumerate(rows):
+            assert torch.equal(batched[row, -5:], greedy(model, alone)[0, -5:])

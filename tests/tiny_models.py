@@ -206,14 +206,14 @@ def tiny_llava_next(attn_implementation: str = "sdpa", onevision: bool = False, 
     return spread_weights(Model._from_config(config, attn_implementation=attn_implementation))
 
 
-def llava_next_prompt(model, sizes: list[tuple[int, int]], seed: int = 0):
+def llava_next_prompt(model, sizes: list[tuple[int, int]], seed: int = 0, crops: int | None = None):
     """One row with an image of each original ``(height, width)`` in ``sizes``; placeholder counts from the model."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     patches = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
-    most = max(patches)
+    most = crops or max(patches)
     pixels = torch.randn(len(sizes), most, 3, 56, 56, generator=g)
     image_sizes = torch.tensor(sizes)
     with torch.no_grad():
