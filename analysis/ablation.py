@@ -16,6 +16,7 @@ import tokencomp as tc
 from tokencomp.base import Compressor
 from tokencomp.features import FEATURES, EfficientNetTokens, pixel_patches
 
+from .prediction import pred_agreement
 from .retention import lstsq_error, recon_error
 
 __all__ = [
@@ -51,6 +52,7 @@ class TokenSet:
     tokens: torch.Tensor
     grid: tuple[int, int]
     image_names: list[str]
+    head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # classifier on a pooled token, if any
 
     def context(self) -> tc.Context:
         """The context every strategy gets: the grid and the [CLS]-attention proxy."""
@@ -83,6 +85,12 @@ class AblationCell:
     lstsq_error_ci: float = math.nan
     time_ms: float = math.nan
     n_images: int = 0
+    pred_agreement: float = math.nan
+    pred_agreement_ci: float = math.nan
+    pred_kl: float = math.nan
+    pred_kl_ci: float = math.nan
+    pred_agreement_unweighted: float = math.nan
+    pred_kl_unweighted: float = math.nan
     extra: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
@@ -97,6 +105,12 @@ class AblationCell:
             "recon_error_ci95": self.recon_error_ci,
             "lstsq_error": self.lstsq_error,
             "lstsq_error_ci95": self.lstsq_error_ci,
+            "pred_agreement": self.pred_agreement,
+            "pred_agreement_ci95": self.pred_agreement_ci,
+            "pred_kl": self.pred_kl,
+            "pred_kl_ci95": self.pred_kl_ci,
+            "pred_agreement_unweighted": self.pred_agreement_unweighted,
+            "pred_kl_unweighted": self.pred_kl_unweighted,
             "time_ms": self.time_ms,
             "n_images": self.n_images,
         }
@@ -108,7 +122,7 @@ def make_tokens(features: str, images: list[tuple[str, np.ndarray]]) -> TokenSet
     names = [n for n, _ in images]
     if features == "efficientnet":
         extractor = EfficientNetTokens(image_size=768)
-        return TokenSet(features, extractor(arrays), extractor.grid, names)
+        return TokenSet(features, extractor(arrays), extractor.grid, names, head=extractor.head)
     if features == "pixels":
         return TokenSet(features, pixel_patches(arrays, image_size=336, patch=14), (24, 24), names)
     raise ValueError(f"unknown features {features!r}; allowed: {', '.join(FEATURES)}")
@@ -226,6 +240,13 @@ def run_ablation(
                 time_ms=elapsed,
                 n_images=ts.tokens.shape[0],
             )
+            if ts.head is not None:
+                weighted = pred_agreement(ts.head, ts.tokens, result, weighted=True)
+                plain = pred_agreement(ts.head, ts.tokens, result, weighted=False)
+                cell.pred_agreement, cell.pred_agreement_ci = _mean_ci(weighted["agree"])
+                cell.pred_kl, cell.pred_kl_ci = _mean_ci(weighted["kl"])
+                cell.pred_agreement_unweighted = float(plain["agree"].mean())
+                cell.pred_kl_unweighted = float(plain["kl"].mean())
             cells.append(cell)
             if on_cell is not None:
                 on_cell(cell)

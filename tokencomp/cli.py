@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 import tempfile
@@ -130,28 +131,37 @@ def _save(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _print_tables(cells, budgets) -> None:
+    metrics = [
+        ("recon_error", "recon_error_ci", "reconstruction error relative to the uncompressed tokens", "lower", min),
+        ("pred_agreement", "pred_agreement_ci", "top-1 agreement of the ImageNet head on the pooled tokens "
+         "(outputs weighted by the inputs they stand for) with the uncompressed tokens", "higher", max),
+        ("pred_kl", "pred_kl_ci", "KL(full || compressed) of the ImageNet head's prediction on the pooled "
+         "tokens, nats", "lower", min),
+    ]
     for features in dict.fromkeys(c.features for c in cells):
         subset = [c for c in cells if c.features == features]
-        table = Table(
-            title=f"reconstruction error relative to the uncompressed tokens ({features}, "
-            f"{subset[0].n_images} images, mean ± 95% CI; lower is better)",
-            title_justify="left",
-        )
-        table.add_column("strategy")
-        for budget in budgets:
-            kept = next(c.kept for c in subset if c.budget == budget)
-            table.add_column(f"keep {kept}", justify="right")
-        best = {b: min(c.recon_error for c in subset if c.budget == b) for b in budgets}
-        for key in dict.fromkeys((c.strategy, json.dumps(c.params, sort_keys=True)) for c in subset):
-            row = [c for c in subset if (c.strategy, json.dumps(c.params, sort_keys=True)) == key]
-            cellmap = {c.budget: c for c in row}
-            values = []
+        for attr, ci_attr, title, better, pick in metrics:
+            if all(math.isnan(getattr(c, attr)) for c in subset):
+                continue
+            table = Table(
+                title=f"{title} ({features}, {subset[0].n_images} images, mean ± 95% CI; {better} is better)",
+                title_justify="left",
+            )
+            table.add_column("strategy")
             for budget in budgets:
-                c = cellmap[budget]
-                text = f"{c.recon_error:.4f} ± {c.recon_error_ci:.4f}"
-                values.append(f"[bold green]{text}[/]" if c.recon_error == best[budget] else text)
-            table.add_row(_label(row[0].strategy, row[0].params), *values)
-        console.print(table)
+                kept = next(c.kept for c in subset if c.budget == budget)
+                table.add_column(f"keep {kept}", justify="right")
+            best = {b: pick(getattr(c, attr) for c in subset if c.budget == b) for b in budgets}
+            for key in dict.fromkeys((c.strategy, json.dumps(c.params, sort_keys=True)) for c in subset):
+                row = [c for c in subset if (c.strategy, json.dumps(c.params, sort_keys=True)) == key]
+                cellmap = {c.budget: c for c in row}
+                values = []
+                for budget in budgets:
+                    c = cellmap[budget]
+                    text = f"{getattr(c, attr):.4f} ± {getattr(c, ci_attr):.4f}"
+                    values.append(f"[bold green]{text}[/]" if getattr(c, attr) == best[budget] else text)
+                table.add_row(_label(row[0].strategy, row[0].params), *values)
+            console.print(table)
 
 
 @app.command("ablate")
