@@ -16,6 +16,7 @@ import tokencomp as tc
 from tokencomp.base import Compressor
 from tokencomp.features import FEATURES, EfficientNetTokens, pixel_patches
 
+from .position import position_bias
 from .prediction import pred_agreement
 from .retention import lstsq_error, recon_error
 
@@ -54,9 +55,11 @@ class TokenSet:
     image_names: list[str]
     head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # classifier on a pooled token, if any
 
-    def context(self) -> tc.Context:
-        """The context every strategy gets: the grid and the [CLS]-attention proxy."""
-        return tc.Context(grid=self.grid, cls_attention=mean_token_attention(self.tokens))
+    def context(self, tokens: Optional[torch.Tensor] = None) -> tc.Context:
+        """The context every strategy gets: the grid and the [CLS]-attention proxy (of ``tokens``, default
+        the set's own)."""
+        tokens = self.tokens if tokens is None else tokens
+        return tc.Context(grid=self.grid, cls_attention=mean_token_attention(tokens))
 
 
 def mean_token_attention(tokens: torch.Tensor) -> torch.Tensor:
@@ -91,6 +94,7 @@ class AblationCell:
     pred_kl_ci: float = math.nan
     pred_agreement_unweighted: float = math.nan
     pred_kl_unweighted: float = math.nan
+    position_bias: float = math.nan
     extra: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
@@ -111,6 +115,7 @@ class AblationCell:
             "pred_kl_ci95": self.pred_kl_ci,
             "pred_agreement_unweighted": self.pred_agreement_unweighted,
             "pred_kl_unweighted": self.pred_kl_unweighted,
+            "position_bias": self.position_bias,
             "time_ms": self.time_ms,
             "n_images": self.n_images,
         }
@@ -215,7 +220,9 @@ def run_ablation(
     """Compress every token set with every configuration at every budget and measure retention.
 
     Each configuration compresses all images of a token set as one batch. ``recon_error`` and
-    ``lstsq_error`` are means over images with a 95 % confidence half-width (``1.96 sd / sqrt(n)``).
+    ``lstsq_error`` are means over images with a 95 % confidence half-width (``1.96 sd / sqrt(n)``);
+    ``pred_agreement`` / ``pred_kl`` where the token set has a classifier head; ``position_bias`` from one
+    content shuffle per image (:func:`tokencomp.analysis.position_bias`).
     """
     cells = []
     for ts in token_sets:
@@ -240,6 +247,7 @@ def run_ablation(
                 time_ms=elapsed,
                 n_images=ts.tokens.shape[0],
             )
+            cell.position_bias = position_bias(comp, ts.tokens, budget, context=ts.context, repeats=1, seed=0)
             if ts.head is not None:
                 weighted = pred_agreement(ts.head, ts.tokens, result, weighted=True)
                 plain = pred_agreement(ts.head, ts.tokens, result, weighted=False)

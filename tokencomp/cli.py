@@ -137,6 +137,8 @@ def _print_tables(cells, budgets) -> None:
          "(outputs weighted by the inputs they stand for) with the uncompressed tokens", "higher", max),
         ("pred_kl", "pred_kl_ci", "KL(full || compressed) of the ImageNet head's prediction on the pooled "
          "tokens, nats", "lower", min),
+        ("position_bias", None, "position bias: Wasserstein distance of kept positions from uniform after "
+         "shuffling the contents (0 = position-blind)", "lower", min),
     ]
     for features in dict.fromkeys(c.features for c in cells):
         subset = [c for c in cells if c.features == features]
@@ -144,7 +146,8 @@ def _print_tables(cells, budgets) -> None:
             if all(math.isnan(getattr(c, attr)) for c in subset):
                 continue
             table = Table(
-                title=f"{title} ({features}, {subset[0].n_images} images, mean ± 95% CI; {better} is better)",
+                title=f"{title} ({features}, {subset[0].n_images} images{', mean ± 95% CI' if ci_attr else ''}; "
+                f"{better} is better)",
                 title_justify="left",
             )
             table.add_column("strategy")
@@ -158,7 +161,7 @@ def _print_tables(cells, budgets) -> None:
                 values = []
                 for budget in budgets:
                     c = cellmap[budget]
-                    text = f"{getattr(c, attr):.4f} ± {getattr(c, ci_attr):.4f}"
+                    text = f"{getattr(c, attr):.4f}" + (f" ± {getattr(c, ci_attr):.4f}" if ci_attr else "")
                     values.append(f"[bold green]{text}[/]" if getattr(c, attr) == best[budget] else text)
                 table.add_row(_label(row[0].strategy, row[0].params), *values)
             console.print(table)
