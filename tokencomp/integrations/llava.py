@@ -28,7 +28,14 @@ from ..base import Compressor
 from ..types import Context
 from .decoder import DecoderStages, Stage
 from .handle import Handle
-from .sequence import Shortening, instruction_embeddings, placeholder_keep, positions_from_mask, translate_decode
+from .sequence import (
+    Shortening,
+    instruction_embeddings,
+    item_rows,
+    placeholder_keep,
+    positions_from_mask,
+    translate_decode,
+)
 
 POINTS = ("pre_projector", "post_projector")
 SUPPLIED = ("grid", "cls_attention", "text_embeddings")
@@ -208,10 +215,14 @@ class LlavaIntegration:
     def _compress(self, features: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
         start = time.perf_counter()
         result = self.compressor.compress(features, self.budget, self._context(features.shape[1], text))
-        self._pending["compress"] = self._pending.get("compress", 0.0) + time.perf_counter() - start
-        self._pending["in"] = self._pending.get("in", 0) + features.shape[0] * features.shape[1]
-        self._pending["out"] = self._pending.get("out", 0) + result.tokens.shape[0] * result.tokens.shape[1]
+        self._count(start, features.shape[0] * features.shape[1], result.tokens.shape[0] * result.tokens.shape[1])
         return result.tokens
+
+    def _count(self, start: float, tokens_in: int, tokens_out: int) -> None:
+        """Add one compression call (started at ``start``) to the statistics of the pending prefill."""
+        self._pending["compress"] = self._pending.get("compress", 0.0) + time.perf_counter() - start
+        self._pending["in"] = self._pending.get("in", 0) + tokens_in
+        self._pending["out"] = self._pending.get("out", 0) + tokens_out
 
     def _compress_projector_input(self, module: torch.nn.Module, args: tuple) -> tuple:
         return (self._compress(args[0]),) + tuple(args[1:])
@@ -330,10 +341,7 @@ class LlavaIntegration:
         flags, outs = [], []
         for video in encoded["video"].pooler_output:
             video = video.reshape(-1, video.shape[-1])
-            is_newline = (
-                (video == newline.to(video)).all(dim=-1) if newline is not None
-                else torch.zeros(video.shape[0], dtype=torch.bool, device=video.device)
-            )
+            is_newline = _newlines(video, newline)
             tokens = video[~is_newline]
             n, d = tokens.shape
             if n % per_frame:
@@ -349,15 +357,8 @@ class LlavaIntegration:
                 grid = (frames, side, side) if side * side == per_frame else None
                 result = self.compressor.compress(tokens[None], self.budget, Context(grid=grid))
                 indices, values = result.indices[0], result.tokens[0]
-            self._pending["compress"] = self._pending.get("compress", 0.0) + time.perf_counter() - start
-            self._pending["in"] = self._pending.get("in", 0) + n
-            self._pending["out"] = self._pending.get("out", 0) + values.shape[0]
-            chosen = torch.zeros(n, dtype=torch.bool, device=video.device)
-            chosen[indices] = True
-            keep = is_newline.clone()
-            keep[~is_newline] = chosen
-            out = video[keep].clone()
-            out[~is_newline[keep]] = values.to(out.dtype)
+            self._count(start, n, values.shape[0])
+            keep, out = _splice(video, is_newline, indices, values)
             flags.append(keep)
             outs.append(out)
         output = copy.copy(encoded["video"])  # generate reuses its own outputs on every step
@@ -383,14 +384,10 @@ class LlavaIntegration:
         text = None
         if "text_embeddings" in self.compressor.requires:
             text = instruction_embeddings(module.get_input_embeddings(), input_ids, visual)
-        starts = torch.tensor([0] + [f.shape[0] for f in features[:-1]], device=input_ids.device).cumsum(0)
-        rows = visual.nonzero()[:, 0][starts].tolist()
+        rows = item_rows(visual, [f.shape[0] for f in features])
         flags, packed = [], []
         for feature, row in zip(features, rows):
-            is_newline = (
-                (feature == newline.to(feature)).all(dim=-1) if newline is not None
-                else torch.zeros(feature.shape[0], dtype=torch.bool, device=feature.device)
-            )
+            is_newline = _newlines(feature, newline)
             tokens = feature[~is_newline]
             n = tokens.shape[0]
             side = math.isqrt(n)
@@ -401,15 +398,8 @@ class LlavaIntegration:
             )
             start = time.perf_counter()
             result = self.compressor.compress(tokens[None], self.budget, context)
-            self._pending["compress"] = self._pending.get("compress", 0.0) + time.perf_counter() - start
-            self._pending["in"] = self._pending.get("in", 0) + n
-            self._pending["out"] = self._pending.get("out", 0) + result.tokens.shape[1]
-            chosen = torch.zeros(n, dtype=torch.bool, device=feature.device)
-            chosen[result.indices[0]] = True
-            keep = is_newline.clone()
-            keep[~is_newline] = chosen
-            out = feature[keep].clone()
-            out[~is_newline[keep]] = result.tokens[0].to(out.dtype)  # merged values at the kept slots
+            self._count(start, n, result.tokens.shape[1])
+            keep, out = _splice(feature, is_newline, result.indices[0], result.tokens[0])
             flags.append(keep)
             packed.append(out)
         output = copy.copy(encoded["image"])  # generate reuses its own outputs on every step
@@ -448,6 +438,27 @@ class LlavaIntegration:
             }
         )
         self._pending = {}
+
+
+def _newlines(tokens: torch.Tensor, newline: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[N]`` bool: the rows of ``tokens`` that are copies of the model's ``image_newline`` embedding."""
+    if newline is None:
+        return torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    return (tokens == newline.to(tokens)).all(dim=-1)
+
+
+def _splice(
+    tokens: torch.Tensor, is_newline: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the newline rows and the non-newline rows at ``indices``, those holding ``values`` (merged
+    values at the kept slots). Returns the kept mask ``[N]`` and the kept rows."""
+    chosen = torch.zeros(int((~is_newline).sum()), dtype=torch.bool, device=tokens.device)
+    chosen[indices] = True
+    keep = is_newline.clone()
+    keep[~is_newline] = chosen
+    out = tokens[keep].clone()
+    out[~is_newline[keep]] = values.to(out.dtype)
+    return keep, out
 
 
 class LlavaNextIntegration(LlavaIntegration):

@@ -33,7 +33,7 @@ from ..base import Compressor
 from ..types import Context
 from .decoder import DecoderStages, Stage
 from .handle import Handle
-from .sequence import Shortening, instruction_embeddings, positions_from_mask, translate_decode
+from .sequence import Shortening, instruction_embeddings, item_rows, positions_from_mask, translate_decode
 
 POINTS = ("post_merger",)
 VIDEO = ("clip", "frame")
@@ -196,8 +196,7 @@ class QwenVLIntegration:
         for name, placeholders, features, grid in modalities:
             kept_tokens, flags, assignments = [], [], []
             # the row each item sits in: the row of its first placeholder (items run row by row)
-            starts = torch.tensor([0] + [f.shape[0] for f in features[:-1]], device=input_ids.device).cumsum(0)
-            rows = placeholders.nonzero()[:, 0][starts].tolist()
+            rows = item_rows(placeholders, [f.shape[0] for f in features])
             for feature, thw, row in zip(features, grid.tolist(), rows):
                 item_text = None if text is None else text[row].to(feature.dtype)
                 tokens, chosen, spent, assignment = self._compress_item(feature, thw, merge, name == "video", item_text)

@@ -145,3 +145,10 @@ def instruction_embeddings(embed: torch.nn.Module, input_ids: torch.Tensor, visu
     if tail < 1:
         raise ValueError("tokencomp: the strategy needs the instruction's embeddings, but a prompt has no text after its image.")
     return embed(input_ids[:, length - tail :])
+
+
+def item_rows(placeholders: torch.Tensor, lengths: list[int]) -> list[int]:
+    """The batch row of each visual item (image or video) whose ``lengths`` placeholders run, in order,
+    through the ``[B, L]`` bool ``placeholders`` row by row: the row of its first placeholder."""
+    starts = torch.tensor([0] + lengths[:-1], device=placeholders.device).cumsum(0)
+    return placeholders.nonzero()[:, 0][starts].tolist()
