@@ -6,27 +6,30 @@ import itertools
 import json
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Container, Iterable, Optional
 
 import numpy as np
 import torch
 
 import tokencomp as tc
 from tokencomp.base import Compressor
-from tokencomp.features import FEATURES, EfficientNetTokens, pixel_patches
+from tokencomp.features import FEATURES, EfficientNetTokens, HFVisionTokens, is_hf, pixel_patches
 
-from .position import position_bias
+from .position import kept_heatmap, position_bias
 from .prediction import pred_agreement
+from .results import cell_key
 from .retention import lstsq_error, recon_error
 
 __all__ = [
     "DEFAULT_BUDGETS",
     "DEFAULT_GRIDS",
-    "AblationCell",
     "TokenSet",
+    "VIEWS",
     "expand_grid",
+    "image_views",
     "make_tokens",
+    "measure_cell",
     "parse_param",
     "run_ablation",
 ]
@@ -47,19 +50,41 @@ CLS_PROXY_NOTE = (
 
 @dataclass
 class TokenSet:
-    """Visual tokens of a set of images: ``tokens`` ``[B, N, D]`` on a ``grid``."""
+    """Visual tokens of a set of images: ``tokens`` ``[B, N, D]`` on a ``grid``.
+
+    ``view_of[i]`` is the index of the original image view ``i`` was made from (``B`` may hold several
+    crops and flips of each image); ``cls_attention`` is a real [CLS] row when the feature extractor has
+    one (a CLIP tower), else the context uses :func:`mean_token_attention`.
+    """
 
     name: str
     tokens: torch.Tensor
     grid: tuple[int, int]
     image_names: list[str]
     head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # classifier on a pooled token, if any
+    cls_attention: Optional[torch.Tensor] = None
+    view_of: Optional[torch.Tensor] = None
 
-    def context(self, tokens: Optional[torch.Tensor] = None) -> tc.Context:
-        """The context every strategy gets: the grid and the [CLS]-attention proxy (of ``tokens``, default
-        the set's own)."""
+    @property
+    def originals(self) -> torch.Tensor:
+        """Indices of the unaugmented views (the first view of each image)."""
+        if self.view_of is None:
+            return torch.arange(self.tokens.shape[0])
+        first = torch.ones_like(self.view_of, dtype=torch.bool)
+        first[1:] = self.view_of[1:] != self.view_of[:-1]
+        return first.nonzero().flatten()
+
+    def context(self, tokens: Optional[torch.Tensor] = None, perm: Optional[torch.Tensor] = None,
+                rows: Optional[torch.Tensor] = None) -> tc.Context:
+        """The context every strategy gets: the grid and a [CLS] row, for ``tokens`` (default the set's
+        own), the rows ``rows`` of the set, their positions permuted by ``perm`` ``[B, N]`` when given."""
         tokens = self.tokens if tokens is None else tokens
-        return tc.Context(grid=self.grid, cls_attention=mean_token_attention(tokens))
+        if self.cls_attention is None:
+            return tc.Context(grid=self.grid, cls_attention=mean_token_attention(tokens))
+        cls = self.cls_attention if rows is None else self.cls_attention[rows]
+        if perm is not None:
+            cls = cls.gather(1, perm)
+        return tc.Context(grid=self.grid, cls_attention=cls)
 
 
 def mean_token_attention(tokens: torch.Tensor) -> torch.Tensor:
@@ -73,64 +98,60 @@ def mean_token_attention(tokens: torch.Tensor) -> torch.Tensor:
     return ((x @ query.transpose(1, 2)).squeeze(-1) / math.sqrt(x.shape[-1])).softmax(dim=-1)
 
 
-@dataclass
-class AblationCell:
-    """One strategy configuration at one budget on one token set, with its measurements."""
-
-    features: str
-    strategy: str
-    params: dict[str, Any]
-    budget: int
-    kept: int = 0
-    recon_error: float = math.nan
-    recon_error_ci: float = math.nan
-    lstsq_error: float = math.nan
-    lstsq_error_ci: float = math.nan
-    time_ms: float = math.nan
-    n_images: int = 0
-    pred_agreement: float = math.nan
-    pred_agreement_ci: float = math.nan
-    pred_kl: float = math.nan
-    pred_kl_ci: float = math.nan
-    pred_agreement_unweighted: float = math.nan
-    pred_kl_unweighted: float = math.nan
-    position_bias: float = math.nan
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def row(self) -> dict[str, Any]:
-        """A flat dict for CSV / JSON (``params`` as a JSON string)."""
-        return {
-            "features": self.features,
-            "strategy": self.strategy,
-            "params": json.dumps(self.params, sort_keys=True),
-            "budget": self.budget,
-            "kept": self.kept,
-            "recon_error": self.recon_error,
-            "recon_error_ci95": self.recon_error_ci,
-            "lstsq_error": self.lstsq_error,
-            "lstsq_error_ci95": self.lstsq_error_ci,
-            "pred_agreement": self.pred_agreement,
-            "pred_agreement_ci95": self.pred_agreement_ci,
-            "pred_kl": self.pred_kl,
-            "pred_kl_ci95": self.pred_kl_ci,
-            "pred_agreement_unweighted": self.pred_agreement_unweighted,
-            "pred_kl_unweighted": self.pred_kl_unweighted,
-            "position_bias": self.position_bias,
-            "time_ms": self.time_ms,
-            "n_images": self.n_images,
-        }
+VIEWS = ("full", "flip", "crop")
 
 
-def make_tokens(features: str, images: list[tuple[str, np.ndarray]]) -> TokenSet:
-    """Tokens of ``images`` from ``features``: ``efficientnet`` (576 x 1280) or ``pixels`` (576 x 588)."""
-    arrays = [img for _, img in images]
-    names = [n for n, _ in images]
+def image_views(images: list[tuple[str, np.ndarray]], views: Iterable[str] = VIEWS) -> list[tuple[str, np.ndarray, int]]:
+    """Each image as several views ``(name/view, array, image index)``: ``full``; ``flip`` (mirrored left to
+    right); ``crop`` (the central 80 % of each side, i.e. zoomed in). Views of an image are consecutive.
+
+    Raises
+    ------
+    ValueError
+        An unknown view name.
+    """
+    views = list(views)
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown or not views:
+        raise ValueError(f"unknown image views {unknown or views!r}; allowed: {', '.join(VIEWS)}")
+    out = []
+    for i, (name, img) in enumerate(images):
+        for view in views:
+            if view == "full":
+                arr = img
+            elif view == "flip":
+                arr = np.ascontiguousarray(img[:, ::-1])
+            else:
+                h, w = img.shape[:2]
+                dh, dw = round(h * 0.1), round(w * 0.1)
+                arr = np.ascontiguousarray(img[dh : h - dh, dw : w - dw])
+            out.append((f"{name}/{view}" if view != "full" else name, arr, i))
+    return out
+
+
+def make_tokens(features: str, images: list[tuple[str, np.ndarray]], views: Iterable[str] = VIEWS) -> TokenSet:
+    """Tokens of ``images`` from ``features``.
+
+    ``efficientnet``: 576 x 1280 from the pretrained ImageNet network, with its classifier as the head,
+    on every view in ``views`` (crops and flips give the prediction read-out more samples); ``pixels``:
+    576 x 588 raw patches; ``hf:MODEL``: a CLIP / SigLIP vision tower's patch tokens and, for CLIP, its
+    real [CLS] attention. Views apply to feature sets with a head only.
+    """
     if features == "efficientnet":
         extractor = EfficientNetTokens(image_size=768)
-        return TokenSet(features, extractor(arrays), extractor.grid, names, head=extractor.head)
+        viewed = image_views(images, views)
+        tokens = extractor([a for _, a, _ in viewed])
+        return TokenSet(features, tokens, extractor.grid, [n for n, _, _ in viewed], head=extractor.head,
+                        view_of=torch.tensor([i for _, _, i in viewed]))
+    names = [n for n, _ in images]
+    arrays = [img for _, img in images]
     if features == "pixels":
         return TokenSet(features, pixel_patches(arrays, image_size=336, patch=14), (24, 24), names)
-    raise ValueError(f"unknown features {features!r}; allowed: {', '.join(FEATURES)}")
+    if is_hf(features):
+        extractor = HFVisionTokens(features[3:])
+        tokens, cls = extractor.encode(arrays)
+        return TokenSet(features, tokens, extractor.grid, names, cls_attention=cls)
+    raise ValueError(f"unknown features {features!r}; allowed: {', '.join(FEATURES)} or hf:MODEL")
 
 
 def parse_value(text: str) -> Any:
@@ -190,6 +211,10 @@ def _mean_ci(values: torch.Tensor) -> tuple[float, float]:
     return mean, ci
 
 
+def _rounded(values: torch.Tensor, digits: int = 5) -> list[float]:
+    return [round(float(v), digits) for v in values.flatten()]
+
+
 def configurations(
     strategies: Iterable[str], grids: dict[str, dict[str, list[Any]]], seed: int
 ) -> list[tuple[str, dict[str, Any]]]:
@@ -211,51 +236,67 @@ def configurations(
     return configs
 
 
+def measure_cell(ts: TokenSet, name: str, params: dict[str, Any], budget: int | float) -> dict[str, Any]:
+    """One strategy configuration at one budget on a token set: a results row (see
+    :mod:`tokencomp.analysis.results`).
+
+    ``recon_error`` and ``lstsq_error`` (and ``pred_agreement`` / ``pred_kl`` where the token set has a
+    classifier head) are means over every view with a 95 % confidence half-width (``1.96 sd / sqrt(n)``),
+    the per-view values kept in ``per_image``; ``position_bias`` from one content shuffle of each original
+    image (:func:`tokencomp.analysis.position_bias`); ``heatmap`` the share of original images keeping each
+    position; ``example_kept`` the first image's kept positions.
+    """
+    comp = tc.create(name, **params)
+    context = ts.context()
+    start = time.perf_counter()
+    result = comp.compress(ts.tokens, budget, context)
+    elapsed = (time.perf_counter() - start) * 1000
+    recon, lstsq = recon_error(ts.tokens, result), lstsq_error(ts.tokens, result)
+    row: dict[str, Any] = {
+        "features": ts.name, "strategy": name, "params": params, "budget": budget, "kept": result.kept,
+        "n_images": ts.tokens.shape[0], "time_ms": elapsed, "grid": list(ts.grid), "flash_measured": False,
+    }
+    row["recon_error"], row["recon_error_ci95"] = _mean_ci(recon)
+    row["lstsq_error"], row["lstsq_error_ci95"] = _mean_ci(lstsq)
+    per_image = {"recon_error": _rounded(recon), "lstsq_error": _rounded(lstsq)}
+    orig = ts.originals
+    row["heatmap"] = _rounded(kept_heatmap(result.indices[orig], ts.tokens.shape[1]), 4)
+    row["example_kept"] = result.indices[0].tolist()
+    row["position_bias"] = position_bias(
+        comp, ts.tokens[orig], budget, context=lambda t, p: ts.context(t, p, rows=orig), repeats=1, seed=0
+    )
+    if ts.head is not None:
+        weighted = pred_agreement(ts.head, ts.tokens, result, weighted=True)
+        plain = pred_agreement(ts.head, ts.tokens, result, weighted=False)
+        row["pred_agreement"], row["pred_agreement_ci95"] = _mean_ci(weighted["agree"])
+        row["pred_kl"], row["pred_kl_ci95"] = _mean_ci(weighted["kl"])
+        row["pred_agreement_unweighted"] = float(plain["agree"].mean())
+        row["pred_kl_unweighted"] = float(plain["kl"].mean())
+        per_image["pred_agreement"] = _rounded(weighted["agree"])
+        per_image["pred_kl"] = _rounded(weighted["kl"])
+    row["per_image"] = per_image
+    return row
+
+
 def run_ablation(
     token_sets: list[TokenSet],
     configs: list[tuple[str, dict[str, Any]]],
     budgets: Iterable[int | float],
-    on_cell: Optional[Callable[[AblationCell], None]] = None,
-) -> list[AblationCell]:
-    """Compress every token set with every configuration at every budget and measure retention.
+    on_cell: Optional[Callable[[dict[str, Any]], None]] = None,
+    done: Container = (),
+) -> list[dict[str, Any]]:
+    """Every token set x configuration x budget through :func:`measure_cell`; cells whose
+    :func:`~tokencomp.analysis.results.cell_key` is in ``done`` are skipped (``--resume``).
 
-    Each configuration compresses all images of a token set as one batch. ``recon_error`` and
-    ``lstsq_error`` are means over images with a 95 % confidence half-width (``1.96 sd / sqrt(n)``);
-    ``pred_agreement`` / ``pred_kl`` where the token set has a classifier head; ``position_bias`` from one
-    content shuffle per image (:func:`tokencomp.analysis.position_bias`).
+    Each configuration compresses all images of a token set as one batch.
     """
-    cells = []
+    rows = []
     for ts in token_sets:
-        context = ts.context()
         for (name, params), budget in itertools.product(configs, budgets):
-            comp = tc.create(name, **params)
-            start = time.perf_counter()
-            result = comp.compress(ts.tokens, budget, context)
-            elapsed = (time.perf_counter() - start) * 1000
-            rec_mean, rec_ci = _mean_ci(recon_error(ts.tokens, result))
-            ls_mean, ls_ci = _mean_ci(lstsq_error(ts.tokens, result))
-            cell = AblationCell(
-                features=ts.name,
-                strategy=name,
-                params=params,
-                budget=budget,
-                kept=result.kept,
-                recon_error=rec_mean,
-                recon_error_ci=rec_ci,
-                lstsq_error=ls_mean,
-                lstsq_error_ci=ls_ci,
-                time_ms=elapsed,
-                n_images=ts.tokens.shape[0],
-            )
-            cell.position_bias = position_bias(comp, ts.tokens, budget, context=ts.context, repeats=1, seed=0)
-            if ts.head is not None:
-                weighted = pred_agreement(ts.head, ts.tokens, result, weighted=True)
-                plain = pred_agreement(ts.head, ts.tokens, result, weighted=False)
-                cell.pred_agreement, cell.pred_agreement_ci = _mean_ci(weighted["agree"])
-                cell.pred_kl, cell.pred_kl_ci = _mean_ci(weighted["kl"])
-                cell.pred_agreement_unweighted = float(plain["agree"].mean())
-                cell.pred_kl_unweighted = float(plain["kl"].mean())
-            cells.append(cell)
+            if cell_key({"features": ts.name, "strategy": name, "params": params, "budget": budget}) in done:
+                continue
+            row = measure_cell(ts, name, params, budget)
+            rows.append(row)
             if on_cell is not None:
-                on_cell(cell)
-    return cells
+                on_cell(row)
+    return rows

@@ -33,7 +33,7 @@ def position_bias(
     compressor: Compressor,
     tokens: torch.Tensor,
     budget: int | float,
-    context: Optional[Callable[[torch.Tensor], Context]] = None,
+    context: Optional[Callable[[torch.Tensor, torch.Tensor], Context]] = None,
     repeats: int = 1,
     seed: int = 0,
 ) -> float:
@@ -48,7 +48,8 @@ def position_bias(
     budget : int or float
         As for :meth:`Compressor.compress`.
     context : callable, optional
-        Builds the context for the shuffled tokens (e.g. a grid and a [CLS] proxy from them).
+        ``context(shuffled, perm)`` builds the context for the shuffled tokens ``shuffled[b, i] =
+        tokens[b, perm[b, i]]`` (e.g. the grid and a [CLS] row permuted the same way).
     repeats : int
         Shuffles per image; the kept positions of all of them are pooled.
     seed : int
@@ -66,7 +67,7 @@ def position_bias(
     for _ in range(repeats):
         perm = torch.rand(b, n, generator=g).argsort(dim=1).to(tokens.device)
         shuffled = batched_gather(tokens, perm)
-        result = compressor.compress(shuffled, budget, context(shuffled) if context is not None else None)
+        result = compressor.compress(shuffled, budget, context(shuffled, perm) if context is not None else None)
         kept.append(result.indices.flatten())
     positions = (torch.cat(kept).double().cpu() + 0.5) / n
     uniform = (torch.arange(n, dtype=torch.float64) + 0.5) / n

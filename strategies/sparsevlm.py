@@ -170,6 +170,7 @@ class SparseVLM(Compressor):
     deterministic = True
     requires = ("cross_attention",)
     in_llm_positions = "renumber"
+    budget_param = "retained"
     summary = "Text raters' attention keeps visual tokens after LLM layers 2/6/15; best pruned ones recycled by DPC-KNN."
     paper = (
         "Zhang et al., SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model "

@@ -8,35 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def spread_weights(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
-
-
-def tiny_llava(attn_implementation: str = "sdpa", image_size: int = 84, layers: int = 4):
-    """LLaVA-1.5 layout: CLIP tower (14 px patches, [CLS]), features of layer -2 without [CLS], Llama."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        image_size=image_size, patch_size=14, projection_dim=32,
-    )
-    text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=120, max_position_embeddings=1024, pad_token_id=0,
-    )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=119, vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    return spread_weights(model)
+from tokencomp.analysis.tiny_vlm import spread_weights, tiny_llava  # noqa: F401  (shared with the analysis)
 
 
 def llava_prompt(model, images: int = 1, batch: int = 1, seed: int = 0, pad: list[int] | None = None):

@@ -57,6 +57,10 @@ class Compressor(ABC):
     in_llm_positions : {"keep", "renumber"}
         For in-LLM strategies: whether the kept tokens keep their original position ids in later layers
         and decoding (FastV, PyramidDrop, DART) or the shorter sequence is renumbered (ApET's stage 2).
+    budget_param : str
+        For strategies that set their own per-layer budgets (``stage_budgets``): the parameter that
+        sets the overall number of visual tokens kept (SparseVLM's ``retained``), so a comparison at a
+        budget can set it; empty when there is none (PyramidDrop's schedule is a ratio).
 
     Examples
     --------
@@ -79,6 +83,7 @@ class Compressor(ABC):
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     in_llm_positions: ClassVar[str] = "keep"
+    budget_param: ClassVar[str] = ""
 
     # ------------------------------------------------------------------ parameters
     @classmethod

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import sys
-import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -101,88 +100,162 @@ def _parse_budgets(text: str) -> list[int | float]:
     return budgets
 
 
-def _label(name: str, params: dict[str, Any]) -> str:
-    defaults = tc.get(name)().get_params() if not tc.get(name)._param_names() else None
-    shown = {k: v for k, v in params.items() if k != "seed"}
-    if defaults is not None or not shown:
-        return name
-    return name + " " + " ".join(f"{k}={v}" for k, v in shown.items())
+def _print_tables(rows: list[dict[str, Any]]) -> None:
+    from tokencomp.analysis.report import METRICS, metric_table
 
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _save(out: Path, rows: list[dict[str, Any]]) -> None:
-    def write_csv(fh):
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-    _write_atomic(out / "results.csv", write_csv)
-    _write_atomic(out / "results.json", lambda fh: json.dump(rows, fh, indent=1))
-
-
-def _print_tables(cells, budgets) -> None:
-    metrics = [
-        ("recon_error", "recon_error_ci", "reconstruction error relative to the uncompressed tokens", "lower", min),
-        ("pred_agreement", "pred_agreement_ci", "top-1 agreement of the ImageNet head on the pooled tokens "
-         "(outputs weighted by the inputs they stand for) with the uncompressed tokens", "higher", max),
-        ("pred_kl", "pred_kl_ci", "KL(full || compressed) of the ImageNet head's prediction on the pooled "
-         "tokens, nats", "lower", min),
-        ("position_bias", None, "position bias: Wasserstein distance of kept positions from uniform after "
-         "shuffling the contents (0 = position-blind)", "lower", min),
-    ]
-    for features in dict.fromkeys(c.features for c in cells):
-        subset = [c for c in cells if c.features == features]
-        for attr, ci_attr, title, better, pick in metrics:
-            if all(math.isnan(getattr(c, attr)) for c in subset):
+    for features in dict.fromkeys(r["features"] for r in rows):
+        for metric in METRICS:
+            if metric.key == "time_ms":
                 continue
-            table = Table(
-                title=f"{title} ({features}, {subset[0].n_images} images{', mean ± 95% CI' if ci_attr else ''}; "
-                f"{better} is better)",
+            table = metric_table(rows, features, metric.key)
+            if table is None:
+                continue
+            direction = "higher" if metric.higher_is_better else "lower"
+            shown = Table(
+                title=f"{metric.title} ({features}, {table.n_images} images{', mean ± 95% CI' if metric.ci else ''}; "
+                f"{direction} is better)",
                 title_justify="left",
             )
-            table.add_column("strategy")
-            for budget in budgets:
-                kept = next(c.kept for c in subset if c.budget == budget)
-                table.add_column(f"keep {kept}", justify="right")
-            best = {b: pick(getattr(c, attr) for c in subset if c.budget == b) for b in budgets}
-            for key in dict.fromkeys((c.strategy, json.dumps(c.params, sort_keys=True)) for c in subset):
-                row = [c for c in subset if (c.strategy, json.dumps(c.params, sort_keys=True)) == key]
-                cellmap = {c.budget: c for c in row}
-                values = []
-                for budget in budgets:
-                    c = cellmap[budget]
-                    text = f"{getattr(c, attr):.4f}" + (f" ± {getattr(c, ci_attr):.4f}" if ci_attr else "")
-                    values.append(f"[bold green]{text}[/]" if getattr(c, attr) == best[budget] else text)
-                table.add_row(_label(row[0].strategy, row[0].params), *values)
-            console.print(table)
+            shown.add_column("strategy")
+            for b in table.columns:
+                shown.add_column(table.kept[b], justify="right")
+            for name, cells in table.rows:
+                texts = []
+                for c in cells:
+                    text = "-" if c is None else f"{c[0]:.4f}" + (f" ± {c[1]:.4f}" if not math.isnan(c[1]) else "")
+                    texts.append(f"[bold green]{text}[/]" if c is not None and c[2] else text)
+                shown.add_row(name, *texts)
+            console.print(shown)
+    flash = {}
+    for r in rows:
+        if r.get("flash_measured") and not r.get("skipped"):
+            flash.setdefault(r["strategy"], []).append(r)
+    if flash:
+        table = Table(title="FlashAttention compatibility, measured inside the VLM (forced FLASH_ATTENTION backend)",
+                      title_justify="left")
+        for column in ("strategy", "runs under FlashAttention", "eager / SDPA time, memory (LLaVA-1.5-7B shape)"):
+            table.add_column(column)
+        for name, runs in sorted(flash.items()):
+            failed = next((r for r in runs if not r["flash_compatible"]), None)
+            cost = "" if failed is None or failed.get("eager_ms") is None else (
+                f"{failed['eager_ms'] / failed['sdpa_ms']:.1f}x time, "
+                f"{failed['eager_peak_mib'] / max(failed['sdpa_peak_mib'], 1e-9):.1f}x memory")
+            table.add_row(name, "[green]yes[/]" if failed is None else "[red]no: needs eager[/]", cost)
+        console.print(table)
+
+
+# `tokencomp ablate` options that a --config TOML file may set (its keys), with their built-in defaults.
+ABLATE_DEFAULTS: dict[str, Any] = {
+    "strategies": None,
+    "budgets": "64,128,192",
+    "features": "efficientnet,pixels",
+    "params": None,
+    "images": None,
+    "max_images": None,
+    "views": "full,flip,crop",
+    "seed": 0,
+    "out": "tokencomp-ablation",
+    "vlm": True,
+    "focus": "apet",
+}
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A TOML file of ``tokencomp ablate`` options; lists may be given as TOML arrays; ``[params.NAME]``
+    tables give parameter grids (``basis = ["fps", "qr"]``)."""
+    import tomllib
+
+    if not path.is_file():
+        raise UserError(f"--config {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"--config {str(path)!r} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(ABLATE_DEFAULTS))
+    if unknown:
+        raise UserError(f"--config {str(path)!r}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(ABLATE_DEFAULTS)}")
+    config: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "params":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise UserError(f"--config: 'params' must be tables like [params.apet] with basis = [\"fps\", \"qr\"]; got {value!r}")
+            config[key] = [f"{s}.{p}=" + ",".join(json.dumps(x) if not isinstance(x, str) else x for x in (v if isinstance(v, list) else [v]))
+                           for s, grid in value.items() for p, v in grid.items()]
+        elif isinstance(value, list):
+            config[key] = ",".join(str(v) for v in value)
+        else:
+            config[key] = value
+    return config
+
+
+def _meta(options: dict[str, Any], n_images: int, notes: list[str]) -> dict[str, Any]:
+    import datetime
+
+    import torch
+    import transformers
+
+    return {
+        "date": datetime.date.today().isoformat(),
+        "tokencomp": tc.__version__ if hasattr(tc, "__version__") else "?",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "seed": options["seed"],
+        "images": str(options["images"]) if options["images"] else "bundled",
+        "n_images": n_images,
+        "max_images": options["max_images"],
+        "views": options["views"],
+        "budgets": options["budgets"],
+        "features": options["features"],
+        "vlm": options["vlm"],
+        "focus": options["focus"],
+        "notes": notes,
+    }
+
+
+def _example_image(meta: dict[str, Any]):
+    """The first image of the run, for the kept-token overlays (``None`` when it cannot be found)."""
+    from tokencomp.data import bundled_images, load_image_folder
+
+    try:
+        if meta.get("images", "bundled") == "bundled":
+            return bundled_images()[0][1]
+        return load_image_folder(Path(meta["images"]))[0][1]
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+
+
+VLM_NOTE = (
+    "tiny-llava rows: a random-weight LLaVA-1.5 layout built from its config classes (CLIP tower at 336 px, "
+    "576 visual tokens, 32-layer Llama decoder, hidden size 64). Its answers mean nothing; its code paths "
+    "(the tower's [CLS] row, the decoder's attention at a layer, the cut sequence) are the real ones. "
+    "next_token_agreement / logit_kl compare it with itself uncompressed; position_bias there shuffles the "
+    "image's 14 px patches. Strategies with their own per-layer schedule run at their defaults (budget: own schedule)."
+)
 
 
 @app.command("ablate")
 def ablate_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A TOML file of these options (flags given here win)."),
     strategies: Optional[str] = typer.Option(
-        None, "--strategies", "-s", help="Comma-separated strategy names (default: every one the image data can run)."
+        None, "--strategies", "-s", help="Comma-separated strategy names (default: every registered one that can run)."
     ),
-    budgets: str = typer.Option("64,128,192", "--budgets", "-b", help="Comma-separated budgets (counts or fractions)."),
-    features: str = typer.Option("efficientnet,pixels", "--features", "-f", help="efficientnet and/or pixels."),
-    param: list[str] = typer.Option(
-        [], "--param", "-p", help="Parameter grid STRATEGY.PARAM=V1,V2 (repeatable); replaces the default grid."
+    budgets: Optional[str] = typer.Option(None, "--budgets", "-b", help="Comma-separated budgets (counts or fractions). [default: 64,128,192]"),
+    features: Optional[str] = typer.Option(
+        None, "--features", "-f", help="efficientnet, pixels and/or hf:MODEL (a CLIP / SigLIP tower). [default: efficientnet,pixels]"
+    ),
+    param: Optional[list[str]] = typer.Option(
+        None, "--param", "-p", help="Parameter grid STRATEGY.PARAM=V1,V2 (repeatable); replaces the default grid."
     ),
     images: Optional[Path] = typer.Option(None, "--images", help="A folder of your own images (default: bundled)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Use only the first N images."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed for every seeded strategy."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write results.csv and results.json here."),
+    views: Optional[str] = typer.Option(None, "--views", help="Views of each image for feature sets with a head: full,flip,crop. [default: all]"),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed for every seeded strategy and the shuffles. [default: 0]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results, report and plots go here. [default: tokencomp-ablation]"),
+    resume: bool = typer.Option(False, "--resume", help="Keep the finished cells in --out and run only the missing ones."),
+    vlm: Optional[bool] = typer.Option(None, "--vlm/--no-vlm", help="Also run every strategy inside a tiny LLaVA (agreement, position bias, FlashAttention). [default: on]"),
 ) -> None:
-    """Run the ablation grid on real image tokens and print retention tables."""
+    """Run the ablation grid on real image tokens (and inside a tiny VLM); print tables, write results,
+    report.md and plots."""
     from tokencomp.analysis.ablation import (
         CLS_PROXY_NOTE,
         DEFAULT_GRIDS,
@@ -192,67 +265,145 @@ def ablate_command(
         run_ablation,
         runnable,
     )
+    from tokencomp.analysis.report import write_report
+    from tokencomp.analysis.results import cell_key, join_flash, load_results, save_results
     from tokencomp.data import bundled_images, load_image_folder
-    from tokencomp.features import FEATURES
+    from tokencomp.features import FEATURES, is_hf
 
+    given = {"strategies": strategies, "budgets": budgets, "features": features, "params": param or None,
+             "images": images, "max_images": max_images, "views": views, "seed": seed, "out": out, "vlm": vlm}
     try:
-        budget_list = _parse_budgets(budgets)
-        feature_list = _split(features, "--features")
+        from_file = _read_config(config) if config is not None else {}
+        options = {k: given.get(k) if given.get(k) is not None else from_file.get(k, default)
+                   for k, default in ABLATE_DEFAULTS.items()}
+        options["out"] = Path(options["out"])
+        options["images"] = Path(options["images"]) if options["images"] else None
+        budget_list = _parse_budgets(str(options["budgets"]))
+        feature_list = _split(str(options["features"]), "--features")
         for f in feature_list:
-            if f not in FEATURES:
-                raise UserError(f"--features: unknown {f!r}; allowed: {', '.join(FEATURES)}")
-        if strategies is None:
-            names = []
-            for name in tc.available():
-                reason = runnable(tc.get(name))
-                if reason is None:
-                    names.append(name)
-                else:
-                    console.print(f"[yellow]skipping[/] {name}: {reason}")
+            if f not in FEATURES and not (is_hf(f) and len(f) > 3):
+                raise UserError(f"--features: unknown {f!r}; allowed: {', '.join(FEATURES)} or hf:MODEL")
+        view_list = _split(str(options["views"]), "--views")
+        run_vlm_too = bool(options["vlm"])
+        notes: list[str] = []
+        if options["strategies"] is None:
+            names = list(tc.available())
         else:
-            names = _split(strategies, "--strategies")
+            names = _split(str(options["strategies"]), "--strategies")
             for name in names:
                 tc.get(name)
-                reason = runnable(tc.get(name))
-                if reason is not None:
-                    raise UserError(f"cannot run {name!r} here: {reason}")
-        grids: dict[str, dict[str, list[Any]]] = {k: dict(v) for k, v in DEFAULT_GRIDS.items()} if not param else {}
-        for spec in param:
+        image_names = [n for n in names if runnable(tc.get(n)) is None]
+        for name in names:
+            reason = runnable(tc.get(name))
+            if reason is not None and not run_vlm_too:
+                if options["strategies"] is not None:
+                    raise UserError(f"cannot run {name!r} on image tokens: {reason}; drop --no-vlm to run it inside a VLM")
+                console.print(f"[yellow]skipping[/] {name}: {reason}")
+        specs = list(options["params"] or [])
+        grids: dict[str, dict[str, list[Any]]] = {k: dict(v) for k, v in DEFAULT_GRIDS.items()} if not specs else {}
+        for spec in specs:
             strat, key, values = parse_param(spec)
             if strat not in names:
                 raise UserError(f"--param {spec!r} names {strat!r}, which is not among the strategies run: {', '.join(names)}")
             grids.setdefault(strat, {})[key] = values
-        configs = configurations(names, grids, seed)
-        needing_cls = [n for n in names if "cls_attention" in tc.get(n).requires]
-        if needing_cls:
+        image_configs = configurations(image_names, grids, options["seed"])
+        # Inside the VLM: each strategy once at its defaults, unless a grid was given for it explicitly.
+        vlm_grids = {k: v for k, v in grids.items() if specs}
+        vlm_configs = configurations(names, vlm_grids, options["seed"]) if run_vlm_too else []
+        needing_cls = [n for n in image_names if "cls_attention" in tc.get(n).requires]
+        if needing_cls and any(not is_hf(f) for f in feature_list):
+            notes.append(f"{', '.join(needing_cls)} on efficientnet / pixels tokens: {CLS_PROXY_NOTE}")
             console.print(f"[yellow]note[/] for {', '.join(needing_cls)}: {CLS_PROXY_NOTE}")
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            if not os.access(out, os.W_OK):
-                raise UserError(f"--out {str(out)!r} is not writable")
-        picked = load_image_folder(images) if images is not None else bundled_images()
-        if max_images is not None:
-            picked = picked[:max_images]
+        if run_vlm_too:
+            notes.append(VLM_NOTE)
+        target: Path = options["out"]
+        target.mkdir(parents=True, exist_ok=True)
+        if not os.access(target, os.W_OK):
+            raise UserError(f"--out {str(target)!r} is not writable")
+        picked = load_image_folder(options["images"]) if options["images"] is not None else bundled_images()
+        if options["max_images"] is not None:
+            picked = picked[: options["max_images"]]
+        meta = _meta({**options, "budgets": budget_list, "features": feature_list, "views": view_list}, len(picked), notes)
+        rows: list[dict[str, Any]] = []
+        if resume and (target / "results.json").is_file():
+            rows, old = load_results(target)
+            differ = [k for k in ("seed", "images", "n_images", "views") if k in old and old[k] != meta[k]]
+            if differ:
+                raise UserError(
+                    f"--resume: {str(target)!r} was run with different {', '.join(differ)} "
+                    f"({', '.join(f'{k}={old[k]!r}' for k in differ)}); give the same options or another --out"
+                )
+            console.print(f"resuming: {len(rows)} finished cells in {target}")
+        elif (target / "results.json").is_file():
+            console.print(f"[yellow]note[/] replacing the results in {target} (--resume continues them instead)")
+        done = {cell_key(r) for r in rows if not r.get("skipped")}
+        rows = [r for r in rows if cell_key(r) in done]
+        cells_per_set = [(f, [(n, p, b) for (n, p) in image_configs for b in budget_list
+                              if cell_key({"features": f, "strategy": n, "params": p, "budget": b}) not in done])
+                         for f in feature_list]
+        from tokencomp.analysis.vlm import budget_runs
+
+        vlm_todo = [(n, p, b) for (n, base) in vlm_configs for p, _, b, _ in budget_runs(n, base, budget_list)
+                    if cell_key({"features": "tiny-llava", "strategy": n, "params": p, "budget": b}) not in done]
         token_sets = []
         with console.status("extracting visual tokens..."):
-            for f in feature_list:
-                token_sets.append(make_tokens(f, picked))
-        total = len(token_sets) * len(configs) * len(budget_list)
+            for f, todo in cells_per_set:
+                if todo:
+                    token_sets.append(make_tokens(f, picked, view_list))
+        total = sum(len(t) for _, t in cells_per_set) + len(vlm_todo)
+        last_save = [0.0]
+
+        def saved(row: dict[str, Any]) -> None:
+            rows.append(row)
+            progress.advance(task)
+            if time.monotonic() - last_save[0] > 5:
+                save_results(target, rows, meta)
+                last_save[0] = time.monotonic()
+
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         ) as progress:
             task = progress.add_task("ablation", total=total)
-            cells = run_ablation(token_sets, configs, budget_list, on_cell=lambda c: progress.advance(task))
+            run_ablation(token_sets, image_configs, budget_list, on_cell=saved, done=done)
+            if vlm_todo:
+                from tokencomp.analysis.tiny_vlm import tiny_llava
+                from tokencomp.analysis.vlm import run_vlm
+
+                progress.update(task, description="inside a tiny LLaVA")
+                model = tiny_llava(image_size=336, layers=32)
+                run_vlm(model, [img for _, img in picked], vlm_configs, budget_list, seed=options["seed"],
+                        on_cell=lambda c: saved(c.row("tiny-llava")),
+                        skip=lambda n, p, b: cell_key({"features": "tiny-llava", "strategy": n, "params": p, "budget": b}) in done)
+        join_flash(rows)
+        save_results(target, rows, meta)
+        report = write_report(target, rows, meta, picked[0][1] if picked else None, focus=str(options["focus"]))
     except UserError as exc:
         _fail(str(exc))
     except KeyError as exc:
         _fail(str(exc.args[0]) if exc.args else str(exc))
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    _print_tables(cells, budget_list)
-    if out is not None:
-        _save(out, [c.row() for c in cells])
-        console.print(f"results written to {out / 'results.csv'} and {out / 'results.json'}")
+    _print_tables(rows)
+    console.print(f"results written to {target / 'results.csv'} and {target / 'results.json'}; report: {report}")
+
+
+@app.command("report")
+def report_command(
+    folder: Path = typer.Argument(..., help="A folder written by `tokencomp ablate --out`."),
+    focus: Optional[str] = typer.Option(None, "--focus", help="Strategy compared with the references. [default: the run's, apet]"),
+) -> None:
+    """Re-render report.md and the plots of a finished ablation from its saved results."""
+    from tokencomp.analysis.report import write_report
+    from tokencomp.analysis.results import load_results
+
+    try:
+        rows, meta = load_results(folder)
+        path = write_report(folder, rows, meta, _example_image(meta) if meta else None,
+                            focus=focus or meta.get("focus", "apet"))
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    _print_tables(rows)
+    console.print(f"report: {path}")
 
 
 @app.command("generate")

@@ -1,4 +1,5 @@
-"""Visual tokens from real images: a pretrained EfficientNet-Lite0 feature grid, or raw pixel patches."""
+"""Visual tokens from real images: a pretrained EfficientNet-Lite0 feature grid, a Hugging Face CLIP or
+SigLIP vision tower, or raw pixel patches."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EfficientNetTokens", "FEATURES", "pixel_patches", "square_image"]
+__all__ = ["EfficientNetTokens", "FEATURES", "HFVisionTokens", "is_hf", "pixel_patches", "square_image"]
 
 FEATURES = ("efficientnet", "pixels")
 
@@ -99,3 +100,177 @@ class EfficientNetTokens:
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """ImageNet logits ``[..., 1000]`` of pooled tokens ``[..., 1280]``."""
         return self.model._fc(pooled)
+
+
+# model_type (as in config.json) -> family, for the vision towers HFVisionTokens accepts.
+_HF_FAMILIES = {
+    "clip": "clip",
+    "clip_vision_model": "clip",
+    "siglip": "siglip",
+    "siglip_vision_model": "siglip",
+}
+# Normalisation used when the checkpoint has no saved image processor.
+_HF_MEAN_STD = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+# Default hidden-state index: LLaVA-1.5's penultimate layer for CLIP, the last for SigLIP.
+_HF_DEFAULT_LAYER = {"clip": -2, "siglip": -1}
+
+
+def is_hf(spec: str) -> bool:
+    """Whether a features spec names a Hugging Face vision tower (``"hf:<hub id or folder>"``)."""
+    return spec.startswith("hf:")
+
+
+def _hf_vision_config(model: str):
+    """``(family, vision_config)`` of checkpoint ``model``; ValueError for anything but CLIP / SigLIP."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    model_type = getattr(config, "model_type", None)
+    family = _HF_FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(
+            f"HFVisionTokens: {model!r} is a {model_type!r} model; allowed model types: "
+            f"{', '.join(_HF_FAMILIES)}. Give a CLIP or SigLIP checkpoint (full model or vision tower)."
+        )
+    vision = config if model_type.endswith("_vision_model") else config.vision_config
+    return family, vision
+
+
+def _hf_layer_index(layer: int, num_layers: int, family: str) -> int:
+    """Non-negative index into ``hidden_states`` (``num_layers + 1`` entries) of ``layer``."""
+    count = num_layers + 1
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -count <= layer < count:
+        raise ValueError(
+            f"HFVisionTokens: layer={layer!r} is not a hidden-state index of this tower, which has "
+            f"{count} hidden states ({num_layers} layers + the embedding output); "
+            f"allowed: an int in [{-count}, {count - 1}]"
+        )
+    index = layer % count
+    if family == "clip" and index == 0:
+        raise ValueError(
+            f"HFVisionTokens: layer={layer} selects the embedding output, which no attention block "
+            f"produced, so it has no [CLS] attention; choose a layer in [1, {num_layers}] "
+            f"or [{-num_layers}, -1]"
+        )
+    return index
+
+
+def _hf_processor(model: str):
+    """The image processor saved with ``model``, or None when there is none."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model)
+    except (OSError, ValueError):
+        return None
+
+
+class HFVisionTokens:
+    """Tokens from a pretrained CLIP or SigLIP vision tower (Hugging Face ``transformers``).
+
+    The patch tokens of one hidden state of the tower, as a VLM's projector receives them: CLIP drops
+    its [CLS] token, SigLIP has none. No final layer norm and no pooling head are applied. For CLIP,
+    :meth:`encode` also returns the attention of the [CLS] query to the patches, which several
+    strategies (VisionZip, PruMerge, VisPruner) rank tokens by.
+
+    Parameters
+    ----------
+    model : str
+        Hub id or local folder of a CLIP / SigLIP checkpoint: a full ``CLIPModel`` / ``SiglipModel``
+        (its vision tower is used) or a vision tower alone (``CLIPVisionModel`` /
+        ``SiglipVisionModel``).
+    layer : int, optional
+        Index into the tower's ``hidden_states`` (``num_hidden_layers + 1`` entries, 0 being the
+        embedding output). Default -2 for CLIP (LLaVA-1.5's choice), -1 for SigLIP.
+    batch_size : int, default 4
+        Images per forward pass (bounds memory).
+
+    Attributes
+    ----------
+    family : {"clip", "siglip"}
+    processor : image processor or None
+        The processor saved with the checkpoint, used by :meth:`preprocess`; None when there is none,
+        and then images are centre-cropped and resized by :func:`square_image` and normalised with the
+        family's mean and std (CLIP's, or 0.5 / 0.5 for SigLIP).
+    dim : int
+        Token width (the tower's hidden size).
+    head : None
+        No classifier head.
+    """
+
+    head = None
+
+    def __init__(self, model: str, layer: int | None = None, batch_size: int = 4) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"HFVisionTokens: batch_size must be an int >= 1; got {batch_size!r}")
+        from transformers import CLIPVisionModel, SiglipVisionModel
+
+        self.family, self.vision_config = _hf_vision_config(model)
+        self.layer = _HF_DEFAULT_LAYER[self.family] if layer is None else layer
+        self._index = _hf_layer_index(self.layer, self.vision_config.num_hidden_layers, self.family)
+        self.batch_size = batch_size
+        self.image_size = self.vision_config.image_size
+        self.patch_size = self.vision_config.patch_size
+        self.dim = self.vision_config.hidden_size
+        self.processor = _hf_processor(model)
+        cls = CLIPVisionModel if self.family == "clip" else SiglipVisionModel
+        self.model = cls.from_pretrained(model, attn_implementation="eager", dtype=torch.float32).eval()
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """``pixel_values`` ``[B, 3, S, S]`` float32 of ``[H, W, 3]`` uint8 images (see :attr:`processor`)."""
+        if self.processor is not None:
+            x = self.processor(images=list(images), return_tensors="pt")["pixel_values"].float()
+        else:
+            mean, std = (torch.tensor(v).view(3, 1, 1) for v in _HF_MEAN_STD[self.family])
+            x = (torch.stack([square_image(img, self.image_size) for img in images]) - mean) / std
+        expected = (3, self.image_size, self.image_size)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"HFVisionTokens: the saved image processor gives pixel values of shape {tuple(x.shape[1:])}, "
+                f"but the tower takes {expected}; fix the processor's size / crop_size in the checkpoint"
+            )
+        return x
+
+    @torch.no_grad()
+    def _forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        clip = self.family == "clip"
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True, output_attentions=clip)
+        hidden = out.hidden_states[self._index].float()
+        if not clip:
+            return hidden, None
+        # hidden_states[i] (i >= 1) is the output of layer i - 1, whose attention is attentions[i - 1].
+        attn = out.attentions[self._index - 1][:, :, 0, 1:].float().mean(1)  # [b, N]: [CLS] -> patches
+        return hidden[:, 1:], attn / attn.sum(-1, keepdim=True)
+
+    def encode(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch tokens and [CLS] attention of a list of ``[H, W, 3]`` uint8 images.
+
+        Returns
+        -------
+        tokens : Tensor
+            ``[B, grid_h * grid_w, dim]`` float32, row-major grid order.
+        cls_attention : Tensor or None
+            ``[B, grid_h * grid_w]`` float32 for CLIP: the head-mean attention of the [CLS] query to the
+            patch keys inside the layer that produced the tokens, renormalised to sum to 1 over the
+            patches. None for SigLIP (no [CLS] token).
+        """
+        if len(images) == 0:
+            raise ValueError("HFVisionTokens: got an empty list of images; give at least one [H, W, 3] image")
+        tokens, attention = [], []
+        for start in range(0, len(images), self.batch_size):
+            t, a = self._forward(self.preprocess(images[start : start + self.batch_size]))
+            tokens.append(t)
+            attention.append(a)
+        return torch.cat(tokens), (None if self.family == "siglip" else torch.cat(attention))
+
+    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
+        """``[B, grid_h * grid_w, dim]`` tokens of a list of ``[H, W, 3]`` uint8 images."""
+        return self.encode(images)[0]

@@ -1,0 +1,113 @@
+"""The saved form of an ablation: ``results.json`` (every field), ``results.csv`` (the flat columns) and
+``run.json`` (what was run), written atomically, read back for ``--resume`` and ``tokencomp report``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+__all__ = ["COLUMNS", "cell_key", "join_flash", "load_results", "save_results", "write_atomic"]
+
+# results.csv columns, in order; results.json rows hold these and the per-image values, kept-token
+# heatmaps, the example image's kept positions and the eager-attention costs.
+COLUMNS = (
+    "features", "strategy", "params", "budget", "kept", "n_images",
+    "recon_error", "recon_error_ci95", "lstsq_error", "lstsq_error_ci95",
+    "pred_agreement", "pred_agreement_ci95", "pred_kl", "pred_kl_ci95",
+    "pred_agreement_unweighted", "pred_kl_unweighted",
+    "next_token_agreement", "next_token_agreement_ci95", "logit_kl", "logit_kl_ci95",
+    "position_bias", "flash_compatible", "flash_error",
+    "eager_ms", "sdpa_ms", "eager_peak_mib", "sdpa_peak_mib",
+    "time_ms", "skipped",
+)
+
+
+def cell_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
+    """What identifies a cell of the grid: features, strategy, params (JSON) and budget (JSON)."""
+    params = row["params"] if isinstance(row["params"], str) else json.dumps(row["params"], sort_keys=True)
+    return row["features"], row["strategy"], params, json.dumps(row["budget"])
+
+
+def join_flash(rows: list[dict[str, Any]]) -> None:
+    """Give every row of a strategy the FlashAttention measurement made for it inside a VLM (in place).
+
+    A strategy is FlashAttention-compatible when every run of it inside the VLM worked under the forced
+    FLASH_ATTENTION backend without eager attention; rows of a strategy never run in a VLM keep ``None``.
+    """
+    measured: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("flash_measured") and not r.get("skipped"):
+            measured.setdefault(r["strategy"], []).append(r)
+    for r in rows:
+        runs = measured.get(r["strategy"])
+        if runs and not r.get("flash_measured"):
+            r["flash_compatible"] = all(x["flash_compatible"] for x in runs)
+            failed = [x for x in runs if not x["flash_compatible"]]
+            r["flash_error"] = failed[0]["flash_error"] if failed else ""
+            for k in ("eager_ms", "sdpa_ms", "eager_peak_mib", "sdpa_peak_mib"):
+                r[k] = failed[0][k] if failed else None
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN becomes ``None``."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder, renamed into place when complete."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_results(out: Path, rows: Iterable[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Write ``results.json``, ``results.csv`` and ``run.json`` to ``out``, each atomically."""
+    rows = [_clean({**r, "params": r["params"] if isinstance(r["params"], str) else json.dumps(r["params"], sort_keys=True)})
+            for r in rows]
+
+    def write_csv(fh):
+        writer = csv.DictWriter(fh, fieldnames=list(COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+
+    write_atomic(out / "results.json", lambda fh: json.dump(rows, fh, indent=1))
+    write_atomic(out / "results.csv", write_csv)
+    write_atomic(out / "run.json", lambda fh: json.dump(_clean(meta), fh, indent=1))
+
+
+def load_results(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of ``out/results.json`` and the metadata of ``out/run.json``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``out`` holds no ``results.json`` (say which folder, and how to make one).
+    ValueError
+        The file is not a list of result rows.
+    """
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist; run `tokencomp ablate --out {out}` first")
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list) or any(not isinstance(r, dict) or "strategy" not in r for r in rows):
+        raise ValueError(f"{str(path)!r} is not a tokencomp results file (a list of rows with a 'strategy')")
+    meta_path = Path(out) / "run.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return rows, meta

@@ -1,0 +1,435 @@
+"""Strategies inside a vision-language model: agreement with the uncompressed model, where the kept tokens
+sit, and whether the strategy runs under FlashAttention, measured.
+
+Every measurement runs a real ``transformers`` VLM through :func:`tokencomp.apply`, one image per prompt
+row. By default the model is :func:`~tokencomp.analysis.tiny_vlm.tiny_llava` at LLaVA-1.5's shape of
+visual input (336 px, 576 tokens, a 32-layer decoder): random weights, so its answers mean nothing,
+but every code path (the vision tower's [CLS] row, the decoder's attention at a layer, the cut
+sequence) is the real one. Pass a real checkpoint to :func:`run_vlm` for figures that mean something.
+
+- **Agreement**: the next-token distribution after the prompt, compressed against uncompressed:
+  top-1 agreement and ``KL(full || compressed)`` (nats), per image.
+- **Position bias**: the image's 14 px patches are shuffled over the grid (a permutation per image), so
+  the content no longer says where a token sits; the kept visual positions, composed over every stage,
+  are compared with the uniform distribution (1-D Wasserstein distance, as
+  :func:`tokencomp.analysis.position_bias`).
+- **FlashAttention**: the compressed forward runs under ``torch.nn.attention.sdpa_kernel`` forcing the
+  FLASH_ATTENTION backend, without eager fallback. It works, or it raises (the strategy reads attention
+  weights a fused kernel never returns); then the run is repeated with ``allow_eager_fallback=True``
+  and :func:`attention_cost` measures what the eager layer costs against SDPA at the same length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+from scipy.stats import wasserstein_distance
+
+import tokencomp as tc
+from tokencomp.base import Compressor
+from tokencomp.features import square_image
+from tokencomp.types import CompressionResult
+
+__all__ = [
+    "AttentionShape",
+    "LLAVA_7B_SHAPES",
+    "VLMCell",
+    "attention_cost",
+    "eager_kind",
+    "llava_inputs",
+    "model_shape",
+    "next_token_logprobs",
+    "peak_memory",
+    "record_kept",
+    "run_vlm",
+    "shuffle_patches",
+]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ---------------------------------------------------------------- inputs
+def llava_inputs(model: Any, images: list[np.ndarray], seed: int = 0, text_before: int = 3, text_after: int = 8) -> dict:
+    """One prompt row per image for a LLaVA-layout model: ``input_ids``, ``attention_mask``, ``pixel_values``.
+
+    Each row is ``<bos>``, ``text_before`` words, the image's placeholder tokens, ``text_after`` words
+    (the same random words in every row, from ``seed``). Pixels are centre-cropped, resized to the
+    tower's size and CLIP-normalised.
+    """
+    cfg = model.config
+    size, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
+    n = (size // patch) ** 2
+    g = torch.Generator().manual_seed(seed)
+    vocab = cfg.text_config.vocab_size
+    high = min(vocab, cfg.image_token_id)
+    words = torch.randint(3, high, (text_before + text_after,), generator=g).tolist()
+    row = [1] + words[:text_before] + [cfg.image_token_id] * n + words[text_before:]
+    ids = torch.tensor([row] * len(images))
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    pixels = torch.stack([(square_image(img, size) - mean) / std for img in images])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def shuffle_patches(pixels: torch.Tensor, patch: int, generator: torch.Generator) -> torch.Tensor:
+    """Permute the ``patch`` x ``patch`` squares of each image ``[B, 3, S, S]`` over its grid (one
+    permutation per image); the content of each square is unchanged."""
+    b, c, s, _ = pixels.shape
+    if s % patch:
+        raise ValueError(f"shuffle_patches: image side {s} is not a multiple of patch={patch}")
+    g = s // patch
+    blocks = pixels.reshape(b, c, g, patch, g, patch).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, -1)
+    perm = torch.rand(b, g * g, generator=generator).argsort(dim=1)
+    blocks = blocks.gather(1, perm[..., None].expand_as(blocks))
+    return blocks.reshape(b, g, g, c, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(b, c, s, s).contiguous()
+
+
+# ---------------------------------------------------------------- what was kept
+class KeptLog:
+    """Original visual positions kept by the stages of one forward, composed (``positions`` ``[B, K]``)."""
+
+    def __init__(self) -> None:
+        self.positions: Optional[torch.Tensor] = None
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.positions, self.calls = None, 0
+
+    def add(self, result: CompressionResult) -> None:
+        idx = result.indices if result.indices.dim() == 2 else result.indices[None]
+        idx = idx.detach().cpu()
+        self.positions = idx if self.positions is None else self.positions.gather(1, idx)
+        self.calls += 1
+
+
+@contextlib.contextmanager
+def record_kept(compressors: Iterable[Compressor]) -> Iterator[KeptLog]:
+    """Record (and compose) the indices every call of ``compressors``' ``compress`` returns, in call order."""
+    log = KeptLog()
+    patched = []
+    for comp in compressors:
+        original = comp.compress
+
+        def recording(tokens, budget, context=None, _original=original):
+            result = _original(tokens, budget, context)
+            log.add(result)
+            return result
+
+        comp.compress = recording  # type: ignore[method-assign]
+        patched.append(comp)
+    try:
+        yield log
+    finally:
+        for comp in patched:
+            del comp.compress
+
+
+@torch.no_grad()
+def next_token_logprobs(model: Any, inputs: dict) -> torch.Tensor:
+    """``[B, V]`` float32 log-probabilities of the token after the prompt."""
+    return model(**inputs).logits[:, -1].float().log_softmax(dim=-1)
+
+
+# ---------------------------------------------------------------- eager against SDPA
+@dataclass(frozen=True)
+class AttentionShape:
+    """An attention call: ``heads`` x ``head_dim`` over ``length`` positions, ``batch`` rows."""
+
+    label: str
+    heads: int
+    head_dim: int
+    length: int
+    batch: int = 1
+    causal: bool = True
+
+
+def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn`` under the PyTorch profiler; return its output and the peak of the bytes it had allocated
+    on the CPU at any moment (allocations minus frees, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    current = peak = 0
+    for _, delta in events:
+        current += delta
+        peak = max(peak, current)
+    return out, peak
+
+
+class _AttentionModule(torch.nn.Module):
+    """The attributes transformers' attention functions read from their module."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.num_key_value_groups = 1
+        self.is_causal = causal
+
+
+def attention_cost(shape: AttentionShape, repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """Time and peak memory of transformers' eager attention against its SDPA attention at ``shape``.
+
+    Both are the functions a transformers model switches between (``eager_attention_forward``, which
+    materialises the ``[B, H, L, L]`` weights, and ``sdpa_attention_forward``), called on the same random
+    queries, keys and values. Times are the minimum over ``repeats`` (ms); peaks are measured by
+    :func:`peak_memory` (MiB). The two outputs are checked to agree.
+
+    Returns
+    -------
+    dict
+        ``eager_ms``, ``sdpa_ms``, ``eager_peak_mib``, ``sdpa_peak_mib``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape.batch, shape.heads, shape.length, shape.head_dim, generator=g) for _ in range(3))
+    module = _AttentionModule(shape.causal).eval()
+    scaling = shape.head_dim**-0.5
+    mask = None
+    if shape.causal:
+        mask = torch.full((shape.length, shape.length), float("-inf")).triu(1)[None, None]
+
+    def eager():
+        return eager_attention_forward(module, q, k, v, mask, scaling=scaling)[0]
+
+    def sdpa():
+        return sdpa_attention_forward(module, q, k, v, None, scaling=scaling, is_causal=shape.causal)[0]
+
+    result: dict[str, float] = {}
+    outputs = {}
+    with torch.no_grad():
+        for name, fn in (("eager", eager), ("sdpa", sdpa)):
+            fn()  # warm-up
+            best = math.inf
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - start)
+            outputs[name], peak = peak_memory(fn)
+            result[f"{name}_ms"] = best * 1000
+            result[f"{name}_peak_mib"] = peak / 2**20
+    if not torch.allclose(outputs["eager"], outputs["sdpa"], atol=1e-4, rtol=1e-3):
+        raise RuntimeError("attention_cost: eager and SDPA attention disagree; the comparison would be meaningless")
+    return result
+
+
+# ---------------------------------------------------------------- the grid
+@dataclass
+class VLMCell:
+    """One strategy configuration at one budget inside a VLM, with its measurements."""
+
+    strategy: str
+    params: dict[str, Any]
+    budget: Optional[int | float]
+    kept: float = math.nan
+    next_token_agreement: float = math.nan
+    next_token_agreement_ci: float = math.nan
+    logit_kl: float = math.nan
+    logit_kl_ci: float = math.nan
+    position_bias: float = math.nan
+    flash_compatible: Optional[bool] = None
+    flash_error: str = ""
+    time_ms: float = math.nan
+    eager_cost: dict[str, Any] = field(default_factory=dict)
+    heatmap: Optional[torch.Tensor] = None  # [N] share of images keeping each visual position
+    example_kept: Optional[list[int]] = None  # kept visual positions of the first image
+    per_image: dict[str, list[float]] = field(default_factory=dict)
+    n_images: int = 0
+    skipped: str = ""
+
+    def row(self, features: str) -> dict[str, Any]:
+        """A results row (see :mod:`tokencomp.analysis.results`); eager costs at the largest measured shape."""
+        row: dict[str, Any] = {
+            "features": features, "strategy": self.strategy, "params": self.params, "budget": self.budget,
+            "kept": self.kept, "n_images": self.n_images, "time_ms": self.time_ms, "skipped": self.skipped,
+            "next_token_agreement": self.next_token_agreement, "next_token_agreement_ci95": self.next_token_agreement_ci,
+            "logit_kl": self.logit_kl, "logit_kl_ci95": self.logit_kl_ci, "position_bias": self.position_bias,
+            "flash_compatible": self.flash_compatible, "flash_error": self.flash_error, "flash_measured": True,
+            "eager_cost": self.eager_cost, "per_image": self.per_image, "example_kept": self.example_kept,
+            "heatmap": None if self.heatmap is None else [round(float(v), 4) for v in self.heatmap],
+        }
+        if self.heatmap is not None:
+            side = math.isqrt(self.heatmap.numel())
+            row["grid"] = [side, side] if side * side == self.heatmap.numel() else None
+        if self.eager_cost:
+            largest = max(self.eager_cost.values(), key=lambda c: c["heads"] * c["head_dim"] * c["length"])
+            for k in ("eager_ms", "sdpa_ms", "eager_peak_mib", "sdpa_peak_mib"):
+                row[k] = largest[k]
+        return row
+
+
+def _mean_ci(values: torch.Tensor) -> tuple[float, float]:
+    v = values.double()
+    n = v.numel()
+    ci = float(1.96 * v.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+    return float(v.mean()), ci
+
+
+def eager_kind(cls: type[Compressor]) -> str:
+    """Where ``cls`` needs eager attention: ``"vision tower"`` (its [CLS] row) or ``"decoder layer"``."""
+    return "vision tower" if "cls_attention" in cls.requires else "decoder layer"
+
+
+def model_shape(kind: str, model: Any, length: int) -> AttentionShape:
+    """The attention shape of ``model``'s vision tower or decoder layer (``length`` positions)."""
+    if kind == "vision tower":
+        v = model.config.vision_config
+        n = (v.image_size // v.patch_size) ** 2 + 1
+        return AttentionShape(f"this model's {kind}", v.num_attention_heads, v.hidden_size // v.num_attention_heads, n, causal=False)
+    t = model.config.text_config
+    return AttentionShape(f"this model's {kind}", t.num_attention_heads, t.hidden_size // t.num_attention_heads, length)
+
+
+# LLaVA-1.5-7B's attention shapes: CLIP ViT-L/14 at 336 px (577 positions, 16 heads of 64) and its
+# Vicuna-7B decoder (32 heads of 128) over 576 visual tokens and a short prompt.
+LLAVA_7B_SHAPES = {
+    "vision tower": AttentionShape("LLaVA-1.5-7B vision tower", 16, 64, 577, causal=False),
+    "decoder layer": AttentionShape("LLaVA-1.5-7B decoder layer", 32, 128, 640),
+}
+
+
+def budget_runs(name: str, params: dict[str, Any], budgets: list[int | float]) -> list[tuple[dict[str, Any], Any, Any, str]]:
+    """``(params, budget for apply, budget of the row, why it cannot run or "")`` per requested budget.
+
+    Strategies that set their own per-layer budgets (``stage_budgets``) take the budget through their
+    ``budget_param`` when they declare one and accept that value (SparseVLM's ``retained``), else run once
+    with their own schedule (row budget ``None``).
+    """
+    cls = tc.get(name)
+    comp = tc.create(name, **params)
+    if not hasattr(comp, "stage_budgets"):
+        return [(params, b, b, "") for b in budgets]
+    key = cls.budget_param
+    if not key or key in params:
+        return [(params, None, None, "")]
+    runs = []
+    for b in budgets:
+        reason = ""
+        try:
+            tc.create(name, **{**params, key: b})
+        except ValueError as exc:  # a budget the strategy's schedule does not define
+            reason = str(exc)
+        runs.append(({**params, key: b}, None, b, reason))
+    return runs
+
+
+def run_vlm(
+    model: Any,
+    images: list[np.ndarray],
+    configs: list[tuple[str, dict[str, Any]]],
+    budgets: Iterable[int | float],
+    seed: int = 0,
+    real_shapes: Optional[dict[str, AttentionShape]] = None,
+    on_cell: Optional[Callable[[VLMCell], None]] = None,
+    skip: Optional[Callable[[str, dict[str, Any], Any], bool]] = None,
+) -> list[VLMCell]:
+    """Run every configuration at every budget inside ``model`` on ``images`` (one row per image).
+
+    Parameters
+    ----------
+    model : transformers model
+        A LLaVA-layout model :func:`tokencomp.apply` supports, loaded with SDPA attention.
+    images : list of ndarray
+        ``[H, W, 3]`` uint8 images.
+    configs : list of (str, dict)
+        ``(strategy, params)`` pairs.
+    budgets : iterable of int or float
+        Visual tokens kept per image.
+    seed : int
+        Seed of the prompt words and of the patch shuffles.
+    real_shapes : dict, optional
+        Per kind (``"vision tower"``, ``"decoder layer"``), a further shape at which to measure eager
+        against SDPA for the strategies that need eager attention (default :data:`LLAVA_7B_SHAPES`); the
+        model's own shape is always measured.
+
+    Returns
+    -------
+    list of VLMCell
+        In the order of ``configs`` x ``budgets``; a configuration the model cannot run has ``skipped`` set.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    budgets = list(budgets)
+    real_shapes = LLAVA_7B_SHAPES if real_shapes is None else real_shapes
+    inputs = llava_inputs(model, images, seed=seed)
+    patch = model.config.vision_config.patch_size
+    shuffled = dict(inputs, pixel_values=shuffle_patches(inputs["pixel_values"], patch, torch.Generator().manual_seed(seed)))
+    n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    length = inputs["input_ids"].shape[1]
+    full = next_token_logprobs(model, inputs)
+    costs: dict[AttentionShape, dict[str, float]] = {}
+    cells = []
+    for name, base_params in configs:
+        for params, budget, row_budget, reason in budget_runs(name, base_params, budgets):
+            if skip is not None and skip(name, params, row_budget):
+                continue
+            if reason:
+                cell = VLMCell(strategy=name, params=params, budget=row_budget, n_images=len(images), skipped=reason)
+                cells.append(cell)
+                if on_cell is not None:
+                    on_cell(cell)
+                continue
+            comp = tc.create(name, **params)
+            # Text-conditioned pre-LLM strategies score the tokens against the instruction's embeddings,
+            # which live in the language model's space: they act after the projector.
+            point = "post_projector" if comp.stage == "pre_llm" and "text_embeddings" in comp.requires else None
+            cell = VLMCell(strategy=name, params=params, budget=row_budget, n_images=len(images))
+
+            def run(batch: dict, fallback: bool) -> tuple[torch.Tensor, KeptLog, float]:
+                with record_kept([comp]) as log, sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    with tc.apply(model, comp, budget=budget, point=point, allow_eager_fallback=fallback):
+                        start = time.perf_counter()
+                        logprobs = next_token_logprobs(model, batch)
+                        elapsed = (time.perf_counter() - start) * 1000
+                return logprobs, log, elapsed
+
+            try:
+                try:
+                    logprobs, log, elapsed = run(inputs, fallback=False)
+                    cell.flash_compatible = True
+                except RuntimeError as exc:
+                    cell.flash_compatible, cell.flash_error = False, str(exc).split("\n")[0]
+                    logprobs, log, elapsed = run(inputs, fallback=True)
+                shuffled_log = run(shuffled, fallback=not cell.flash_compatible)[1]
+            except (ValueError, TypeError) as exc:
+                cell.skipped = str(exc).split("\n")[0]
+                cells.append(cell)
+                if on_cell is not None:
+                    on_cell(cell)
+                continue
+            cell.time_ms = elapsed
+            kept = log.positions
+            cell.kept = float(kept.shape[1]) if kept is not None else float(n_visual)
+            agree = (logprobs.argmax(-1) == full.argmax(-1)).float()
+            kl = (full.exp() * (full - logprobs)).sum(-1).clamp(min=0)
+            cell.next_token_agreement, cell.next_token_agreement_ci = _mean_ci(agree)
+            cell.logit_kl, cell.logit_kl_ci = _mean_ci(kl)
+            cell.per_image = {"next_token_agreement": agree.tolist(), "logit_kl": kl.tolist()}
+            if kept is not None:
+                mask = torch.zeros(kept.shape[0], n_visual, dtype=torch.float64).scatter_(1, kept, 1.0)
+                cell.heatmap = mask.mean(0)
+                cell.example_kept = kept[0].tolist()
+            if shuffled_log.positions is not None:
+                positions = (shuffled_log.positions.flatten().double() + 0.5) / n_visual
+                uniform = (torch.arange(n_visual, dtype=torch.float64) + 0.5) / n_visual
+                cell.position_bias = float(wasserstein_distance(positions.numpy(), uniform.numpy()))
+            if not cell.flash_compatible:
+                kind = eager_kind(type(comp))
+                shapes = [model_shape(kind, model, length)] + ([real_shapes[kind]] if kind in real_shapes else [])
+                for shape in shapes:
+                    if shape not in costs:
+                        costs[shape] = attention_cost(shape)
+                cell.eager_cost = {s.label: {"length": s.length, "heads": s.heads, "head_dim": s.head_dim, **costs[s]} for s in shapes}
+            cells.append(cell)
+            if on_cell is not None:
+                on_cell(cell)
+    return cells
