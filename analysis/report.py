@@ -311,11 +311,26 @@ def plot_retention(rows: list[dict[str, Any]], features: str, path: Path) -> boo
         ax.set_title(key.replace("_", " "))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{features}: retention against budget (thin lines: parameter variants)")
+    return _finish(plt, fig, f"{features}: retention against budget (thin lines: parameter variants)", path)
+
+
+def _finish(plt, fig, title: str, path: Path) -> bool:
+    """Title, lay out, save and close a figure."""
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return True
+
+
+def _panels(plt, n: int):
+    """A figure of ``n`` small image panels, six to a row, axes off."""
+    cols = min(6, n)
+    rows_n = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(2.4 * cols, 2.6 * rows_n), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, list(axes.flat)
 
 
 def plot_heatmaps(rows: list[dict[str, Any]], features: str, path: Path) -> bool:
@@ -324,20 +339,12 @@ def plot_heatmaps(rows: list[dict[str, Any]], features: str, path: Path) -> bool
     if not reps:
         return False
     plt = _plt()
-    cols = min(6, len(reps))
-    rows_n = math.ceil(len(reps) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(2.4 * cols, 2.6 * rows_n), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, r in zip(axes.flat, reps):
+    fig, axes = _panels(plt, len(reps))
+    for ax, r in zip(axes, reps):
         h, w = r["grid"][-2:]
         ax.imshow(np.asarray(r["heatmap"], dtype=float).reshape(h, w), vmin=0, vmax=1, cmap="viridis")
         ax.set_title(f"{r['strategy']}\nkeep {_num(r['kept']):g}, bias {_num(r.get('position_bias')):.3f}", fontsize=8)
-    fig.suptitle(f"{features}: where kept tokens sit (share of images keeping each position)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _finish(plt, fig, f"{features}: where kept tokens sit (share of images keeping each position)", path)
 
 
 def plot_overlays(rows: list[dict[str, Any]], features: str, image: np.ndarray, path: Path) -> bool:
@@ -353,22 +360,14 @@ def plot_overlays(rows: list[dict[str, Any]], features: str, image: np.ndarray, 
     h, w = reps[0]["grid"][-2:]
     side = 14 * max(h, w)
     pic = square_image(image, side).permute(1, 2, 0).numpy()
-    cols = min(6, len(reps))
-    rows_n = math.ceil(len(reps) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(2.4 * cols, 2.6 * rows_n), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, r in zip(axes.flat, reps):
+    fig, axes = _panels(plt, len(reps))
+    for ax, r in zip(axes, reps):
         mask = torch.zeros(h * w)
         mask[torch.tensor(r["example_kept"], dtype=torch.long)] = 1
         up = mask.view(h, w).repeat_interleave(side // h, 0).repeat_interleave(side // w, 1).numpy()[..., None]
         ax.imshow(pic * (0.25 + 0.75 * up))
         ax.set_title(f"{r['strategy']} (keep {_num(r['kept']):g})", fontsize=8)
-    fig.suptitle(f"{features}: kept tokens on the example image (dimmed: dropped or merged away)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _finish(plt, fig, f"{features}: kept tokens on the example image (dimmed: dropped or merged away)", path)
 
 
 def plot_flash(rows: list[dict[str, Any]], path: Path) -> bool:
@@ -398,16 +397,15 @@ def plot_flash(rows: list[dict[str, Any]], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(9, 0.38 * len(cells) + 1.0))
     ax.axis("off")
     table = ax.table(cellText=cells, cellColours=colours, loc="center",
-                     colLabels=["strategy", "forced FLASH_ATTENTION", "eager layer", "eager/SDPA time (7B shape)",
-                                "eager/SDPA peak memory (7B shape)"])
+                     colLabels=["strategy", "forced\nFLASH_ATTENTION", "eager layer", "eager / SDPA time\n(LLaVA-1.5-7B shape)",
+                                "eager / SDPA peak memory\n(LLaVA-1.5-7B shape)"], cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(8)
-    table.scale(1, 1.3)
-    ax.set_title("FlashAttention compatibility, measured inside the VLM")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    table.scale(1, 1.4)
+    for (r, _), cell in table.get_celld().items():
+        if r == 0:
+            cell.set_height(cell.get_height() * 1.8)
+    return _finish(plt, fig, "FlashAttention compatibility, measured inside the VLM", path)
 
 
 def render_plots(rows: list[dict[str, Any]], out: Path, example: Optional[np.ndarray]) -> list[str]:

@@ -358,6 +358,12 @@ def run_vlm(
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if type(model).__name__ != "LlavaForConditionalGeneration":
+        raise TypeError(
+            f"run_vlm: builds LLaVA-1.5 prompts (one image per row); got a {type(model).__name__}. "
+            "Pass a LlavaForConditionalGeneration (e.g. tiny_llava(), or llava-hf/llava-1.5-7b-hf loaded with "
+            "from_pretrained), or call tokencomp.apply on your own model and inputs."
+        )
     budgets = list(budgets)
     real_shapes = LLAVA_7B_SHAPES if real_shapes is None else real_shapes
     inputs = llava_inputs(model, images, seed=seed)

@@ -115,6 +115,11 @@ def test_flash_compatibility_is_measured(model, images):
     assert row["flash_measured"] and row["eager_ms"] == fastv.eager_cost["LLaVA-1.5-7B decoder layer"]["eager_ms"]
 
 
+def test_run_vlm_refuses_other_models(images):
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        run_vlm(torch.nn.Linear(2, 2), images, [("random", {})], [8])
+
+
 def test_unsupported_budget_is_a_skipped_row(model, images):
     (cell,) = run_vlm(model, images, [("sparsevlm", {"layers": [1, 2, 3]})], [100])
     assert "retained" in cell.skipped and math.isnan(cell.next_token_agreement)
