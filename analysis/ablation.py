@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_BUDGETS",
     "DEFAULT_GRIDS",
     "TokenSet",
+    "DEFAULT_VIEWS",
     "VIEWS",
     "expand_grid",
     "image_views",
@@ -98,12 +99,22 @@ def mean_token_attention(tokens: torch.Tensor) -> torch.Tensor:
     return ((x @ query.transpose(1, 2)).squeeze(-1) / math.sqrt(x.shape[-1])).softmax(dim=-1)
 
 
-VIEWS = ("full", "flip", "crop")
+VIEWS = ("full", "flip", "crop", "crop-tl", "crop-br")
+DEFAULT_VIEWS = ("full", "flip", "crop-tl", "crop-br")
 
 
-def image_views(images: list[tuple[str, np.ndarray]], views: Iterable[str] = VIEWS) -> list[tuple[str, np.ndarray, int]]:
+def _crop(img: np.ndarray, where: str) -> np.ndarray:
+    """80 % of each side of ``img``: centred (``crop``), at the top-left or the bottom-right corner."""
+    h, w = img.shape[:2]
+    ch, cw = round(h * 0.8), round(w * 0.8)
+    top, left = {"crop": ((h - ch) // 2, (w - cw) // 2), "crop-tl": (0, 0), "crop-br": (h - ch, w - cw)}[where]
+    return np.ascontiguousarray(img[top : top + ch, left : left + cw])
+
+
+def image_views(images: list[tuple[str, np.ndarray]], views: Iterable[str] = DEFAULT_VIEWS) -> list[tuple[str, np.ndarray, int]]:
     """Each image as several views ``(name/view, array, image index)``: ``full``; ``flip`` (mirrored left to
-    right); ``crop`` (the central 80 % of each side, i.e. zoomed in). Views of an image are consecutive.
+    right); ``crop`` / ``crop-tl`` / ``crop-br`` (80 % of each side, centred or at the top-left or
+    bottom-right corner, i.e. zoomed in). Views of an image are consecutive.
 
     Raises
     ------
@@ -122,14 +133,12 @@ def image_views(images: list[tuple[str, np.ndarray]], views: Iterable[str] = VIE
             elif view == "flip":
                 arr = np.ascontiguousarray(img[:, ::-1])
             else:
-                h, w = img.shape[:2]
-                dh, dw = round(h * 0.1), round(w * 0.1)
-                arr = np.ascontiguousarray(img[dh : h - dh, dw : w - dw])
+                arr = _crop(img, view)
             out.append((f"{name}/{view}" if view != "full" else name, arr, i))
     return out
 
 
-def make_tokens(features: str, images: list[tuple[str, np.ndarray]], views: Iterable[str] = VIEWS) -> TokenSet:
+def make_tokens(features: str, images: list[tuple[str, np.ndarray]], views: Iterable[str] = DEFAULT_VIEWS) -> TokenSet:
     """Tokens of ``images`` from ``features``.
 
     ``efficientnet``: 576 x 1280 from the pretrained ImageNet network, with its classifier as the head,

@@ -111,7 +111,9 @@ def test_image_views():
     assert [n for n, _, _ in views] == ["a", "a/flip", "a/crop", "b", "b/flip", "b/crop"]
     assert [i for _, _, i in views] == [0, 0, 0, 1, 1, 1]
     assert np.array_equal(views[1][1], img[:, ::-1]) and np.array_equal(views[2][1], img[1:9, 2:18])
-    with pytest.raises(ValueError, match="allowed: full, flip, crop"):
+    tl, br = image_views([("a", img)], ("crop-tl", "crop-br"))
+    assert np.array_equal(tl[1], img[:8, :16]) and np.array_equal(br[1], img[2:, 4:])
+    with pytest.raises(ValueError, match="allowed: full, flip, crop, crop-tl, crop-br"):
         image_views([("a", img)], ("rotate",))
 
 
