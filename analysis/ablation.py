@@ -18,7 +18,7 @@ from tokencomp.features import FEATURES, EfficientNetTokens, HFVisionTokens, is_
 
 from .position import kept_heatmap, position_bias
 from .prediction import pred_agreement
-from .results import cell_key
+from .results import cell_key, mean_ci
 from .retention import lstsq_error, recon_error
 
 __all__ = [
@@ -212,14 +212,6 @@ def runnable(cls: type[Compressor]) -> Optional[str]:
     return None
 
 
-def _mean_ci(values: torch.Tensor) -> tuple[float, float]:
-    v = values.double()
-    n = v.numel()
-    mean = float(v.mean())
-    ci = float(1.96 * v.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
-    return mean, ci
-
-
 def _rounded(values: torch.Tensor, digits: int = 5) -> list[float]:
     return [round(float(v), digits) for v in values.flatten()]
 
@@ -265,8 +257,8 @@ def measure_cell(ts: TokenSet, name: str, params: dict[str, Any], budget: int | 
         "features": ts.name, "strategy": name, "params": params, "budget": budget, "kept": result.kept,
         "n_images": ts.tokens.shape[0], "time_ms": elapsed, "grid": list(ts.grid), "flash_measured": False,
     }
-    row["recon_error"], row["recon_error_ci95"] = _mean_ci(recon)
-    row["lstsq_error"], row["lstsq_error_ci95"] = _mean_ci(lstsq)
+    row["recon_error"], row["recon_error_ci95"] = mean_ci(recon)
+    row["lstsq_error"], row["lstsq_error_ci95"] = mean_ci(lstsq)
     per_image = {"recon_error": _rounded(recon), "lstsq_error": _rounded(lstsq)}
     orig = ts.originals
     row["heatmap"] = _rounded(kept_heatmap(result.indices[orig], ts.tokens.shape[1]), 4)
@@ -277,8 +269,8 @@ def measure_cell(ts: TokenSet, name: str, params: dict[str, Any], budget: int | 
     if ts.head is not None:
         weighted = pred_agreement(ts.head, ts.tokens, result, weighted=True)
         plain = pred_agreement(ts.head, ts.tokens, result, weighted=False)
-        row["pred_agreement"], row["pred_agreement_ci95"] = _mean_ci(weighted["agree"])
-        row["pred_kl"], row["pred_kl_ci95"] = _mean_ci(weighted["kl"])
+        row["pred_agreement"], row["pred_agreement_ci95"] = mean_ci(weighted["agree"])
+        row["pred_kl"], row["pred_kl_ci95"] = mean_ci(weighted["kl"])
         row["pred_agreement_unweighted"] = float(plain["agree"].mean())
         row["pred_kl_unweighted"] = float(plain["kl"].mean())
         per_image["pred_agreement"] = _rounded(weighted["agree"])
@@ -302,7 +294,7 @@ def run_ablation(
     rows = []
     for ts in token_sets:
         for (name, params), budget in itertools.product(configs, budgets):
-            if cell_key({"features": ts.name, "strategy": name, "params": params, "budget": budget}) in done:
+            if cell_key(ts.name, name, params, budget) in done:
                 continue
             row = measure_cell(ts, name, params, budget)
             rows.append(row)

@@ -69,6 +69,12 @@ def position_bias(
         shuffled = batched_gather(tokens, perm)
         result = compressor.compress(shuffled, budget, context(shuffled, perm) if context is not None else None)
         kept.append(result.indices.flatten())
-    positions = (torch.cat(kept).double().cpu() + 0.5) / n
+    return uniform_distance(torch.cat(kept), n)
+
+
+def uniform_distance(indices: torch.Tensor, n: int) -> float:
+    """1-D Wasserstein distance between kept positions ``indices`` (any shape, values in ``[0, n)``),
+    normalised to ``(i + 0.5) / n``, and the uniform distribution over the ``n`` positions."""
+    positions = (indices.flatten().double().cpu() + 0.5) / n
     uniform = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     return float(wasserstein_distance(positions.numpy(), uniform.numpy()))

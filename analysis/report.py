@@ -10,6 +10,7 @@ difference with its 95 % confidence interval, and a verdict only when the interv
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -20,7 +21,12 @@ import numpy as np
 
 import tokencomp as tc
 
-__all__ = ["METRICS", "MetricTable", "compare", "label", "metric_table", "render_markdown", "render_plots", "write_report"]
+from .results import flash_measurements, mean_ci, write_atomic
+
+__all__ = [
+    "METRICS", "MetricTable", "compare", "eager_ratios", "label", "metric_table", "render_markdown", "render_plots",
+    "write_report",
+]
 
 
 @dataclass(frozen=True)
@@ -62,14 +68,29 @@ def label(row: dict[str, Any]) -> str:
     return row["strategy"] + "".join(f" {k}={v}" for k, v in shown.items())
 
 
-def _is_default(row: dict[str, Any]) -> bool:
-    params = {k: v for k, v in _params(row).items() if k != "seed"}
+@functools.lru_cache(maxsize=None)
+def _defaults(strategy: str) -> Optional[dict[str, str]]:
+    """A strategy's default parameters, each as JSON (tuples and lists alike); ``None`` if unknown."""
     try:
-        defaults = tc.create(row["strategy"]).get_params()
+        return {k: json.dumps(v, sort_keys=True) for k, v in tc.create(strategy).get_params().items()}
     except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _is_default(row: dict[str, Any]) -> bool:
+    defaults = _defaults(row["strategy"])
+    if defaults is None:
         return False
-    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 (tuples = lists)
-    return all(k in defaults and same(defaults[k], v) for k, v in params.items())
+    params = {k: v for k, v in _params(row).items() if k != "seed"}
+    return all(k in defaults and defaults[k] == json.dumps(v, sort_keys=True) for k, v in params.items())
+
+
+def eager_ratios(row: dict[str, Any]) -> Optional[tuple[float, float]]:
+    """Eager over SDPA attention (time, peak memory) of a row, at its largest measured shape; ``None``
+    when the row needed no eager attention."""
+    if row.get("eager_ms") is None:
+        return None
+    return row["eager_ms"] / row["sdpa_ms"], row["eager_peak_mib"] / max(row["sdpa_peak_mib"], 1e-9)
 
 
 def _budget_name(budget: Any) -> str:
@@ -152,8 +173,7 @@ def compare(rows: list[dict[str, Any]], focus: str = "apet") -> list[dict[str, A
                 if other is None or len(other) != len(values):
                     continue
                 diff = np.asarray(values, dtype=float) - np.asarray(other, dtype=float)
-                mean = float(diff.mean())
-                ci = float(1.96 * diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
+                mean, ci = mean_ci(diff)
                 better = mean > 0 if _BY_KEY[key].higher_is_better else mean < 0
                 if math.isnan(ci) or abs(mean) <= ci:
                     verdict = "no measurable difference"
@@ -181,24 +201,19 @@ def _md_table(table: MetricTable) -> list[str]:
 
 
 def _flash_lines(rows: list[dict[str, Any]]) -> list[str]:
-    measured: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        if r.get("flash_measured"):
-            measured.setdefault(r["strategy"], []).append(r)
+    measured = flash_measurements(rows)
     if not measured:
         return ["No strategy was run inside a VLM (`--no-vlm`), so FlashAttention compatibility was not measured."]
     lines = [
         "| strategy | runs under forced FLASH_ATTENTION | what fails | eager attention layer | eager / SDPA time | eager / SDPA peak memory |",
         "|---|---|---|---|---|---|",
     ]
-    for name, runs in sorted(measured.items()):
-        ran = [r for r in runs if not r.get("skipped")]
+    for name, (ran, failed) in measured.items():
         if not ran:
-            lines.append(f"| {name} | not run | {runs[0]['skipped']} | | | |")
+            reason = next(r["skipped"] for r in rows if r.get("flash_measured") and r["strategy"] == name)
+            lines.append(f"| {name} | not run | {reason} | | | |")
             continue
-        ok = all(r["flash_compatible"] for r in ran)
-        failed = next((r for r in ran if not r["flash_compatible"]), None)
-        if ok:
+        if failed is None:
             lines.append(f"| {name} | yes | | | | |")
             continue
         costs = failed.get("eager_cost") or {}
@@ -372,27 +387,20 @@ def plot_overlays(rows: list[dict[str, Any]], features: str, image: np.ndarray, 
 
 def plot_flash(rows: list[dict[str, Any]], path: Path) -> bool:
     """The measured FlashAttention compatibility as a table figure."""
-    measured: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        if r.get("flash_measured") and not r.get("skipped"):
-            measured.setdefault(r["strategy"], []).append(r)
+    measured = {name: m for name, m in flash_measurements(rows).items() if m[0]}
     if not measured:
         return False
     plt = _plt()
     cells, colours = [], []
-    for name, runs in sorted(measured.items()):
-        ok = all(r["flash_compatible"] for r in runs)
-        failed = next((r for r in runs if not r["flash_compatible"]), None)
-        if ok:
+    for name, (_, failed) in measured.items():
+        if failed is None:
             cells.append([name, "yes", "", "", ""])
             colours.append(["white", "#c8e6c9", "white", "white", "white"])
             continue
         costs = failed.get("eager_cost") or {}
-        big = max(costs.values(), key=lambda c: c["heads"] * c["head_dim"] * c["length"]) if costs else None
         kind = next(iter(costs)).replace("this model's ", "") if costs else ""
-        cells.append([name, "no: needs eager", kind,
-                      f"{big['eager_ms'] / big['sdpa_ms']:.1f}x" if big else "",
-                      f"{big['eager_peak_mib'] / max(big['sdpa_peak_mib'], 1e-9):.1f}x" if big else ""])
+        ratios = eager_ratios(failed)
+        cells.append([name, "no: needs eager", kind] + ([f"{ratios[0]:.1f}x", f"{ratios[1]:.1f}x"] if ratios else ["", ""]))
         colours.append(["white", "#ffcdd2", "white", "white", "white"])
     fig, ax = plt.subplots(figsize=(9, 0.38 * len(cells) + 1.0))
     ax.axis("off")
@@ -428,8 +436,6 @@ def render_plots(rows: list[dict[str, Any]], out: Path, example: Optional[np.nda
 def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], example: Optional[np.ndarray],
                  focus: str = "apet") -> Path:
     """Render the plots and ``report.md`` into ``out``; returns the report's path."""
-    from .results import write_atomic
-
     plots = render_plots(rows, out, example)
     text = render_markdown(rows, meta, plots, focus)
     path = out / "report.md"

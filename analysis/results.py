@@ -9,9 +9,14 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional, Sequence
 
-__all__ = ["COLUMNS", "cell_key", "join_flash", "load_results", "save_results", "write_atomic"]
+import torch
+
+__all__ = [
+    "COLUMNS", "cell_key", "flash_measurements", "join_flash", "load_results", "mean_ci", "row_key", "save_results",
+    "write_atomic",
+]
 
 # results.csv columns, in order; results.json rows hold these and the per-image values, kept-token
 # heatmaps, the example image's kept positions and the eager-attention costs.
@@ -27,10 +32,36 @@ COLUMNS = (
 )
 
 
-def cell_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
+def mean_ci(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
+    """Mean and 95 % confidence half-width ``1.96 sd / sqrt(n)`` (NaN for a single value)."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    n = v.numel()
+    ci = float(1.96 * v.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+    return float(v.mean()), ci
+
+
+def cell_key(features: str, strategy: str, params: dict[str, Any] | str, budget: Any) -> tuple[str, str, str, str]:
     """What identifies a cell of the grid: features, strategy, params (JSON) and budget (JSON)."""
-    params = row["params"] if isinstance(row["params"], str) else json.dumps(row["params"], sort_keys=True)
-    return row["features"], row["strategy"], params, json.dumps(row["budget"])
+    params = params if isinstance(params, str) else json.dumps(params, sort_keys=True)
+    return features, strategy, params, json.dumps(budget)
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
+    """:func:`cell_key` of a results row."""
+    return cell_key(row["features"], row["strategy"], row["params"], row["budget"])
+
+
+def flash_measurements(rows: list[dict[str, Any]]) -> dict[str, tuple[list[dict[str, Any]], Optional[dict[str, Any]]]]:
+    """Per strategy measured inside a VLM (sorted by name): its runs that were not skipped, and the first
+    of them that failed under the forced FLASH_ATTENTION backend (``None`` when every run worked).
+    A strategy whose runs were all skipped has an empty list."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("flash_measured"):
+            runs.setdefault(r["strategy"], [])
+            if not r.get("skipped"):
+                runs[r["strategy"]].append(r)
+    return {name: (ran, next((r for r in ran if not r["flash_compatible"]), None)) for name, ran in sorted(runs.items())}
 
 
 def join_flash(rows: list[dict[str, Any]]) -> None:
@@ -39,18 +70,14 @@ def join_flash(rows: list[dict[str, Any]]) -> None:
     A strategy is FlashAttention-compatible when every run of it inside the VLM worked under the forced
     FLASH_ATTENTION backend without eager attention; rows of a strategy never run in a VLM keep ``None``.
     """
-    measured: dict[str, list[dict[str, Any]]] = {}
+    measured = flash_measurements(rows)
     for r in rows:
-        if r.get("flash_measured") and not r.get("skipped"):
-            measured.setdefault(r["strategy"], []).append(r)
-    for r in rows:
-        runs = measured.get(r["strategy"])
+        runs, failed = measured.get(r["strategy"], ([], None))
         if runs and not r.get("flash_measured"):
-            r["flash_compatible"] = all(x["flash_compatible"] for x in runs)
-            failed = [x for x in runs if not x["flash_compatible"]]
-            r["flash_error"] = failed[0]["flash_error"] if failed else ""
+            r["flash_compatible"] = failed is None
+            r["flash_error"] = failed["flash_error"] if failed else ""
             for k in ("eager_ms", "sdpa_ms", "eager_peak_mib", "sdpa_peak_mib"):
-                r[k] = failed[0][k] if failed else None
+                r[k] = failed[k] if failed else None
 
 
 def _clean(value: Any) -> Any:

@@ -29,12 +29,14 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from scipy.stats import wasserstein_distance
 
 import tokencomp as tc
 from tokencomp.base import Compressor
-from tokencomp.features import square_image
+from tokencomp.features import CLIP_MEAN, CLIP_STD, normalised_images
 from tokencomp.types import CompressionResult
+
+from .position import kept_heatmap, uniform_distance
+from .results import mean_ci
 
 __all__ = [
     "AttentionShape",
@@ -50,10 +52,6 @@ __all__ = [
     "run_vlm",
     "shuffle_patches",
 ]
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 # ---------------------------------------------------------------- inputs
 def llava_inputs(model: Any, images: list[np.ndarray], seed: int = 0, text_before: int = 3, text_after: int = 8) -> dict:
@@ -72,9 +70,7 @@ def llava_inputs(model: Any, images: list[np.ndarray], seed: int = 0, text_befor
     words = torch.randint(3, high, (text_before + text_after,), generator=g).tolist()
     row = [1] + words[:text_before] + [cfg.image_token_id] * n + words[text_before:]
     ids = torch.tensor([row] * len(images))
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    pixels = torch.stack([(square_image(img, size) - mean) / std for img in images])
+    pixels = normalised_images(images, size, CLIP_MEAN, CLIP_STD)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
@@ -98,9 +94,6 @@ class KeptLog:
     def __init__(self) -> None:
         self.positions: Optional[torch.Tensor] = None
         self.calls = 0
-
-    def reset(self) -> None:
-        self.positions, self.calls = None, 0
 
     def add(self, result: CompressionResult) -> None:
         idx = result.indices if result.indices.dim() == 2 else result.indices[None]
@@ -267,13 +260,6 @@ class VLMCell:
         return row
 
 
-def _mean_ci(values: torch.Tensor) -> tuple[float, float]:
-    v = values.double()
-    n = v.numel()
-    ci = float(1.96 * v.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
-    return float(v.mean()), ci
-
-
 def eager_kind(cls: type[Compressor]) -> str:
     """Where ``cls`` needs eager attention: ``"vision tower"`` (its [CLS] row) or ``"decoder layer"``."""
     return "vision tower" if "cls_attention" in cls.requires else "decoder layer"
@@ -373,16 +359,18 @@ def run_vlm(
     length = inputs["input_ids"].shape[1]
     full = next_token_logprobs(model, inputs)
     costs: dict[AttentionShape, dict[str, float]] = {}
-    cells = []
+    cells: list[VLMCell] = []
+
+    def emit(cell: VLMCell) -> None:
+        cells.append(cell)
+        if on_cell is not None:
+            on_cell(cell)
     for name, base_params in configs:
         for params, budget, row_budget, reason in budget_runs(name, base_params, budgets):
             if skip is not None and skip(name, params, row_budget):
                 continue
             if reason:
-                cell = VLMCell(strategy=name, params=params, budget=row_budget, n_images=len(images), skipped=reason)
-                cells.append(cell)
-                if on_cell is not None:
-                    on_cell(cell)
+                emit(VLMCell(strategy=name, params=params, budget=row_budget, n_images=len(images), skipped=reason))
                 continue
             comp = tc.create(name, **params)
             # Text-conditioned pre-LLM strategies score the tokens against the instruction's embeddings,
@@ -408,26 +396,21 @@ def run_vlm(
                 shuffled_log = run(shuffled, fallback=not cell.flash_compatible)[1]
             except (ValueError, TypeError) as exc:
                 cell.skipped = str(exc).split("\n")[0]
-                cells.append(cell)
-                if on_cell is not None:
-                    on_cell(cell)
+                emit(cell)
                 continue
             cell.time_ms = elapsed
             kept = log.positions
             cell.kept = float(kept.shape[1]) if kept is not None else float(n_visual)
             agree = (logprobs.argmax(-1) == full.argmax(-1)).float()
             kl = (full.exp() * (full - logprobs)).sum(-1).clamp(min=0)
-            cell.next_token_agreement, cell.next_token_agreement_ci = _mean_ci(agree)
-            cell.logit_kl, cell.logit_kl_ci = _mean_ci(kl)
+            cell.next_token_agreement, cell.next_token_agreement_ci = mean_ci(agree)
+            cell.logit_kl, cell.logit_kl_ci = mean_ci(kl)
             cell.per_image = {"next_token_agreement": agree.tolist(), "logit_kl": kl.tolist()}
             if kept is not None:
-                mask = torch.zeros(kept.shape[0], n_visual, dtype=torch.float64).scatter_(1, kept, 1.0)
-                cell.heatmap = mask.mean(0)
+                cell.heatmap = kept_heatmap(kept, n_visual)
                 cell.example_kept = kept[0].tolist()
             if shuffled_log.positions is not None:
-                positions = (shuffled_log.positions.flatten().double() + 0.5) / n_visual
-                uniform = (torch.arange(n_visual, dtype=torch.float64) + 0.5) / n_visual
-                cell.position_bias = float(wasserstein_distance(positions.numpy(), uniform.numpy()))
+                cell.position_bias = uniform_distance(shuffled_log.positions, n_visual)
             if not cell.flash_compatible:
                 kind = eager_kind(type(comp))
                 shapes = [model_shape(kind, model, length)] + ([real_shapes[kind]] if kind in real_shapes else [])
@@ -435,7 +418,5 @@ def run_vlm(
                     if shape not in costs:
                         costs[shape] = attention_cost(shape)
                 cell.eager_cost = {s.label: {"length": s.length, "heads": s.heads, "head_dim": s.head_dim, **costs[s]} for s in shapes}
-            cells.append(cell)
-            if on_cell is not None:
-                on_cell(cell)
+            emit(cell)
     return cells

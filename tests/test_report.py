@@ -12,7 +12,7 @@ import torch
 
 from tokencomp.analysis.ablation import TokenSet, image_views, measure_cell
 from tokencomp.analysis.report import compare, metric_table, render_markdown
-from tokencomp.analysis.results import COLUMNS, cell_key, join_flash, load_results, save_results
+from tokencomp.analysis.results import COLUMNS, join_flash, load_results, row_key, save_results
 
 
 def _row(strategy, budget, recon, features="pixels", params=None, **extra):
@@ -80,7 +80,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert meta == {"seed": 3}
     assert loaded[0]["params"] == json.dumps({"basis": "fps"}) and loaded[0]["position_bias"] is None
     assert loaded[0]["heatmap"] == [0.5, 1.0]
-    assert cell_key(loaded[0]) == cell_key(rows[0])
+    assert row_key(loaded[0]) == row_key(rows[0])
     with open(tmp_path / "results.csv") as fh:
         reader = csv.DictReader(fh)
         assert tuple(reader.fieldnames) == COLUMNS

@@ -101,7 +101,8 @@ def _parse_budgets(text: str) -> list[int | float]:
 
 
 def _print_tables(rows: list[dict[str, Any]]) -> None:
-    from tokencomp.analysis.report import METRICS, metric_table
+    from tokencomp.analysis.report import METRICS, eager_ratios, metric_table
+    from tokencomp.analysis.results import flash_measurements
 
     for features in dict.fromkeys(r["features"] for r in rows):
         for metric in METRICS:
@@ -126,20 +127,15 @@ def _print_tables(rows: list[dict[str, Any]]) -> None:
                     texts.append(f"[bold green]{text}[/]" if c is not None and c[2] else text)
                 shown.add_row(name, *texts)
             console.print(shown)
-    flash = {}
-    for r in rows:
-        if r.get("flash_measured") and not r.get("skipped"):
-            flash.setdefault(r["strategy"], []).append(r)
+    flash = {name: m for name, m in flash_measurements(rows).items() if m[0]}
     if flash:
         table = Table(title="FlashAttention compatibility, measured inside the VLM (forced FLASH_ATTENTION backend)",
                       title_justify="left")
         for column in ("strategy", "runs under FlashAttention", "eager / SDPA time, memory (LLaVA-1.5-7B shape)"):
             table.add_column(column)
-        for name, runs in sorted(flash.items()):
-            failed = next((r for r in runs if not r["flash_compatible"]), None)
-            cost = "" if failed is None or failed.get("eager_ms") is None else (
-                f"{failed['eager_ms'] / failed['sdpa_ms']:.1f}x time, "
-                f"{failed['eager_peak_mib'] / max(failed['sdpa_peak_mib'], 1e-9):.1f}x memory")
+        for name, (_, failed) in flash.items():
+            ratios = None if failed is None else eager_ratios(failed)
+            cost = "" if ratios is None else f"{ratios[0]:.1f}x time, {ratios[1]:.1f}x memory"
             table.add_row(name, "[green]yes[/]" if failed is None else "[red]no: needs eager[/]", cost)
         console.print(table)
 
@@ -196,7 +192,7 @@ def _meta(options: dict[str, Any], n_images: int, notes: list[str]) -> dict[str,
 
     return {
         "date": datetime.date.today().isoformat(),
-        "tokencomp": tc.__version__ if hasattr(tc, "__version__") else "?",
+        "tokencomp": tc.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "seed": options["seed"],
@@ -214,16 +210,17 @@ def _meta(options: dict[str, Any], n_images: int, notes: list[str]) -> dict[str,
 
 def _example_image(meta: dict[str, Any]):
     """The first image of the run, for the kept-token overlays (``None`` when it cannot be found)."""
-    from tokencomp.data import bundled_images, load_image_folder
+    from tokencomp.data import BUNDLED_IMAGES, bundled_images, load_image_folder
 
     try:
         if meta.get("images", "bundled") == "bundled":
-            return bundled_images()[0][1]
+            return bundled_images(BUNDLED_IMAGES[:1])[0][1]
         return load_image_folder(Path(meta["images"]))[0][1]
     except (OSError, ValueError, IndexError, KeyError):
         return None
 
 
+VLM_FEATURES = "tiny-llava"  # the features column of the rows measured inside the tiny VLM
 VLM_NOTE = (
     "tiny-llava rows: a random-weight LLaVA-1.5 layout built from its config classes (CLIP tower at 336 px, "
     "576 visual tokens, 32-layer Llama decoder, hidden size 64). Its answers mean nothing; its code paths "
@@ -266,7 +263,7 @@ def ablate_command(
         runnable,
     )
     from tokencomp.analysis.report import write_report
-    from tokencomp.analysis.results import cell_key, join_flash, load_results, save_results
+    from tokencomp.analysis.results import cell_key, join_flash, load_results, row_key, save_results
     from tokencomp.data import bundled_images, load_image_folder
     from tokencomp.features import FEATURES, is_hf
 
@@ -308,8 +305,7 @@ def ablate_command(
             grids.setdefault(strat, {})[key] = values
         image_configs = configurations(image_names, grids, options["seed"])
         # Inside the VLM: each strategy once at its defaults, unless a grid was given for it explicitly.
-        vlm_grids = {k: v for k, v in grids.items() if specs}
-        vlm_configs = configurations(names, vlm_grids, options["seed"]) if run_vlm_too else []
+        vlm_configs = configurations(names, grids if specs else {}, options["seed"]) if run_vlm_too else []
         needing_cls = [n for n in image_names if "cls_attention" in tc.get(n).requires]
         if needing_cls and any(not is_hf(f) for f in feature_list):
             notes.append(f"{', '.join(needing_cls)} on efficientnet / pixels tokens: {CLS_PROXY_NOTE}")
@@ -336,15 +332,14 @@ def ablate_command(
             console.print(f"resuming: {len(rows)} finished cells in {target}")
         elif (target / "results.json").is_file():
             console.print(f"[yellow]note[/] replacing the results in {target} (--resume continues them instead)")
-        done = {cell_key(r) for r in rows if not r.get("skipped")}
-        rows = [r for r in rows if cell_key(r) in done]
-        cells_per_set = [(f, [(n, p, b) for (n, p) in image_configs for b in budget_list
-                              if cell_key({"features": f, "strategy": n, "params": p, "budget": b}) not in done])
+        done = {row_key(r) for r in rows if not r.get("skipped")}
+        rows = [r for r in rows if row_key(r) in done]
+        cells_per_set = [(f, [(n, p, b) for (n, p) in image_configs for b in budget_list if cell_key(f, n, p, b) not in done])
                          for f in feature_list]
         from tokencomp.analysis.vlm import budget_runs
 
         vlm_todo = [(n, p, b) for (n, base) in vlm_configs for p, _, b, _ in budget_runs(n, base, budget_list)
-                    if cell_key({"features": "tiny-llava", "strategy": n, "params": p, "budget": b}) not in done]
+                    if cell_key(VLM_FEATURES, n, p, b) not in done]
         token_sets = []
         with console.status("extracting visual tokens..."):
             for f, todo in cells_per_set:
@@ -372,8 +367,8 @@ def ablate_command(
                 progress.update(task, description="inside a tiny LLaVA")
                 model = tiny_llava(image_size=336, layers=32)
                 run_vlm(model, [img for _, img in picked], vlm_configs, budget_list, seed=options["seed"],
-                        on_cell=lambda c: saved(c.row("tiny-llava")),
-                        skip=lambda n, p, b: cell_key({"features": "tiny-llava", "strategy": n, "params": p, "budget": b}) in done)
+                        on_cell=lambda c: saved(c.row(VLM_FEATURES)),
+                        skip=lambda n, p, b: cell_key(VLM_FEATURES, n, p, b) in done)
         join_flash(rows)
         save_results(target, rows, meta)
         report = write_report(target, rows, meta, picked[0][1] if picked else None, focus=str(options["focus"]))

@@ -11,9 +11,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EfficientNetTokens", "FEATURES", "HFVisionTokens", "is_hf", "pixel_patches", "square_image"]
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "EfficientNetTokens", "FEATURES", "HFVisionTokens", "is_hf", "normalised_images",
+    "pixel_patches", "square_image",
+]
 
 FEATURES = ("efficientnet", "pixels")
+# OpenAI CLIP's image normalisation (LLaVA-1.5's vision tower).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def square_image(image: np.ndarray, size: int) -> torch.Tensor:
@@ -24,6 +30,13 @@ def square_image(image: np.ndarray, size: int) -> torch.Tensor:
     crop = torch.from_numpy(np.ascontiguousarray(image[top : top + side, left : left + side]))
     x = crop.permute(2, 0, 1).float().div(255).unsqueeze(0)
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+
+
+def normalised_images(images: list[np.ndarray], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """``[B, 3, size, size]`` pixel values: each image through :func:`square_image`, then ``(x - mean) / std``
+    per channel."""
+    m, s = (torch.tensor(v).view(3, 1, 1) for v in (mean, std))
+    return (torch.stack([square_image(img, size) for img in images]) - m) / s
 
 
 def pixel_patches(images: list[np.ndarray], image_size: int = 336, patch: int = 14) -> torch.Tensor:
@@ -111,7 +124,7 @@ _HF_FAMILIES = {
 }
 # Normalisation used when the checkpoint has no saved image processor.
 _HF_MEAN_STD = {
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "clip": (CLIP_MEAN, CLIP_STD),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 # Default hidden-state index: LLaVA-1.5's penultimate layer for CLIP, the last for SigLIP.
@@ -229,8 +242,7 @@ class HFVisionTokens:
         if self.processor is not None:
             x = self.processor(images=list(images), return_tensors="pt")["pixel_values"].float()
         else:
-            mean, std = (torch.tensor(v).view(3, 1, 1) for v in _HF_MEAN_STD[self.family])
-            x = (torch.stack([square_image(img, self.image_size) for img in images]) - mean) / std
+            x = normalised_images(images, self.image_size, *_HF_MEAN_STD[self.family])
         expected = (3, self.image_size, self.image_size)
         if tuple(x.shape[1:]) != expected:
             raise ValueError(
