@@ -21,11 +21,12 @@ The algorithm, as the authors run it before the language model (their defaults a
    becomes the unweighted mean ``(x + sum) / (1 + count)``.
 7. **Output** in ascending original position.
 
-Departures from the authors' code, all numerical: the maths run in float32 throughout (the authors
-cast to half precision between steps 4 and 6 in LLaVA stage 1) and the small ``M x M`` solve in
-float64 (so repeated basis tokens never make it singular); FPS starts from distance ``+inf`` (theirs:
-``1e10``, which differs only when squared distances exceed ``1e10``); ties in the error ranking go to
-the lower position. The output has the input's dtype.
+Departures from the authors' code, all numerical: the maths run in float32 throughout (float64 for
+float64 tokens; the authors cast to half precision between steps 4 and 6 in LLaVA stage 1), half
+precision tokens are read in float32 row blocks rather than copied whole, and the small ``M x M``
+solve runs in float64 (so repeated basis tokens never make it singular); FPS starts from distance
+``+inf`` (theirs: ``1e10``, which differs only when squared distances exceed ``1e10``); ties in the
+error ranking go to the lower position. The output has the input's dtype.
 """
 
 from __future__ import annotations
@@ -37,13 +38,12 @@ import torch
 from tokencomp.base import Compressor
 from tokencomp.kernels import (
     batched_gather,
-    cosine_match,
+    compute_dtype,
     fps_indices,
-    mean_merge,
-    qr_pivot_indices,
+    merge_rows,
+    qr_pivots,
     random_indices,
-    residual_errors,
-    ridge_residual,
+    ridge_errors,
     slots_of,
 )
 from tokencomp.kernels.lstsq import ERROR_NORMS
@@ -117,6 +117,7 @@ class ApET(Compressor):
     text_conditioned = False
     deterministic = False
     summary = "Keep the tokens a least-squares basis rebuilds worst; inject the basis, merge the rest."
+    complexity = "O(M N D + (N - K) K D)"
     paper = "Ma et al., ApET: Approximation-Error Guided Token Compression, arXiv 2602.19870 (2026)"
 
     def __init__(
@@ -168,22 +169,22 @@ class ApET(Compressor):
             )
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        x = tokens.float()
+        x = tokens  # never copied whole: the kernels read it in row blocks, in float32 (float64)
         b, n, _ = x.shape
         m = self.num_basis
         rows = torch.arange(b, device=x.device).unsqueeze(1)
 
         # 1. Basis selection.
-        basis_idx = self._select_basis(x, context)
-        s = batched_gather(x, basis_idx)  # [B, M, D]
+        basis_idx, rhs = self._select_basis(x, context)
+        s = batched_gather(x, basis_idx).to(compute_dtype(x.dtype))  # [B, M, D]
 
         # 2.-3. Ridge least-squares approximation and each token's error.
-        errors = residual_errors(ridge_residual(x, s, self.ridge), x, self.error_norm)
+        errors = ridge_errors(x, s, self.ridge, self.error_norm, rhs)
 
         # 4. Keep the K tokens with the largest error (ties: lower position first).
         order = torch.sort(errors, dim=-1, descending=True, stable=True).indices
         kept, dropped = order[:, :k], order[:, k:]
-        values = batched_gather(x, kept)  # in top-K order
+        values = batched_gather(x, kept).to(s.dtype)  # in top-K order
 
         # 5. Basis injection into the M kept slots of lowest error.
         n_inject = m if self._injects else 0
@@ -202,9 +203,8 @@ class ApET(Compressor):
         targets = k - n_inject
         match = None
         if self.merge and dropped.shape[1] > 0:
-            src = batched_gather(x, dropped)
-            match = cosine_match(src, values[:, :targets])
-            values = torch.cat([mean_merge(values[:, :targets], src, match), values[:, targets:]], dim=1)
+            merged, match = merge_rows(values[:, :targets], x, dropped)
+            values = torch.cat([merged, values[:, targets:]], dim=1)
 
         # 7. Output in ascending original position.
         indices, perm = kept.sort(dim=-1)
@@ -225,18 +225,19 @@ class ApET(Compressor):
             info={"basis_indices": basis_idx, "errors": errors, "basis_slots": basis_slots},
         )
 
-    def _select_basis(self, x: torch.Tensor, context: Context) -> torch.Tensor:
+    def _select_basis(self, x: torch.Tensor, context: Context) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Basis indices ``[B, M]`` and, for ``qr``, the products ``S X^T`` it computed on the way."""
         b, n, _ = x.shape
         if self.basis == "qr":
-            return qr_pivot_indices(x, self.num_basis)
-        generator = self._generator(context, x.device)
+            return qr_pivots(x, self.num_basis)
         if self.basis == "random":
-            return random_indices(b, n, self.num_basis, generator=generator, device=x.device)
+            generator = self._generator(context, x.device)
+            return random_indices(b, n, self.num_basis, generator=generator, device=x.device), None
         if self.fps_start == "random":
-            start = torch.randint(n, (b,), generator=generator, device=x.device)
+            start = torch.randint(n, (b,), generator=self._generator(context, x.device), device=x.device)
         else:
             start = torch.full((b,), self.fps_start, dtype=torch.int64, device=x.device)
-        return fps_indices(x, self.num_basis, start)
+        return fps_indices(x, self.num_basis, start), None
 
 
 @register("apet-llm")
@@ -262,6 +263,7 @@ class ApETLLM(ApET):
     stage = "in_llm"
     in_llm_positions = "renumber"  # the authors renumber the position ids after their stage-2 cut
     summary = "ApET's stage 2 on LLM hidden states at a decoder layer (authors: after layer 16)."
+    complexity = "O(M N D + (N - K) K D)"
 
     def __init__(
         self,

@@ -37,11 +37,13 @@ Departures, all stated:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from tokencomp.base import Compressor
-from tokencomp.kernels import batched_gather, selection_result
+from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, selection_result
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import InvalidParameterError, check_int
@@ -53,17 +55,57 @@ def claim_quotas(claims: int, pivots: int) -> list[int]:
     return [base + (1 if p < extra else 0) for p in range(pivots)]
 
 
-def remove_duplicates(
-    features: torch.Tensor, pivot_features: torch.Tensor, image_pivots: torch.Tensor, quotas: list[int]
-) -> torch.Tensor:
+def _matmul32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w`` in float32 (``x`` ``[B, N, D]`` any float dtype, ``w`` ``[B, D, C]`` float32).
+
+    Half-precision rows are read block by block (:func:`rows_matmul`), never copied whole.
+    """
+    if x.dtype == torch.float64:  # the maths run in float32 whatever the input dtype
+        x = x.float()
+    return rows_matmul(x, w)
+
+
+def _l2_norms(x: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` float32 Euclidean norms of the rows of ``x`` (no float32 copy of half-precision rows)."""
+    if x.dtype == torch.float64:
+        x = x.float()
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+
+
+def _l1_norms(x: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
+    """L1 norms in float32 over ``dims`` of ``x``, with the row axis (``-2``) walked in blocks.
+
+    The same sum as ``x.float().abs().sum(dims)`` (bit for bit: each row's sum is reduced alone), without
+    the two full-size temporaries that expression allocates. ``x`` is ``[B, N, D]`` (``dims=(-1,)``) or
+    ``[B, H, L, Dh]`` keys (``dims=(1, 3)``, the heads-concatenated key).
+    """
+    rows = x.shape[-2]
+    width = x.numel() // max(1, x.shape[0] * rows)
+    out = torch.empty(x.shape[0], rows, dtype=torch.float32, device=x.device)
+    for blk in row_blocks(x.shape[0], rows, width):
+        out[:, blk] = x[..., blk, :].float().abs().sum(dim=dims)
+    return out
+
+
+def pivot_cosines(features: torch.Tensor, pivot_features: torch.Tensor) -> torch.Tensor:
+    """``[B, P, N]`` float32 cosine similarity of each pivot to each row of ``features`` ``[B, N, D]``.
+
+    Only the ``P`` pivot rows are normalised; the ``[B, N, P]`` product is divided by the token norms
+    (``F.normalize``'s ``1e-12`` floor included), so no normalised copy of the ``N`` tokens is made.
+    """
+    unit = F.normalize(pivot_features.float(), dim=-1)  # [B, P, D]
+    norms = _l2_norms(features).clamp_min(1e-12)  # [B, N]
+    return (_matmul32(features, unit.transpose(1, 2)) / norms.unsqueeze(-1)).transpose(1, 2).contiguous()
+
+
+def remove_duplicates(cos: torch.Tensor, image_pivots: torch.Tensor, quotas: list[int]) -> torch.Tensor:
     """Steps 3 and 4: the kept positions, given the pivots.
 
     Parameters
     ----------
-    features : torch.Tensor
-        ``[B, N, D]`` image token features the similarity is measured on.
-    pivot_features : torch.Tensor
-        ``[B, P, D]`` pivot features, in the order the pivots claim.
+    cos : torch.Tensor
+        ``[B, P, N]`` cosine similarity of each pivot, in the order the pivots claim, to each of the
+        ``N`` image tokens (:func:`pivot_cosines`).
     image_pivots : torch.Tensor
         ``[B, P_img]`` positions of the image pivots among the ``N`` tokens (kept, never claimed).
     quotas : list of int
@@ -74,9 +116,8 @@ def remove_duplicates(
     torch.Tensor
         ``[B, P_img + sum(quotas)]`` kept positions, ascending.
     """
-    b, n, _ = features.shape
-    cos = F.normalize(pivot_features.float(), dim=-1) @ F.normalize(features.float(), dim=-1).transpose(1, 2)
-    free = torch.ones(b, n, dtype=torch.bool, device=features.device)
+    b, _, n = cos.shape
+    free = torch.ones(b, n, dtype=torch.bool, device=cos.device)
     free.scatter_(1, image_pivots, False)
     kept = [image_pivots]
     for p, quota in enumerate(quotas):
@@ -91,7 +132,7 @@ def remove_duplicates(
 
 def _top_l1(values: torch.Tensor, count: int) -> torch.Tensor:
     """Positions of the ``count`` largest L1 norms of ``values`` ``[B, N, D]``, largest first."""
-    return values.float().abs().sum(dim=-1).topk(count, dim=1).indices
+    return _l1_norms(values).topk(count, dim=1).indices
 
 
 @register("dart")
@@ -113,6 +154,7 @@ class DART(Compressor):
     text_conditioned = False
     deterministic = True
     summary = "Pivots by L1 norm; each keeps the tokens least similar to it (duplicates dropped)."
+    complexity = "O(P N D + N log N)"
     paper = "Wen et al., DART, EMNLP 2025 (arXiv 2502.11494)"
 
     def __init__(self, *, pivot_image_tokens: int = 4) -> None:
@@ -129,7 +171,7 @@ class DART(Compressor):
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         pivots = _top_l1(tokens, self.pivot_image_tokens)
         quotas = claim_quotas(k - self.pivot_image_tokens, self.pivot_image_tokens)
-        kept = remove_duplicates(tokens, batched_gather(tokens, pivots), pivots, quotas)
+        kept = remove_duplicates(pivot_cosines(tokens, batched_gather(tokens, pivots)), pivots, quotas)
         return selection_result(tokens, kept, pivots=pivots)
 
 
@@ -158,11 +200,35 @@ class DARTLLM(DART):
     text_conditioned = True
     requires = ("keys", "hidden_states", "visual_positions")
     summary = "DART at LLM layer 2: image and text pivots by key L1 norm; their duplicates dropped."
+    complexity = "O(L H Dh + P L D + N log N)"
 
     def __init__(self, *, layer: int = 2, pivot_image_tokens: int = 4, pivot_text_tokens: int = 4) -> None:
         super().__init__(pivot_image_tokens=pivot_image_tokens)
         self.layer = check_int(self.display_name(), "layer", layer, low=1)
         self.pivot_text_tokens = check_int(self.display_name(), "pivot_text_tokens", pivot_text_tokens, low=0)
+
+    @staticmethod
+    def _after_image(length: int, positions: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """``[B, L]`` bool: the text tokens, i.e. the valid positions after the last image token."""
+        after = torch.arange(length, device=positions.device) > positions.max(dim=1, keepdim=True).values
+        if key_mask is not None:
+            after &= key_mask
+        return after
+
+    def _check_attention_inputs(self, updates: dict, context: Context, b: int, n: int) -> None:
+        # Validation of the prompt, on the host before the kernel runs (it has to raise), so that
+        # ``_compress`` itself never synchronises.
+        super()._check_attention_inputs(updates, context, b, n)
+        get = lambda name: updates.get(name, getattr(context, name))  # noqa: E731
+        keys, positions = get("keys"), get("visual_positions")
+        if keys is None or positions is None:
+            return
+        available = self._after_image(keys.shape[2], positions, get("key_mask")).sum(dim=1)
+        if bool((available < self.pivot_text_tokens).any()):
+            raise ValueError(
+                f"{self.display_name()}: pivot_text_tokens={self.pivot_text_tokens} but a prompt has only "
+                f"{int(available.min())} valid token(s) after its image; lower pivot_text_tokens."
+            )
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         owner = self.display_name()
@@ -173,23 +239,19 @@ class DARTLLM(DART):
                 f"{owner}: context.hidden_states [B, L, D] must cover the same L={length} positions as "
                 f"context.keys; got shape {tuple(states.shape)}."
             )
-        norms = keys.float().abs().sum(dim=(1, 3))  # [B, L]: L1 norm of the heads-concatenated key
+        norms = _l1_norms(keys, dims=(1, 3))  # [B, L]: L1 norm of the heads-concatenated key
         image_pivots = norms.gather(1, positions).topk(self.pivot_image_tokens, dim=1).indices  # among N
-        # Text tokens: valid positions after the last image token.
-        after = torch.arange(length, device=keys.device) > positions.max(dim=1, keepdim=True).values
-        if context.key_mask is not None:
-            after &= context.key_mask
-        available = after.sum(dim=1)
-        if bool((available < self.pivot_text_tokens).any()):
-            raise ValueError(
-                f"{owner}: pivot_text_tokens={self.pivot_text_tokens} but a prompt has only "
-                f"{int(available.min())} valid token(s) after its image; lower pivot_text_tokens."
-            )
+        # Text tokens: valid positions after the last image token (enough of them: checked on input).
+        after = self._after_image(length, positions, context.key_mask)
         text_pivots = norms.masked_fill(~after, float("-inf")).topk(self.pivot_text_tokens, dim=1).indices
-        features = batched_gather(states, positions)  # image tokens' normed states [B, N, D]
+        # The pivots' normed states; the image tokens' similarities are read off the whole prompt's
+        # [B, P, L] cosines, so their [B, N, D] states are never gathered.
         pivot_features = torch.cat(
-            [batched_gather(features, image_pivots), batched_gather(states, text_pivots)], dim=1
+            [batched_gather(states, torch.gather(positions, 1, image_pivots)), batched_gather(states, text_pivots)],
+            dim=1,
         )
+        cos = pivot_cosines(states, pivot_features)  # [B, P, L]
+        cos = torch.gather(cos, 2, positions.unsqueeze(1).expand(-1, cos.shape[1], -1))  # [B, P, N]
         quotas = claim_quotas(k - self.pivot_image_tokens, self.pivot_image_tokens + self.pivot_text_tokens)
-        kept = remove_duplicates(features, pivot_features, image_pivots, quotas)
+        kept = remove_duplicates(cos, image_pivots, quotas)
         return selection_result(tokens, kept, pivots=image_pivots, text_pivots=text_pivots)

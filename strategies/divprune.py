@@ -16,10 +16,18 @@ The algorithm (a greedy solution of the Max-Min Diversity Problem):
 4. The selected positions are sorted, and the tokens there kept unchanged; the rest are dropped
    (no merging).
 
-The authors build the whole ``N x N`` matrix. We compute the same numbers without it: step 2 takes the
-second-smallest distance column block by column block (``chunk`` columns at a time, memory
-``O(B N chunk)``), and step 3 keeps a running minimum distance per token, lowered at each pick by one
-row of distances (``O(B N D)`` per pick, ``O(B N)`` memory). Both are batched over ``B``.
+The authors build the whole ``N x N`` matrix. We compute the same numbers without it, batched over ``B``:
+
+- Step 2 needs, per column of the similarity ``S = x_hat x_hat^T``, its second-largest entry (the
+  second-smallest distance is ``1 -`` it: ``1 - s`` is monotone, so the order statistics carry over
+  exactly). ``S`` is symmetric, so only the tiles on and above its diagonal are computed (half the
+  ``N^2 D`` work): a tile ``S[I, J]`` with the rows ``I`` above the columns ``J`` serves the columns
+  ``J`` (reduced over its rows) and, as ``S[J, I]``, the columns ``I`` (reduced over its columns). A
+  running top two per column merges the tiles. Tiles are at most ``chunk`` columns wide and
+  :data:`~tokencomp.kernels.blocks.BLOCK_ELEMENTS` elements large (or one row of ``B chunk``), so the
+  memory beyond the float32 normalised tokens is constant in ``N``.
+- Step 3 keeps a running minimum distance per token, lowered at each pick by one row of distances
+  (one matrix-vector product, ``O(B N D)`` per pick, written into preallocated ``[B, N]`` buffers).
 
 Departures, each invisible except where stated:
 
@@ -35,13 +43,80 @@ Departures, each invisible except where stated:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import selection_result
+from tokencomp.kernels.blocks import row_blocks
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import check_int
+
+
+def unit_rows(tokens: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(tokens.float(), dim=-1)`` (same values), built row block by row block.
+
+    Half-precision tokens are read into float32 one block at a time, so the only full-size tensor is the
+    float32 result.
+    """
+    b, n, d = tokens.shape
+    out = torch.empty(b, n, d, dtype=torch.float32, device=tokens.device)
+    for blk in row_blocks(b, n, d):
+        rows = tokens[:, blk].float()
+        torch.div(rows, rows.norm(dim=-1, keepdim=True).clamp_min(1e-12), out=out[:, blk])
+    return out
+
+
+def _top2(tile: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest and second-largest entry of ``tile`` along ``dim`` (a repeated maximum is both; ``-inf``
+    for the second when the dimension has one entry).
+
+    One ``topk`` per tile and direction: a tournament of elementwise ``maximum`` / ``minimum`` is a few
+    times cheaper on an idle machine, but its dozens of parallel operations per tile make it many times
+    slower when the cores are shared.
+    """
+    if tile.shape[dim] == 1:
+        first = tile.squeeze(dim)
+        return first, torch.full_like(first, float("-inf"))
+    top = tile.topk(2, dim=dim).values
+    return top.select(dim, 0), top.select(dim, 1)
+
+
+def _merge(top1: torch.Tensor, top2: torch.Tensor, cols: slice, new: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Fold the top two ``new`` of some more entries of the columns ``cols`` into the running top two."""
+    a1, a2 = new
+    b1, b2 = top1[:, cols], top2[:, cols]
+    second = torch.maximum(torch.minimum(a1, b1), torch.maximum(a2, b2))
+    top1[:, cols] = torch.maximum(a1, b1)
+    top2[:, cols] = second
+
+
+def _shift(blocks: list[slice], offset: int) -> list[slice]:
+    return [slice(s.start + offset, s.stop + offset) for s in blocks]
+
+
+def second_largest_similarity(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``[B, N]``: the second-largest entry of every column of ``x x^T`` (its diagonal included).
+
+    Only tiles on and above the diagonal are formed (see the module notes); each is at most ``chunk``
+    columns wide and :data:`~tokencomp.kernels.blocks.BLOCK_ELEMENTS` elements large.
+    """
+    b, n, _ = x.shape
+    top1 = torch.full((b, n), float("-inf"), dtype=x.dtype, device=x.device)
+    top2 = top1.clone()
+    for start in range(0, n, chunk):
+        cols = slice(start, min(n, start + chunk))
+        width = cols.stop - cols.start
+        right = x[:, cols].transpose(1, 2)  # [B, D, c]
+        # rows above the column block: both this block's columns and (by symmetry) the rows' own columns
+        for rows in row_blocks(b, start, width):
+            tile = torch.bmm(x[:, rows], right)  # [B, h, c]
+            _merge(top1, top2, cols, _top2(tile, dim=1))
+            _merge(top1, top2, rows, _top2(tile, dim=2))
+            del tile  # before the next tile is allocated
+        # the diagonal block: its own columns only
+        for rows in _shift(row_blocks(b, width, width), start):
+            _merge(top1, top2, cols, _top2(torch.bmm(x[:, rows], right), dim=1))
+    return top2
 
 
 @register("divprune")
@@ -65,36 +140,37 @@ class DivPrune(Compressor):
     text_conditioned = False
     deterministic = True
     summary = "Greedy max-min diversity on cosine distance (first pick: farthest nearest neighbour)."
+    complexity = "O(N^2 D + N K D)"
     paper = "Alvar et al., DivPrune, CVPR 2025 (arXiv 2503.02175)"
 
     def __init__(self, *, chunk: int = 1024) -> None:
         self.chunk = check_int("divprune", "chunk", chunk, low=1)
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        x = F.normalize(tokens.float(), dim=-1)  # [B, N, D]
+        x = unit_rows(tokens)  # [B, N, D] float32
         b, n, _ = x.shape
         rows = torch.arange(b, device=x.device)
         order = torch.empty(b, k, dtype=torch.int64, device=x.device)
 
-        # Step 2: the second-smallest distance in each column of D = 1 - x x^T, column block by block.
-        second = torch.empty(b, n, device=x.device)
-        for start in range(0, n, self.chunk):
-            block = 1.0 - x @ x[:, start : start + self.chunk].transpose(1, 2)  # [B, N, c]
-            if n > 1:
-                second[:, start : start + self.chunk] = block.topk(2, dim=1, largest=False).values[:, 1]
-            else:
-                second[:, start : start + self.chunk] = block[:, 0]
-        order[:, 0] = second.argmax(dim=1)
+        # Step 2: the second-smallest distance in each column of D = 1 - x x^T is 1 - the second-largest
+        # similarity (with one token, its distance to itself).
+        second = second_largest_similarity(x, self.chunk) if n > 1 else torch.ones(b, 1, device=x.device)
+        pick = torch.sub(1.0, second).argmax(dim=1, keepdim=True)  # [B, 1]
+        order[:, :1] = pick
 
         # Step 3: running minimum distance to the selected set; selected tokens are out of the race.
-        pick = order[:, 0]
-        nearest = 1.0 - torch.einsum("bnd,bd->bn", x, x[rows, pick])
-        nearest[rows, pick] = float("-inf")
+        nearest = torch.empty(b, n, 1, device=x.device)
+        dist = torch.empty(b, n, 1, device=x.device)
+        torch.bmm(x, x[rows, pick[:, 0]].unsqueeze(-1), out=nearest)
+        nearest = nearest.squeeze(-1).neg_().add_(1.0)  # 1 - x . x_pick
+        flat = dist.squeeze(-1)
+        nearest.scatter_(1, pick, float("-inf"))
         for i in range(1, k):
-            pick = nearest.argmax(dim=1)
-            order[:, i] = pick
-            nearest = torch.minimum(nearest, 1.0 - torch.einsum("bnd,bd->bn", x, x[rows, pick]))
-            nearest[rows, pick] = float("-inf")
+            pick = nearest.argmax(dim=1, keepdim=True)
+            order[:, i : i + 1] = pick
+            torch.bmm(x, x[rows, pick[:, 0]].unsqueeze(-1), out=dist)
+            torch.minimum(nearest, flat.neg_().add_(1.0), out=nearest)
+            nearest.scatter_(1, pick, float("-inf"))
 
         # Step 4: keep the picks in their original order.
         return selection_result(tokens, order.sort(dim=1).values, order=order)

@@ -52,6 +52,7 @@ class FastV(Compressor):
     deterministic = True
     requires = ("text_attention",)
     summary = "Keep image tokens with most attention from the last token at LLM layer 2."
+    complexity = "O(N log N)"
     paper = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024 (arXiv 2403.06764)"
 
     def __init__(self, *, layer: int = 2) -> None:

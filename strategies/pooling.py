@@ -7,6 +7,7 @@ import math
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.kernels import compute_dtype, row_blocks
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 
@@ -49,6 +50,7 @@ class GridPooling(Compressor):
     stage = "pre_llm"
     deterministic = True
     summary = "2-D average pooling of the token grid to the budget (reference)."
+    complexity = "O(N D)"
 
     def _grid(self, n: int, context: Context) -> tuple[int, int, int]:
         if context.grid is not None:
@@ -87,9 +89,11 @@ class GridPooling(Compressor):
         # cell of every token, in row-major (frame, row, col) order
         cell = (frame[:, None, None] * hp + row_bin[None, :, None]) * wp + col_bin[None, None, :]
         cell = cell.reshape(-1)  # [N]
-        x = tokens.float()
-        sums = x.new_zeros(b, k, d).index_add_(1, cell, x)
-        counts = torch.bincount(cell, minlength=k).to(x.dtype)
+        ct = compute_dtype(tokens.dtype)
+        sums = torch.zeros(b, k, d, dtype=ct, device=dev)
+        for blk in row_blocks(b, n, d):  # half tokens are read in float32 blocks, never copied whole
+            sums.index_add_(1, cell[blk], tokens[:, blk].to(ct))
+        counts = torch.zeros(k, dtype=ct, device=dev).index_add_(0, cell, torch.ones(n, dtype=ct, device=dev))
         # centre token of every cell: middle row of its rows, middle column of its columns
         row_lo = torch.searchsorted(row_bin, torch.arange(hp, device=dev))
         row_hi = torch.searchsorted(row_bin, torch.arange(hp, device=dev), right=True)

@@ -60,15 +60,12 @@ import torch
 import torch.nn.functional as F
 
 from tokencomp.base import Compressor
-from tokencomp.kernels import batched_gather, slots_of
+from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, slots_of
+from tokencomp.kernels.gather import flat_index
 from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import check_bool, check_int
-
-# Centres whose [B, chunk, N] similarity rows are computed at once.
-_CHUNK = 1024
-
 
 def iqr_outlier_count(attn: torch.Tensor) -> torch.Tensor:
     """Number ``[B]`` of entries of each row of ``attn`` ``[B, N]`` above ``Q3 + 1.5 IQR``."""
@@ -104,6 +101,7 @@ class PruMerge(Compressor):
     deterministic = True
     requires = ("cls_attention",)
     summary = "IQR outliers of [CLS] attention, each merging its k nearest neighbours (PruMerge/PruMerge+)."
+    complexity = "O(N K D)"
     paper = (
         "Shang et al., LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models, "
         "arXiv 2403.15388 (2024)"
@@ -142,7 +140,8 @@ class PruMerge(Compressor):
         return sel | (hits > 0)
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        x = tokens.float()
+        # Maths in float32; half-precision rows are read into float32 block by block, never copied whole.
+        x = tokens.float() if tokens.dtype == torch.float64 else tokens
         b, n, d = x.shape
         dev = x.device
         attn = attention_scores("prumerge", context)
@@ -153,31 +152,36 @@ class PruMerge(Compressor):
         sel = self._centres(attn, kc, num_out)
         cpos = torch.sort((~sel).to(torch.int64), dim=-1, stable=True).indices[:, :kc]  # [B, kc]
 
-        # 3. Each centre absorbs its knn most similar other tokens, weighted by their attention.
-        xn = F.normalize(x, dim=-1)
-        merged, nbrs, sims = [], [], []
-        for start in range(0, kc, _CHUNK):
-            cp = cpos[:, start : start + _CHUNK]
-            c = cp.shape[1]
-            sim = batched_gather(xn, cp) @ xn.transpose(1, 2)  # [B, c, N]
+        # 3. Each centre absorbs its knn most similar other tokens, weighted by their attention. The
+        # similarities one block of centres at a time: their [B, c, N] cosines (the unit centres times the
+        # tokens, divided by the token norms: no normalised copy of the tokens); then the weighted sums of
+        # the neighbours' rows, without a dense [B, K, N] weight matrix or a [B, K, knn, D] gather.
+        norms = _norms(x).clamp_min(1e-12).unsqueeze(1)  # [B, 1, N], F.normalize's floor
+        nb_all = torch.empty(b, kc, self.knn, dtype=torch.int64, device=dev)
+        sim_all = torch.empty(b, kc, self.knn, dtype=torch.float32, device=dev)
+        for blk in row_blocks(b, kc, n):
+            cp = cpos[:, blk]
+            sim = _times_tokens(F.normalize(batched_gather(x, cp).float(), dim=-1), x).div_(norms)  # [B, c, N]
             sim.scatter_(2, cp.unsqueeze(-1), float("-inf"))  # not itself
             val, nb = sim.topk(self.knn, dim=-1)  # [B, c, knn]
-            weights = torch.gather(attn.unsqueeze(1).expand(-1, c, -1), 2, nb)
-            w = torch.zeros(b, c, n, dtype=x.dtype, device=dev).scatter_(2, nb, weights)
-            merged.append(batched_gather(x, cp) + w @ x)
-            nbrs.append(nb)
-            sims.append(val)
-        values = torch.cat(merged, dim=1) if merged else x.new_zeros(b, 0, d)
-        nb_all = torch.cat(nbrs, dim=1) if nbrs else torch.zeros(b, 0, self.knn, dtype=torch.int64, device=dev)
+            del sim
+            nb_all[:, blk] = nb
+            sim_all[:, blk] = val
+        # x_i + sum_j a_j x_j as one weighted bag per centre: itself (weight 1), then its neighbours.
+        values = torch.empty(b, k, d, dtype=torch.float32, device=dev)  # the centres, then the extra token
+        if kc > 0:
+            bags = torch.cat([cpos.unsqueeze(-1), nb_all], dim=2)  # [B, kc, 1 + knn]
+            nb_attn = torch.gather(attn, 1, nb_all.view(b, -1)).view(b, kc, self.knn)
+            weights = torch.cat([torch.ones(b, kc, 1, dtype=attn.dtype, device=dev), nb_attn], dim=2)
+            values[:, :kc] = _bag_sums(x, bags, weights)
         positions = cpos
         neighbours = nb_all
 
         # 4. The extra token: attention-weighted sum of every non-centre token.
         if self.extra_token:
             rest_w = torch.where(sel, torch.zeros_like(attn), attn)
-            extra = torch.bmm(rest_w.unsqueeze(1), x)  # [B, 1, D]
+            values[:, kc:] = _weighted_sum(rest_w, x)  # [B, 1, D]
             extra_pos = rank_descending(torch.where(sel, torch.full_like(attn, float("-inf")), attn))[:, :1]
-            values = torch.cat([values, extra], dim=1)
             positions = torch.cat([positions, extra_pos], dim=1)
             neighbours = torch.cat(
                 [neighbours, torch.full((b, 1, self.knn), -1, dtype=torch.int64, device=dev)], dim=1
@@ -191,8 +195,8 @@ class PruMerge(Compressor):
         rep = fallback.expand(b, n).clone()
         if kc > 0:
             flat_nb = nb_all.reshape(b, -1)
-            flat_sim = torch.cat(sims, dim=1).reshape(b, -1)
-            best = torch.full((b, n), float("-inf"), dtype=x.dtype, device=dev)
+            flat_sim = sim_all.reshape(b, -1)
+            best = torch.full((b, n), float("-inf"), dtype=torch.float32, device=dev)
             best.scatter_reduce_(1, flat_nb, flat_sim, reduce="amax")
             centre = torch.arange(kc, device=dev).repeat_interleave(self.knn).expand(b, -1)
             cand = torch.where(flat_sim == torch.gather(best, 1, flat_nb), centre, torch.full_like(centre, kc))
@@ -207,3 +211,44 @@ class PruMerge(Compressor):
             assignment=assignment,
             info={"num_outliers": num_out, "neighbours": batched_gather(neighbours, perm)},
         )
+
+
+def _norms(x: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` float32 Euclidean norms of the rows of ``x`` (float32 or half: no float32 copy)."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+
+
+def _times_tokens(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``w @ x^T`` in float32: ``w`` ``[B, C, D]`` float32, ``x`` ``[B, N, D]`` tokens -> ``[B, C, N]``."""
+    if x.dtype == torch.float32:
+        return torch.bmm(w, x.transpose(1, 2))
+    return rows_matmul(x, w.transpose(1, 2)).transpose(1, 2)
+
+
+def _weighted_sum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, D]``: ``sum_j w[b, j] x[b, j]`` in float32 (half-precision rows read block by block)."""
+    if x.dtype == torch.float32:
+        return torch.bmm(w.unsqueeze(1), x)
+    b, n, d = x.shape
+    out = torch.zeros(b, 1, d, dtype=torch.float32, device=x.device)
+    for blk in row_blocks(b, n, d):
+        out += torch.bmm(w[:, None, blk], x[:, blk].float())
+    return out
+
+
+def _bag_sums(x: torch.Tensor, bags: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``[B, K, D]`` float32: ``sum_t w[b, i, t] x[b, bags[b, i, t]]`` for bags of rows ``bags`` ``[B, K, M]``.
+
+    One ``embedding_bag`` over the flattened tokens (weighted sums of rows, nothing gathered); for
+    half-precision tokens, one bag member at a time into a float32 sum ([B, K, D] rows a step).
+    """
+    b, n, d = x.shape
+    k, m = bags.shape[1], bags.shape[2]
+    if x.dtype == torch.float32:
+        flat = flat_index(bags.reshape(b, -1), n).view(b * k, m)
+        out = F.embedding_bag(flat, x.reshape(b * n, d), per_sample_weights=w.reshape(b * k, m), mode="sum")
+        return out.view(b, k, d)
+    out = torch.zeros(b, k, d, dtype=torch.float32, device=x.device)
+    for t in range(m):
+        out.addcmul_(w[:, :, t : t + 1], batched_gather(x, bags[:, :, t]))
+    return out

@@ -27,6 +27,7 @@ class RandomSubset(Compressor):
     stage = "pre_llm"
     deterministic = False
     summary = "Uniformly random subset without replacement (reference)."
+    complexity = "O(N log N + K D)"
 
     def __init__(self, *, seed: Optional[int] = 0) -> None:
         self.seed = check_seed("random", "seed", seed)

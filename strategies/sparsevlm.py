@@ -87,8 +87,12 @@ Departures from the authors' code:
 * **Schedule for other N.** The authors' counts are for ``N = 576``; for another first-stage ``N``,
   :meth:`stage_budgets` scales them by ``N / 576`` (rounded half up, at least 1). ``keep_counts`` gives
   explicit counts instead.
-* Distances use ``torch.cdist`` (no ``[B, r, r, D]`` difference tensor); maths in float32 (the authors
-  run in float16).
+* Maths in float32 (the authors run in float16), except the pairwise distances: ``||a||^2 + ||b||^2 - 2 a.b``
+  in float64 (the products of float32 values are exact there), in blocks of rows (no ``[B, r, r, D]``
+  difference tensor, no whole ``[B, r, r]`` matrix), rounded to float32. Squared distances below the
+  float64 rounding error of that form (``4 D 2^-53 (||a||^2 + ||b||^2)``) count as 0, so identical
+  tokens are at distance 0 and tie as in the authors' rule; tokens a few float32 ulps apart count as
+  identical too.
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ from typing import Optional
 import torch
 
 from tokencomp.base import Compressor
-from tokencomp.kernels import batched_gather, slots_of
+from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, slots_of
+from tokencomp.kernels import blocks as _blocks
 from tokencomp.kernels.attention import rank_descending
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
@@ -172,6 +177,7 @@ class SparseVLM(Compressor):
     in_llm_positions = "renumber"
     budget_param = "retained"
     summary = "Text raters' attention keeps visual tokens after LLM layers 2/6/15; best pruned ones recycled by DPC-KNN."
+    complexity = "O(T N + N^2 D)"
     paper = (
         "Zhang et al., SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model "
         "Inference, ICML 2025 (arXiv 2410.04417)"
@@ -276,16 +282,16 @@ class SparseVLM(Compressor):
 
     # ------------------------------------------------------------------ one pruning layer
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        x = tokens.float()
-        b, n, d = x.shape
-        attn = context.cross_attention.float()  # [B, T, N]
+        # Maths in float32. The tokens are only read where needed (the kept and the recycled rows, and the
+        # embedding raters' product, block by block): no float32 copy of half-precision tokens.
+        b, n, d = tokens.shape
+        dev = tokens.device
+        attn = context.cross_attention.float()  # [B, T, N]; finite, as checked by compress()
         if attn.shape[1] < 1:
             raise ValueError(f"{_NAME}: context.cross_attention has T=0 text tokens; it needs at least one row.")
-        if not bool(torch.isfinite(attn).all()):
-            raise ValueError(f"{_NAME}: context.cross_attention contains NaN or infinite values; pass finite attention weights.")
 
         # 1. Raters, 2. scores: the raters' mean attention to each visual token.
-        raters = self._raters(x, attn, context)  # [B, T] bool
+        raters = self._raters(tokens, attn, context)  # [B, T] bool
         w = raters.to(attn.dtype)
         scores = (attn * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)  # [B, N]
         rank = torch.linalg.matrix_rank(attn * w.unsqueeze(-1))
@@ -297,23 +303,24 @@ class SparseVLM(Compressor):
         keep_pos = order[:, :keep].sort(dim=-1).values
         if c == 0:
             indices = keep_pos
-            info["recycled"] = torch.zeros(b, k, dtype=torch.bool, device=x.device)
-            return CompressionResult(batched_gather(x, indices), indices, slots_of(indices, n), info)
+            info["recycled"] = torch.zeros(b, k, dtype=torch.bool, device=dev)
+            return CompressionResult(batched_gather(tokens, indices).float(), indices, slots_of(indices, n), info)
 
         # 4. Recycle: the r best pruned tokens (in decreasing score), clustered into c merged tokens.
         r = recycled_count(n - keep, self.recycle_ratio)
         cand_pos = order[:, keep : keep + r]  # [B, r]
-        centres, owner = _dpc_knn(batched_gather(x, cand_pos), c)  # [B, c] candidate ids; [B, r] cluster ids
-        sums = torch.zeros(b, c, d, dtype=x.dtype, device=x.device)
-        sums.scatter_add_(1, owner.unsqueeze(-1).expand(-1, -1, d), batched_gather(x, cand_pos))
-        counts = torch.zeros(b, c, dtype=x.dtype, device=x.device)
-        counts.scatter_add_(1, owner, torch.ones_like(owner, dtype=x.dtype))
+        cand = batched_gather(tokens, cand_pos).float()  # [B, r, D]
+        centres, owner = _dpc_knn(cand, c)  # [B, c] candidate ids; [B, r] cluster ids
+        sums = torch.zeros(b, c, d, dtype=cand.dtype, device=dev)
+        sums.scatter_add_(1, owner.unsqueeze(-1).expand(-1, -1, d), cand)
+        counts = torch.zeros(b, c, dtype=cand.dtype, device=dev)
+        counts.scatter_add_(1, owner, torch.ones_like(owner, dtype=cand.dtype))
         merged = sums / counts.unsqueeze(-1)  # every cluster holds at least its centre
         centre_pos = torch.gather(cand_pos, 1, centres)
 
         # 5. Output by position: kept tokens at theirs, merged tokens at their centres'.
         positions = torch.cat([keep_pos, centre_pos], dim=1)
-        values = torch.cat([batched_gather(x, keep_pos), merged], dim=1)
+        values = torch.cat([batched_gather(tokens, keep_pos).float(), merged], dim=1)
         indices, perm = positions.sort(dim=-1)
         slot_of = perm.argsort(dim=-1)  # entry of ``positions`` -> output slot
         assignment = slots_of(indices, n)
@@ -334,18 +341,61 @@ class SparseVLM(Compressor):
                     f"{_NAME}: raters='embeddings' needs context.text_embeddings [B, T, D], which is missing. "
                     "Pass tokencomp.Context(text_embeddings=...) or use raters='attention'."
                 )
-            visual = x if context.image_embeddings is None else context.image_embeddings.float()
+            visual = x if context.image_embeddings is None else context.image_embeddings
             if text.shape[1] != t or text.shape[2] != visual.shape[2]:
                 raise ValueError(
                     f"{_NAME}: context.text_embeddings must be [B, T, D] with the T={t} text tokens of "
                     f"context.cross_attention and the visual tokens' D={visual.shape[2]}; got {tuple(text.shape)}."
                 )
-            m = (visual @ text.float().transpose(1, 2)).softmax(dim=2).mean(dim=1)  # [B, T]
+            m = _matmul32(visual, text.float().transpose(1, 2)).softmax(dim=2).mean(dim=1)  # [B, T]
         else:
             col = attn / attn.sum(dim=1, keepdim=True).clamp_min(torch.finfo(attn.dtype).tiny)
             m = col.mean(dim=2)  # [B, T]
         raters = m > m.mean(dim=1, keepdim=True)
         return raters | ~raters.any(dim=1, keepdim=True)  # nobody above the mean: everyone rates
+
+
+def _matmul32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w`` in float32 for ``x`` ``[B, N, D]`` of any float dtype (half rows read block by block)."""
+    if x.dtype == torch.float64:
+        x = x.float()
+    return rows_matmul(x, w)
+
+
+def _distances(a: torch.Tensor, a_sq: torch.Tensor, other: torch.Tensor, other_sq: torch.Tensor) -> torch.Tensor:
+    """``[B, I, J]`` float32 distances ``||a_i - o_j|| / sqrt(D)`` of float64 rows ``a`` ``[B, I, D]``, ``other`` ``[B, J, D]``.
+
+    ``||a||^2 + ||o||^2 - 2 a.o`` in float64 (one matrix product; exact products of the float32 values,
+    error about ``D 2^-53 (||a||^2 + ||o||^2)``), the Euclidean distance rounded to float32 and divided by
+    ``sqrt(D)`` in float32, as the float32 ``cdist`` it replaces. Squared distances within four times that
+    error bound are taken as 0, so equal rows are at distance exactly 0 (the reference's ties). About 13
+    bytes of temporaries per distance.
+    """
+    d = a.shape[2]
+    eps = 4 * d * 2.0**-53
+    sq = a_sq.unsqueeze(2) + other_sq.unsqueeze(1)  # [B, I, J]
+    tol = (a_sq.float() * eps).unsqueeze(2) + (other_sq.float() * eps).unsqueeze(1)
+    zero = sq.baddbmm_(a, other.transpose(1, 2), alpha=-2) <= tol
+    del tol
+    dist = sq.masked_fill_(zero, 0.0).sqrt_().float()
+    del sq, zero
+    return dist.div_(math.sqrt(d))
+
+
+def _pair_elements() -> int:
+    """Distances per block: half of :data:`BLOCK_ELEMENTS`, as each needs ~13 bytes of temporaries."""
+    return max(1, _blocks.BLOCK_ELEMENTS // 2)
+
+
+def _prefix_blocks(b: int, r: int, elements: int) -> list[slice]:
+    """Blocks ``[start, stop)`` of ``range(r)`` whose ``[B, stop - start, stop]`` prefix distances hold at most
+    ``elements`` (at least one row each): larger blocks where the prefix is short."""
+    out, start, limit = [], 0, max(1, elements // b)
+    while start < r:
+        rows = max(1, (math.isqrt(start * start + 4 * limit) - start) // 2)  # rows * (start + rows) <= limit
+        out.append(slice(start, min(r, start + rows)))
+        start += rows
+    return out
 
 
 def _dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,20 +404,51 @@ def _dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     Returns the centres ``[B, c]`` (row indices, by decreasing ``rho * delta``) and each row's cluster
     ``[B, r]`` in ``[0, c)``. Ties: of two equal densities the lower row index counts as the denser; equal
     ``rho * delta`` go to the lower row; a row equidistant from two centres joins the earlier centre.
+
+    The ``[B, r, r]`` distances are never held whole: three passes over blocks of rows compute the
+    densities and the largest distance, then ``delta`` (rows in decreasing density, each block against
+    the denser rows before it, about half the pairs), then each row's nearest centre.
     """
     b, r, d = x.shape
-    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(d)  # [B, r, r]
-    knn = dist.topk(c, dim=-1, largest=False).values
-    density = (-(knn**2).mean(dim=-1)).exp()  # [B, r]
-    ids = torch.arange(r, device=x.device)
-    rho_i, rho_j = density.unsqueeze(2), density.unsqueeze(1)
-    denser = (rho_j > rho_i) | ((rho_j == rho_i) & (ids.view(1, 1, r) < ids.view(1, r, 1)))  # [b, i, j]
-    dist_max = dist.flatten(1).max(dim=-1).values.view(b, 1, 1)
-    delta = torch.where(denser, dist, dist_max).min(dim=-1).values
+    dev = x.device
+    xd = x.double()  # products of float32 values are exact in float64
+    sq = torch.empty(b, r, dtype=xd.dtype, device=dev)  # [B, r] squared norms
+    for blk in row_blocks(b, r, d):
+        sq[:, blk] = xd[:, blk].square().sum(dim=-1)
+
+    # Pass 1: density from the c nearest (itself included), and the largest distance.
+    density = torch.empty(b, r, dtype=torch.float32, device=dev)
+    dist_max = torch.full((b,), float("-inf"), dtype=torch.float32, device=dev)
+    for blk in row_blocks(b, r, r, _pair_elements()):
+        dist = _distances(xd[:, blk], sq[:, blk], xd, sq)  # [B, rows, r]
+        knn = dist.topk(c, dim=-1, largest=False).values
+        density[:, blk] = (-(knn**2).mean(dim=-1)).exp()
+        dist_max = torch.maximum(dist_max, dist.flatten(1).max(dim=-1).values)
+
+    # Pass 2: delta, the distance to the nearest denser row. In decreasing density (ties: the lower row
+    # first, the tie rule), the denser rows of rank p are exactly ranks 0 .. p - 1; the densest takes dist_max.
+    by_density = rank_descending(density)  # [B, r]
+    for blk in row_blocks(b, r, d):  # the rows in decreasing density, in place of the original order
+        xd[:, blk].copy_(batched_gather(x, by_density[:, blk]))
+    sq = torch.gather(sq, 1, by_density)
+    delta_sorted = torch.empty(b, r, dtype=torch.float32, device=dev)
+    ranks = torch.arange(r, device=dev)
+    for blk in _prefix_blocks(b, r, _pair_elements()):
+        dist = _distances(xd[:, blk], sq[:, blk], xd[:, : blk.stop], sq[:, : blk.stop])  # [B, rows, stop]
+        dist.masked_fill_(ranks[: blk.stop] >= ranks[blk].unsqueeze(1), float("inf"))  # only denser columns
+        delta_sorted[:, blk] = torch.minimum(dist.min(dim=-1).values, dist_max.unsqueeze(1))
+    delta = torch.empty_like(delta_sorted).scatter_(1, by_density, delta_sorted)
     centres = rank_descending(delta * density)[:, :c]  # [B, c]
-    to_centre = torch.gather(dist, 1, centres.unsqueeze(-1).expand(-1, -1, r))  # [B, c, r]
-    owner = to_centre.argmin(dim=1)  # first minimum: the earlier centre
-    owner.scatter_(1, centres, torch.arange(c, device=x.device).expand(b, c).contiguous())
+
+    # Pass 3: every row joins its nearest centre (the first minimum: the earlier centre); a centre itself.
+    rank_of = torch.empty_like(by_density).scatter_(1, by_density, ranks.expand(b, r))
+    centre_rank = torch.gather(rank_of, 1, centres)
+    xc, sc = batched_gather(xd, centre_rank), torch.gather(sq, 1, centre_rank)
+    owner_sorted = torch.empty(b, r, dtype=torch.int64, device=dev)
+    for blk in row_blocks(b, r, c, _pair_elements()):
+        owner_sorted[:, blk] = _distances(xd[:, blk], sq[:, blk], xc, sc).argmin(dim=-1)
+    owner = torch.empty_like(owner_sorted).scatter_(1, by_density, owner_sorted)
+    owner.scatter_(1, centres, torch.arange(c, device=dev).expand(b, c).contiguous())
     return centres, owner
 
 

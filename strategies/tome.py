@@ -23,7 +23,15 @@ Departures: the ranking in step 3 is a stable sort (the authors' ``argsort`` lea
 the output is re-ordered at the end to our convention (ascending ``indices``, where a token's index is
 the original position of the token that represents it: the ``B`` token a group merged into, or an ``A``
 token that stayed); the best-match search runs in row chunks (``chunk``) so that no full ``t/2 x t/2``
-matrix is built for long videos.
+matrix is built for long videos (and a chunk too large for one row block of memory is computed in
+pieces of the same results).
+
+Cost: a round is one product of the ``A`` and ``B`` halves, ``O(t^2 D / 4)``; with ``r`` capped at
+half the tokens there are ``log2(N / K)`` rounds, ``O(N^2 D)`` in all. A round's extra memory is the
+normalised metric and one block of similarities, freed before the merge, then the merged tokens: the
+size-weighted sums are formed in place in the output (no weighted copy of all tokens), and
+half-precision tokens are read into float32 row block by row block (the maths run in float32, as
+before).
 """
 
 from __future__ import annotations
@@ -32,21 +40,62 @@ import torch
 import torch.nn.functional as F
 
 from tokencomp.base import Compressor
-from tokencomp.kernels import batched_gather
+from tokencomp.kernels import batched_gather, row_blocks
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import InvalidParameterError, check_bool, check_int
 
 
+# Float32 GEMMs with fewer rows than this may run another BLAS kernel (another summation order, so
+# the last bit of a similarity may differ): a chunk is only split into pieces of at least this many rows.
+_GEMM_MIN = 12
+
+
+def _pieces(rows: int, chunk: int, limit: int) -> list[slice]:
+    """Row ranges: the chunks of ``chunk`` rows, each split into pieces of about ``limit`` rows.
+
+    A chunk is split only into pieces of at least :data:`_GEMM_MIN` rows (the remainder joins the last
+    piece), so every product computes its similarities exactly as the whole chunk would.
+    """
+    out = []
+    step = max(limit, _GEMM_MIN)
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        while stop - start >= step + _GEMM_MIN:
+            out.append(slice(start, start + step))
+            start += step
+        out.append(slice(start, stop))
+    return out
+
+
 def best_match(a: torch.Tensor, b: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise max and argmax of ``a b^T`` (``[B, ta, D]``, ``[B, tb, D]``), ``chunk`` rows at a time."""
-    values, indices = [], []
-    for start in range(0, a.shape[1], chunk):
-        block = a[:, start : start + chunk] @ b.transpose(1, 2)
-        v, i = block.max(dim=-1)
-        values.append(v)
-        indices.append(i)
-    return torch.cat(values, dim=1), torch.cat(indices, dim=1)
+    """Row-wise max and argmax of ``a b^T`` (``[B, ta, D]``, ``[B, tb, D]``), ``chunk`` rows at a time.
+
+    A chunk whose ``[B, rows, tb]`` block would exceed one row block of elements (:func:`row_blocks`)
+    is computed in smaller pieces, so the block stays bounded whatever ``chunk`` is.
+    """
+    bsz, ta, _ = a.shape
+    tb = b.shape[1]
+    values = torch.empty(bsz, ta, dtype=a.dtype, device=a.device)
+    indices = torch.empty(bsz, ta, dtype=torch.int64, device=a.device)
+    bt = b.transpose(1, 2)
+    limit = row_blocks(bsz, max(ta, 1), tb)[0].stop  # rows of one bounded block
+    for blk in _pieces(ta, chunk, limit):
+        v, i = (a[:, blk] @ bt).max(dim=-1)
+        values[:, blk] = v
+        indices[:, blk] = i
+    return values, indices
+
+
+def _unit_metric(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x.float(), dim=-1)``, row block by row block (no float32 copy of half tokens)."""
+    if x.dtype == torch.float32:
+        return F.normalize(x, dim=-1)
+    b, t, d = x.shape
+    out = torch.empty(b, t, d, dtype=torch.float32, device=x.device)
+    for blk in row_blocks(b, t, d):
+        out[:, blk] = F.normalize(x[:, blk].float(), dim=-1)
+    return out
 
 
 @register("tome")
@@ -70,6 +119,7 @@ class ToMe(Compressor):
     text_conditioned = False
     deterministic = True
     summary = "Bipartite soft matching repeated until the budget; size-weighted averages (ToMe)."
+    complexity = "O(N^2 D)"
     paper = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (arXiv 2210.09461)"
 
     def __init__(self, *, protect_first: bool = False, chunk: int = 2048) -> None:
@@ -84,7 +134,9 @@ class ToMe(Compressor):
             )
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        x = tokens.float()
+        # The maths run in float32 (as the authors' code on float32 features); half tokens are only
+        # read in row blocks or gathered rows, and the first round's output is float32.
+        x = tokens if tokens.dtype in (torch.float16, torch.bfloat16, torch.float32) else tokens.float()
         b, n, d = x.shape
         size = torch.ones(b, n, 1, device=x.device)
         rep = torch.arange(n, device=x.device).expand(b, n)  # original position representing each token
@@ -108,9 +160,9 @@ class ToMe(Compressor):
     def _round(self, x, size, rep, owner, r):
         b, t, d = x.shape
         rows = torch.arange(b, device=x.device)[:, None]
-        metric = F.normalize(x, dim=-1)
-        a, bb = metric[:, ::2], metric[:, 1::2]
-        node_max, node_idx = best_match(a, bb, self.chunk)
+        metric = _unit_metric(x)
+        node_max, node_idx = best_match(metric[:, ::2], metric[:, 1::2], self.chunk)
+        del metric  # free it before the merge allocates
         if self.protect_first:
             node_max[:, 0] = float("-inf")
         edge = node_max.argsort(dim=1, descending=True, stable=True)
@@ -118,23 +170,29 @@ class ToMe(Compressor):
         if self.protect_first:
             unm = unm.sort(dim=1).values
         dst = node_idx.gather(1, src)  # [B, r] indices into B
-        ta = a.shape[1]
-        # size-weighted sums (merge_wavg): x * size and size summed into the matches
-        weighted = x * size
-        wa, wb = weighted[:, ::2], weighted[:, 1::2]
+        ta, tb = (t + 1) // 2, t // 2
+        keep_a = ta - r
+        # size-weighted sums (merge_wavg), formed in the output: [stayers' x * size, B's x * size], the
+        # merged A tokens' x * size added into their matches in src order, then divided by the sizes
         sa, sb = size[:, ::2], size[:, 1::2]
-        new_b = wb.scatter_add(1, dst[..., None].expand(-1, -1, d), batched_gather(wa, src))
-        new_sb = sb.scatter_add(1, dst[..., None], batched_gather(sa, src))
-        new_size = torch.cat([batched_gather(sa, unm), new_sb], dim=1)
-        new_x = torch.cat([batched_gather(wa, unm), new_b], dim=1) / new_size
+        new_size = torch.empty(b, keep_a + tb, 1, device=x.device)
+        new_size[:, :keep_a] = sa.gather(1, unm[..., None])
+        new_size[:, keep_a:] = sb
+        new_size[:, keep_a:].scatter_add_(1, dst[..., None], sa.gather(1, src[..., None]))
+        new_x = torch.empty(b, keep_a + tb, d, device=x.device)
+        torch.mul(batched_gather(x, 2 * unm).float(), new_size[:, :keep_a], out=new_x[:, :keep_a])
+        torch.mul(x[:, 1::2].float(), sb, out=new_x[:, keep_a:])
+        moved_in = batched_gather(x, 2 * src).float().mul_(sa.gather(1, src[..., None]))
+        new_x[:, keep_a:].scatter_add_(1, dst[..., None].expand(-1, -1, d), moved_in)
+        del moved_in
+        new_x.div_(new_size)
         new_rep = torch.cat([rep[:, ::2].gather(1, unm), rep[:, 1::2]], dim=1)
         # where every current token goes: A tokens that stay -> their place among the stayers; merged A
         # tokens -> their match's place; B tokens -> after the stayers
-        keep_a = ta - r
         moved = torch.empty(b, t, dtype=torch.int64, device=x.device)
         a_slots = torch.empty(b, ta, dtype=torch.int64, device=x.device)
         a_slots[rows, unm] = torch.arange(keep_a, device=x.device).expand(b, keep_a)
         a_slots[rows, src] = keep_a + dst
         moved[:, ::2] = a_slots
-        moved[:, 1::2] = keep_a + torch.arange(t // 2, device=x.device).expand(b, t // 2)
+        moved[:, 1::2] = keep_a + torch.arange(tb, device=x.device).expand(b, tb)
         return new_x, new_size, new_rep, moved.gather(1, owner)

@@ -42,7 +42,15 @@ from typing import Optional
 import torch
 
 from tokencomp.base import Compressor
-from tokencomp.kernels import batched_gather, cosine_match, mean_merge, selection_result, slots_of
+from tokencomp.kernels import (
+    batched_gather,
+    cosine_match,
+    merge_rows,
+    row_blocks,
+    selection_result,
+    slots_of,
+)
+from tokencomp.kernels.gather import flat_index
 from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
@@ -83,6 +91,7 @@ class VisionZip(Compressor):
     deterministic = True
     requires = ("cls_attention",)
     summary = "Top [CLS]-attention tokens plus contextual tokens merged by similarity."
+    complexity = "O(N log N + (N - K) K D)"
     paper = (
         "Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, "
         "CVPR 2025 (arXiv 2412.04467)"
@@ -105,8 +114,8 @@ class VisionZip(Compressor):
             )
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        x = tokens.float()
-        b, n, d = x.shape
+        b, n, d = tokens.shape
+        dev = tokens.device
         attn = attention_scores("visionzip", context)
         c = self._contextual_count(k)
         dom = k - c
@@ -115,41 +124,51 @@ class VisionZip(Compressor):
         top = rank_descending(attn)[:, :dom]
         dom_pos = top.sort(dim=-1).values
         if c == 0:
-            return selection_result(x, dom_pos, dominant=torch.ones(b, k, dtype=torch.bool, device=x.device))
-        is_dom = torch.zeros(b, n, dtype=torch.bool, device=x.device).scatter_(1, top, True)
+            return selection_result(tokens, dom_pos, dominant=torch.ones(b, k, dtype=torch.bool, device=dev))
+        is_dom = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter_(1, top, True)
         m = n - dom
         # remaining positions in ascending order: a stable sort puts the non-dominant ones first
         rem = torch.sort(is_dom.to(torch.int64), dim=-1, stable=True).indices[:, :m]
 
-        # 3. Evenly spaced targets among the remaining tokens.
+        # 3. Evenly spaced targets among the remaining tokens: ranks 0, step, ..., exactly C of them
+        # (m >= C, so step * C <= m), and the M - C others in ascending rank, without a host sync.
         step = max(1, m // c)
-        ranks = torch.arange(0, m, step, device=x.device)[:c]
-        is_target = torch.zeros(m, dtype=torch.bool, device=x.device)
+        ranks = torch.arange(0, step * c, step, device=dev)
+        is_target = torch.zeros(m, dtype=torch.bool, device=dev)
         is_target[ranks] = True
+        other_ranks = torch.sort(is_target.to(torch.int64), stable=True).indices[: m - c]
         tgt_pos = rem[:, ranks]  # [B, C], ascending
-        oth_pos = rem[:, (~is_target).nonzero().squeeze(1)]  # [B, M - C]
-        tgt = batched_gather(x, tgt_pos)
-        oth = batched_gather(x, oth_pos)
+        oth_pos = rem[:, other_ranks]  # [B, M - C], ascending
+        tgt = batched_gather(tokens, tgt_pos).float()  # maths in float32 (rows read as needed)
 
-        # 4.-5. Assign every other remaining token to its most similar target and merge.
-        match = cosine_match(oth, tgt)  # [B, M - C] in [0, C)
+        # 4.-5. Assign every other remaining token to its most similar target and merge, one block of
+        # the M - C others at a time (they are ~88 % of the tokens: never gathered whole).
         if self.contextual_merge == "mean":
-            ctx = mean_merge(tgt, oth, match)
+            ctx, match = merge_rows(tgt, tokens, oth_pos)
         else:
-            sums = torch.zeros_like(tgt).scatter_add_(1, match.unsqueeze(-1).expand(-1, -1, d), oth)
-            counts = torch.zeros(b, c, dtype=x.dtype, device=x.device)
-            counts.scatter_add_(1, match, torch.ones(match.shape, dtype=x.dtype, device=x.device))
+            sums = torch.zeros_like(tgt)
+            match = torch.empty(b, m - c, dtype=torch.int64, device=dev)
+            for blk in row_blocks(b, m - c, max(d, c)):
+                src = batched_gather(tokens, oth_pos[:, blk]).to(tgt.dtype)
+                best = cosine_match(src, tgt)
+                match[:, blk] = best
+                sums.view(b * c, d).index_add_(0, flat_index(best, c), src.reshape(-1, d))
+            counts = torch.zeros(b, c, dtype=tgt.dtype, device=dev)
+            counts.scatter_add_(1, match, torch.ones(match.shape, dtype=tgt.dtype, device=dev))
             ctx = tgt + sums / counts.clamp_min(1).unsqueeze(-1)
 
-        # 6. Output in ascending original position.
+        # 6. Output in ascending original position: each row copied straight into its output slot.
         positions = torch.cat([dom_pos, tgt_pos], dim=1)
-        values = torch.cat([batched_gather(x, dom_pos), ctx], dim=1)
         indices, perm = positions.sort(dim=-1)
         assignment = slots_of(indices, n)
         slot_of = perm.argsort(dim=-1)  # position in ``positions`` -> output slot
         assignment.scatter_(1, oth_pos, torch.gather(slot_of[:, dom:], 1, match))
+        out = torch.empty(b, k, d, dtype=tgt.dtype, device=dev)
+        flat = out.view(b * k, d)
+        flat.index_copy_(0, flat_index(slot_of[:, :dom], k), batched_gather(tokens, dom_pos).to(tgt.dtype).view(-1, d))
+        flat.index_copy_(0, flat_index(slot_of[:, dom:], k), ctx.reshape(-1, d))
         return CompressionResult(
-            tokens=batched_gather(values, perm),
+            tokens=out,
             indices=indices,
             assignment=assignment,
             info={"dominant": perm < dom},

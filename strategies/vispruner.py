@@ -25,31 +25,138 @@ Departures from the authors' code: none in the algorithm (their similarity is on
 features that are kept, and their attention is the head-averaged [CLS] row). Ties in the attention
 and similarity rankings go to the lower position / earlier list entry (the authors' non-stable
 ``argsort`` leaves them unspecified); zero tokens are normalised with ``eps`` (``F.normalize``)
-instead of giving NaN. Steps of step 3 are computed in row chunks, which changes nothing.
+instead of giving NaN.
+
+Cost. The residual tokens are normalised once (not all ``N``), and a round needs only the cosines
+between the tokens of ``A`` and of ``B``. Those never change (only the list does, and entries move
+between ``A`` and ``B``), so when the ``R0 x R0`` cosine matrix of the residual tokens holds at most
+:data:`_GRAM_FACTOR` times the tokens' ``N D`` elements it is computed once and every round reads
+its scores from it, a bounded block of rows at a time: ``O(N^2 D + N^3)`` in all instead of
+``O(N^3 D)``, for ``R0^2`` more floats. Otherwise (long videos, few channels) every round multiplies
+the gathered ``A`` and ``B`` tokens as before, in row chunks of :data:`_CHUNK`, each computed in
+pieces of at most one row block of similarities; the complexity stays ``O(N^3 D)`` for ``N``
+large against ``D``.
+
+Both give bit for bit the scores of the per-round products, so the rankings, near ties included,
+are unchanged. This rests on how the CPU BLAS (MKL) behaves, observed and tested rather than
+documented: a float32 GEMM gives every entry the same value whatever the shape of the product it is
+part of, except products with fewer than :data:`_GEMM_MIN` rows or columns, which it computes with
+another kernel that reads its operands in place. Those (the last rounds, and a last chunk of fewer
+than 12 rows) are multiplied per round with exactly the shapes and memory layout they had before.
+``test_cached_cosines_equal_per_round_products`` checks the equality on Gaussian tokens; another
+BLAS (a GPU's) could differ in the last bit, which only matters for scores tied to that bit.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
-import torch.nn.functional as F
 
 from tokencomp.base import Compressor
-from tokencomp.kernels import batched_gather, selection_result
+from tokencomp.kernels import batched_gather, row_blocks, selection_result
+from tokencomp.kernels import blocks as _blocks
 from tokencomp.kernels.attention import attention_scores, rank_descending
+from tokencomp.kernels.gather import flat_index
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import check_float
 
 # Tokens the authors remove per round of duplicate removal (``min(8, R - K_div)``).
 _PER_ROUND = 8
-# Rows of the [B, chunk, R/2] similarity block computed at once.
+# Rows of the [B, chunk, R/2] similarity block computed at once (the authors' products are grouped so;
+# a chunk larger than one row block of elements is computed in pieces of the same results).
 _CHUNK = 2048
+# The cosines of the residual tokens are cached when their [B, R0, R0] matrix holds at most this many
+# times the tokens' B * N * D elements (float32); above that, every round multiplies the tokens anew.
+_GRAM_FACTOR = 4
+# Float32 GEMMs with fewer rows or columns than this may run another BLAS kernel (a different
+# summation order, so values may differ in the last bit): such blocks are always multiplied directly.
+_GEMM_MIN = 12
 
 
-def _max_similarity(a: torch.Tensor, b: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
-    """Largest dot product ``[B, A]`` of each row of ``a`` ``[B, A, D]`` with the rows of ``b`` ``[B, B', D]``."""
-    out = [(a[:, s : s + chunk] @ b.transpose(1, 2)).amax(dim=-1) for s in range(0, a.shape[1], chunk)]
-    return torch.cat(out, dim=1)
+def _flat_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b]]`` for ``x`` ``[B, M, C]`` contiguous, ``idx`` ``[B, S]``: ``[B, S, C]`` by one index_select."""
+    b, m, c = x.shape
+    return x.view(b * m, c).index_select(0, flat_index(idx, m)).view(b, idx.shape[1], c)
+
+
+def _pieces(rows: slice, limit: int) -> list[slice]:
+    """The chunks of :data:`_CHUNK` rows in ``rows`` (which starts at a multiple of it), each split into
+    pieces of about ``limit`` rows, never fewer than :data:`_GEMM_MIN` (the remainder joins the last
+    piece), so every piece's product computes its similarities exactly as the whole chunk would."""
+    out = []
+    step = max(limit, _GEMM_MIN)
+    for start in range(rows.start, rows.stop, _CHUNK):
+        stop = min(rows.stop, start + _CHUNK)
+        while stop - start >= step + _GEMM_MIN:
+            out.append(slice(start, start + step))
+            start += step
+        out.append(slice(start, stop))
+    return out
+
+
+def _unit_rows(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(tokens.float(), dim=-1)`` at ``positions`` ``[B, S]``: ``[B, S, D]`` float32, fresh.
+
+    Row for row the same values (the same norm, clamp and division), normalised in place in the gathered
+    copy, so neither all ``N`` tokens nor a second copy of the rows is made.
+    """
+    rows = batched_gather(tokens, positions).float()
+    return rows.div_(rows.norm(2, -1, keepdim=True).clamp_min_(1e-12))
+
+
+def _slot_rows(tokens: torch.Tensor, residual: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Unit rows ``[B, S, D]`` of the residual list's ``slots`` ``[B, S]``, normalised from ``tokens``."""
+    return _unit_rows(tokens, torch.gather(residual, 1, slots))
+
+
+def _product_scores(rows_of, even: torch.Tensor, odd: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Largest cosine ``[B, S]`` of the ``A`` entries ``even[:, rows]`` to the ``B`` entries ``odd``.
+
+    The authors' product: ``A`` and ``B`` gathered whole (``rows_of`` maps list slots ``[B, S]`` to
+    fresh unit rows ``[B, S, D]``), then row chunks of :data:`_CHUNK` (``rows`` starts at a multiple of
+    it), computed in pieces of at most one row block of similarities. Every product keeps the memory
+    layout it has when all of ``A`` is multiplied at once, which small products are sensitive to
+    (BLAS reads them in place).
+    """
+    b, tb = odd.shape
+    b_rows = rows_of(odd).transpose(1, 2)
+    a = rows_of(even)
+    out = torch.empty(b, rows.stop - rows.start, dtype=a.dtype, device=a.device)
+    for piece in _pieces(rows, row_blocks(b, rows.stop - rows.start, tb)[0].stop):
+        out[:, piece.start - rows.start : piece.stop - rows.start] = (a[:, piece] @ b_rows).amax(dim=-1)
+    return out
+
+
+def _gram_scores(gram: torch.Tensor, rows_of, even: torch.Tensor, odd: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Largest cosine ``[B, |A|]`` of every ``A`` entry to the ``B`` entries, read from ``gram``.
+
+    ``gram`` ``[B, R0, R0]`` holds the cosines of all residual slots. The ``A`` rows are copied into
+    ``buf`` (``[B * rows * R0]``, allocated once) a block of ``rows`` at a time, the columns outside
+    ``B`` set to ``-inf``, and the maximum taken. Rows that the per-round product would compute in a
+    chunk of fewer than :data:`_GEMM_MIN` rows (the last chunk of ``A``) are multiplied as before.
+    """
+    b, r0, _ = gram.shape
+    ta = even.shape[1]
+    if _CHUNK < _GEMM_MIN:  # every chunk is small: multiply them all
+        tail = 0
+    elif 0 < ta % _CHUNK < _GEMM_MIN:  # the last chunk is small: multiply its rows
+        tail = ta - ta % _CHUNK
+    else:
+        tail = ta
+    out = torch.empty(b, ta, dtype=gram.dtype, device=gram.device)
+    # 0 on the columns of B, -inf elsewhere (adding is several times faster than masked_fill_)
+    bias = torch.full((b, 1, r0), float("-inf"), dtype=gram.dtype, device=gram.device)
+    bias[:, 0].scatter_(1, odd, 0.0)
+    flat = gram.view(b * r0, r0)
+    for blk in row_blocks(b, tail, r0, buf.numel()):
+        m = blk.stop - blk.start
+        rows = torch.index_select(flat, 0, flat_index(even[:, blk], r0), out=buf[: b * m * r0].view(b * m, r0))
+        out[:, blk] = rows.view(b, m, r0).add_(bias).amax(dim=-1)
+    if tail < ta:
+        out[:, tail:] = _product_scores(rows_of, even, odd, slice(tail, ta))
+    return out
 
 
 @register("vispruner")
@@ -70,6 +177,7 @@ class VisPruner(Compressor):
     deterministic = True
     requires = ("cls_attention",)
     summary = "Top [CLS]-attention tokens plus diverse tokens kept by iterative duplicate removal."
+    complexity = "O(N^3 D)"
     paper = (
         "Zhang et al., Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning "
         "in VLMs (VisPruner), ICCV 2025"
@@ -79,8 +187,7 @@ class VisPruner(Compressor):
         self.important_ratio = check_float("vispruner", "important_ratio", important_ratio, low=0.0, high=1.0)
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        x = tokens.float()
-        b, n, _ = x.shape
+        b, n, d = tokens.shape
         attn = attention_scores("vispruner", context)
         k_imp = int(k * self.important_ratio)
         k_div = k - k_imp
@@ -90,18 +197,41 @@ class VisPruner(Compressor):
         important, residual = order[:, :k_imp], order[:, k_imp:]
 
         # 3. Iterative duplicate removal among the residual tokens.
-        xn = F.normalize(x, dim=-1)
-        while k_div > 0:
-            r_len = residual.shape[1]
-            r = min(_PER_ROUND, r_len - k_div)
-            if r <= 0:
-                break
-            even, odd = residual[:, ::2], residual[:, 1::2]
-            scores = _max_similarity(batched_gather(xn, even), batched_gather(xn, odd))
-            keep = rank_descending(scores)[:, r:]  # drop the r most duplicated, keep score order
-            residual = torch.cat([torch.gather(even, 1, keep), odd], dim=1)
+        if k_div > 0 and residual.shape[1] > k_div:
+            residual = _remove_duplicates(tokens, residual, k_div)
 
         selected = torch.cat([important, residual], dim=1) if k_div > 0 else important
         indices = selected.sort(dim=-1).values
-        is_imp = torch.zeros(b, n, dtype=torch.bool, device=x.device).scatter_(1, important, True)
-        return selection_result(x, indices, important=torch.gather(is_imp, 1, indices))
+        is_imp = torch.zeros(b, n, dtype=torch.bool, device=tokens.device).scatter_(1, important, True)
+        return selection_result(tokens, indices, important=torch.gather(is_imp, 1, indices))
+
+
+def _remove_duplicates(tokens: torch.Tensor, residual: torch.Tensor, k_div: int) -> torch.Tensor:
+    """Step 3 on the residual list ``[B, R0]`` (positions in ``tokens``): the ``[B, K_div]`` survivors in list order."""
+    b, r0 = residual.shape
+    n, d = tokens.shape[1:]
+    unit = _unit_rows(tokens, residual)  # float32 unit vectors of the residual tokens, by list slot
+    rows_of = partial(_flat_rows, unit)  # list slots [B, S] -> unit rows [B, S, D]
+    gram = buf = None
+    if r0 >= 2 * _GEMM_MIN and r0 * r0 <= _GRAM_FACTOR * n * d:
+        gram = torch.bmm(unit, unit.transpose(1, 2))  # [B, R0, R0] cosines of every pair of slots
+        # the few rows still multiplied are normalised again from the tokens when needed
+        rows_of = partial(_slot_rows, tokens, residual)
+        del unit
+        # rows of gram read at once: a quarter of a row block (as fast, and stays in cache), at most an
+        # eighth of gram, at most all of A
+        rows = min(max(1, min(_blocks.BLOCK_ELEMENTS // 4, gram.numel() // 8) // (b * r0)), (r0 + 1) // 2)
+        buf = torch.empty(b * rows * r0, dtype=gram.dtype, device=gram.device)
+    lst = torch.arange(r0, device=residual.device).expand(b, r0)  # the list, as slots
+    while True:
+        r = min(_PER_ROUND, lst.shape[1] - k_div)
+        if r <= 0:
+            break
+        even, odd = lst[:, ::2], lst[:, 1::2]
+        if gram is not None and odd.shape[1] >= _GEMM_MIN:
+            scores = _gram_scores(gram, rows_of, even, odd, buf)
+        else:
+            scores = _product_scores(rows_of, even, odd, slice(0, even.shape[1]))
+        keep = rank_descending(scores)[:, r:]  # drop the r most duplicated, keep score order
+        lst = torch.cat([torch.gather(even, 1, keep), odd], dim=1)
+    return torch.gather(residual, 1, lst)

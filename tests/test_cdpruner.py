@@ -83,3 +83,60 @@ def test_errors():
         with pytest.raises(tc.InvalidParameterError, match="theta"):
             tc.create("cdpruner", theta=bad)
     assert tc.create("cdpruner", theta=0.3).get_params() == {"theta": 0.3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tiny_blocks_give_the_same_result(monkeypatch, dtype):
+    # The normalised tokens are built a block of rows at a time: a tiny block changes nothing.
+    import tokencomp.kernels.blocks as blocks
+
+    x, img, txt = inputs(2, 300, 48, 16, 3, 9)
+    x, img, txt = x.to(dtype), img.to(dtype), txt.to(dtype)
+    ctx = tc.Context(text_embeddings=txt, image_embeddings=img)
+    ref = tc.create("cdpruner").compress(x, 40, ctx)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 50)
+    out = tc.create("cdpruner").compress(x, 40, ctx)
+    assert torch.equal(out.info["order"], ref.info["order"])
+    assert torch.equal(out.tokens, ref.tokens)
+
+
+def test_equals_literal_loop_with_the_fallback():
+    # The kernel's low-rank form (directions w_i of length D instead of vectors c_i of length N) against
+    # the authors' update of the c vectors, with our fallback once no gain is left, past the kernel's rank
+    # (D = 16, 40 picks): the same picks, including the diagonal order after the span is exhausted.
+    from tokencomp.strategies.cdpruner import _DEGENERATE
+
+    x, img, txt = inputs(3, 200, 16, 8, 2, 4)
+    result = tc.create("cdpruner").compress(x, 40, tc.Context(text_embeddings=txt, image_embeddings=img))
+    r = relevance(img, txt, None)
+    for b in range(3):
+        xn = x[b] / x[b].norm(dim=1, keepdim=True)
+        kernel = r[b, :, None] * (xn @ xn.t()) * r[b, None, :]
+        diag = kernel.diagonal().clone()
+        gains, cis, picks = diag.clone(), torch.zeros(40, 200), []
+        for i in range(40):
+            j = int(gains.argmax())
+            if gains[j] <= _DEGENERATE * diag.max():
+                j = int(diag.masked_fill(torch.tensor([t in picks for t in range(200)]), float("-inf")).argmax())
+                e = torch.zeros(200)
+            else:
+                e = (kernel[j] - cis[:i, j] @ cis[:i]) / gains[j].sqrt()
+            picks.append(j)
+            cis[i] = e
+            gains = gains - e.square()
+            gains[picks] = float("-inf")
+        assert result.info["order"][b].tolist() == picks
+
+
+def test_peak_memory_is_bounded(monkeypatch):
+    # The normalised tokens (1x) and k directions of length D; no k vectors of length N (the literal
+    # update's k / D = 1.1x the input here, 2.25x at video scale), no N x N kernel.
+    import tokencomp.kernels.blocks as blocks
+    from tokencomp.analysis.vlm import peak_memory
+
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 15)
+    x, img, txt = inputs(1, 2304, 256, 32, 3, 0)
+    ctx = tc.Context(text_embeddings=txt, image_embeddings=img)
+    out, peak = peak_memory(lambda: tc.create("cdpruner").compress(x, 288, ctx))
+    assert out.indices.shape == (1, 288)
+    assert peak < 1.5 * x.numel() * 4

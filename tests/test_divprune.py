@@ -85,3 +85,49 @@ def test_parameters():
     assert tc.create("divprune", chunk=9).get_params() == {"chunk": 9}
     cls = tc.get("divprune")
     assert (cls.stage, cls.needs_attention, cls.deterministic) == ("pre_llm", False, True)
+
+
+def test_second_largest_similarity_matches_the_full_matrix():
+    # The symmetric tiles and the running top two give exactly the second-largest entry of every column
+    # of x x^T, the diagonal included; repeated tokens make a column's maximum appear twice (then it is
+    # also the second largest), a zero token has only zeros.
+    from tokencomp.strategies.divprune import second_largest_similarity, unit_rows
+
+    x = tokens(2, 130, 8, 3)
+    x[0, 40:43] = x[0, 7]
+    x[1, 99] = x[1, 0]
+    x[1, 5] = 0.0
+    xn = unit_rows(x)
+    full = (xn @ xn.transpose(1, 2)).topk(2, dim=1).values[:, 1]
+    for chunk in (1, 16, 45, 130, 1000):
+        torch.testing.assert_close(second_largest_similarity(xn, chunk), full, rtol=0, atol=1e-6)
+    second = second_largest_similarity(xn, 45)
+    torch.testing.assert_close(second[0, [7, 40, 41, 42]], torch.ones(4))  # a copy is the second largest
+    assert second[0, :7].max() < 0.999
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tiny_blocks_give_the_same_result(monkeypatch, dtype):
+    # Blocks are a memory bound only: a block of a few rows (and tiles of a few rows) picks the same.
+    import tokencomp.kernels.blocks as blocks
+
+    x = tokens(2, 150, 24, 5).to(dtype)
+    ref = tc.create("divprune").compress(x, 40)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 100)
+    for chunk in (1, 33, 1024):
+        out = tc.create("divprune", chunk=chunk).compress(x, 40)
+        assert torch.equal(out.info["order"], ref.info["order"])
+        assert torch.equal(out.tokens, ref.tokens)
+
+
+def test_peak_memory_is_bounded(monkeypatch):
+    # Beyond the float32 normalised tokens (1x), only tiles of BLOCK_ELEMENTS and [B, N] vectors:
+    # no column block of all N rows, no [N, N] matrix (the authors' 12x the input here).
+    import tokencomp.kernels.blocks as blocks
+    from tokencomp.analysis.vlm import peak_memory
+
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 15)
+    x = tokens(1, 1536, 128, 0)
+    out, peak = peak_memory(lambda: tc.create("divprune", chunk=256).compress(x, 192))
+    assert out.indices.shape == (1, 192)
+    assert peak < 2 * x.numel() * 4

@@ -141,16 +141,47 @@ def test_rows_are_independent_with_their_own_attention():
             torch.testing.assert_close(part.tokens, whole.tokens[i])
 
 
-def test_chunked_similarity_equals_unchunked(monkeypatch):
-    import tokencomp.strategies.prumerge as mod
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_blocked_similarity_equals_unblocked(monkeypatch, dtype):
+    # Tiny row blocks (a few centres, and a few half-precision rows, per block) give the same result
+    # as one block holding everything.
+    import tokencomp.kernels.blocks as blocks
 
-    x, a = tokens(2, 120, 8, 4), attention(2, 120, 4)
+    x, a = tokens(2, 120, 8, 4).to(dtype), attention(2, 120, 4)
     ctx = tc.Context(cls_attention=a)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 30)
     full = tc.create("prumerge", knn=6).compress(x, 50, ctx)
-    monkeypatch.setattr(mod, "_CHUNK", 7)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 7 * 120)
     chunked = tc.create("prumerge", knn=6).compress(x, 50, ctx)
     assert torch.equal(full.indices, chunked.indices) and torch.equal(full.assignment, chunked.assignment)
+    assert torch.equal(full.info["neighbours"], chunked.info["neighbours"])
     torch.testing.assert_close(full.tokens, chunked.tokens)
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_half_precision_tokens_give_the_float32_result_of_their_values(plus):
+    # Half-precision tokens take their own path (products read block by block, neighbours summed rank by
+    # rank instead of one embedding_bag); on the same values it must agree with the float32 path.
+    x, a = tokens(2, 300, 32, 5).half(), attention(2, 300, 5)
+    ctx, comp = tc.Context(cls_attention=a), tc.create("prumerge", plus=plus, knn=8)
+    half, single = comp.compress(x, 40, ctx), comp.compress(x.float(), 40, ctx)
+    assert torch.equal(half.indices, single.indices) and torch.equal(half.assignment, single.assignment)
+    assert torch.equal(half.info["neighbours"].sort(-1).values, single.info["neighbours"].sort(-1).values)
+    torch.testing.assert_close(half.tokens, single.tokens.half())
+
+
+def test_peak_memory_is_bounded(monkeypatch):
+    # 2304 tokens (4 frames), 12.5 % kept, blocks of 64 Ki elements: beside a few [K, D] rows (the merged
+    # tokens, the output), only blocks are allocated (no normalised copy of the tokens, no dense [K, N]
+    # weights, no [K, knn, D] neighbour rows).
+    import tokencomp.kernels.blocks as blocks
+    from tokencomp.analysis.vlm import peak_memory
+
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 16)
+    x, a = tokens(1, 2304, 256, 0), attention(1, 2304, 0)
+    comp, ctx = tc.create("prumerge"), tc.Context(cls_attention=a)
+    _, peak = peak_memory(lambda: comp.compress(x, 288, ctx))
+    assert peak < 0.75 * x.numel() * 4  # the output is 0.125x; the previous kernel peaked at 3.9x here
 
 
 @pytest.mark.parametrize(

@@ -286,3 +286,59 @@ def test_bad_schedule_arguments():
 )
 def test_variants_conform(params):
     check_compressor(tc.create("sparsevlm", **params))
+
+
+def duplicated_tokens(b, n, d, seed):
+    """Two thirds of the tokens are copies of two tokens (positions 0 and 1)."""
+    x = tokens(b, n, d, seed)
+    x[:, 0::3] = x[:, 0:1]
+    x[:, 1::3] = x[:, 1:2]
+    return x
+
+
+@pytest.mark.parametrize("d", [64, 256])
+def test_duplicate_tokens_tie_as_in_the_literal_procedure(d):
+    # Copies are at distance exactly 0, so their densities and their (zero) rho * delta tie, and the tie
+    # rules decide, as in the float64 reference. With half of the recycled tokens as centres, the zero-score
+    # copies become centres in position order; distances off by rounding (a float64 Gram form without the
+    # zero snap, ~1e-8 here) would order them by that noise instead.
+    x, a = duplicated_tokens(2, 90, d, 0), cross_attention(2, 5, 90, 0)
+    comp = tc.create("sparsevlm", raters="attention", recycle_ratio=1.0, cluster_divisor=2)
+    result = comp.compress(x, 50, tc.Context(cross_attention=a))
+    assert_literal(result, x, a, 50, raters="attention", ratio=1.0, divisor=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_blocked_distances_equal_one_block(monkeypatch, dtype):
+    # The clustering's three passes over the pairwise distances run in blocks of rows: tiny blocks (a few
+    # rows each, so the delta pass's denser prefix cuts across blocks) give the same result as one block.
+    import tokencomp.kernels.blocks as blocks
+
+    x, a = duplicated_tokens(2, 150, 16, 1).to(dtype), cross_attention(2, 6, 150, 1)
+    x[:, 2::5] = tokens(2, 30, 16, 2).to(dtype)  # fewer copies: more distinct densities
+    comp, ctx = tc.create("sparsevlm", recycle_ratio=0.8, cluster_divisor=4), tc.Context(cross_attention=a)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 30)
+    whole = comp.compress(x, 60, ctx)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 2 * 2 * 3 * 100)  # 3 rows of ~100 distances a block
+    small = comp.compress(x, 60, ctx)
+    assert torch.equal(whole.indices, small.indices) and torch.equal(whole.assignment, small.assignment)
+    torch.testing.assert_close(whole.tokens, small.tokens)
+
+
+def test_peak_memory_is_bounded(monkeypatch):
+    # 2304 tokens (four frames), K = 288, every pruned token recycled: ~2070 tokens clustered. Their
+    # [r, r] distances are never held whole: with blocks of 512 Ki elements the peak stays below half an
+    # [r, r] float32 matrix (the previous kernel held the distances, a mask and a masked copy: 2.3 of them).
+    import tokencomp.kernels.blocks as blocks
+    from tokencomp.analysis.vlm import peak_memory
+    from tokencomp.strategies.sparsevlm import recycled_count
+
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 19)
+    n = 2304
+    x, a = tokens(1, n, 64, 0), cross_attention(1, 6, n, 0)
+    comp, ctx = tc.create("sparsevlm", recycle_ratio=1.0, cluster_divisor=40), tc.Context(cross_attention=a)
+    keep, _ = comp.split(n, 288)
+    r = recycled_count(n - keep, 1.0)
+    assert r > 2000
+    _, peak = peak_memory(lambda: comp.compress(x, 288, ctx))
+    assert peak < r * r * 4 / 2

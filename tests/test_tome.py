@@ -86,3 +86,34 @@ def test_errors_and_params():
     with pytest.raises(tc.InvalidParameterError, match="chunk"):
         tc.create("tome", chunk=0)
     assert tc.create("tome").get_params() == {"protect_first": False, "chunk": 2048}
+
+
+@pytest.mark.parametrize("protect_first", [False, True])
+def test_tiny_blocks_and_half_tokens_do_not_change_the_result(monkeypatch, protect_first):
+    """Chunks split into row-block pieces (of >= 12 rows) and half tokens normalised block by block
+    give bit for bit the result of whole chunks on the float32 copy."""
+    import tokencomp.kernels.blocks as blocks
+
+    x = torch.randn(2, 700, 24, generator=torch.Generator().manual_seed(5))
+    comp = tc.create("tome", protect_first=protect_first)
+    ref = comp.compress(x, 60)
+    half_ref = comp.compress(x.half().float(), 60)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 3000)  # pieces of 12 or a few more rows
+    for out, want in ((comp.compress(x, 60), ref), (comp.compress(x.half(), 60), half_ref)):
+        assert torch.equal(out.indices, want.indices) and torch.equal(out.assignment, want.assignment)
+        assert torch.equal(out.info["size"], want.info["size"])
+        assert torch.equal(out.tokens, want.tokens.to(out.tokens.dtype))
+
+
+def test_peak_memory_is_bounded(monkeypatch):
+    """A round holds the normalised metric and one block of similarities, freed before the merge, which
+    forms the size-weighted sums in its output: about N D floats in all. The earlier code also made a
+    weighted copy of all tokens and held a whole 2048-row chunk of similarities, and fails this."""
+    import tokencomp.kernels.blocks as blocks
+    from tokencomp.analysis.vlm import peak_memory
+
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 15)
+    n, d = 2304, 128
+    x = torch.randn(1, n, d, generator=torch.Generator().manual_seed(0))
+    _, peak = peak_memory(lambda: tc.create("tome").compress(x, n // 8))
+    assert peak / 4 < 1.15 * n * d + blocks.BLOCK_ELEMENTS, peak / 4 / (n * d)

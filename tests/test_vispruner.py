@@ -34,7 +34,14 @@ def sign_tokens(b, n, d, seed):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize(
     "kind,n,d,k",
-    [("sign", 576, 64, 64), ("sign", 576, 16, 128), ("sign", 576, 64, 192), ("gauss", 100, 16, 30), ("gauss", 40, 8, 37)],
+    [
+        ("sign", 576, 64, 64),
+        ("sign", 576, 16, 128),
+        ("sign", 576, 64, 192),
+        ("sign", 576, 256, 64),  # cosines cached (R0^2 <= 4 N D)
+        ("gauss", 100, 16, 30),
+        ("gauss", 40, 8, 37),
+    ],
 )
 def test_default_equals_literal_authors_procedure(seed, kind, n, d, k):
     x = sign_tokens(2, n, d, seed) if kind == "sign" else tokens(2, n, d, seed)
@@ -133,3 +140,71 @@ def test_attention_is_required_and_finite():
 @pytest.mark.parametrize("params", [{"important_ratio": 0.0}, {"important_ratio": 0.75}, {"important_ratio": 1.0}])
 def test_variants_conform(params):
     check_compressor(tc.create("vispruner", **params))
+
+
+@pytest.mark.parametrize("kind", ["sign", "gauss"])
+@pytest.mark.parametrize(
+    "b,n,d,k,ratio,chunk",
+    [
+        (2, 300, 64, 40, 0.5, 2048),
+        (1, 400, 16, 30, 0.0, 2048),
+        (2, 257, 64, 100, 0.25, 20),  # last chunks of 1..11 rows: multiplied, not read from the cache
+        (3, 120, 16, 13, 0.5, 13),
+        (1, 90, 16, 5, 0.0, 5),  # every chunk smaller than a BLAS kernel's minimum
+    ],
+)
+def test_cached_cosines_equal_per_round_products(monkeypatch, kind, b, n, d, k, ratio, chunk):
+    """The cached cosine matrix gives bit for bit the scores of the authors' per-round products, so
+    the rankings (and near ties in them) are the same: Gaussian tokens included, tiny blocks too."""
+    import tokencomp.kernels.blocks as blocks
+    import tokencomp.strategies.vispruner as mod
+
+    x = sign_tokens(b, n, d, n) if kind == "sign" else tokens(b, n, d, n)
+    ctx = tc.Context(cls_attention=attention(b, n, n))
+    comp = tc.create("vispruner", important_ratio=ratio)
+    monkeypatch.setattr(mod, "_CHUNK", chunk)
+    monkeypatch.setattr(mod, "_GRAM_FACTOR", 0)  # every round multiplies the tokens
+    products = comp.compress(x, k, ctx)
+    monkeypatch.setattr(mod, "_GRAM_FACTOR", 10**9)  # every round with >= 12 B entries reads the cache
+    cached = comp.compress(x, k, ctx)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 700)  # cache read, and products, in blocks of a few rows
+    tiny = comp.compress(x, k, ctx)
+    monkeypatch.setattr(mod, "_GRAM_FACTOR", 0)
+    tiny_products = comp.compress(x, k, ctx)
+    for other in (cached, tiny, tiny_products):
+        assert torch.equal(other.indices, products.indices)
+        assert torch.equal(other.assignment, products.assignment)
+        assert torch.equal(other.tokens, products.tokens)
+
+
+def test_half_tokens_select_as_their_float32_copy():
+    x, a = tokens(2, 300, 64, 5).half(), attention(2, 300, 5)
+    ctx = tc.Context(cls_attention=a)
+    half = tc.create("vispruner").compress(x, 40, ctx)
+    full = tc.create("vispruner").compress(x.float(), 40, ctx)
+    assert half.tokens.dtype == torch.float16
+    assert torch.equal(half.indices, full.indices)
+    assert torch.equal(half.tokens, x[torch.arange(2)[:, None], half.indices])
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_peak_memory_is_bounded(monkeypatch, cache):
+    """No copy of all tokens and no per-round copy beyond the gathered A and B, similarities in row
+    blocks (made small here): without the cache the extra memory is the unit residual tokens and
+    their A and B halves, 2 R0 D floats, and one block; with it, the unit tokens and the R0^2 cosines
+    (plus one block of at most an eighth of them). The earlier code also normalised all N tokens and
+    held a whole chunk of similarities, and fails this."""
+    import tokencomp.kernels.blocks as blocks
+    import tokencomp.strategies.vispruner as mod
+    from tokencomp.analysis.vlm import peak_memory
+
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 15)
+    if not cache:
+        monkeypatch.setattr(mod, "_GRAM_FACTOR", 0)
+    n, d, k = 576, 384, 72
+    x, a = tokens(1, n, d, 0), attention(1, n, 0)
+    comp, ctx = tc.create("vispruner"), tc.Context(cls_attention=a)
+    _, peak = peak_memory(lambda: comp.compress(x, k, ctx))
+    r0 = n - k // 2
+    floats = (r0 * d + 1.125 * r0 * r0) if cache else 2 * r0 * d
+    assert peak / 4 < floats + blocks.BLOCK_ELEMENTS + 0.05 * n * d, (peak / 4, floats)

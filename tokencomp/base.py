@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from .types import CompressionResult, Context
-from .validation import check_tokens, resolve_budget
+from .validation import all_finite, check_tokens, resolve_budget
 
 __all__ = ["Compressor"]
 
@@ -61,6 +61,11 @@ class Compressor(ABC):
         For strategies that set their own per-layer budgets (``stage_budgets``): the parameter that
         sets the overall number of visual tokens kept (SparseVLM's ``retained``), so a comparison at a
         budget can set it; empty when there is none (PyramidDrop's schedule is a ratio).
+    complexity : str
+        Time of one call as ``O(...)`` in the symbols ``N`` (tokens), ``K`` (kept), ``L`` (sequence
+        length), ``D`` (width) and the method's own constants (``M``, ``T``, ``H``, ...), e.g.
+        ``"O(M N D + N K D)"``. ``tokencomp bench`` checks its scaling curve against it; empty when
+        undeclared.
 
     Examples
     --------
@@ -84,6 +89,7 @@ class Compressor(ABC):
     paper: ClassVar[str] = ""
     in_llm_positions: ClassVar[str] = "keep"
     budget_param: ClassVar[str] = ""
+    complexity: ClassVar[str] = ""
 
     # ------------------------------------------------------------------ parameters
     @classmethod
@@ -239,9 +245,23 @@ class Compressor(ABC):
                 )
             updates[name] = value
         self._check_attention_inputs(updates, context, b, n)
+        self._check_finite_requirements(updates, context)
         if not updates:
             return context
         return Context(**{**{f: getattr(context, f) for f in Context.field_names()}, **updates})
+
+    def _check_finite_requirements(self, updates: dict, context: Context) -> None:
+        """Raise if a required floating-point context field holds NaN or infinite values.
+
+        Checked here, once, so that no strategy's ``_compress`` needs a host synchronisation to
+        validate its inputs (the kernels then run the same on GPU).
+        """
+        for name in self.requires:
+            value = updates.get(name, getattr(context, name))
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
+                raise ValueError(
+                    f"{self.display_name()}: context.{name} contains NaN or infinite values; pass finite values."
+                )
 
     def _check_attention_inputs(self, updates: dict, context: Context, b: int, n: int) -> None:
         owner = self.display_name()

@@ -1,4 +1,4 @@
-"""The ``tokencomp`` command line: ``ls`` and ``ablate``."""
+"""The ``tokencomp`` command line: ``ls``, ``ablate``, ``report``, ``bench`` and ``generate``."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def ls_command(
         typer.echo(strategy_markdown())
         return
     table = Table(title="tokencomp strategies")
-    columns = ("name", "stage", "needs attention", "FlashAttention", "text", "deterministic", "needs context", "summary")
+    columns = ("name", "stage", "needs attention", "FlashAttention", "text", "deterministic", "needs context", "time", "summary")
     for column in columns:
         table.add_column(column, overflow="fold")
     for name in tc.available():
@@ -61,21 +61,22 @@ def ls_command(
             _yes(cls.text_conditioned),
             _yes(cls.deterministic),
             ", ".join(cls.requires) or "-",
+            cls.complexity or "?",
             cls.summary,
         )
     console.print(table)
 
 
 def strategy_markdown() -> str:
-    """The registry as a Markdown table: name, paper, stage, needs attention, FlashAttention, summary."""
+    """The registry as a Markdown table: name, paper, stage, needs attention, FlashAttention, time, summary."""
     lines = [
-        "| name | paper | stage | needs attention | FlashAttention / SDPA | summary |",
-        "|---|---|---|---|---|---|",
+        "| name | paper | stage | needs attention | FlashAttention / SDPA | time | summary |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in tc.available():
         cls = tc.get(name)
         cells = [f"`{name}`", cls.paper or "(reference)", cls.stage, "yes" if cls.needs_attention else "no",
-                 cls.flash_attention(), cls.summary]
+                 cls.flash_attention(), cls.complexity or "?", cls.summary]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -399,6 +400,132 @@ def report_command(
         _fail(str(exc))
     _print_tables(rows)
     console.print(f"report: {path}")
+
+@app.command("bench")
+def bench_command(
+    strategy: list[str] = typer.Option([], "--strategy", "-s", help="Strategy to time (repeatable). [default: all registered]"),
+    shape: list[str] = typer.Option([], "--shape", help="B x N x D : K to time every strategy at (repeatable). [default: 16x576x1024:64 and 1x18432x1024:2304]"),
+    frames: str = typer.Option("1,2,4,8,16,32", "--frames", help="Scaling curve: frames of 576 tokens (comma list; empty to skip)."),
+    goals: bool = typer.Option(True, "--goals/--no-goals", help="Time ApET against the authors' procedure, LAPACK and the matmul floor."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed calls per figure (the fastest is reported)."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (one extra call each)."),
+    max_ms: float = typer.Option(20000.0, "--max-ms", min=1.0, help="Scaling curve: stop a strategy where its next size is predicted to take longer."),
+    device: str = typer.Option("cpu", "--device", help="Device of the tokens (cpu, cuda, cuda:1, ...)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    out: Path = typer.Option(Path("tokencomp-bench"), "--out", "-o", help="Folder for the CSV tables and the scaling plot."),
+) -> None:
+    """Time every strategy's kernel and print ratios against references measured in the same run."""
+    import csv
+
+    from tokencomp.analysis import bench
+
+    try:
+        names = _strategy_names(strategy)
+        shapes = [bench.BenchShape.parse(s) for s in (shape or bench.DEFAULT_SHAPES)]
+        sizes = [_positive_int("--frames", v) for v in frames.split(",") if v.strip()]
+        torch_dtype = _dtype(dtype)
+        torch_device = _device(device)
+    except (UserError, ValueError) as exc:
+        _fail(str(exc))
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(name: str, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            with open(out / name, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+
+    if goals:
+        references, found = bench.goals(repeats)
+        write("references.csv", references)
+        write("goals.csv", [{"goal": g.name, "ratio": g.ratio, "limit": g.limit, "met": g.met} for g in found])
+        table = Table(title="ApET against its references (ratios measured in this run)")
+        for column in ("goal", "measured", "limit", "met"):
+            table.add_column(column)
+        for g in found:
+            table.add_row(g.name, f"{g.ratio:.3f}", f"{g.limit:g}", "[green]yes[/]" if g.met else "[red]no[/]")
+        console.print(table)
+        detail = Table(title="reference timings (ms, fastest call)")
+        for column in ("shape", "reference", "ApET", "reference ms"):
+            detail.add_column(column)
+        for r in references:
+            detail.add_row(r["shape"], r["reference"], f"{r['ours_ms']:.2f}", f"{r['reference_ms']:.2f}")
+        console.print(detail)
+
+    rows = []
+    for s in shapes:
+        for name in names:
+            try:
+                rows.append(bench.bench_strategy(name, s, repeats=repeats, dtype=torch_dtype, device=torch_device, memory=memory))
+            except ValueError as exc:  # a strategy that cannot keep this budget says why
+                console.print(f"[yellow]{name} at {s.label()} skipped:[/] {exc}", highlight=False)
+    write("strategies.csv", rows)
+    table = Table(title="strategies (ms of the fastest call; ratio to one [B N, D] x [D, K] matmul; peak over input size)")
+    for column in ("shape", "strategy", "ms", "x matmul", "peak MiB", "x input"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["shape"], r["strategy"], f"{r['ms']:.2f}", f"{r['x_matmul']:.2f}", f"{r['peak_mib']:.1f}", f"{r['x_input']:.2f}")
+    console.print(table)
+
+    if sizes:
+        curve = bench.scaling(names, frames=sizes, repeats=1, dtype=torch_dtype, device=torch_device,
+                              memory=memory, max_ms=max_ms)
+        summary = bench.scaling_summary(curve)
+        write("scaling.csv", curve)
+        write("scaling_summary.csv", summary)
+        bench.plot_scaling(curve, out / "scaling.png")
+        table = Table(title=f"scaling from {min(sizes) * bench.FRAME_TOKENS} to {max(sizes) * bench.FRAME_TOKENS} tokens (12.5 % kept)")
+        for column in ("strategy", "complexity", "fitted slope", "within", "largest N", "peak x input"):
+            table.add_column(column)
+        for r in summary:
+            within = "?" if r["ok"] is None else ("[green]yes[/]" if r["ok"] else "[red]no[/]")
+            table.add_row(r["strategy"], r["complexity"], f"{r['slope']:.2f}", within, str(r["largest_n"]), f"{r['max_x_input']:.2f}")
+        console.print(table)
+    console.print(f"tables and plot written to {out}")
+
+
+def _strategy_names(given: list[str]) -> list[str]:
+    """The registered names asked for (all when none), each checked to exist."""
+    if not given:
+        return tc.available()
+    for name in given:
+        try:
+            tc.get(name)
+        except KeyError as exc:
+            raise UserError(str(exc.args[0]) if exc.args else str(exc)) from None
+    return list(dict.fromkeys(given))
+
+
+def _positive_int(option: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"{option}: {text!r} is not an integer; give a comma list of positive integers, e.g. 1,2,4") from None
+    if value < 1:
+        raise UserError(f"{option}: {value} must be >= 1")
+    return value
+
+
+def _dtype(text: str):
+    import torch
+
+    allowed = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if text not in allowed:
+        raise UserError(f"--dtype {text!r} is not one of {', '.join(allowed)}")
+    return allowed[text]
+
+
+def _device(text: str):
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"--device {text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {text!r}: CUDA is not available on this machine; use --device cpu")
+    return device
 
 
 @app.command("generate")

@@ -295,6 +295,42 @@ def check_keep_all(compressor: Compressor) -> None:
     assert torch.equal(result.assignment, torch.arange(_N).expand(_B, _N))
 
 
+def check_no_host_sync(compressor: Compressor) -> None:
+    """``_compress`` runs on the ``meta`` device, so its kernel never waits for the host.
+
+    Meta tensors have shapes but no data: ``.item()``, ``bool(tensor)``, ``.tolist()``, ``.cpu()``,
+    ``nonzero`` and every other operation whose result depends on the values fail there. A kernel that
+    passes runs on a GPU without a device-to-host synchronisation. Inputs are validated first, on the
+    CPU, by :meth:`~tokencomp.Compressor.compress` (validation may synchronise: it has to raise); a
+    ``seed`` parameter is set to ``None`` because seeded generators live on a real device.
+    """
+    params = compressor.get_params()
+    if "seed" in params:
+        params["seed"] = None
+    fresh = type(compressor)(**params)
+    x = make_tokens()
+    context = make_context(fresh, x)
+    k = _some_budgets(fresh)[0]
+    fresh.compress(x, k, context)
+    batched = fresh._batched_context(context, x, False)
+    meta = Context(**{
+        name: (value.to("meta") if isinstance(value, torch.Tensor) else value)
+        for name in Context.field_names()
+        for value in (getattr(batched, name),)
+    })
+    try:
+        result = fresh._compress(x.to("meta"), k, meta)
+    except (RuntimeError, NotImplementedError) as exc:
+        raise AssertionError(
+            f"{compressor!r}: _compress needs the tensors' values on the host (or an operation without a "
+            f"meta kernel), so it would stall a GPU: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from exc
+    assert result.tokens.device.type == "meta" and tuple(result.tokens.shape) == (_B, k, _D), (
+        f"{compressor!r}: on the meta device _compress returned tokens {tuple(result.tokens.shape)} "
+        f"on {result.tokens.device}"
+    )
+
+
 _CHECKS: tuple[Callable[[Compressor], None], ...] = (
     check_shapes_and_indices,
     check_float_budget,
@@ -307,6 +343,7 @@ _CHECKS: tuple[Callable[[Compressor], None], ...] = (
     check_bad_tokens,
     check_missing_context,
     check_keep_all,
+    check_no_host_sync,
 )
 
 

@@ -98,6 +98,19 @@ def check_seed(owner: str, name: str, value: Any) -> Optional[int]:
     return int(value)
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN and no infinity, in one cheap pass.
+
+    A NaN or infinite value makes the sum NaN or infinite, so a finite sum settles it without the
+    full-size temporaries of ``torch.isfinite(values).all()``. A non-finite sum of finite values
+    (overflow, common in half precision) is settled by the exact test: the minimum and maximum are
+    NaN if any value is, and infinite if any value is.
+    """
+    if values.numel() == 0 or bool(torch.isfinite(values.sum())):
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(values))).all())
+
+
 def check_tokens(owner: str, tokens: Any) -> tuple[torch.Tensor, bool]:
     """Validate visual tokens and return them batched ``[B, N, D]`` with a flag for unbatched input.
 
@@ -125,7 +138,7 @@ def check_tokens(owner: str, tokens: Any) -> tuple[torch.Tensor, bool]:
     batched = tokens.unsqueeze(0) if unbatched else tokens
     if batched.shape[1] < 1 or batched.shape[2] < 1 or batched.shape[0] < 1:
         raise ValueError(f"{owner}: tokens must have B, N, D >= 1; got shape {tuple(tokens.shape)}.")
-    if not bool(torch.isfinite(batched).all()):
+    if not all_finite(batched):
         raise ValueError(
             f"{owner}: tokens contain NaN or infinite values; only finite values can be compressed."
         )

@@ -1,19 +1,28 @@
 """Pure tensor kernels shared by several strategies (no model plumbing, batched over ``B``)."""
 
-from .basis import fps_indices, qr_pivot_indices, random_indices
+from .basis import fps_indices, qr_pivot_indices, qr_pivots, random_indices
+from .blocks import BLOCK_ELEMENTS, compute_dtype, row_blocks, rows_matmul
 from .gather import batched_gather, selection_result, slots_of
-from .lstsq import residual_errors, ridge_residual
-from .merge import cosine_match, mean_merge
+from .lstsq import residual_errors, ridge_coefficients, ridge_errors, ridge_residual
+from .merge import cosine_match, mean_merge, merge_rows
 
 __all__ = [
+    "BLOCK_ELEMENTS",
     "batched_gather",
+    "compute_dtype",
     "cosine_match",
     "fps_indices",
     "mean_merge",
+    "merge_rows",
     "qr_pivot_indices",
+    "qr_pivots",
     "random_indices",
     "residual_errors",
+    "ridge_coefficients",
+    "ridge_errors",
     "ridge_residual",
+    "row_blocks",
+    "rows_matmul",
     "selection_result",
     "slots_of",
 ]

@@ -1,10 +1,16 @@
-"""Choosing ``M`` basis tokens out of ``N``: farthest-point sampling, greedy QR pivoting, random."""
+"""Choosing ``M`` basis tokens out of ``N``: farthest-point sampling, greedy QR pivoting, random.
+
+Both greedy selections loop only over their ``M`` steps; each step is a bounded number of batched
+passes over the tokens (no host synchronisation, so the same code runs on GPU).
+"""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+from .blocks import compute_dtype, row_blocks, rows_matmul
 
 
 def fps_indices(x: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
@@ -14,10 +20,16 @@ def fps_indices(x: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
     to the set so far with its squared distance to the current token, and move to the token of largest
     distance (the first one on ties).
 
+    The squared distances are computed exactly as the authors do, ``((x - c) ** 2).sum(-1)`` in
+    float32 (float64 for float64 tokens), not by the faster ``|x|^2 - 2 x.c + |c|^2`` expansion whose
+    cancellation would reorder near ties and turn the zero distance of duplicate tokens into noise.
+    The difference is formed in row blocks held in one reused buffer, so a step costs one pass over
+    the tokens and the extra memory is one block, whatever ``N``.
+
     Parameters
     ----------
     x : torch.Tensor
-        ``[B, N, D]`` tokens (float32 recommended).
+        ``[B, N, D]`` tokens, any float dtype.
     m : int
         Number of indices.
     start : torch.Tensor
@@ -28,31 +40,35 @@ def fps_indices(x: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         ``[B, m]`` int64 indices in selection order.
     """
-    b, n, _ = x.shape
-    dist = torch.full((b, n), float("inf"), dtype=x.dtype, device=x.device)
-    cur = start.to(torch.int64)
-    picked = []
+    b, n, d = x.shape
+    ct = compute_dtype(x.dtype)
+    blocks = row_blocks(b, n, d)
+    buf = torch.empty(b, blocks[0].stop, d, dtype=ct, device=x.device)
+    dist = torch.full((b, n), float("inf"), dtype=ct, device=x.device)
     rows = torch.arange(b, device=x.device)
-    for _ in range(m):
-        picked.append(cur)
-        centre = x[rows, cur].unsqueeze(1)  # [B, 1, D]
-        dist = torch.minimum(dist, (x - centre).pow(2).sum(-1))
+    picked = torch.empty(b, m, dtype=torch.int64, device=x.device)
+    cur = start.to(torch.int64)
+    for j in range(m):
+        picked[:, j] = cur
+        centre = x[rows, cur].to(ct).unsqueeze(1)  # [B, 1, D]
+        for blk in blocks:
+            diff = buf[:, : blk.stop - blk.start]
+            torch.sub(x[:, blk], centre, out=diff)
+            dist[:, blk] = torch.minimum(dist[:, blk], diff.square_().sum(-1))
         cur = dist.argmax(dim=-1)  # first maximum
-    return torch.stack(picked, dim=1)
+    return picked
 
 
 def qr_pivot_indices(x: torch.Tensor, m: int) -> torch.Tensor:
     """First ``m`` pivots of QR with column pivoting on ``x^T`` (the tokens are the columns).
 
-    Greedy: take the token of largest residual norm, project it out of all tokens, repeat. The
-    residual norms are downdated (``r_i^2 -= (q . x_i)^2``) rather than recomputed, and the new basis
-    vector is orthogonalised twice against the previous ones, so the cost is ``O(m N D)`` and the
-    pivots equal LAPACK's ``geqp3`` (``scipy.linalg.qr(x.T, pivoting=True)``) on inputs without ties.
+    Greedy: take the token of largest residual norm, project it out of all tokens, repeat; see
+    :func:`qr_pivots`, which also returns the Gram rows it computed on the way.
 
     Parameters
     ----------
     x : torch.Tensor
-        ``[B, N, D]`` tokens (float32 or float64).
+        ``[B, N, D]`` tokens, any float dtype (the maths run in float32, float64 for float64 tokens).
     m : int
         Number of pivots.
 
@@ -61,24 +77,51 @@ def qr_pivot_indices(x: torch.Tensor, m: int) -> torch.Tensor:
     torch.Tensor
         ``[B, m]`` int64 pivot indices in pivot order.
     """
+    return qr_pivots(x, m)[0]
+
+
+def qr_pivots(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pivots of greedy QR with column pivoting on ``x^T``, and the Gram rows ``x_p . x`` of the pivots.
+
+    Run as a pivoted Cholesky factorisation of the Gram matrix ``x x^T`` that never forms it: step
+    ``j`` needs one Gram row ``x_p . x`` (a matrix-vector product, one pass over the tokens) and the
+    ``j`` previous rows of the factor; the residual squared norms are downdated, ``r_i^2 -= L_ji^2``,
+    rather than recomputed. The cost is ``O(m N D)`` with ``O(m N)`` extra memory, and the pivots
+    equal LAPACK's ``geqp3`` (``scipy.linalg.qr(x.T, pivoting=True)``) on inputs without ties. The
+    Gram rows are returned because they are exactly ``S X^T`` for the basis ``S = x[pivots]``, the
+    right-hand side of ApET's least-squares solve.
+
+    Once the tokens' rank is exhausted the remaining residuals are zero up to rounding; a pivot whose
+    residual is below ``N * eps`` times the largest token norm is scaled by that floor instead, so the
+    factor stays finite and tiny (the later pivots are then arbitrary, as they are for LAPACK).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``[B, m]`` int64 pivots in pivot order, and ``[B, m, N]`` Gram rows in the compute dtype.
+    """
     b, n, d = x.shape
-    rows = torch.arange(b, device=x.device)
-    norms = x.pow(2).sum(-1)  # residual squared norms [B, N]
-    q = x.new_zeros(b, m, d)
-    picked = []
+    ct = compute_dtype(x.dtype)
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=ct).square_()  # [B, N], no copy of x
+    # residuals below this are rounding (tiny > 0 keeps all-zero tokens finite)
+    floor = (norms.amax(dim=-1, keepdim=True) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)
+    factor = torch.zeros(b, n, m, dtype=ct, device=x.device)  # the Cholesky factor L, zero-padded
+    picked, gram = [], []
     for j in range(m):
-        p = norms.argmax(dim=-1)
+        p = norms.argmax(dim=-1, keepdim=True)  # [B, 1]
         picked.append(p)
-        v = x[rows, p]  # [B, D]
-        for _ in range(2):  # classical Gram-Schmidt, twice is enough
-            v = v - torch.einsum("bj,bjd->bd", torch.einsum("bjd,bd->bj", q[:, :j], v), q[:, :j])
-        vn = v.norm(dim=-1, keepdim=True)
-        v = torch.where(vn > 0, v / vn.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(v))
-        q[:, j] = v
-        coef = torch.einsum("bnd,bd->bn", x, v)
-        norms = (norms - coef.pow(2)).clamp_min(0)
-        norms[rows, p] = -1.0  # a pivot is never chosen again
-    return torch.stack(picked, dim=1)
+        pivot = torch.gather(x, 1, p.unsqueeze(-1).expand(b, 1, d)).to(ct)  # [B, 1, D]
+        g = rows_matmul(x, pivot.transpose(1, 2))  # [B, N, 1] = x . x_p, one pass over the tokens
+        gram.append(g)
+        # L_j = (g - L L_p^T) / sqrt(r_p^2); the columns of L after j - 1 are still zero
+        lp = torch.gather(factor, 1, p.unsqueeze(-1).expand(b, 1, m))  # [B, 1, m]
+        col = torch.baddbmm(g, factor, lp.transpose(1, 2), alpha=-1)[:, :, 0]  # [B, N]
+        # a residual below the floor is rounding: dividing by the floor keeps L finite and tiny there
+        col.mul_(norms.gather(1, p).clamp_min_(floor).rsqrt_())
+        factor[:, :, j] = col
+        norms.addcmul_(col, col, value=-1.0)
+        norms.scatter_(1, p, -1.0)  # a pivot is never chosen again
+    return torch.cat(picked, dim=1), torch.cat(gram, dim=2).transpose(1, 2)
 
 
 def random_indices(

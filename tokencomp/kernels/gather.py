@@ -7,9 +7,22 @@ import torch
 from ..types import CompressionResult
 
 
+def flat_index(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B * K]`` positions of ``idx`` ``[B, K]`` (into ``n`` rows per batch row) in the flattened ``[B * n]``."""
+    offsets = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * n
+    return (idx + offsets).reshape(-1)
+
+
 def batched_gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Return ``x[b, idx[b]]`` for every row: ``x`` ``[B, N, D]``, ``idx`` ``[B, K]`` -> ``[B, K, D]``."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """Return ``x[b, idx[b]]`` for every row: ``x`` ``[B, N, D]``, ``idx`` ``[B, K]`` -> ``[B, K, D]``.
+
+    Whole rows are copied with ``index_select`` on the flattened tokens, several times faster than
+    ``torch.gather`` with an index expanded over ``D`` (which reads one index per element).
+    """
+    b, n, d = x.shape
+    if not x.is_contiguous():  # flattening would copy all of x
+        return x[torch.arange(b, device=x.device).unsqueeze(1), idx]
+    return x.view(b * n, d).index_select(0, flat_index(idx, n)).view(b, idx.shape[1], d)
 
 
 def slots_of(indices: torch.Tensor, n: int) -> torch.Tensor:

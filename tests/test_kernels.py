@@ -1,0 +1,197 @@
+"""The fast kernels: equal to straightforward references, block by block, in half precision, in bounded memory."""
+
+from __future__ import annotations
+
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tokencomp as tc
+import tokencomp.kernels.blocks as blocks
+from reference_apet import literal_fps
+from tokencomp.analysis.vlm import peak_memory
+from tokencomp.kernels import (
+    batched_gather,
+    cosine_match,
+    fps_indices,
+    mean_merge,
+    merge_rows,
+    qr_pivots,
+    residual_errors,
+    ridge_errors,
+    ridge_residual,
+    row_blocks,
+    rows_matmul,
+)
+from tokencomp.validation import check_tokens
+
+
+def _tokens(b, n, d, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, n, d, generator=g) * torch.rand(b, n, 1, generator=g) * 3).to(dtype)
+
+
+@pytest.fixture(params=[None, 7 * 16], ids=["one-block", "tiny-blocks"])
+def block_size(request, monkeypatch):
+    """Run a test with the default blocks and again with blocks of a few rows (many blocks, ragged end)."""
+    if request.param is not None:
+        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", request.param)
+    return request.param
+
+
+def test_row_blocks_cover_the_rows_once_within_the_limit():
+    cuts = row_blocks(3, 100, 16, elements=3 * 16 * 7)
+    assert [(c.start, c.stop) for c in cuts][:2] == [(0, 7), (7, 14)]
+    assert cuts[-1] == slice(98, 100)
+    assert sum(c.stop - c.start for c in cuts) == 100
+    assert row_blocks(4, 5, 10, elements=1) == [slice(i, i + 1) for i in range(5)]  # at least one row
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fps_equals_the_literal_procedure(seed, block_size):
+    x = _tokens(3, 150, 24, seed)
+    start = torch.tensor([0, 17, 149])
+    ours = fps_indices(x, 12, start)
+    for b in range(3):
+        assert ours[b].tolist() == literal_fps(x[b], 12, int(start[b]))
+
+
+def test_fps_distances_are_exact_for_duplicates(block_size):
+    # 4 distinct tokens repeated: after 4 picks every distance is exactly 0, so the literal procedure
+    # (and ours) picks the first position; an |x|^2 - 2 x.c + |c|^2 expansion would pick by rounding noise
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.randn(4, 16, generator=g) * 40
+    x = distinct[torch.arange(60) % 4].unsqueeze(0)
+    ours = fps_indices(x, 7, torch.tensor([5]))[0].tolist()
+    assert ours == literal_fps(x[0], 7, 5)
+    assert ours[4:] == [0, 0, 0]
+
+
+def test_fps_on_half_tokens_measures_in_float32(block_size):
+    x = _tokens(2, 90, 16, 3, torch.float16)
+    ours = fps_indices(x, 9, torch.tensor([4, 40]))
+    for b in range(2):
+        assert ours[b].tolist() == literal_fps(x[b].float(), 9, [4, 40][b])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_qr_pivots_and_gram_rows(dtype, block_size):
+    x = _tokens(2, 120, 40, 5, dtype)
+    pivots, gram = qr_pivots(x, 8)
+    exact = x.double()
+    for b in range(2):
+        _, _, piv = scipy.linalg.qr(exact[b].numpy().T, pivoting=True, mode="economic")
+        assert pivots[b].tolist() == piv[:8].tolist()
+    s = batched_gather(exact, pivots)
+    assert gram.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(gram.double(), s @ exact.transpose(1, 2), rtol=1e-5, atol=1e-4)
+
+
+def test_qr_pivots_stay_finite_past_the_rank():
+    x = torch.randn(1, 30, 3, generator=torch.Generator().manual_seed(0)) @ torch.randn(3, 12)  # rank 3
+    pivots, gram = qr_pivots(x, 6)
+    assert torch.isfinite(gram).all()
+    assert len(set(pivots[0].tolist())) == 6  # a pivot is never chosen twice
+    zeros = torch.zeros(2, 20, 8)
+    pivots, gram = qr_pivots(zeros, 4)
+    assert pivots.tolist() == [[0, 1, 2, 3]] * 2 and torch.equal(gram, torch.zeros(2, 4, 20))
+    assert torch.equal(tc.create("apet", basis="qr", num_basis=4).compress(zeros, 6).tokens, torch.zeros(2, 6, 8))
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1", "linf", "relative"])
+def test_ridge_errors_equal_the_residual_norms(norm, block_size):
+    x = _tokens(2, 130, 20, 1)
+    s = batched_gather(x, torch.tensor([[0, 5, 9], [3, 3, 100]]))
+    expected = residual_errors(ridge_residual(x, s, 1e-3), x, norm)
+    torch.testing.assert_close(ridge_errors(x, s, 1e-3, norm), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ridge_errors_of_half_tokens_are_float32(block_size):
+    x = _tokens(1, 64, 16, 2, torch.float16)
+    s = batched_gather(x, torch.tensor([[1, 2, 3]])).float()
+    errors = ridge_errors(x, s, 1e-5, "l2")
+    assert errors.dtype == torch.float32
+    torch.testing.assert_close(errors, ridge_errors(x.float(), s, 1e-5, "l2"))
+
+
+def test_rows_matmul_reads_half_tokens_in_float32(block_size):
+    x = _tokens(2, 50, 8, 4, torch.float16)
+    w = torch.randn(2, 8, 3)
+    out = rows_matmul(x, w)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, x.float() @ w)
+
+
+def test_merge_rows_equals_match_then_mean(block_size):
+    x = _tokens(2, 140, 12, 6)
+    dst = _tokens(2, 9, 12, 7)
+    rows = torch.stack([torch.randperm(140, generator=torch.Generator().manual_seed(i))[:100] for i in range(2)])
+    merged, match = merge_rows(dst, x, rows)
+    src = batched_gather(x, rows)
+    expected_match = (F.normalize(src, dim=-1) @ F.normalize(dst, dim=-1).transpose(1, 2)).argmax(-1)
+    assert torch.equal(match, expected_match)
+    assert torch.equal(cosine_match(src, dst), expected_match)
+    torch.testing.assert_close(merged, mean_merge(dst, src, match))
+    # by hand: each target is (itself + its matches) / (1 + count)
+    for b in range(2):
+        for t in range(9):
+            group = torch.cat([dst[b, t : t + 1], src[b, match[b] == t]])
+            torch.testing.assert_close(merged[b, t], group.mean(0))
+
+
+def test_batched_gather_equals_torch_gather():
+    x = _tokens(3, 20, 5, 0)
+    idx = torch.tensor([[0, 19, 3], [5, 5, 1], [2, 0, 7]])
+    expected = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, 5))
+    assert torch.equal(batched_gather(x, idx), expected)
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, not contiguous
+    assert torch.equal(batched_gather(strided, idx), expected)
+
+
+def test_finite_check_is_exact_when_the_sum_overflows():
+    big = torch.full((1, 64, 64), 60000.0, dtype=torch.float16)  # finite values, infinite half sum
+    assert not torch.isfinite(big.sum())
+    check_tokens("t", big)  # accepted
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = big.clone()
+        x[0, 3, 7] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            check_tokens("t", x)
+
+
+def test_apet_on_half_tokens_never_copies_them_to_float32(monkeypatch):
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 14)
+    x = _tokens(1, 4096, 128, 0, torch.float16)
+    _, peak = peak_memory(lambda: tc.create("apet").compress(x, 256))
+    assert peak < 0.6 * x.numel() * 4  # well below one float32 copy (2x the half input)
+
+
+def test_apet_memory_does_not_grow_faster_than_the_input():
+    ratios = []
+    for n in (2048, 8192):
+        x = _tokens(1, n, 256, 1)
+        _, peak = peak_memory(lambda: tc.create("apet").compress(x, n // 8))
+        ratios.append(peak / (x.numel() * 4))
+    assert max(ratios) < 3.0
+    assert ratios[1] < ratios[0] * 1.2
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), st.integers(6, 80), st.integers(12, 40), st.integers(1, 300))
+def test_apet_output_does_not_depend_on_the_block_size(seed, n, d, block):
+    # below the tokens' rank, so the errors are not rounding noise whose order no kernel fixes
+    x = _tokens(2, n, d, seed)
+    k = max(5, n // 3)
+    comp = tc.create("apet", num_basis=4)
+    reference = comp.compress(x, k)
+    old = blocks.BLOCK_ELEMENTS
+    try:
+        blocks.BLOCK_ELEMENTS = block
+        blocked = comp.compress(x, k)
+    finally:
+        blocks.BLOCK_ELEMENTS = old
+    assert torch.equal(blocked.indices, reference.indices)
+    torch.testing.assert_close(blocked.tokens, reference.tokens)

@@ -1,0 +1,59 @@
+"""Row blocks: bounded-memory passes over ``[B, N, D]`` tokens, in the precision the maths needs.
+
+Every kernel that would otherwise build a tensor of the input's size (a residual, a difference, a
+similarity matrix) walks the token rows in blocks of at most :data:`BLOCK_ELEMENTS` elements, so its
+extra memory stays constant as ``N`` grows (a 32-frame video has 18,432 tokens), and each block stays
+in cache while several passes run over it. Tokens in half precision are read block by block into
+float32 (:func:`compute_dtype`); they are never copied whole.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# Elements of one working block (8 MiB in float32): large enough that the per-block overhead of a few
+# operator calls is negligible, small enough to stay in a CPU's last-level cache.
+BLOCK_ELEMENTS = 1 << 21
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the maths run in for tokens of ``dtype``: float32, or float64 for float64 tokens."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def row_blocks(batch: int, n: int, width: int, elements: Optional[int] = None) -> list[slice]:
+    """Slices of ``range(n)`` such that a ``[batch, rows, width]`` block holds at most ``elements``.
+
+    ``elements`` defaults to :data:`BLOCK_ELEMENTS` (read at call time). At least one row per block,
+    whatever ``elements`` is.
+    """
+    limit = BLOCK_ELEMENTS if elements is None else elements
+    rows = max(1, limit // max(1, batch * width))
+    return [slice(start, min(n, start + rows)) for start in range(0, n, rows)]
+
+
+def rows_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w`` in :func:`compute_dtype` without copying ``x`` whole into that dtype.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[B, N, D]`` tokens, any float dtype.
+    w : torch.Tensor
+        ``[B, D, C]`` in the compute dtype of ``x``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, N, C]`` in the compute dtype.
+    """
+    ct = compute_dtype(x.dtype)
+    if x.dtype == ct:
+        return torch.bmm(x, w)
+    b, n, d = x.shape
+    out = torch.empty(b, n, w.shape[2], dtype=ct, device=x.device)
+    for blk in row_blocks(b, n, d):
+        out[:, blk] = torch.bmm(x[:, blk].to(ct), w)
+    return out
