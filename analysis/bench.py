@@ -21,6 +21,7 @@ reported as a multiple of the input's size.
 
 from __future__ import annotations
 
+import csv
 import math
 import re
 import statistics
@@ -88,14 +89,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], Any], repeats: int, device: torch.device = torch.device("cpu")) -> float:
+def time_ms(
+    fn: Callable[[], Any], repeats: int, device: torch.device = torch.device("cpu"), long_ms: float = 2000.0
+) -> float:
     """Fastest wall time of ``fn`` in milliseconds over ``repeats`` calls, after one warm-up call.
 
     The minimum, as ``timeit`` advises: other processes only ever add time, so the fastest call is
     the one least disturbed, and a ratio of two minima compares the two computations themselves.
+    A call whose warm-up took longer than ``long_ms`` is timed once more only (seconds-long calls
+    are not disturbed by much in relative terms).
     """
+    start = time.perf_counter()
     fn()
     synchronize(device)
+    if (time.perf_counter() - start) * 1e3 > long_ms:
+        repeats = 1
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -122,6 +130,17 @@ def bench_tokens(shape: BenchShape, dtype: torch.dtype, device: torch.device, se
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape.b, shape.n, shape.d, generator=g) * (0.5 + torch.rand(shape.b, shape.n, 1, generator=g))
     return x.to(device=device, dtype=dtype)
+
+
+def write_csv(path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``rows`` as CSV with the union of their keys as columns (first-seen order); nothing if empty."""
+    if not rows:
+        return
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 # ---------------------------------------------------------------------- complexity
@@ -358,6 +377,20 @@ def scaling(
     return rows
 
 
+def predict_ms(curve: Sequence[dict[str, Any]], name: str, shape: BenchShape) -> Optional[float]:
+    """Time of ``name`` at ``shape`` extrapolated from its scaling rows by its declared complexity.
+
+    From the measured size nearest to ``shape.n`` (in ratio), scaled by ``(n / n_row) ** power`` and by
+    the batch size; ``None`` when the curve has no row of ``name``.
+    """
+    mine = [r for r in curve if r["strategy"] == name]
+    if not mine:
+        return None
+    power = complexity_exponent(get(name).complexity) or 2
+    row = min(mine, key=lambda r: abs(math.log(shape.n / r["n"])))
+    return row["ms"] * (shape.n / row["n"]) ** power * shape.b
+
+
 def scaling_summary(rows: Sequence[dict[str, Any]], tail: int = 4) -> list[dict[str, Any]]:
     """Per strategy: the fitted slope over the ``tail`` largest sizes against its declared complexity.
 
@@ -386,9 +419,11 @@ def plot_scaling(rows: Sequence[dict[str, Any]], path) -> None:
     summary = {s["strategy"]: s for s in scaling_summary(rows)}
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ns = sorted({r["n"] for r in rows})
-    for name, info in summary.items():
+    colours = plt.get_cmap("tab20").colors
+    for i, (name, info) in enumerate(summary.items()):
         mine = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["n"])
-        ax.plot([r["n"] for r in mine], [r["ms"] for r in mine], marker="o", ms=3,
+        ax.plot([r["n"] for r in mine], [r["ms"] for r in mine], marker="os^Dv"[i % 5], ms=3,
+                color=colours[i % len(colours)], linestyle="-" if i < len(colours) else "-.",
                 label=f"{name}: slope {info['slope']:.2f} ({info['complexity']})")
     if len(ns) >= 2:
         base = min(r["ms"] for r in rows if r["n"] == ns[0])

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import selection_result
-from tokencomp.kernels.blocks import row_blocks
+from tokencomp.kernels.blocks import row_blocks, unit_rows
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import check_float
@@ -64,24 +64,13 @@ _DEGENERATE = 1e-6
 
 def relevance(image: torch.Tensor, text: torch.Tensor, theta: Optional[float]) -> torch.Tensor:
     """Step 2 (and the optional ``theta``): ``[B, N]`` relevance of each token to the instruction."""
-    cos = _unit_rows(image) @ F.normalize(text.float(), dim=-1).transpose(1, 2)  # [B, N, T]
+    cos = unit_rows(image) @ F.normalize(text.float(), dim=-1).transpose(1, 2)  # [B, N, T]
     r = (-cos).mean(dim=-1)
     low, high = r.min(dim=1, keepdim=True).values, r.max(dim=1, keepdim=True).values
     r = (r - low + 1e-6) / (high - low)
     if theta is not None:
         r = torch.exp(theta / (2 * (1 - theta)) * r)
     return r
-
-
-def _unit_rows(tokens: torch.Tensor) -> torch.Tensor:
-    """``F.normalize(tokens.float(), dim=-1)`` (same values), row block by row block: half-precision
-    tokens are not copied whole to float32 on the way."""
-    b, n, d = tokens.shape
-    out = torch.empty(b, n, d, dtype=torch.float32, device=tokens.device)
-    for blk in row_blocks(b, n, d):
-        rows = tokens[:, blk].float()
-        torch.div(rows, rows.norm(dim=-1, keepdim=True).clamp_min(1e-12), out=out[:, blk])
-    return out
 
 
 def unit_columns(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,24 +46,10 @@ import torch
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import selection_result
-from tokencomp.kernels.blocks import row_blocks
+from tokencomp.kernels.blocks import row_blocks, unit_rows
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import check_int
-
-
-def unit_rows(tokens: torch.Tensor) -> torch.Tensor:
-    """``F.normalize(tokens.float(), dim=-1)`` (same values), built row block by row block.
-
-    Half-precision tokens are read into float32 one block at a time, so the only full-size tensor is the
-    float32 result.
-    """
-    b, n, d = tokens.shape
-    out = torch.empty(b, n, d, dtype=torch.float32, device=tokens.device)
-    for blk in row_blocks(b, n, d):
-        rows = tokens[:, blk].float()
-        torch.div(rows, rows.norm(dim=-1, keepdim=True).clamp_min(1e-12), out=out[:, blk])
-    return out
 
 
 def _top2(tile: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,6 +63,16 @@ def test_loglog_slope_is_exact_on_power_laws():
         bench.loglog_slope([1], [1])
 
 
+def test_goals_on_small_shapes_and_their_csv(tmp_path):
+    rows, found = bench.goals(1, image=bench.BenchShape(2, 64, 16, 16), video=bench.BenchShape(1, 256, 16, 32))
+    assert [g.limit for g in found] == [0.1, 0.1, 0.1, 8.0, 3.0]
+    assert found[0].ratio == rows[0]["ratio"] and found[4].ratio == rows[3]["peak_x_input"]
+    bench.write_csv(tmp_path / "r.csv", rows)  # rows with different keys share one table
+    with open(tmp_path / "r.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 4 and table[0]["peak_x_input"] == "" and float(table[3]["peak_x_input"]) > 0
+
+
 def test_goal_is_met_at_most_the_limit():
     assert bench.Goal("g", 0.1, 0.1).met and not bench.Goal("g", 0.11, 0.1).met
 
@@ -83,6 +93,14 @@ def test_scaling_rows_summary_and_plot(tmp_path):
 def test_scaling_stops_where_the_complexity_predicts_too_long():
     rows = bench.scaling(["apet"], frames=(1, 2, 4), d=8, frame_tokens=128, memory=False, max_ms=1e-6)
     assert [r["n"] for r in rows] == [128]
+
+
+def test_prediction_follows_the_declared_power():
+    curve = [{"strategy": "apet", "n": 576, "ms": 10.0}, {"strategy": "apet", "n": 1152, "ms": 30.0}]
+    # nearest row 1152, ApET's power 2: 30 * 4 ** 2 per image, times 2 images
+    assert bench.predict_ms(curve, "apet", bench.BenchShape(2, 4608, 8, 8)) == pytest.approx(960.0)
+    assert bench.predict_ms(curve, "apet", bench.BenchShape(1, 576, 8, 8)) == pytest.approx(10.0)
+    assert bench.predict_ms(curve, "pooling", bench.BenchShape(1, 576, 8, 8)) is None
 
 
 def test_bench_strategy_reports_ratio_to_the_matmul():
@@ -110,6 +128,15 @@ def test_bench_command_writes_its_tables(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [r["strategy"] for r in rows] == ["apet", "random"]
     assert (out / "scaling.png").exists() and (out / "scaling_summary.csv").exists()
+
+
+def test_bench_command_skips_what_the_curve_predicts_too_slow(tmp_path):
+    result = CliRunner().invoke(app, [
+        "bench", "--shape", "2x1152x16:144", "--frames", "1", "--no-goals", "--repeats", "1", "--no-memory",
+        "-s", "apet", "--max-ms", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "apet at 2x1152x16:144 skipped" in result.output
+    assert not (tmp_path / "strategies.csv").exists()
 
 
 @pytest.mark.parametrize(

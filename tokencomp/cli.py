@@ -409,14 +409,12 @@ def bench_command(
     goals: bool = typer.Option(True, "--goals/--no-goals", help="Time ApET against the authors' procedure, LAPACK and the matmul floor."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed calls per figure (the fastest is reported)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (one extra call each)."),
-    max_ms: float = typer.Option(20000.0, "--max-ms", min=1.0, help="Scaling curve: stop a strategy where its next size is predicted to take longer."),
+    max_ms: float = typer.Option(20000.0, "--max-ms", min=1.0, help="Skip a strategy at a size where its scaling curve and complexity predict a longer call."),
     device: str = typer.Option("cpu", "--device", help="Device of the tokens (cpu, cuda, cuda:1, ...)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     out: Path = typer.Option(Path("tokencomp-bench"), "--out", "-o", help="Folder for the CSV tables and the scaling plot."),
 ) -> None:
     """Time every strategy's kernel and print ratios against references measured in the same run."""
-    import csv
-
     from tokencomp.analysis import bench
 
     try:
@@ -430,11 +428,7 @@ def bench_command(
     out.mkdir(parents=True, exist_ok=True)
 
     def write(name: str, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            with open(out / name, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+        bench.write_csv(out / name, rows)
 
     if goals:
         references, found = bench.goals(repeats)
@@ -453,21 +447,7 @@ def bench_command(
             detail.add_row(r["shape"], r["reference"], f"{r['ours_ms']:.2f}", f"{r['reference_ms']:.2f}")
         console.print(detail)
 
-    rows = []
-    for s in shapes:
-        for name in names:
-            try:
-                rows.append(bench.bench_strategy(name, s, repeats=repeats, dtype=torch_dtype, device=torch_device, memory=memory))
-            except ValueError as exc:  # a strategy that cannot keep this budget says why
-                console.print(f"[yellow]{name} at {s.label()} skipped:[/] {exc}", highlight=False)
-    write("strategies.csv", rows)
-    table = Table(title="strategies (ms of the fastest call; ratio to one [B N, D] x [D, K] matmul; peak over input size)")
-    for column in ("shape", "strategy", "ms", "x matmul", "peak MiB", "x input"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(r["shape"], r["strategy"], f"{r['ms']:.2f}", f"{r['x_matmul']:.2f}", f"{r['peak_mib']:.1f}", f"{r['x_input']:.2f}")
-    console.print(table)
-
+    curve: list[dict[str, Any]] = []
     if sizes:
         curve = bench.scaling(names, frames=sizes, repeats=1, dtype=torch_dtype, device=torch_device,
                               memory=memory, max_ms=max_ms)
@@ -482,6 +462,26 @@ def bench_command(
             within = "?" if r["ok"] is None else ("[green]yes[/]" if r["ok"] else "[red]no[/]")
             table.add_row(r["strategy"], r["complexity"], f"{r['slope']:.2f}", within, str(r["largest_n"]), f"{r['max_x_input']:.2f}")
         console.print(table)
+
+    rows = []
+    for s in shapes:
+        for name in names:
+            predicted = bench.predict_ms(curve, name, s)
+            if predicted is not None and predicted > max_ms:
+                console.print(f"[yellow]{name} at {s.label()} skipped:[/] predicted {predicted / 1e3:.0f} s per call "
+                              f"from its scaling curve and complexity, over --max-ms", highlight=False)
+                continue
+            try:
+                rows.append(bench.bench_strategy(name, s, repeats=repeats, dtype=torch_dtype, device=torch_device, memory=memory))
+            except ValueError as exc:  # a strategy that cannot keep this budget says why
+                console.print(f"[yellow]{name} at {s.label()} skipped:[/] {exc}", highlight=False)
+    write("strategies.csv", rows)
+    table = Table(title="strategies (ms of the fastest call; ratio to one [B N, D] x [D, K] matmul; peak over input size)")
+    for column in ("shape", "strategy", "ms", "x matmul", "peak MiB", "x input"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["shape"], r["strategy"], f"{r['ms']:.2f}", f"{r['x_matmul']:.2f}", f"{r['peak_mib']:.1f}", f"{r['x_input']:.2f}")
+    console.print(table)
     console.print(f"tables and plot written to {out}")
 
 

@@ -1,7 +1,7 @@
 """Pure tensor kernels shared by several strategies (no model plumbing, batched over ``B``)."""
 
 from .basis import fps_indices, qr_pivot_indices, qr_pivots, random_indices
-from .blocks import BLOCK_ELEMENTS, compute_dtype, row_blocks, rows_matmul
+from .blocks import BLOCK_ELEMENTS, compute_dtype, row_blocks, rows_matmul, unit_rows
 from .gather import batched_gather, selection_result, slots_of
 from .lstsq import residual_errors, ridge_coefficients, ridge_errors, ridge_residual
 from .merge import cosine_match, mean_merge, merge_rows
@@ -25,4 +25,5 @@ __all__ = [
     "rows_matmul",
     "selection_result",
     "slots_of",
+    "unit_rows",
 ]

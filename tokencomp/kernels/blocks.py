@@ -57,3 +57,17 @@ def rows_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     for blk in row_blocks(b, n, d):
         out[:, blk] = torch.bmm(x[:, blk].to(ct), w)
     return out
+
+
+def unit_rows(tokens: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(tokens.float(), dim=-1)`` (the same values), built row block by row block.
+
+    Half-precision tokens are read into float32 one block at a time, so the only full-size tensor is
+    the float32 result.
+    """
+    b, n, d = tokens.shape
+    out = torch.empty(b, n, d, dtype=torch.float32, device=tokens.device)
+    for blk in row_blocks(b, n, d):
+        rows = tokens[:, blk].float()
+        torch.div(rows, rows.norm(dim=-1, keepdim=True).clamp_min(1e-12), out=out[:, blk])
+    return out
