@@ -225,17 +225,19 @@ def bench_strategy(
     run = _call(name, x, shape, frame_tokens)
     ms = time_ms(run, repeats, device)
     floor = time_ms(matmul_floor(x, shape.budget), repeats, device)
+    return {"strategy": name, "shape": shape.label(), "ms": ms, "matmul_ms": floor, "x_matmul": ms / floor,
+            **_peak(run, x, device, memory)}
+
+
+def _peak(run: Callable[[], Any], x: torch.Tensor, device: torch.device, memory: bool) -> dict[str, float]:
+    """``peak_mib`` and ``x_input`` (peak over the size of ``x``) of ``run``; both ``nan`` without ``memory``."""
     peak = float(peak_bytes(run, device)) if memory else math.nan
-    size = x.numel() * x.element_size()
-    return {
-        "strategy": name,
-        "shape": shape.label(),
-        "ms": ms,
-        "matmul_ms": floor,
-        "x_matmul": ms / floor,
-        "peak_mib": peak / 2**20,
-        "x_input": peak / size,
-    }
+    return {"peak_mib": peak / 2**20, "x_input": peak / (x.numel() * x.element_size())}
+
+
+def _power(name: str) -> int:
+    """The declared power of ``N`` of a strategy, 2 when it declares none (for extrapolating times)."""
+    return complexity_exponent(get(name).complexity) or 2
 
 
 # ---------------------------------------------------------------------- ApET against its references
@@ -354,7 +356,7 @@ def scaling(
     """
     rows = []
     for name in names:
-        power = complexity_exponent(get(name).complexity) or 2
+        power = _power(name)
         last: Optional[tuple[int, float]] = None
         for f in frames:
             n = f * frame_tokens
@@ -367,9 +369,7 @@ def scaling(
                 ms = time_ms(run, repeats, device)
             except ValueError:  # this strategy, as configured, cannot keep this budget (it says why)
                 continue
-            row = {"strategy": name, "frames": f, "n": n, "ms": ms,
-                   "peak_mib": peak_bytes(run, device) / 2**20 if memory else math.nan}
-            row["x_input"] = row["peak_mib"] * 2**20 / (x.numel() * x.element_size())
+            row = {"strategy": name, "frames": f, "n": n, "ms": ms, **_peak(run, x, device, memory)}
             rows.append(row)
             last = (n, row["ms"])
             if on_row is not None:
@@ -386,7 +386,7 @@ def predict_ms(curve: Sequence[dict[str, Any]], name: str, shape: BenchShape) ->
     mine = [r for r in curve if r["strategy"] == name]
     if not mine:
         return None
-    power = complexity_exponent(get(name).complexity) or 2
+    power = _power(name)
     row = min(mine, key=lambda r: abs(math.log(shape.n / r["n"])))
     return row["ms"] * (shape.n / row["n"]) ** power * shape.b
 

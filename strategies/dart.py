@@ -55,16 +55,6 @@ def claim_quotas(claims: int, pivots: int) -> list[int]:
     return [base + (1 if p < extra else 0) for p in range(pivots)]
 
 
-def _matmul32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w`` in float32 (``x`` ``[B, N, D]`` any float dtype, ``w`` ``[B, D, C]`` float32).
-
-    Half-precision rows are read block by block (:func:`rows_matmul`), never copied whole.
-    """
-    if x.dtype == torch.float64:  # the maths run in float32 whatever the input dtype
-        x = x.float()
-    return rows_matmul(x, w)
-
-
 def _l2_norms(x: torch.Tensor) -> torch.Tensor:
     """``[B, N]`` float32 Euclidean norms of the rows of ``x`` (no float32 copy of half-precision rows)."""
     if x.dtype == torch.float64:
@@ -95,7 +85,7 @@ def pivot_cosines(features: torch.Tensor, pivot_features: torch.Tensor) -> torch
     """
     unit = F.normalize(pivot_features.float(), dim=-1)  # [B, P, D]
     norms = _l2_norms(features).clamp_min(1e-12)  # [B, N]
-    return (_matmul32(features, unit.transpose(1, 2)) / norms.unsqueeze(-1)).transpose(1, 2).contiguous()
+    return (rows_matmul(features, unit.transpose(1, 2)) / norms.unsqueeze(-1)).transpose(1, 2).contiguous()
 
 
 def remove_duplicates(cos: torch.Tensor, image_pivots: torch.Tensor, quotas: list[int]) -> torch.Tensor:

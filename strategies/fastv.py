@@ -59,6 +59,6 @@ class FastV(Compressor):
         self.layer = check_int("fastv", "layer", layer, low=1)
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        scores = attention_scores("fastv", context, "text_attention")
+        scores = attention_scores(context, "text_attention")
         top = rank_descending(scores)[:, :k]
         return selection_result(tokens, top.sort(dim=-1).values, scores=scores)

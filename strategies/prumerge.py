@@ -144,7 +144,7 @@ class PruMerge(Compressor):
         x = tokens.float() if tokens.dtype == torch.float64 else tokens
         b, n, d = x.shape
         dev = x.device
-        attn = attention_scores("prumerge", context)
+        attn = attention_scores(context)
         num_out = iqr_outlier_count(attn)
         kc = k - 1 if self.extra_token else k
 

@@ -347,19 +347,12 @@ class SparseVLM(Compressor):
                     f"{_NAME}: context.text_embeddings must be [B, T, D] with the T={t} text tokens of "
                     f"context.cross_attention and the visual tokens' D={visual.shape[2]}; got {tuple(text.shape)}."
                 )
-            m = _matmul32(visual, text.float().transpose(1, 2)).softmax(dim=2).mean(dim=1)  # [B, T]
+            m = rows_matmul(visual, text.float().transpose(1, 2)).softmax(dim=2).mean(dim=1)  # [B, T]
         else:
             col = attn / attn.sum(dim=1, keepdim=True).clamp_min(torch.finfo(attn.dtype).tiny)
             m = col.mean(dim=2)  # [B, T]
         raters = m > m.mean(dim=1, keepdim=True)
         return raters | ~raters.any(dim=1, keepdim=True)  # nobody above the mean: everyone rates
-
-
-def _matmul32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w`` in float32 for ``x`` ``[B, N, D]`` of any float dtype (half rows read block by block)."""
-    if x.dtype == torch.float64:
-        x = x.float()
-    return rows_matmul(x, w)
 
 
 def _distances(a: torch.Tensor, a_sq: torch.Tensor, other: torch.Tensor, other_sq: torch.Tensor) -> torch.Tensor:

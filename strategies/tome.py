@@ -37,35 +37,12 @@ before).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tokencomp.base import Compressor
-from tokencomp.kernels import batched_gather, row_blocks
+from tokencomp.kernels import batched_gather, gemm_pieces, row_blocks, unit_rows
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import InvalidParameterError, check_bool, check_int
-
-
-# Float32 GEMMs with fewer rows than this may run another BLAS kernel (another summation order, so
-# the last bit of a similarity may differ): a chunk is only split into pieces of at least this many rows.
-_GEMM_MIN = 12
-
-
-def _pieces(rows: int, chunk: int, limit: int) -> list[slice]:
-    """Row ranges: the chunks of ``chunk`` rows, each split into pieces of about ``limit`` rows.
-
-    A chunk is split only into pieces of at least :data:`_GEMM_MIN` rows (the remainder joins the last
-    piece), so every product computes its similarities exactly as the whole chunk would.
-    """
-    out = []
-    step = max(limit, _GEMM_MIN)
-    for start in range(0, rows, chunk):
-        stop = min(rows, start + chunk)
-        while stop - start >= step + _GEMM_MIN:
-            out.append(slice(start, start + step))
-            start += step
-        out.append(slice(start, stop))
-    return out
 
 
 def best_match(a: torch.Tensor, b: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,22 +57,11 @@ def best_match(a: torch.Tensor, b: torch.Tensor, chunk: int) -> tuple[torch.Tens
     indices = torch.empty(bsz, ta, dtype=torch.int64, device=a.device)
     bt = b.transpose(1, 2)
     limit = row_blocks(bsz, max(ta, 1), tb)[0].stop  # rows of one bounded block
-    for blk in _pieces(ta, chunk, limit):
+    for blk in gemm_pieces(slice(0, ta), chunk, limit):
         v, i = (a[:, blk] @ bt).max(dim=-1)
         values[:, blk] = v
         indices[:, blk] = i
     return values, indices
-
-
-def _unit_metric(x: torch.Tensor) -> torch.Tensor:
-    """``F.normalize(x.float(), dim=-1)``, row block by row block (no float32 copy of half tokens)."""
-    if x.dtype == torch.float32:
-        return F.normalize(x, dim=-1)
-    b, t, d = x.shape
-    out = torch.empty(b, t, d, dtype=torch.float32, device=x.device)
-    for blk in row_blocks(b, t, d):
-        out[:, blk] = F.normalize(x[:, blk].float(), dim=-1)
-    return out
 
 
 @register("tome")
@@ -160,7 +126,7 @@ class ToMe(Compressor):
     def _round(self, x, size, rep, owner, r):
         b, t, d = x.shape
         rows = torch.arange(b, device=x.device)[:, None]
-        metric = _unit_metric(x)
+        metric = unit_rows(x)
         node_max, node_idx = best_match(metric[:, ::2], metric[:, 1::2], self.chunk)
         del metric  # free it before the merge allocates
         if self.protect_first:

@@ -116,7 +116,7 @@ class VisionZip(Compressor):
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         b, n, d = tokens.shape
         dev = tokens.device
-        attn = attention_scores("visionzip", context)
+        attn = attention_scores(context)
         c = self._contextual_count(k)
         dom = k - c
 

@@ -40,9 +40,9 @@ large against ``D``.
 Both give bit for bit the scores of the per-round products, so the rankings, near ties included,
 are unchanged. This rests on how the CPU BLAS (MKL) behaves, observed and tested rather than
 documented: a float32 GEMM gives every entry the same value whatever the shape of the product it is
-part of, except products with fewer than :data:`_GEMM_MIN` rows or columns, which it computes with
-another kernel that reads its operands in place. Those (the last rounds, and a last chunk of fewer
-than 12 rows) are multiplied per round with exactly the shapes and memory layout they had before.
+part of, except products with fewer than :data:`~tokencomp.kernels.GEMM_MIN` rows or columns, which
+it computes with another kernel that reads its operands in place. Those (the last rounds, and a last
+chunk of fewer than 12 rows) are multiplied per round with exactly the shapes and memory layout they had before.
 ``test_cached_cosines_equal_per_round_products`` checks the equality on Gaussian tokens; another
 BLAS (a GPU's) could differ in the last bit, which only matters for scores tied to that bit.
 """
@@ -54,7 +54,7 @@ from functools import partial
 import torch
 
 from tokencomp.base import Compressor
-from tokencomp.kernels import batched_gather, row_blocks, selection_result
+from tokencomp.kernels import GEMM_MIN, batched_gather, gemm_pieces, row_blocks, selection_result
 from tokencomp.kernels import blocks as _blocks
 from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.kernels.gather import flat_index
@@ -70,32 +70,6 @@ _CHUNK = 2048
 # The cosines of the residual tokens are cached when their [B, R0, R0] matrix holds at most this many
 # times the tokens' B * N * D elements (float32); above that, every round multiplies the tokens anew.
 _GRAM_FACTOR = 4
-# Float32 GEMMs with fewer rows or columns than this may run another BLAS kernel (a different
-# summation order, so values may differ in the last bit): such blocks are always multiplied directly.
-_GEMM_MIN = 12
-
-
-def _flat_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[b, idx[b]]`` for ``x`` ``[B, M, C]`` contiguous, ``idx`` ``[B, S]``: ``[B, S, C]`` by one index_select."""
-    b, m, c = x.shape
-    return x.view(b * m, c).index_select(0, flat_index(idx, m)).view(b, idx.shape[1], c)
-
-
-def _pieces(rows: slice, limit: int) -> list[slice]:
-    """The chunks of :data:`_CHUNK` rows in ``rows`` (which starts at a multiple of it), each split into
-    pieces of about ``limit`` rows, never fewer than :data:`_GEMM_MIN` (the remainder joins the last
-    piece), so every piece's product computes its similarities exactly as the whole chunk would."""
-    out = []
-    step = max(limit, _GEMM_MIN)
-    for start in range(rows.start, rows.stop, _CHUNK):
-        stop = min(rows.stop, start + _CHUNK)
-        while stop - start >= step + _GEMM_MIN:
-            out.append(slice(start, start + step))
-            start += step
-        out.append(slice(start, stop))
-    return out
-
-
 def _unit_rows(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``F.normalize(tokens.float(), dim=-1)`` at ``positions`` ``[B, S]``: ``[B, S, D]`` float32, fresh.
 
@@ -124,7 +98,7 @@ def _product_scores(rows_of, even: torch.Tensor, odd: torch.Tensor, rows: slice)
     b_rows = rows_of(odd).transpose(1, 2)
     a = rows_of(even)
     out = torch.empty(b, rows.stop - rows.start, dtype=a.dtype, device=a.device)
-    for piece in _pieces(rows, row_blocks(b, rows.stop - rows.start, tb)[0].stop):
+    for piece in gemm_pieces(rows, _CHUNK, row_blocks(b, rows.stop - rows.start, tb)[0].stop):
         out[:, piece.start - rows.start : piece.stop - rows.start] = (a[:, piece] @ b_rows).amax(dim=-1)
     return out
 
@@ -135,13 +109,14 @@ def _gram_scores(gram: torch.Tensor, rows_of, even: torch.Tensor, odd: torch.Ten
     ``gram`` ``[B, R0, R0]`` holds the cosines of all residual slots. The ``A`` rows are copied into
     ``buf`` (``[B * rows * R0]``, allocated once) a block of ``rows`` at a time, the columns outside
     ``B`` set to ``-inf``, and the maximum taken. Rows that the per-round product would compute in a
-    chunk of fewer than :data:`_GEMM_MIN` rows (the last chunk of ``A``) are multiplied as before.
+    chunk of fewer than :data:`~tokencomp.kernels.GEMM_MIN` rows (the last chunk of ``A``) are multiplied as
+    before.
     """
     b, r0, _ = gram.shape
     ta = even.shape[1]
-    if _CHUNK < _GEMM_MIN:  # every chunk is small: multiply them all
+    if _CHUNK < GEMM_MIN:  # every chunk is small: multiply them all
         tail = 0
-    elif 0 < ta % _CHUNK < _GEMM_MIN:  # the last chunk is small: multiply its rows
+    elif 0 < ta % _CHUNK < GEMM_MIN:  # the last chunk is small: multiply its rows
         tail = ta - ta % _CHUNK
     else:
         tail = ta
@@ -188,7 +163,7 @@ class VisPruner(Compressor):
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         b, n, d = tokens.shape
-        attn = attention_scores("vispruner", context)
+        attn = attention_scores(context)
         k_imp = int(k * self.important_ratio)
         k_div = k - k_imp
 
@@ -211,9 +186,9 @@ def _remove_duplicates(tokens: torch.Tensor, residual: torch.Tensor, k_div: int)
     b, r0 = residual.shape
     n, d = tokens.shape[1:]
     unit = _unit_rows(tokens, residual)  # float32 unit vectors of the residual tokens, by list slot
-    rows_of = partial(_flat_rows, unit)  # list slots [B, S] -> unit rows [B, S, D]
+    rows_of = partial(batched_gather, unit)  # list slots [B, S] -> unit rows [B, S, D]
     gram = buf = None
-    if r0 >= 2 * _GEMM_MIN and r0 * r0 <= _GRAM_FACTOR * n * d:
+    if r0 >= 2 * GEMM_MIN and r0 * r0 <= _GRAM_FACTOR * n * d:
         gram = torch.bmm(unit, unit.transpose(1, 2))  # [B, R0, R0] cosines of every pair of slots
         # the few rows still multiplied are normalised again from the tokens when needed
         rows_of = partial(_slot_rows, tokens, residual)
@@ -228,7 +203,7 @@ def _remove_duplicates(tokens: torch.Tensor, residual: torch.Tensor, k_div: int)
         if r <= 0:
             break
         even, odd = lst[:, ::2], lst[:, 1::2]
-        if gram is not None and odd.shape[1] >= _GEMM_MIN:
+        if gram is not None and odd.shape[1] >= GEMM_MIN:
             scores = _gram_scores(gram, rows_of, even, odd, buf)
         else:
             scores = _product_scores(rows_of, even, odd, slice(0, even.shape[1]))

@@ -1,17 +1,19 @@
 """Pure tensor kernels shared by several strategies (no model plumbing, batched over ``B``)."""
 
 from .basis import fps_indices, qr_pivot_indices, qr_pivots, random_indices
-from .blocks import BLOCK_ELEMENTS, compute_dtype, row_blocks, rows_matmul, unit_rows
+from .blocks import BLOCK_ELEMENTS, GEMM_MIN, compute_dtype, gemm_pieces, row_blocks, rows_matmul, unit_rows
 from .gather import batched_gather, selection_result, slots_of
 from .lstsq import residual_errors, ridge_coefficients, ridge_errors, ridge_residual
 from .merge import cosine_match, mean_merge, merge_rows
 
 __all__ = [
     "BLOCK_ELEMENTS",
+    "GEMM_MIN",
     "batched_gather",
     "compute_dtype",
     "cosine_match",
     "fps_indices",
+    "gemm_pieces",
     "mean_merge",
     "merge_rows",
     "qr_pivot_indices",

@@ -35,12 +35,11 @@ def attention_row(query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tenso
     return logits.softmax(dim=-1).mean(dim=1)
 
 
-def attention_scores(owner: str, context: Context, field: str = "cls_attention") -> torch.Tensor:
+def attention_scores(context: Context, field: str = "cls_attention") -> torch.Tensor:
     """The ``[B, N]`` attention field ``field`` of ``context`` as float32.
 
     The base class has already checked that the field is present, has shape ``[B, N]`` and holds only
     finite values (a ranking of NaN would be meaningless), so this needs no host synchronisation.
-    ``owner`` names the strategy, for symmetry with the other context readers.
     """
     return getattr(context, field).float()
 

@@ -13,6 +13,10 @@ from typing import Optional
 
 import torch
 
+# Float32 GEMMs with fewer rows or columns than this may run another BLAS kernel (MKL on CPU: another
+# summation order, so the last bit of a product may differ from the same rows in a larger product).
+GEMM_MIN = 12
+
 # Elements of one working block (8 MiB in float32): large enough that the per-block overhead of a few
 # operator calls is negligible, small enough to stay in a CPU's last-level cache.
 BLOCK_ELEMENTS = 1 << 21
@@ -35,21 +39,22 @@ def row_blocks(batch: int, n: int, width: int, elements: Optional[int] = None) -
 
 
 def rows_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w`` in :func:`compute_dtype` without copying ``x`` whole into that dtype.
+    """``x @ w`` in ``w``'s dtype without copying ``x`` whole into that dtype.
 
     Parameters
     ----------
     x : torch.Tensor
         ``[B, N, D]`` tokens, any float dtype.
     w : torch.Tensor
-        ``[B, D, C]`` in the compute dtype of ``x``.
+        ``[B, D, C]``, usually in :func:`compute_dtype` of ``x`` (float32 to read half or float64
+        tokens in float32, block by block).
 
     Returns
     -------
     torch.Tensor
-        ``[B, N, C]`` in the compute dtype.
+        ``[B, N, C]`` in ``w``'s dtype.
     """
-    ct = compute_dtype(x.dtype)
+    ct = w.dtype
     if x.dtype == ct:
         return torch.bmm(x, w)
     b, n, d = x.shape
@@ -70,4 +75,23 @@ def unit_rows(tokens: torch.Tensor) -> torch.Tensor:
     for blk in row_blocks(b, n, d):
         rows = tokens[:, blk].float()
         torch.div(rows, rows.norm(dim=-1, keepdim=True).clamp_min(1e-12), out=out[:, blk])
+    return out
+
+
+def gemm_pieces(rows: slice, chunk: int, limit: int) -> list[slice]:
+    """The chunks of ``chunk`` rows in ``rows``, each split into pieces of about ``limit`` rows.
+
+    A chunk is split only into pieces of at least :data:`GEMM_MIN` rows (the remainder joins the last
+    piece), so every piece's product computes its values exactly as the whole chunk's product would:
+    for strategies whose reference multiplies in chunks and must be reproduced bit for bit, while the
+    memory of one piece stays bounded.
+    """
+    out = []
+    step = max(limit, GEMM_MIN)
+    for start in range(rows.start, rows.stop, chunk):
+        stop = min(rows.stop, start + chunk)
+        while stop - start >= step + GEMM_MIN:
+            out.append(slice(start, start + step))
+            start += step
+        out.append(slice(start, stop))
     return out
