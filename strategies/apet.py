@@ -118,6 +118,7 @@ class ApET(Compressor):
     deterministic = False
     summary = "Keep the tokens a least-squares basis rebuilds worst; inject the basis, merge the rest."
     complexity = "O(M N D + (N - K) K D)"
+    info_layout = {"basis_indices": "position", "errors": "token", "basis_slots": "row"}
     paper = "Ma et al., ApET: Approximation-Error Guided Token Compression, arXiv 2602.19870 (2026)"
 
     def __init__(

@@ -148,6 +148,7 @@ class CDPruner(Compressor):
     requires = ("text_embeddings",)
     summary = "Conditional DPP: similarity kernel weighted by instruction relevance, greedy MAP."
     complexity = "O(N T D + N K D)"
+    info_layout = {"order": "position", "relevance": "token"}
     paper = "Zhang et al., CDPruner, NeurIPS 2025 (arXiv 2506.10967)"
 
     def __init__(self, *, theta: Optional[float] = None) -> None:

@@ -145,6 +145,7 @@ class DART(Compressor):
     deterministic = True
     summary = "Pivots by L1 norm; each keeps the tokens least similar to it (duplicates dropped)."
     complexity = "O(P N D + N log N)"
+    info_layout = {"pivots": "position"}
     paper = "Wen et al., DART, EMNLP 2025 (arXiv 2502.11494)"
 
     def __init__(self, *, pivot_image_tokens: int = 4) -> None:
@@ -191,6 +192,7 @@ class DARTLLM(DART):
     requires = ("keys", "hidden_states", "visual_positions")
     summary = "DART at LLM layer 2: image and text pivots by key L1 norm; their duplicates dropped."
     complexity = "O(L H Dh + P L D + N log N)"
+    info_layout = {"pivots": "position", "text_pivots": "row"}
 
     def __init__(self, *, layer: int = 2, pivot_image_tokens: int = 4, pivot_text_tokens: int = 4) -> None:
         super().__init__(pivot_image_tokens=pivot_image_tokens)

@@ -127,6 +127,7 @@ class DivPrune(Compressor):
     deterministic = True
     summary = "Greedy max-min diversity on cosine distance (first pick: farthest nearest neighbour)."
     complexity = "O(N^2 D + N K D)"
+    info_layout = {"order": "position"}
     paper = "Alvar et al., DivPrune, CVPR 2025 (arXiv 2503.02175)"
 
     def __init__(self, *, chunk: int = 1024) -> None:

@@ -60,6 +60,7 @@ class PyramidDrop(Compressor):
     requires = ("query", "keys", "visual_positions")
     summary = "Pyramid of cuts at LLM layers 8/16/24, ranking by the last instruction token's q/k attention."
     complexity = "O(L H Dh + N log N)"
+    info_layout = {"scores": "token"}
     paper = "Xing et al., PyramidDrop, CVPR 2025 (arXiv 2410.17247)"
 
     def __init__(self, *, layers: list[int] = (8, 16, 24), ratio: float = 0.5) -> None:  # type: ignore[assignment]

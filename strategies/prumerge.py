@@ -102,6 +102,7 @@ class PruMerge(Compressor):
     requires = ("cls_attention",)
     summary = "IQR outliers of [CLS] attention, each merging its k nearest neighbours (PruMerge/PruMerge+)."
     complexity = "O(N K D)"
+    info_layout = {"num_outliers": "row", "neighbours": "position"}
     paper = (
         "Shang et al., LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models, "
         "arXiv 2403.15388 (2024)"

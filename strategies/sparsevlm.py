@@ -178,6 +178,7 @@ class SparseVLM(Compressor):
     budget_param = "retained"
     summary = "Text raters' attention keeps visual tokens after LLM layers 2/6/15; best pruned ones recycled by DPC-KNN."
     complexity = "O(T N + N^2 D)"
+    info_layout = {"scores": "token", "raters": "row", "rater_rank": "row", "recycled": "row"}
     paper = (
         "Zhang et al., SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model "
         "Inference, ICML 2025 (arXiv 2410.04417)"

@@ -86,6 +86,7 @@ class ToMe(Compressor):
     deterministic = True
     summary = "Bipartite soft matching repeated until the budget; size-weighted averages (ToMe)."
     complexity = "O(N^2 D)"
+    info_layout = {"size": "row"}
     paper = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (arXiv 2210.09461)"
 
     def __init__(self, *, protect_first: bool = False, chunk: int = 2048) -> None:

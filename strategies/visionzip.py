@@ -92,6 +92,7 @@ class VisionZip(Compressor):
     requires = ("cls_attention",)
     summary = "Top [CLS]-attention tokens plus contextual tokens merged by similarity."
     complexity = "O(N log N + (N - K) K D)"
+    info_layout = {"dominant": "row"}
     paper = (
         "Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, "
         "CVPR 2025 (arXiv 2412.04467)"

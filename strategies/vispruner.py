@@ -153,6 +153,7 @@ class VisPruner(Compressor):
     requires = ("cls_attention",)
     summary = "Top [CLS]-attention tokens plus diverse tokens kept by iterative duplicate removal."
     complexity = "O(N^3 D)"
+    info_layout = {"important": "row"}
     paper = (
         "Zhang et al., Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning "
         "in VLMs (VisPruner), ICCV 2025"

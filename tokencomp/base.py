@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from .types import CompressionResult, Context
+from .padding import check_padding, compress_padded
 from .validation import all_finite, check_tokens, resolve_budget
 
 __all__ = ["Compressor"]
@@ -66,6 +67,17 @@ class Compressor(ABC):
         length), ``D`` (width) and the method's own constants (``M``, ``T``, ``H``, ...), e.g.
         ``"O(M N D + N K D)"``. ``tokencomp bench`` checks its scaling curve against it; empty when
         undeclared.
+    padding : {"rows", "native", "unsupported"}
+        How a padded batch (``Context.valid`` with ``False`` entries) is compressed. ``"rows"``
+        (default): the base class compresses each row's valid tokens only, grouping rows of equal valid
+        counts (:mod:`tokencomp.padding`), so ``_compress`` never sees padding. ``"native"``:
+        ``_compress`` reads ``context.valid`` itself and must never keep or merge into padding.
+        ``"unsupported"``: a padded batch raises ``ValueError`` (for a strategy that needs the token
+        grid, which padding breaks).
+    info_layout : dict of str to {"position", "token", "row"}
+        The kind of each :attr:`CompressionResult.info` entry, so that a padded batch's entries are
+        mapped back to the padded positions: token positions, one value per input token (dimension
+        1), or per row / per output slot. Undeclared entries are left out of a padded batch's result.
 
     Examples
     --------
@@ -90,6 +102,8 @@ class Compressor(ABC):
     in_llm_positions: ClassVar[str] = "keep"
     budget_param: ClassVar[str] = ""
     complexity: ClassVar[str] = ""
+    padding: ClassVar[str] = "rows"
+    info_layout: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------ parameters
     @classmethod
@@ -160,7 +174,10 @@ class Compressor(ABC):
         context = self._batched_context(context, x, unbatched)
         k = resolve_budget(owner, budget, n)
         self._check_budget(k, n, context)
-        result = self._compress(x, k, context)
+        if context.valid is not None and not bool(context.valid.all()):
+            result = self._compress_padded(x, k, context)
+        else:
+            result = self._compress(x, k, context)
         self._check_result(result, b, n, k, d)
         out_tokens = result.tokens.to(dtype=tokens.dtype, device=tokens.device)
         if unbatched:
@@ -172,6 +189,20 @@ class Compressor(ABC):
             )
         result.tokens = out_tokens
         return result
+
+    def _compress_padded(self, x: torch.Tensor, k: int, context: Context) -> CompressionResult:
+        """Compress a batch with padding (``context.valid`` not all ``True``), as :attr:`padding` says."""
+        owner = self.display_name()
+        if self.padding == "unsupported":
+            raise ValueError(
+                f"{owner}: padded batches (context.valid with False entries) are not supported, as "
+                f"{owner} needs every row's tokens to form the token grid; compress rows of different "
+                "lengths in separate calls, or pass context.valid=None when there is no padding."
+            )
+        if self.padding == "native":
+            check_padding(owner, context.valid, k)
+            return self._compress(x, k, context)
+        return compress_padded(self, x, k, context)
 
     @abstractmethod
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:

@@ -28,13 +28,27 @@ _loading = False
 C = TypeVar("C", bound=type[Compressor])
 
 
+def _check_declarations(name: str, cls: type) -> None:
+    """Raise ``ValueError`` if the class's ``padding`` or ``info_layout`` declaration is malformed."""
+    from .padding import INFO_KINDS
+
+    if cls.padding not in ("rows", "native", "unsupported"):
+        raise ValueError(f"register({name!r}): padding must be 'rows', 'native' or 'unsupported'; got {cls.padding!r}.")
+    bad = {k: v for k, v in dict(cls.info_layout).items() if v not in INFO_KINDS}
+    if bad:
+        raise ValueError(
+            f"register({name!r}): info_layout kinds must be one of {', '.join(INFO_KINDS)}; got {bad!r}."
+        )
+
+
 def register(name: str) -> Callable[[C], C]:
     """Class decorator registering a :class:`Compressor` subclass under ``name``.
 
     Raises
     ------
     ValueError
-        If ``name`` is malformed or already registered, or the class is not a ``Compressor``.
+        If ``name`` is malformed or already registered, the class is not a ``Compressor``, or its
+        ``padding`` or ``info_layout`` declaration is malformed.
 
     Examples
     --------
@@ -64,6 +78,7 @@ def register(name: str) -> Callable[[C], C]:
                 f"register: the name {name!r} is already taken by {other.__module__}.{other.__qualname__}; "
                 "choose another name."
             )
+        _check_declarations(name, cls)
         cls.name = name
         _registry[name] = cls
         return cls

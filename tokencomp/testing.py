@@ -331,6 +331,83 @@ def check_no_host_sync(compressor: Compressor) -> None:
     )
 
 
+def _padded_example(compressor: Compressor) -> tuple[torch.Tensor, torch.Tensor, Context, int]:
+    """Tokens ``[3, N, D]`` with padding: row 0 none, row 1 its last 10 positions, row 2 every 5th one."""
+    x = make_tokens()
+    valid = torch.ones(_B, _N, dtype=torch.bool)
+    valid[1, -10:] = False
+    valid[2, ::5] = False
+    fields = {f: getattr(make_context(compressor, x), f) for f in Context.field_names()}
+    context = Context(**{**fields, "grid": None, "valid": valid})
+    n_min = int(valid.sum(1).min())
+    budgets = [k for k in _some_budgets(compressor) if k <= n_min]
+    return x, valid, context, (budgets[len(budgets) // 2] if budgets else 1)
+
+
+def _alone(context: Context, i: int, keep: torch.Tensor) -> Context:
+    """Row ``i``'s context restricted to the token positions ``keep`` ``[N]`` bool (the reference)."""
+    token_axis = {"cls_attention": 0, "text_attention": 0, "visual_positions": 0, "cross_attention": 1,
+                  "image_embeddings": 0}
+    fields = {}
+    for name in Context.field_names():
+        value = getattr(context, name)
+        if name in ("valid", "grid"):
+            value = None
+        elif isinstance(value, torch.Tensor) and value.dim() >= 1:
+            value = value[i]
+            if name in token_axis:
+                value = value[keep] if token_axis[name] == 0 else value[:, keep]
+            value = value.unsqueeze(0)
+        fields[name] = value
+    return Context(**fields)
+
+
+def check_padded_batch(compressor: Compressor) -> None:
+    """Padding marked by ``Context.valid`` is never kept, merged into or looked at.
+
+    With :attr:`~tokencomp.Compressor.padding` ``"rows"`` or ``"native"``: the kept positions are
+    valid ones; padding positions have ``assignment`` ``-1``; changing the padding's values changes
+    nothing; a deterministic strategy gives each row what its valid tokens give alone (with the
+    per-token context fields at those positions). A budget above a row's valid count raises
+    ``ValueError`` naming the row. With ``"unsupported"``, a padded batch raises ``ValueError``.
+    """
+    who = repr(compressor)
+    x, valid, context, k = _padded_example(compressor)
+    if compressor.padding == "unsupported":
+        try:
+            _fresh(compressor).compress(x, k, context)
+        except ValueError as exc:
+            assert "padded" in str(exc), f"{who}: the padding error does not say so: {exc}"
+            return
+        raise AssertionError(f"{who}: declares padding='unsupported' but accepted a padded batch")
+    result = _fresh(compressor).compress(x, k, context)
+    _assert_result_valid(compressor, result, _B, _N, k, _D)
+    assert bool(torch.gather(valid, 1, result.indices).all()), f"{who}: kept a padding position"
+    assert bool((result.assignment[~valid] == -1).all()), f"{who}: a padding token was assigned to an output slot"
+    garbage = x.clone()
+    garbage[~valid] = torch.randn(int((~valid).sum()), _D) * 100
+    other = _fresh(compressor).compress(garbage, k, context)
+    assert torch.equal(result.indices, other.indices) and torch.equal(result.tokens, other.tokens), (
+        f"{who}: the values of padding tokens changed the result"
+    )
+    if compressor.deterministic:
+        for i in range(_B):
+            alone = _fresh(compressor).compress(x[i : i + 1, valid[i]], k, _alone(context, i, valid[i]))
+            positions = valid[i].nonzero().flatten()
+            assert torch.equal(positions[alone.indices[0]], result.indices[i]), (
+                f"{who}: padded row {i} kept other tokens than its valid tokens alone"
+            )
+            torch.testing.assert_close(alone.tokens[0], result.tokens[i])
+    n_short = int(valid.sum(1).min())
+    if _accepts(compressor, n_short + 1, _N, context):
+        try:
+            _fresh(compressor).compress(x, n_short + 1, context)
+        except ValueError as exc:
+            assert "row 2" in str(exc) and "valid" in str(exc), f"{who}: the short-row error is unclear: {exc}"
+        else:
+            raise AssertionError(f"{who}: kept {n_short + 1} tokens of a row with {n_short} valid ones")
+
+
 _CHECKS: tuple[Callable[[Compressor], None], ...] = (
     check_shapes_and_indices,
     check_float_budget,
@@ -344,6 +421,7 @@ _CHECKS: tuple[Callable[[Compressor], None], ...] = (
     check_missing_context,
     check_keep_all,
     check_no_host_sync,
+    check_padded_batch,
 )
 
 
