@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 __all__ = [
-    "COLUMNS", "cell_key", "flash_measurements", "join_flash", "load_results", "mean_ci", "row_key", "save_results",
-    "write_atomic",
+    "COLUMNS", "REQUIRED_KEYS", "cell_key", "flash_measurements", "join_flash", "load_results", "mean_ci", "row_key",
+    "save_results", "write_atomic",
 ]
 
 # results.csv columns, in order; results.json rows hold these and the per-image values, kept-token
@@ -119,6 +119,43 @@ def save_results(out: Path, rows: Iterable[dict[str, Any]], meta: dict[str, Any]
     write_atomic(out / "run.json", lambda fh: json.dump(_clean(meta), fh, indent=1))
 
 
+# Keys every results row holds (both the image ablation's and the VLM's); a file without them is not ours.
+REQUIRED_KEYS = ("features", "strategy", "params", "budget", "kept", "n_images")
+
+
+def _read_json(path: Path, folder: Path) -> Any:
+    """The JSON value in ``path``; a ``ValueError`` naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{str(path)!r} is not a tokencomp results file: it is not valid JSON ({exc}); "
+            f"run `tokencomp ablate --out {folder}` again to rewrite it"
+        ) from None
+
+
+def _check_rows(rows: Any, path: Path) -> None:
+    """Raise ``ValueError`` unless ``rows`` is a list of dicts holding :data:`REQUIRED_KEYS`."""
+    expected = f"expected a list of rows with {', '.join(REQUIRED_KEYS)}, as `tokencomp ablate` writes"
+    if not isinstance(rows, list):
+        raise ValueError(f"{str(path)!r} is not a tokencomp results file: it holds a {type(rows).__name__}; {expected}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{str(path)!r} is not a tokencomp results file: row {i} is a {type(row).__name__}; {expected}")
+        missing = [k for k in REQUIRED_KEYS if k not in row]
+        if missing:
+            raise ValueError(
+                f"{str(path)!r} is not a tokencomp results file: row {i} lacks {', '.join(missing)}; {expected}"
+            )
+        if not isinstance(row["features"], str) or not isinstance(row["strategy"], str) \
+                or not isinstance(row["params"], (str, dict)):
+            raise ValueError(
+                f"{str(path)!r} is not a tokencomp results file: row {i} has features {row['features']!r}, strategy "
+                f"{row['strategy']!r}, params {row['params']!r}; features and strategy must be strings, params a "
+                "JSON object"
+            )
+
+
 def load_results(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows of ``out/results.json`` and the metadata of ``out/run.json``.
 
@@ -127,14 +164,19 @@ def load_results(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     FileNotFoundError
         ``out`` holds no ``results.json`` (say which folder, and how to make one).
     ValueError
-        The file is not a list of result rows.
+        A file is not JSON, the rows are not a list of result rows (each holding :data:`REQUIRED_KEYS`),
+        or ``run.json`` is not a JSON object.
     """
     path = Path(out) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist; run `tokencomp ablate --out {out}` first")
-    rows = json.loads(path.read_text())
-    if not isinstance(rows, list) or any(not isinstance(r, dict) or "strategy" not in r for r in rows):
-        raise ValueError(f"{str(path)!r} is not a tokencomp results file (a list of rows with a 'strategy')")
+    rows = _read_json(path, Path(out))
+    _check_rows(rows, path)
     meta_path = Path(out) / "run.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = _read_json(meta_path, Path(out)) if meta_path.is_file() else {}
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{str(meta_path)!r} is not a tokencomp run file: it holds a {type(meta).__name__}, not a JSON object; "
+            f"run `tokencomp ablate --out {out}` again to rewrite it"
+        )
     return rows, meta

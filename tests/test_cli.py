@@ -172,3 +172,268 @@ def test_ablate_on_a_saved_clip_tower(tmp_path):
     assert "is a proxy" not in result.output  # a real [CLS] row, no stand-in
     rows = _csv(tmp_path / "out" / "results.csv")
     assert {r["features"] for r in rows} == {f"hf:{tmp_path / 'clip'}"} and {r["kept"] for r in rows} == {"16"}
+
+
+# ---------------------------------------------------------------- robustness: one-line errors, exit 2
+ABLATE = ["ablate", "--features", "pixels", "--max-images", "2", "--no-vlm", "--budgets", "16"]
+BENCH = ["bench", "--no-goals", "--frames", "", "--repeats", "1", "--no-memory", "--shape", "1x16x8:4"]
+GENERATE = ["generate", "--model", "nobody/nothing", "--image", "astronaut", "--prompt", "what is this?"]
+
+
+def _one_line_error(result, *fragments):
+    """Exit code 2, no traceback, and the whole output one line ``error: ...`` holding every fragment."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [ABLATE + ["--strategies", "random,apte"], BENCH + ["-s", "random", "-s", "apte"],
+                                     GENERATE + ["--strategy", "apte"], ["report", "--focus", "apte"]],
+                         ids=["ablate", "bench", "generate", "report"])
+def test_unknown_strategy_in_every_command(command, tmp_path):
+    if command[0] == "report":
+        _write_results(tmp_path)
+        (tmp_path / "results.csv").unlink()
+    result = runner.invoke(app, command + (["--out", str(tmp_path)] if command[0] in ("ablate", "bench") else
+                                           [str(tmp_path)] if command[0] == "report" else []))
+    _one_line_error(result, "unknown strategy 'apte'", "Did you mean 'apet'", "Available: apet,")
+    # refused before anything was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["results.json", "run.json"] if command[0] == "report" else [])
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ("apet.basis", "malformed parameter grid 'apet.basis'; expected STRATEGY.PARAM=V1,V2"),
+    ("apet=fps", "malformed parameter grid 'apet=fps'; expected"),
+    (".x=1", "malformed parameter grid '.x=1'; expected"),
+    ("apet.basis=", "malformed parameter grid 'apet.basis='; expected"),
+    ("apet.basis=fps,", "malformed parameter grid 'apet.basis=fps,': it has an empty value"),
+    ("apet.basis=,qr", "malformed parameter grid 'apet.basis=,qr': it has an empty value"),
+])
+def test_malformed_grid(spec, fragment, tmp_path):
+    result = runner.invoke(app, ABLATE + ["--strategies", "apet", "--param", spec, "--out", str(tmp_path)])
+    _one_line_error(result, fragment, "e.g. apet.basis=fps,qr,random")
+
+
+def test_grid_parameter_given_twice(tmp_path):
+    result = runner.invoke(app, ABLATE + ["-s", "apet", "-p", "apet.basis=fps", "-p", "apet.basis=qr", "--out", str(tmp_path)])
+    _one_line_error(result, "--param apet.basis is given twice", "apet.basis=V1,V2")
+
+
+@pytest.mark.parametrize("spec", ["=3", "num_basis=", "num_basis"])
+def test_generate_malformed_param(spec):
+    result = runner.invoke(app, GENERATE + ["--param", spec])
+    _one_line_error(result, f"--param {spec!r}: expected P=V with a name and a value")
+
+
+@pytest.mark.parametrize("shape", ["16x576", "axbxc:d", "16x576x1024", "16x576x1024:0", "1x16x8:17"])
+def test_bench_malformed_shape(shape, tmp_path):
+    result = runner.invoke(app, ["bench", "--no-goals", "--frames", "", "--shape", shape, "--out", str(tmp_path / "b")])
+    line = _one_line_error(result, f"shape {shape!r}")
+    assert "BxNxD:K" in line or "K <= N" in line
+    assert not (tmp_path / "b").exists()
+
+
+def _image_folders(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "x.png").write_bytes(b"garbage bytes, not an image")
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png, format="PNG")
+    (tmp_path / "truncated").mkdir()
+    (tmp_path / "truncated" / "a.png").write_bytes(png.getvalue()[:200])  # a real PNG cut short
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    return tmp_path
+
+
+@pytest.mark.parametrize("folder,fragments", [
+    ("missing", ["image folder", "missing' does not exist or is not a folder"]),
+    ("corrupt", ["cannot read image", "corrupt/x.png'", "cannot identify image file"]),
+    ("truncated", ["cannot read image", "truncated/a.png'", "truncated"]),
+    ("empty", ["image folder", "empty' holds no image (.png, .jpg"]),
+])
+def test_ablate_bad_image_folder(folder, fragments, tmp_path):
+    _image_folders(tmp_path)
+    result = runner.invoke(app, ABLATE + ["-s", "random", "--images", str(tmp_path / folder), "--out", str(tmp_path / "out")])
+    _one_line_error(result, *fragments)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("image,fragment", [("corrupt/x.png", "cannot identify image file"),
+                                            ("missing.png", "is neither a file nor a bundled image")])
+def test_generate_bad_image(image, fragment, tmp_path):
+    _image_folders(tmp_path)
+    result = runner.invoke(app, GENERATE[:4] + [str(tmp_path / image)] + GENERATE[5:])
+    _one_line_error(result, fragment)
+
+
+def _write_results(folder):
+    from tokencomp.analysis.results import save_results
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_results(folder, [{"features": "pixels", "strategy": "random", "params": {}, "budget": 16, "kept": 16,
+                           "n_images": 2, "recon_error": 0.5}], {"seed": 0})
+
+
+def _command_with_out(command, out):
+    if command == "ablate":
+        return ABLATE + ["-s", "random", "--out", str(out)]
+    if command == "bench":
+        return BENCH + ["-s", "random", "--out", str(out)]
+    return ["report", str(out)]
+
+
+@pytest.mark.parametrize("command", ["ablate", "bench", "report"])
+def test_unwritable_output_folder(command, tmp_path):
+    import os
+
+    locked = tmp_path / "locked"
+    out = locked / "run" if command != "report" else locked
+    if command == "report":
+        _write_results(locked)
+    else:
+        locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        try:
+            (locked / "probe").write_text("x")
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("chmod 0o500 does not stop writes here (running as root)")
+        result = runner.invoke(app, _command_with_out(command, out))
+        option = "report folder" if command == "report" else "--out"
+        _one_line_error(result, f"{option} {str(out)!r} is not writable (Permission denied)", "give a folder you can write to")
+    finally:
+        os.chmod(locked, 0o700)
+
+
+@pytest.mark.parametrize("command", ["ablate", "bench"])
+def test_output_folder_that_is_a_file_or_under_a_file(command, tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    result = runner.invoke(app, _command_with_out(command, tmp_path / "taken"))
+    _one_line_error(result, f"--out {str(tmp_path / 'taken')!r} is a file, not a folder", "give a folder you can write to")
+    result = runner.invoke(app, _command_with_out(command, tmp_path / "taken" / "run"))
+    _one_line_error(result, f"--out {str(tmp_path / 'taken' / 'run')!r} is not writable")
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+@pytest.mark.parametrize("content,fragments", [
+    (None, ["results.json' does not exist", "run `tokencomp ablate --out"]),
+    ("this is not JSON {", ["is not a tokencomp results file: it is not valid JSON (Expecting value"]),
+    (b"\xff\xfe\x00garbage", ["is not a tokencomp results file: it is not valid JSON"]),
+    ('{"rows": []}', ["is not a tokencomp results file: it holds a dict; expected a list of rows with features"]),
+    ("[1, 2]", ["is not a tokencomp results file: row 0 is a int"]),
+    ('[{"strategy": "apet", "budget": 64}]', ["is not a tokencomp results file: row 0 lacks features, params, kept, n_images"]),
+    ('[{"features": 3, "strategy": "apet", "params": {}, "budget": 64, "kept": 64, "n_images": 1}]',
+     ["row 0 has features 3", "features and strategy must be strings"]),
+])
+def test_report_on_missing_or_corrupt_results(content, fragments, tmp_path):
+    if isinstance(content, bytes):
+        (tmp_path / "results.json").write_bytes(content)
+    elif content is not None:
+        (tmp_path / "results.json").write_text(content)
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    _one_line_error(result, str(tmp_path / "results.json"), *fragments)
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_report_on_a_corrupt_run_file(tmp_path):
+    _write_results(tmp_path)
+    (tmp_path / "run.json").write_text("[1, 2]")
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    _one_line_error(result, "run.json' is not a tokencomp run file: it holds a list, not a JSON object")
+
+
+# ---------------------------------------------------------------- robustness: interrupted ablate, --resume
+INTERRUPTED = ABLATE[:-1] + ["16,32", "--strategies", "random,pooling"]  # 4 cells
+
+
+def _rows_without_time(folder):
+    csv_rows = [{k: v for k, v in r.items() if k != "time_ms"} for r in _csv(folder / "results.csv")]
+    json_rows = [{k: v for k, v in r.items() if k != "time_ms"} for r in json.loads((folder / "results.json").read_text())]
+    return csv_rows, json_rows
+
+
+def _interrupt_cell(monkeypatch, after):
+    """Make the ablation's cell measurement raise KeyboardInterrupt once ``after`` cells have finished."""
+    from tokencomp.analysis import ablation
+
+    real, calls = ablation.measure_cell, []
+
+    def measure(*args, **kwargs):
+        calls.append(args[1:])
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ablation, "measure_cell", measure)
+    return calls
+
+
+def test_interrupted_ablate_saves_finished_cells_and_resume_completes_it(tmp_path, monkeypatch):
+    assert runner.invoke(app, INTERRUPTED + ["--out", str(tmp_path / "whole")]).exit_code == 0
+    whole_csv, whole_json = _rows_without_time(tmp_path / "whole")
+    assert len(whole_csv) == len(whole_json) == 4
+
+    with monkeypatch.context() as patch:
+        _interrupt_cell(patch, after=2)
+        result = runner.invoke(app, INTERRUPTED + ["--out", str(tmp_path / "split")])
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if "interrupted" in line]
+    assert lines == [f"interrupted: 2 finished cells are saved in {tmp_path / 'split'}; run the same command with "
+                     "--resume to finish the rest"]
+    # complete, loadable files holding the finished cells; no temporary file left; no report yet
+    part_csv, part_json = _rows_without_time(tmp_path / "split")
+    assert part_csv == whole_csv[:2] and part_json == whole_json[:2]
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["results.csv", "results.json", "run.json"]
+
+    calls = _interrupt_cell(monkeypatch, after=99)
+    result = runner.invoke(app, INTERRUPTED + ["--out", str(tmp_path / "split"), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resuming: 2 finished cells" in result.output
+    assert [(name, budget) for name, _, budget in calls] == [("pooling", 16), ("pooling", 32)]  # only the missing cells
+    assert _rows_without_time(tmp_path / "split") == (whole_csv, whole_json)
+    assert (tmp_path / "split" / "report.md").is_file() and not list((tmp_path / "split").glob(".*.tmp"))
+
+
+def test_interrupt_while_writing_leaves_no_half_written_file(tmp_path, monkeypatch):
+    """Ctrl-C inside a write, then again inside the save on the way out: results.json is absent, never half
+    written, and no temporary file is left; an interrupt in the middle of a write keeps the old file whole."""
+    from tokencomp.analysis import results
+
+    real = results.write_atomic
+
+    def interrupted_write(path, write):
+        def partial(fh):
+            fh.write("[{\"features\": ")
+            raise KeyboardInterrupt
+
+        real(path, partial if path.name == "results.json" else write)
+
+    monkeypatch.setattr(results, "write_atomic", interrupted_write)
+    result = runner.invoke(app, INTERRUPTED + ["--out", str(tmp_path)])
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert "were not saved" in result.output and "(interrupted again); run the same command with --resume" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+    (tmp_path / "results.json").write_text("[]")
+    with pytest.raises(KeyboardInterrupt):
+        results.save_results(tmp_path, [], {})
+    assert (tmp_path / "results.json").read_text() == "[]" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_interrupt_before_any_cell_writes_nothing(tmp_path, monkeypatch):
+    _interrupt_cell(monkeypatch, after=0)
+    result = runner.invoke(app, INTERRUPTED + ["--out", str(tmp_path)])
+    assert result.exit_code == 130
+    assert "interrupted before any cell finished; nothing was written" in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -101,6 +101,65 @@ def _parse_budgets(text: str) -> list[int | float]:
     return budgets
 
 
+def _output_folder(path: Path, option: str = "--out") -> Path:
+    """``path`` created (with its parents) and checked by writing a temporary file in it.
+
+    Raises
+    ------
+    UserError
+        ``path`` is a file, cannot be created, or files cannot be written in it.
+    """
+    import tempfile
+
+    fix = "give a folder you can write to (it is created when missing)"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {str(path)!r} is a file, not a folder; {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"{option} {str(path)!r} is not writable ({reason}); {fix}") from None
+    return path
+
+
+def _param_grid(spec: str) -> tuple[str, str, list[Any]]:
+    """``--param STRATEGY.PARAM=V1,V2`` as ``(strategy, param, values)``; empty values are refused."""
+    from tokencomp.analysis.ablation import parse_param
+
+    strategy, key, values = parse_param(spec)
+    if any(v == "" for v in values):
+        raise UserError(
+            f"malformed parameter grid {spec!r}: it has an empty value; expected STRATEGY.PARAM=V1,V2,... "
+            "e.g. apet.basis=fps,qr,random"
+        )
+    return strategy, key, values
+
+
+def _interrupted(run: dict[str, Any]) -> None:
+    """Ctrl-C during ``ablate``: save the cells finished since the last save, say how to continue, exit 130."""
+    from tokencomp.analysis.results import save_results
+
+    if not run.get("rows"):
+        console.print("interrupted before any cell finished; nothing was written", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130)
+    target, rows = run["target"], run["rows"]
+    try:
+        if run["fresh"]:
+            save_results(target, rows, run["meta"])
+    except (OSError, KeyboardInterrupt) as exc:  # a second Ctrl-C while saving: the files stay as they were
+        reason = "interrupted again" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        console.print(f"interrupted; the cells finished since the last save were not saved to {target} ({reason}); "
+                      "run the same command with --resume to continue from the saved ones", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
+    console.print(
+        f"interrupted: {len(rows)} finished cells are saved in {target}; run the same command with --resume to "
+        "finish the rest", highlight=False, soft_wrap=True,
+    )
+    raise typer.Exit(code=130)
+
+
 def _print_tables(rows: list[dict[str, Any]]) -> None:
     from tokencomp.analysis.report import METRICS, eager_ratios, metric_table
     from tokencomp.analysis.results import flash_measurements
@@ -259,7 +318,6 @@ def ablate_command(
         DEFAULT_GRIDS,
         configurations,
         make_tokens,
-        parse_param,
         run_ablation,
         runnable,
     )
@@ -268,6 +326,7 @@ def ablate_command(
     from tokencomp.data import bundled_images, load_image_folder
     from tokencomp.features import FEATURES, is_hf
 
+    run: dict[str, Any] = {}  # what an interruption saves: target, rows, meta, cells finished since the last save
     given = {"strategies": strategies, "budgets": budgets, "features": features, "params": param or None,
              "images": images, "max_images": max_images, "views": views, "seed": seed, "out": out, "vlm": vlm}
     try:
@@ -282,6 +341,7 @@ def ablate_command(
             if f not in FEATURES and not (is_hf(f) and len(f) > 3):
                 raise UserError(f"--features: unknown {f!r}; allowed: {', '.join(FEATURES)} or hf:MODEL")
         view_list = _split(str(options["views"]), "--views")
+        tc.get(str(options["focus"]))  # a config file's focus: a registered strategy
         run_vlm_too = bool(options["vlm"])
         notes: list[str] = []
         if options["strategies"] is None:
@@ -300,9 +360,11 @@ def ablate_command(
         specs = list(options["params"] or [])
         grids: dict[str, dict[str, list[Any]]] = {k: dict(v) for k, v in DEFAULT_GRIDS.items()} if not specs else {}
         for spec in specs:
-            strat, key, values = parse_param(spec)
+            strat, key, values = _param_grid(spec)
             if strat not in names:
                 raise UserError(f"--param {spec!r} names {strat!r}, which is not among the strategies run: {', '.join(names)}")
+            if key in grids.get(strat, {}):
+                raise UserError(f"--param {strat}.{key} is given twice; give its values once, as {strat}.{key}=V1,V2")
             grids.setdefault(strat, {})[key] = values
         image_configs = configurations(image_names, grids, options["seed"])
         # Inside the VLM: each strategy once at its defaults, unless a grid was given for it explicitly.
@@ -313,10 +375,7 @@ def ablate_command(
             console.print(f"[yellow]note[/] for {', '.join(needing_cls)}: {CLS_PROXY_NOTE}")
         if run_vlm_too:
             notes.append(VLM_NOTE)
-        target: Path = options["out"]
-        target.mkdir(parents=True, exist_ok=True)
-        if not os.access(target, os.W_OK):
-            raise UserError(f"--out {str(target)!r} is not writable")
+        target: Path = _output_folder(options["out"])
         picked = load_image_folder(options["images"]) if options["images"] is not None else bundled_images()
         if options["max_images"] is not None:
             picked = picked[: options["max_images"]]
@@ -335,6 +394,7 @@ def ablate_command(
             console.print(f"[yellow]note[/] replacing the results in {target} (--resume continues them instead)")
         done = {row_key(r) for r in rows if not r.get("skipped")}
         rows = [r for r in rows if row_key(r) in done]
+        run.update(target=target, rows=rows, meta=meta, fresh=0)
         cells_per_set = [(f, [(n, p, b) for (n, p) in image_configs for b in budget_list if cell_key(f, n, p, b) not in done])
                          for f in feature_list]
         from tokencomp.analysis.vlm import budget_runs
@@ -351,9 +411,11 @@ def ablate_command(
 
         def saved(row: dict[str, Any]) -> None:
             rows.append(row)
+            run["fresh"] += 1
             progress.advance(task)
             if time.monotonic() - last_save[0] > 5:
                 save_results(target, rows, meta)
+                run["fresh"] = 0
                 last_save[0] = time.monotonic()
 
         with Progress(
@@ -373,6 +435,8 @@ def ablate_command(
         join_flash(rows)
         save_results(target, rows, meta)
         report = write_report(target, rows, meta, picked[0][1] if picked else None, focus=str(options["focus"]))
+    except KeyboardInterrupt:
+        _interrupted(run)
     except UserError as exc:
         _fail(str(exc))
     except KeyError as exc:
@@ -393,10 +457,16 @@ def report_command(
     from tokencomp.analysis.results import load_results
 
     try:
+        if focus is not None:
+            _strategy_names([focus])
         rows, meta = load_results(folder)
+        _output_folder(folder, "report folder")
         path = write_report(folder, rows, meta, _example_image(meta) if meta else None,
                             focus=focus or meta.get("focus", "apet"))
-    except (ValueError, OSError) as exc:
+    except KeyError as exc:  # a row that passed the checks of load_results but lacks a field the report reads
+        _fail(f"{str(folder / 'results.json')!r} is not a complete tokencomp results file: a row lacks {exc}; "
+              f"run `tokencomp ablate --out {folder}` again to rewrite it")
+    except (UserError, ValueError, OSError) as exc:
         _fail(str(exc))
     _print_tables(rows)
     console.print(f"report: {path}")
@@ -423,9 +493,9 @@ def bench_command(
         sizes = [_positive_int("--frames", v) for v in frames.split(",") if v.strip()]
         torch_dtype = _dtype(dtype)
         torch_device = _device(device)
+        _output_folder(out)
     except (UserError, ValueError) as exc:
         _fail(str(exc))
-    out.mkdir(parents=True, exist_ok=True)
 
     def write(name: str, rows: list[dict[str, Any]]) -> None:
         bench.write_csv(out / name, rows)
@@ -548,8 +618,8 @@ def generate_command(
         params: dict[str, Any] = {}
         for spec in param:
             key, sep, value = spec.partition("=")
-            if not sep or not key.strip():
-                raise UserError(f"--param {spec!r}: expected P=V, e.g. --param num_basis=8")
+            if not sep or not key.strip() or not value.strip():
+                raise UserError(f"--param {spec!r}: expected P=V with a name and a value, e.g. --param num_basis=8")
             params[key.strip()] = parse_value(value)
         tc.create(strategy, **params)  # validate before loading a large model
         picture = load_image(image)

@@ -57,7 +57,9 @@ def _compressor(strategy: Any, params: dict) -> Compressor:
 
 
 def _check_budget(name: str, budget: Any) -> None:
-    if not isinstance(budget, (int, float)) or isinstance(budget, bool):
+    """A budget is an int >= 1 (tokens kept) or a float fraction in (0, 1]; checked before any hook is installed."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
+            or (isinstance(budget, int) and budget < 1) or (isinstance(budget, float) and not 0.0 < budget <= 1.0):
         raise ValueError(f"tokencomp.apply: budget of {name!r} must be an int >= 1 or a fraction in (0, 1]; got {budget!r}.")
 
 

@@ -34,6 +34,7 @@ import torch
 
 from ..base import Compressor
 from ..types import Context
+from .budget import check_fits
 from .handle import Handle
 
 SUPPLIED = ("text_attention", "cross_attention", "query", "keys", "hidden_states", "visual_positions", "key_mask", "layer", "grid")
@@ -239,6 +240,8 @@ class DecoderStages:
         context = self._context(stage, layer, hidden, kwargs, visual_idx, positions_now)
         start = time.perf_counter()
         budget = stage.budget(n) if callable(stage.budget) else stage.budget
+        if not callable(stage.budget):
+            check_fits(stage.compressor, budget, n, f"every prompt row at decoder layer {stage.layer}", unit="prompt row")
         result = stage.compressor.compress(tokens, budget, context)
         seconds = time.perf_counter() - start
         # new sequence: every non-visual position plus the kept visual ones, in order

@@ -26,6 +26,7 @@ import torch
 
 from ..base import Compressor
 from ..types import Context
+from .budget import check_fits
 from .decoder import DecoderStages, Stage
 from .handle import Handle
 from .sequence import (
@@ -213,6 +214,8 @@ class LlavaIntegration:
         return Context(grid=grid, cls_attention=cls, text_embeddings=text)
 
     def _compress(self, features: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
+        where = f"each of the {features.shape[0]} image(s) of this batch (LLaVA-1.5 gives every image the same count)"
+        check_fits(self.compressor, self.budget, features.shape[1], where)
         start = time.perf_counter()
         result = self.compressor.compress(features, self.budget, self._context(features.shape[1], text))
         self._count(start, features.shape[0] * features.shape[1], result.tokens.shape[0] * result.tokens.shape[1])
@@ -242,7 +245,11 @@ class LlavaIntegration:
         visual_ids = torch.tensor(ids, device=input_ids.device) if input_ids is not None else None
         if input_ids is not None and bool(torch.isin(input_ids, visual_ids).any()):
             if self.compressor is not None:
-                kwargs = self._prefill(module, kwargs, input_ids, token_id)
+                try:
+                    kwargs = self._prefill(module, kwargs, input_ids, token_id)
+                except BaseException:
+                    self._abandon()
+                    raise
             self.visual = torch.isin(kwargs["input_ids"], visual_ids)
             self.mask2d = kwargs.get("attention_mask")
             return args, kwargs
@@ -258,6 +265,15 @@ class LlavaIntegration:
             if matched:
                 kwargs["attention_mask"], kwargs["position_ids"] = mask, positions
         return args, kwargs
+
+    def _abandon(self) -> None:
+        """After a failed prefill: switch the vision tower back if it was made eager, and drop what the
+        prefill had counted, so that the next call records only its own tokens."""
+        restore = self._pending.get("restore_attn")
+        if restore is not None:
+            self.inner.vision_tower.config._attn_implementation = restore
+        self._pending = {}
+        self.state, self.visual, self.mask2d = None, None, None
 
     def _prefill(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor, token_id: int) -> dict:
         encoded = dict(kwargs.get("mm_encoder_outputs") or {})
@@ -339,7 +355,7 @@ class LlavaIntegration:
         per_frame = self._frame_tokens(module)
         side = math.isqrt(per_frame)
         flags, outs = [], []
-        for video in encoded["video"].pooler_output:
+        for v, video in enumerate(encoded["video"].pooler_output):
             video = video.reshape(-1, video.shape[-1])
             is_newline = _newlines(video, newline)
             tokens = video[~is_newline]
@@ -347,6 +363,10 @@ class LlavaIntegration:
             if n % per_frame:
                 raise ValueError(f"tokencomp: a video has {n} tokens, not a multiple of {per_frame} per frame.")
             frames = n // per_frame
+            if self.video == "frame":
+                check_fits(self.compressor, self.budget, per_frame, f"each frame of video {v}", unit="frame")
+            else:
+                check_fits(self.compressor, self.budget, n, f"video {v}", unit="video clip")
             start = time.perf_counter()
             if self.video == "frame":
                 grid = (side, side) if side * side == per_frame else None
@@ -386,10 +406,11 @@ class LlavaIntegration:
             text = instruction_embeddings(module.get_input_embeddings(), input_ids, visual)
         rows = item_rows(visual, [f.shape[0] for f in features])
         flags, packed = [], []
-        for feature, row in zip(features, rows):
+        for i, (feature, row) in enumerate(zip(features, rows)):
             is_newline = _newlines(feature, newline)
             tokens = feature[~is_newline]
             n = tokens.shape[0]
+            check_fits(self.compressor, self.budget, n, f"image {i} (batch row {row}; newline tokens not counted)")
             side = math.isqrt(n)
             context = Context(
                 grid=(side, side) if side * side == n else None,

@@ -31,6 +31,7 @@ import torch
 
 from ..base import Compressor
 from ..types import Context
+from .budget import check_fits
 from .decoder import DecoderStages, Stage
 from .handle import Handle
 from .sequence import Shortening, instruction_embeddings, item_rows, positions_from_mask, translate_decode
@@ -159,10 +160,15 @@ class QwenVLIntegration:
         return found
 
     def _compress_item(
-        self, feature: torch.Tensor, thw: list[int], merge: int, video: bool, text: Optional[torch.Tensor]
+        self, feature: torch.Tensor, thw: list[int], merge: int, video: bool, text: Optional[torch.Tensor],
+        where: str = "an image",
     ) -> tuple:
-        """Compress one image or video; ``(kept tokens [K, D], kept flags [N], seconds)``."""
+        """Compress one image or video (``where``, for messages); ``(kept tokens [K, D], kept flags [N], seconds)``."""
         t, h, w = thw[0], thw[1] // merge, thw[2] // merge
+        if video and self.video == "frame":
+            check_fits(self.compressor, self.budget, h * w, f"each frame of {where}", unit="frame")
+        else:
+            check_fits(self.compressor, self.budget, feature.shape[0], where, unit="video clip" if video else "image")
         tick = time.perf_counter()
         if video and self.video == "frame":
             frames = feature.view(t, h * w, -1)  # one call, the frames as a batch
@@ -197,9 +203,11 @@ class QwenVLIntegration:
             kept_tokens, flags, assignments = [], [], []
             # the row each item sits in: the row of its first placeholder (items run row by row)
             rows = item_rows(placeholders, [f.shape[0] for f in features])
-            for feature, thw, row in zip(features, grid.tolist(), rows):
+            for i, (feature, thw, row) in enumerate(zip(features, grid.tolist(), rows)):
                 item_text = None if text is None else text[row].to(feature.dtype)
-                tokens, chosen, spent, assignment = self._compress_item(feature, thw, merge, name == "video", item_text)
+                tokens, chosen, spent, assignment = self._compress_item(
+                    feature, thw, merge, name == "video", item_text, where=f"{name} {i} (batch row {row})"
+                )
                 kept_tokens.append(tokens)
                 flags.append(chosen)
                 assignments.append(assignment)
