@@ -23,7 +23,6 @@ DeepStack features of the inputs it stands for; in-LLM stages must come after th
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Any, Optional
 
