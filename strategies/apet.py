@@ -26,7 +26,12 @@ float64 tokens; the authors cast to half precision between steps 4 and 6 in LLaV
 precision tokens are read in float32 row blocks rather than copied whole, and the small ``M x M``
 solve runs in float64 (so repeated basis tokens never make it singular); FPS starts from distance
 ``+inf`` (theirs: ``1e10``, which differs only when squared distances exceed ``1e10``); ties in the
-error ranking go to the lower position. The output has the input's dtype.
+error ranking go to the lower position. Distances, norms and products are formed on the tokens scaled
+by a power of two per image (exact: the same values on tokens of ordinary size, and no float32
+overflow for tokens of size ``1e30``), and where the ridge is too small to change the float64 Gram
+matrix (below ``M eps`` times its largest entry: basis tokens of norm above ~``7e4`` with the defaults)
+the smallest ridge it resolves is used, so repeated basis tokens never make the solve singular. The
+output has the input's dtype.
 """
 
 from __future__ import annotations
@@ -110,12 +115,17 @@ class ApET(Compressor):
     In ``assignment``, an injected slot keeps mapping from its own position (its original content is
     replaced under ``replace``), and dropped basis tokens are merged like every other dropped token,
     exactly as the authors' code does with their values.
+
+    Not scale-invariant (``scale_invariant = False``): the ridge is an absolute constant, so for tokens
+    of size ``1e-30`` it outweighs the basis Gram matrix, every coefficient is about 0 and the errors
+    are the tokens' own norms; for tokens of ordinary or larger size it is negligible.
     """
 
     stage = "pre_llm"
     needs_attention = False
     text_conditioned = False
     deterministic = False
+    scale_invariant = False  # the ridge is absolute (see Notes)
     summary = "Keep the tokens a least-squares basis rebuilds worst; inject the basis, merge the rest."
     complexity = "O(M N D + (N - K) K D)"
     info_layout = {"basis_indices": "position", "errors": "token", "basis_slots": "row"}
@@ -230,7 +240,7 @@ class ApET(Compressor):
         """Basis indices ``[B, M]`` and, for ``qr``, the products ``S X^T`` it computed on the way."""
         b, n, _ = x.shape
         if self.basis == "qr":
-            return qr_pivots(x, self.num_basis)
+            return qr_pivots(x, self.num_basis, scaled=True)  # Gram rows in ridge_errors' units
         if self.basis == "random":
             generator = self._generator(context, x.device)
             return random_indices(b, n, self.num_basis, generator=generator, device=x.device), None

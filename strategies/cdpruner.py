@@ -41,6 +41,11 @@ Departures, all stated:
   float32 the leftover gains right at the rank are rounding noise of about that size (``1-2e-6`` at
   ``D = 1024``), so the few picks made there before the threshold is met depend on the rounding of the
   update (they differ between the literal ``c`` update and the ``w`` form above).
+- **Equal relevance.** When every token is equally relevant (``max r = min r``: identical or zero
+  tokens), the min-max of step 2 divides by zero (the authors' code gives NaN or infinity); we set
+  ``r = 1`` for every token, which leaves a plain similarity DPP.
+- Tokens and text embeddings are scaled by a power of two per row before they are normalised (the
+  same unit vectors, but a token of size ``1e30`` or ``1e-30`` has a finite, nonzero norm there).
 - Without ``Context.image_embeddings`` the tokens themselves are taken as the joint space (then the
   text embeddings must have the tokens' dimension).
 """
@@ -54,7 +59,7 @@ import torch.nn.functional as F
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import selection_result
-from tokencomp.kernels.blocks import row_blocks, unit_rows
+from tokencomp.kernels.blocks import pow2_scale, row_blocks, unit_rows
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import check_float
@@ -64,10 +69,12 @@ _DEGENERATE = 1e-6
 
 def relevance(image: torch.Tensor, text: torch.Tensor, theta: Optional[float]) -> torch.Tensor:
     """Step 2 (and the optional ``theta``): ``[B, N]`` relevance of each token to the instruction."""
-    cos = unit_rows(image) @ F.normalize(text.float(), dim=-1).transpose(1, 2)  # [B, N, T]
+    text = text.double() if text.dtype == torch.float64 else text.float()
+    cos = unit_rows(image) @ F.normalize((text * pow2_scale(text)).float(), dim=-1).transpose(1, 2)  # [B, N, T]
     r = (-cos).mean(dim=-1)
     low, high = r.min(dim=1, keepdim=True).values, r.max(dim=1, keepdim=True).values
-    r = (r - low + 1e-6) / (high - low)
+    spread = high - low  # 0 when every token is equally relevant: then r = 1 for all
+    r = torch.where(spread > 0, (r - low + 1e-6) / torch.where(spread > 0, spread, 1.0), torch.ones_like(r))
     if theta is not None:
         r = torch.exp(theta / (2 * (1 - theta)) * r)
     return r
@@ -75,12 +82,16 @@ def relevance(image: torch.Tensor, text: torch.Tensor, theta: Optional[float]) -
 
 def unit_columns(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x_hat = F.normalize(tokens.float(), dim=-1)`` (same values) as columns ``[B, D, N]``, and ``[B, N]``
-    ``|x_hat_n|^2``, built row block by row block: the only full-size tensor is the float32 result."""
+    ``|x_hat_n|^2``, built row block by row block: the only full-size tensor is the float32 result. Each
+    row is scaled by a power of two first (:func:`~tokencomp.kernels.blocks.pow2_scale`: the same unit
+    vectors, but no overflow or underflow of the norm for tokens of extreme size)."""
     b, n, d = tokens.shape
     columns = torch.empty(b, d, n, dtype=torch.float32, device=tokens.device)
     sq = torch.empty(b, n, dtype=torch.float32, device=tokens.device)
     for blk in row_blocks(b, n, d):
-        rows = tokens[:, blk].float()
+        rows = tokens[:, blk]
+        rows = rows.double() if rows.dtype == torch.float64 else rows.float()
+        rows = (rows * pow2_scale(rows)).float()
         rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         sq[:, blk] = rows.square().sum(dim=-1)
         columns[:, :, blk] = rows.transpose(1, 2)
@@ -148,6 +159,7 @@ class CDPruner(Compressor):
     requires = ("text_embeddings",)
     summary = "Conditional DPP: similarity kernel weighted by instruction relevance, greedy MAP."
     complexity = "O(N T D + N K D)"
+    scale_invariant = True
     info_layout = {"order": "position", "relevance": "token"}
     paper = "Zhang et al., CDPruner, NeurIPS 2025 (arXiv 2506.10967)"
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, selection_result
+from tokencomp.kernels.blocks import pow2_scale
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import InvalidParameterError, check_int
@@ -55,11 +56,22 @@ def claim_quotas(claims: int, pivots: int) -> list[int]:
     return [base + (1 if p < extra else 0) for p in range(pivots)]
 
 
-def _l2_norms(x: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` float32 Euclidean norms of the rows of ``x`` (no float32 copy of half-precision rows)."""
-    if x.dtype == torch.float64:
-        x = x.float()
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+def _scaled_l2_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, N]`` float32 Euclidean norms of the rows of ``x`` each scaled by a power of two, and those powers.
+
+    The norm of row ``n`` is ``norms[n] / scale[n]`` (:func:`~tokencomp.kernels.blocks.pow2_scale`: the
+    squares of a row of size ``1e30`` do not overflow, nor those of size ``1e-30`` vanish). Row block by
+    row block, so half-precision rows are never copied whole to float32.
+    """
+    b, n, d = x.shape
+    norms = torch.empty(b, n, dtype=torch.float32, device=x.device)
+    scale = torch.empty(b, n, dtype=torch.float32, device=x.device)
+    for blk in row_blocks(b, n, d):
+        rows = x[:, blk].float()
+        f = pow2_scale(rows)
+        norms[:, blk] = torch.linalg.vector_norm(rows * f, dim=-1)
+        scale[:, blk] = f.squeeze(-1)
+    return norms, scale
 
 
 def _l1_norms(x: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
@@ -81,11 +93,16 @@ def pivot_cosines(features: torch.Tensor, pivot_features: torch.Tensor) -> torch
     """``[B, P, N]`` float32 cosine similarity of each pivot to each row of ``features`` ``[B, N, D]``.
 
     Only the ``P`` pivot rows are normalised; the ``[B, N, P]`` product is divided by the token norms
-    (``F.normalize``'s ``1e-12`` floor included), so no normalised copy of the ``N`` tokens is made.
+    (``F.normalize``'s ``1e-12`` floor included), so no normalised copy of the ``N`` tokens is made. Norms
+    are taken of rows scaled by a power of two (the product is scaled alike), so tokens of size ``1e30``
+    or ``1e-30`` have the cosines of any other size.
     """
-    unit = F.normalize(pivot_features.float(), dim=-1)  # [B, P, D]
-    norms = _l2_norms(features).clamp_min(1e-12)  # [B, N]
-    return (rows_matmul(features, unit.transpose(1, 2)) / norms.unsqueeze(-1)).transpose(1, 2).contiguous()
+    pivots = pivot_features.float()
+    unit = F.normalize(pivots * pow2_scale(pivots), dim=-1)  # [B, P, D]
+    norms, scale = _scaled_l2_norms(features)  # [B, N]
+    dots = rows_matmul(features, unit.transpose(1, 2))  # [B, N, P]
+    dots.mul_(scale.unsqueeze(-1)).div_(norms.clamp_min(1e-12).unsqueeze(-1))
+    return dots.transpose(1, 2).contiguous()
 
 
 def remove_duplicates(cos: torch.Tensor, image_pivots: torch.Tensor, quotas: list[int]) -> torch.Tensor:
@@ -145,6 +162,7 @@ class DART(Compressor):
     deterministic = True
     summary = "Pivots by L1 norm; each keeps the tokens least similar to it (duplicates dropped)."
     complexity = "O(P N D + N log N)"
+    scale_invariant = True
     info_layout = {"pivots": "position"}
     paper = "Wen et al., DART, EMNLP 2025 (arXiv 2502.11494)"
 

@@ -127,6 +127,7 @@ class DivPrune(Compressor):
     deterministic = True
     summary = "Greedy max-min diversity on cosine distance (first pick: farthest nearest neighbour)."
     complexity = "O(N^2 D + N K D)"
+    scale_invariant = True
     info_layout = {"order": "position"}
     paper = "Alvar et al., DivPrune, CVPR 2025 (arXiv 2503.02175)"
 

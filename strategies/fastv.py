@@ -53,6 +53,7 @@ class FastV(Compressor):
     requires = ("text_attention",)
     summary = "Keep image tokens with most attention from the last token at LLM layer 2."
     complexity = "O(N log N)"
+    scale_invariant = True
     info_layout = {"scores": "token"}
     paper = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024 (arXiv 2403.06764)"
 

@@ -60,6 +60,7 @@ class PyramidDrop(Compressor):
     requires = ("query", "keys", "visual_positions")
     summary = "Pyramid of cuts at LLM layers 8/16/24, ranking by the last instruction token's q/k attention."
     complexity = "O(L H Dh + N log N)"
+    scale_invariant = True
     info_layout = {"scores": "token"}
     paper = "Xing et al., PyramidDrop, CVPR 2025 (arXiv 2410.17247)"
 

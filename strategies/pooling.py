@@ -51,6 +51,7 @@ class GridPooling(Compressor):
     deterministic = True
     summary = "2-D average pooling of the token grid to the budget (reference)."
     complexity = "O(N D)"
+    scale_invariant = True
     padding = "unsupported"
 
     def _grid(self, n: int, context: Context) -> tuple[int, int, int]:

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, slots_of
+from tokencomp.kernels.blocks import pow2_scale
 from tokencomp.kernels.gather import flat_index
 from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.registry import register
@@ -92,7 +93,8 @@ class PruMerge(Compressor):
     Notes
     -----
     See the module docstring for the exact-``K`` rule, the ``assignment`` rule and the departures
-    from the authors' code.
+    from the authors' code. The outputs are not averages (``convex_outputs = False``): a centre is
+    ``x_i + sum_j a_j x_j`` and the extra token ``sum_j a_j x_j``, the authors' unnormalised sums.
     """
 
     stage = "pre_llm"
@@ -100,8 +102,10 @@ class PruMerge(Compressor):
     text_conditioned = False
     deterministic = True
     requires = ("cls_attention",)
+    convex_outputs = False  # x_i + sum_j a_j x_j, not an average (see Notes)
     summary = "IQR outliers of [CLS] attention, each merging its k nearest neighbours (PruMerge/PruMerge+)."
     complexity = "O(N K D)"
+    scale_invariant = True
     info_layout = {"num_outliers": "row", "neighbours": "position"}
     paper = (
         "Shang et al., LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models, "
@@ -157,12 +161,15 @@ class PruMerge(Compressor):
         # similarities one block of centres at a time: their [B, c, N] cosines (the unit centres times the
         # tokens, divided by the token norms: no normalised copy of the tokens); then the weighted sums of
         # the neighbours' rows, without a dense [B, K, N] weight matrix or a [B, K, knn, D] gather.
-        norms = _norms(x).clamp_min(1e-12).unsqueeze(1)  # [B, 1, N], F.normalize's floor
+        norms, scale = _scaled_norms(x)  # token n's norm is norms[n] / scale[n] (scale: a power of two)
+        norms, scale = norms.clamp_min(1e-12).unsqueeze(1), scale.unsqueeze(1)  # [B, 1, N], F.normalize's floor
         nb_all = torch.empty(b, kc, self.knn, dtype=torch.int64, device=dev)
         sim_all = torch.empty(b, kc, self.knn, dtype=torch.float32, device=dev)
         for blk in row_blocks(b, kc, n):
             cp = cpos[:, blk]
-            sim = _times_tokens(F.normalize(batched_gather(x, cp).float(), dim=-1), x).div_(norms)  # [B, c, N]
+            centres = batched_gather(x, cp).float()
+            unit = F.normalize(centres * pow2_scale(centres), dim=-1)
+            sim = _times_tokens(unit, x).mul_(scale).div_(norms)  # [B, c, N]
             sim.scatter_(2, cp.unsqueeze(-1), float("-inf"))  # not itself
             val, nb = sim.topk(self.knn, dim=-1)  # [B, c, knn]
             del sim
@@ -214,9 +221,22 @@ class PruMerge(Compressor):
         )
 
 
-def _norms(x: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` float32 Euclidean norms of the rows of ``x`` (float32 or half: no float32 copy)."""
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+def _scaled_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, N]`` float32 Euclidean norms of the rows of ``x`` each scaled by a power of two, and those powers.
+
+    The norm of row ``n`` is ``norms[n] / scale[n]`` (:func:`~tokencomp.kernels.blocks.pow2_scale`: the
+    squares of a token of size ``1e30`` do not overflow, nor those of size ``1e-30`` vanish). Row block by
+    row block (float32 or half rows: no float32 copy of the tokens).
+    """
+    b, n, d = x.shape
+    norms = torch.empty(b, n, dtype=torch.float32, device=x.device)
+    scale = torch.empty(b, n, dtype=torch.float32, device=x.device)
+    for blk in row_blocks(b, n, d):
+        rows = x[:, blk].float()
+        f = pow2_scale(rows)
+        norms[:, blk] = torch.linalg.vector_norm(rows * f, dim=-1)
+        scale[:, blk] = f.squeeze(-1)
+    return norms, scale
 
 
 def _times_tokens(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ class RandomSubset(Compressor):
     deterministic = False
     summary = "Uniformly random subset without replacement (reference)."
     complexity = "O(N log N + K D)"
+    scale_invariant = True
 
     def __init__(self, *, seed: Optional[int] = 0) -> None:
         self.seed = check_seed("random", "seed", seed)

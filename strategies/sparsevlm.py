@@ -105,6 +105,7 @@ import torch
 from tokencomp.base import Compressor
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, slots_of
 from tokencomp.kernels import blocks as _blocks
+from tokencomp.kernels.blocks import token_scale
 from tokencomp.kernels.attention import rank_descending
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
@@ -167,6 +168,11 @@ class SparseVLM(Compressor):
     ``info``: ``scores`` ``[B, N]`` the raters' mean attention, ``raters`` ``[B, T]`` bool,
     ``recycled`` ``[B, K]`` bool marking the merged output slots, ``rater_rank`` ``[B]`` the rank of the
     raters' attention rows (the paper's adaptive-count statistic).
+
+    Not scale-invariant (``scale_invariant = False``): the clustering's density ``exp(-d^2)`` uses
+    absolute distances, so for tokens of size ``1e-30`` every density is 1 and for size ``1e30`` every
+    one is 0, and the centres then follow the tie rule. The kept (non-merged) tokens depend on the
+    attention only.
     """
 
     stage = "in_llm"
@@ -176,6 +182,7 @@ class SparseVLM(Compressor):
     requires = ("cross_attention",)
     in_llm_positions = "renumber"
     budget_param = "retained"
+    scale_invariant = False  # DPC-KNN's density exp(-d^2) is absolute (see Notes)
     summary = "Text raters' attention keeps visual tokens after LLM layers 2/6/15; best pruned ones recycled by DPC-KNN."
     complexity = "O(T N + N^2 D)"
     info_layout = {"scores": "token", "raters": "row", "rater_rank": "row", "recycled": "row"}
@@ -356,7 +363,13 @@ class SparseVLM(Compressor):
         return raters | ~raters.any(dim=1, keepdim=True)  # nobody above the mean: everyone rates
 
 
-def _distances(a: torch.Tensor, a_sq: torch.Tensor, other: torch.Tensor, other_sq: torch.Tensor) -> torch.Tensor:
+def _distances(
+    a: torch.Tensor,
+    a_sq: torch.Tensor,
+    other: torch.Tensor,
+    other_sq: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """``[B, I, J]`` float32 distances ``||a_i - o_j|| / sqrt(D)`` of float64 rows ``a`` ``[B, I, D]``, ``other`` ``[B, J, D]``.
 
     ``||a||^2 + ||o||^2 - 2 a.o`` in float64 (one matrix product; exact products of the float32 values,
@@ -364,6 +377,10 @@ def _distances(a: torch.Tensor, a_sq: torch.Tensor, other: torch.Tensor, other_s
     ``sqrt(D)`` in float32, as the float32 ``cdist`` it replaces. Squared distances within four times that
     error bound are taken as 0, so equal rows are at distance exactly 0 (the reference's ties). About 13
     bytes of temporaries per distance.
+
+    ``a`` and ``other`` may be the rows times a power of two ``scale`` ``[B, 1, 1]`` (as :func:`_dpc_knn`
+    passes them, so that their squares neither overflow the float32 tolerance for tokens of size ``1e30``
+    nor vanish): the distances are divided by it, the same values bit for bit.
     """
     d = a.shape[2]
     eps = 4 * d * 2.0**-53
@@ -373,7 +390,8 @@ def _distances(a: torch.Tensor, a_sq: torch.Tensor, other: torch.Tensor, other_s
     del tol
     dist = sq.masked_fill_(zero, 0.0).sqrt_().float()
     del sq, zero
-    return dist.div_(math.sqrt(d))
+    dist.div_(math.sqrt(d))
+    return dist if scale is None else dist.div_(scale)
 
 
 def _pair_elements() -> int:
@@ -405,7 +423,12 @@ def _dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     b, r, d = x.shape
     dev = x.device
-    xd = x.double()  # products of float32 values are exact in float64
+    # Products of float32 values are exact in float64. The rows are scaled by a power of two per batch row
+    # (token_scale: exact, the distances are scaled back), so the float32 tolerance of _distances neither
+    # overflows for tokens of size 1e30 (every distance would count as 0) nor vanishes for 1e-30.
+    f = token_scale(x)  # [B, 1, 1] float32
+    f64 = f.double()
+    xd = x.double().mul_(f64)
     sq = torch.empty(b, r, dtype=xd.dtype, device=dev)  # [B, r] squared norms
     for blk in row_blocks(b, r, d):
         sq[:, blk] = xd[:, blk].square().sum(dim=-1)
@@ -414,7 +437,7 @@ def _dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     density = torch.empty(b, r, dtype=torch.float32, device=dev)
     dist_max = torch.full((b,), float("-inf"), dtype=torch.float32, device=dev)
     for blk in row_blocks(b, r, r, _pair_elements()):
-        dist = _distances(xd[:, blk], sq[:, blk], xd, sq)  # [B, rows, r]
+        dist = _distances(xd[:, blk], sq[:, blk], xd, sq, f)  # [B, rows, r]
         knn = dist.topk(c, dim=-1, largest=False).values
         density[:, blk] = (-(knn**2).mean(dim=-1)).exp()
         dist_max = torch.maximum(dist_max, dist.flatten(1).max(dim=-1).values)
@@ -423,12 +446,12 @@ def _dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     # first, the tie rule), the denser rows of rank p are exactly ranks 0 .. p - 1; the densest takes dist_max.
     by_density = rank_descending(density)  # [B, r]
     for blk in row_blocks(b, r, d):  # the rows in decreasing density, in place of the original order
-        xd[:, blk].copy_(batched_gather(x, by_density[:, blk]))
+        xd[:, blk].copy_(batched_gather(x, by_density[:, blk])).mul_(f64)
     sq = torch.gather(sq, 1, by_density)
     delta_sorted = torch.empty(b, r, dtype=torch.float32, device=dev)
     ranks = torch.arange(r, device=dev)
     for blk in _prefix_blocks(b, r, _pair_elements()):
-        dist = _distances(xd[:, blk], sq[:, blk], xd[:, : blk.stop], sq[:, : blk.stop])  # [B, rows, stop]
+        dist = _distances(xd[:, blk], sq[:, blk], xd[:, : blk.stop], sq[:, : blk.stop], f)  # [B, rows, stop]
         dist.masked_fill_(ranks[: blk.stop] >= ranks[blk].unsqueeze(1), float("inf"))  # only denser columns
         delta_sorted[:, blk] = torch.minimum(dist.min(dim=-1).values, dist_max.unsqueeze(1))
     delta = torch.empty_like(delta_sorted).scatter_(1, by_density, delta_sorted)
@@ -440,7 +463,7 @@ def _dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     xc, sc = batched_gather(xd, centre_rank), torch.gather(sq, 1, centre_rank)
     owner_sorted = torch.empty(b, r, dtype=torch.int64, device=dev)
     for blk in row_blocks(b, r, c, _pair_elements()):
-        owner_sorted[:, blk] = _distances(xd[:, blk], sq[:, blk], xc, sc).argmin(dim=-1)
+        owner_sorted[:, blk] = _distances(xd[:, blk], sq[:, blk], xc, sc, f).argmin(dim=-1)
     owner = torch.empty_like(owner_sorted).scatter_(1, by_density, owner_sorted)
     owner.scatter_(1, centres, torch.arange(c, device=dev).expand(b, c).contiguous())
     return centres, owner

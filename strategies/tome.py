@@ -86,6 +86,7 @@ class ToMe(Compressor):
     deterministic = True
     summary = "Bipartite soft matching repeated until the budget; size-weighted averages (ToMe)."
     complexity = "O(N^2 D)"
+    scale_invariant = True
     info_layout = {"size": "row"}
     paper = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (arXiv 2210.09461)"
 

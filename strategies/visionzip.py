@@ -92,6 +92,7 @@ class VisionZip(Compressor):
     requires = ("cls_attention",)
     summary = "Top [CLS]-attention tokens plus contextual tokens merged by similarity."
     complexity = "O(N log N + (N - K) K D)"
+    scale_invariant = True
     info_layout = {"dominant": "row"}
     paper = (
         "Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, "
@@ -102,6 +103,12 @@ class VisionZip(Compressor):
         name = "visionzip"
         self.contextual = None if contextual is None else check_int(name, "contextual", contextual, low=0)
         self.contextual_merge = check_choice(name, "contextual_merge", contextual_merge, CONTEXTUAL_MERGES)
+
+    @property
+    def convex_outputs(self) -> bool:
+        """Whether every output is an average of input tokens: only with ``contextual_merge="mean"``
+        (``target + mean`` is not an average)."""
+        return self.contextual_merge == "mean"
 
     def _contextual_count(self, k: int) -> int:
         return default_contextual(k) if self.contextual is None else self.contextual

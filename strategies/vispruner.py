@@ -56,6 +56,7 @@ import torch
 from tokencomp.base import Compressor
 from tokencomp.kernels import GEMM_MIN, batched_gather, gemm_pieces, row_blocks, selection_result
 from tokencomp.kernels import blocks as _blocks
+from tokencomp.kernels.blocks import pow2_scale
 from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.kernels.gather import flat_index
 from tokencomp.registry import register
@@ -74,9 +75,12 @@ def _unit_rows(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``F.normalize(tokens.float(), dim=-1)`` at ``positions`` ``[B, S]``: ``[B, S, D]`` float32, fresh.
 
     Row for row the same values (the same norm, clamp and division), normalised in place in the gathered
-    copy, so neither all ``N`` tokens nor a second copy of the rows is made.
+    copy, so neither all ``N`` tokens nor a second copy of the rows is made. Each row is first scaled by
+    a power of two (:func:`~tokencomp.kernels.blocks.pow2_scale`, exact): the same unit vectors, but the
+    norm of a token of size ``1e30`` does not overflow nor that of size ``1e-30`` fall to the floor.
     """
     rows = batched_gather(tokens, positions).float()
+    rows.mul_(pow2_scale(rows))
     return rows.div_(rows.norm(2, -1, keepdim=True).clamp_min_(1e-12))
 
 
@@ -153,6 +157,7 @@ class VisPruner(Compressor):
     requires = ("cls_attention",)
     summary = "Top [CLS]-attention tokens plus diverse tokens kept by iterative duplicate removal."
     complexity = "O(N^3 D)"
+    scale_invariant = True
     info_layout = {"important": "row"}
     paper = (
         "Zhang et al., Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning "

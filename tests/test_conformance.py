@@ -76,3 +76,22 @@ class WrongShape(tc.Compressor):
 def test_base_class_rejects_malformed_results():
     with pytest.raises(RuntimeError, match=r"WrongShape._compress returned a malformed result"):
         WrongShape().compress(torch.randn(2, 10, 3), 4)
+
+
+class AcceptsAnything(tc.Compressor):
+    """Stores its parameter unchecked: the conformance suite must say so."""
+
+    deterministic = True
+
+    def __init__(self, *, power: int = 2) -> None:
+        self.power = power
+
+    def _compress(self, tokens, k, context):
+        return tc.selection_result(tokens, torch.arange(k).expand(tokens.shape[0], k))
+
+
+def test_conformance_catches_unchecked_parameters():
+    from tokencomp.testing import check_bad_parameters
+
+    with pytest.raises(AssertionError, match="accepted power=<object"):
+        check_bad_parameters(AcceptsAnything())

@@ -342,3 +342,17 @@ def test_peak_memory_is_bounded(monkeypatch):
     assert r > 2000
     _, peak = peak_memory(lambda: comp.compress(x, 288, ctx))
     assert peak < r * r * 4 / 2
+
+
+def test_clusters_of_huge_tokens_are_nearest_centre_clusters():
+    """Tokens of size ~1e30: the float32 distance tolerance must not overflow (every distance counted as 0
+    would hand every token to the first centre). Each token goes to its nearest centre, as in float64."""
+    from tokencomp.strategies.sparsevlm import _dpc_knn
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 8, generator=g) * 2.0**100
+    centres, owner = _dpc_knn(x, 4)
+    xd = x.double()
+    nearest = torch.cdist(xd, torch.gather(xd, 1, centres.unsqueeze(-1).expand(-1, -1, 8))).argmin(dim=-1)
+    assert torch.equal(owner, nearest)
+    assert owner.unique().numel() == 4

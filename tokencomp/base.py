@@ -78,6 +78,15 @@ class Compressor(ABC):
         The kind of each :attr:`CompressionResult.info` entry, so that a padded batch's entries are
         mapped back to the padded positions: token positions, one value per input token (dimension
         1), or per row / per output slot. Undeclared entries are left out of a padded batch's result.
+    scale_invariant : bool
+        Multiplying every token by ``s > 0`` keeps the same positions and multiplies the output tokens
+        by ``s`` (the selection reads only directions and ratios). A strategy with an absolute constant
+        in its algorithm (ApET's ridge, SparseVLM's density ``exp(-d^2)``) is not; the conformance
+        check :func:`~tokencomp.testing.check_extreme_magnitudes` holds a strategy to its claim.
+    convex_outputs : bool
+        Every output token is a weighted average of input tokens (a kept token, a mean, a weighted
+        mean). False for strategies that add tokens up (PruMerge's ``x_i + sum_j a_j x_j``); their
+        outputs must still lie in the inputs' span.
 
     Examples
     --------
@@ -104,6 +113,8 @@ class Compressor(ABC):
     complexity: ClassVar[str] = ""
     padding: ClassVar[str] = "rows"
     info_layout: ClassVar[dict[str, str]] = {}
+    scale_invariant: ClassVar[bool] = False
+    convex_outputs: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ parameters
     @classmethod

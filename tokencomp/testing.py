@@ -255,12 +255,15 @@ def check_bad_budgets(compressor: Compressor) -> None:
 
 
 def check_bad_tokens(compressor: Compressor) -> None:
-    """Integer, 1-D, 4-D and non-finite tokens raise ValueError."""
+    """Integer, 1-D, 4-D and non-finite (NaN, ``+inf``, ``-inf``) tokens raise ValueError."""
     x = make_tokens()
     ctx = make_context(compressor, x)
-    nan = x.clone()
-    nan[0, 0, 0] = float("nan")
-    for bad in (x.long(), x[0, 0], x.unsqueeze(0), nan, x.numpy()):
+    non_finite = []
+    for value in (float("nan"), float("inf"), float("-inf")):
+        bad = x.clone()
+        bad[0, 0, 0] = value
+        non_finite.append(bad)
+    for bad in (x.long(), x[0, 0], x.unsqueeze(0), *non_finite, x.numpy()):
         try:
             compressor.compress(bad, 4, ctx)
         except ValueError:
@@ -293,6 +296,261 @@ def check_keep_all(compressor: Compressor) -> None:
     result = compressor.compress(x, _N, ctx)
     assert torch.equal(result.indices, torch.arange(_N).expand(_B, _N))
     assert torch.equal(result.assignment, torch.arange(_N).expand(_B, _N))
+
+
+# ---------------------------------------------------------------------------- degenerate inputs
+# How much the degenerate-input checks below can demand of the output tokens is read from the
+# strategy's declarations ``convex_outputs`` and ``scale_invariant`` (see :class:`~tokencomp.Compressor`;
+# a property when a parameter decides), never from a list of names.
+
+
+def _convex_outputs(compressor: Compressor) -> bool:
+    return bool(compressor.convex_outputs)
+
+
+def _scale_invariant(compressor: Compressor) -> bool:
+    return bool(compressor.scale_invariant)
+
+
+def _assert_info_finite(compressor: Compressor, result: CompressionResult) -> None:
+    for key, value in result.info.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            assert bool(torch.isfinite(value).all()), f"{compressor!r}: info[{key!r}] is not finite: {value}"
+
+
+def _assert_degenerate_valid(compressor: Compressor, result: CompressionResult, b: int, n: int, k: int, d: int) -> None:
+    _assert_result_valid(compressor, result, b, n, k, d)
+    _assert_info_finite(compressor, result)
+
+
+def _span_fit(out: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares coefficients ``[B, K, V]`` of ``out`` ``[B, K, D]`` on ``vectors`` ``[B, V, D]`` and the
+    residual norm of each output token relative to its own norm ``[B, K]`` (float64)."""
+    o, a = out.double(), vectors.double()
+    coef = torch.linalg.lstsq(a.transpose(1, 2), o.transpose(1, 2)).solution.transpose(1, 2)  # [B, K, V]
+    residual = (o - coef @ a).norm(dim=-1)
+    return coef, residual / o.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _assert_within_bounds(compressor: Compressor, out: torch.Tensor, x: torch.Tensor, what: str) -> None:
+    """Each coordinate of every output token lies between that coordinate's minimum and maximum over the
+    input tokens of its batch row (a necessary condition of a convex combination), to float rounding."""
+    o, xd = out.double(), x.double()
+    lo, hi = xd.amin(dim=1, keepdim=True), xd.amax(dim=1, keepdim=True)
+    tol = 1e-5 * xd.abs().amax(dim=(1, 2), keepdim=True)
+    assert bool(((o >= lo - tol) & (o <= hi + tol)).all()), (
+        f"{compressor!r}: on {what}, an output token leaves the coordinate range of the input tokens, so it is "
+        "not a weighted average of them"
+    )
+
+
+def _is_selection(compressor: Compressor, k: int) -> bool:
+    """Whether at budget ``k`` the strategy returns input tokens unchanged (``tokens == x[indices]``) on
+    :func:`make_tokens`: the strategies (and budgets) held to it on degenerate tokens too."""
+    x = make_tokens()
+    result = compressor.compress(x, k, make_context(compressor, x))
+    kept = torch.gather(x, 1, result.indices.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+    return torch.equal(result.tokens, kept)
+
+
+def check_identical_tokens(compressor: Compressor) -> None:
+    """Identical tokens (every one of the ``N`` tokens the same vector ``v``) are compressed normally.
+
+    At every budget the result is valid (indices unique, ascending and in range, ``assignment``
+    consistent with them, tokens and ``info`` finite), and two calls give the same result. Every output
+    token is ``v``: exactly for a strategy that returns input tokens unchanged, to float rounding for
+    one that merges (the mean of copies of ``v`` is ``v``). A strategy whose outputs are not averages
+    (its ``convex_outputs`` is False: PruMerge's ``x_i + sum_j a_j x_j``, VisionZip's ``target + mean``)
+    gives positive multiples ``c v`` instead. Which tokens are kept is the strategy's tie rule; nothing
+    divides by the zero spread of the tokens' scores or distances (CDPruner's min-max relevance, for one,
+    is 1 for every token then).
+    """
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(_D, generator=g) * 3
+    x = v.expand(_B, _N, _D).contiguous()
+    ctx = make_context(compressor, x)
+    for k in _some_budgets(compressor):
+        first = compressor.compress(x, k, ctx)
+        _assert_degenerate_valid(compressor, first, _B, _N, k, _D)
+        if _is_selection(compressor, k):
+            assert torch.equal(first.tokens, v.expand(_B, k, _D)), (
+                f"{compressor!r}: identical tokens, K={k}: a selection's outputs are not exactly the common vector"
+            )
+        elif _convex_outputs(compressor):
+            torch.testing.assert_close(
+                first.tokens, v.expand(_B, k, _D), rtol=1e-5, atol=1e-5 * float(v.abs().max()),
+                msg=lambda m: f"{compressor!r}: identical tokens, K={k}: the outputs are not the common vector. {m}",
+            )
+        else:
+            coef, residual = _span_fit(first.tokens, v.expand(_B, 1, _D))
+            assert bool((residual <= 1e-5).all()) and bool((coef > 0).all()), (
+                f"{compressor!r}: identical tokens, K={k}: an output is not a positive multiple of the common "
+                f"vector (coefficients {coef[..., 0]}, relative residuals {residual})"
+            )
+        again = compressor.compress(x, k, ctx)
+        assert torch.equal(first.indices, again.indices) and torch.equal(first.assignment, again.assignment), (
+            f"{compressor!r}: identical tokens, K={k}: two calls keep different positions"
+        )
+        assert torch.equal(first.tokens, again.tokens), f"{compressor!r}: identical tokens, K={k}: two calls differ"
+
+
+def check_zero_tokens(compressor: Compressor) -> None:
+    """All-zero tokens give a valid, finite result whose output tokens are all exactly zero.
+
+    A zero token has no direction: strategies that normalise tokens treat it as the zero vector (cosine
+    similarity 0 to everything), never as NaN, and any combination of zero tokens is zero.
+    """
+    x = torch.zeros(_B, _N, _D)
+    ctx = make_context(compressor, x)
+    for k in _some_budgets(compressor):
+        result = compressor.compress(x, k, ctx)
+        _assert_degenerate_valid(compressor, result, _B, _N, k, _D)
+        assert torch.equal(result.tokens, torch.zeros(_B, k, _D)), (
+            f"{compressor!r}: zero tokens, K={k}: the output tokens are not all zero: {result.tokens}"
+        )
+
+
+def _rank_two_tokens(distinct: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, N, D]`` tokens spanning two random vectors ``[B, 2, D]``: each token one of the two
+    (``distinct=True``, both present) or a random combination of them."""
+    g = torch.Generator().manual_seed(3)
+    vectors = torch.randn(_B, 2, _D, generator=g) * 3
+    if distinct:
+        which = torch.randint(2, (_B, _N), generator=g)
+        which[:, :2] = torch.tensor([0, 1])
+        coef = torch.nn.functional.one_hot(which, 2).float()
+    else:
+        coef = torch.randn(_B, _N, 2, generator=g)
+    return coef @ vectors, vectors
+
+
+def check_rank_deficient(compressor: Compressor) -> None:
+    """Tokens of rank 2 (copies of two vectors, or random combinations of two) are compressed normally,
+    including at budgets above the rank.
+
+    The result is valid and finite at every budget. Every output token lies in the span of the two
+    vectors; a strategy whose outputs are averages (``convex_outputs``, the default) keeps every
+    coordinate within the inputs' range, and on copies of two vectors ``u``, ``w`` gives points
+    ``a u + (1 - a) w`` with ``0 <= a <= 1``. A strategy that returns input tokens unchanged on
+    generic tokens at a budget returns exactly ``tokens[indices]`` here too. Picks beyond the rank
+    (every remaining token a copy or a combination of those kept) follow the strategy's tie rule and
+    never repeat a position.
+    """
+    convex = _convex_outputs(compressor)
+    budgets = _some_budgets(compressor)
+    selection = {k: _is_selection(compressor, k) for k in budgets}
+    for distinct in (True, False):
+        x, vectors = _rank_two_tokens(distinct)
+        what = "copies of two vectors" if distinct else "combinations of two vectors"
+        ctx = make_context(compressor, x)
+        for k in budgets:
+            result = compressor.compress(x, k, ctx)
+            _assert_degenerate_valid(compressor, result, _B, _N, k, _D)
+            coef, residual = _span_fit(result.tokens, vectors)
+            assert bool((residual <= 1e-4).all()), (
+                f"{compressor!r}: {what}, K={k}: an output token leaves their span (relative residuals {residual})"
+            )
+            if convex:
+                _assert_within_bounds(compressor, result.tokens, x, f"{what}, K={k}")
+                if distinct:
+                    ok = (coef >= -1e-5).all() & ((coef.sum(-1) - 1).abs() <= 1e-5).all()
+                    assert bool(ok), (
+                        f"{compressor!r}: {what}, K={k}: an output is not a weighted average of the two "
+                        f"(coefficients {coef})"
+                    )
+            if selection[k]:
+                kept = torch.gather(x, 1, result.indices.unsqueeze(-1).expand(-1, -1, _D))
+                assert torch.equal(result.tokens, kept), (
+                    f"{compressor!r}: {what}, K={k}: a selection's outputs are not the input tokens at indices"
+                )
+
+
+def check_single_token(compressor: Compressor) -> None:
+    """One token (``N = 1``, a ``1 x 1`` grid) with budget ``1`` or ``1.0`` is kept as it is.
+
+    Position 0 is kept, ``assignment`` is ``[[0]]`` and the output token is exactly the input token. A
+    strategy that cannot run on one token as configured (its budget check rejects ``K = 1`` of
+    ``N = 1``, e.g. DART with 4 pivots, ApET with 10 basis tokens) raises ``ValueError`` naming itself
+    and the limit instead.
+    """
+    x = make_tokens(n=1)
+    ctx = make_context(compressor, x)
+    owner = compressor.display_name()
+    for budget in (1, 1.0):
+        if not _accepts(compressor, 1, 1, ctx):
+            try:
+                compressor.compress(x, budget, ctx)
+            except ValueError as exc:
+                assert owner in str(exc), f"{compressor!r}: the error for N=1 does not name {owner!r}: {exc}"
+                continue
+            raise AssertionError(f"{compressor!r}: _check_budget rejects K=1 of N=1, but compress() ran")
+        result = compressor.compress(x, budget, ctx)
+        _assert_degenerate_valid(compressor, result, _B, 1, 1, _D)
+        zero = torch.zeros(_B, 1, dtype=torch.int64)
+        assert torch.equal(result.indices, zero), f"{compressor!r}: N=1, budget {budget!r}: indices {result.indices}"
+        assert torch.equal(result.assignment, zero), (
+            f"{compressor!r}: N=1, budget {budget!r}: assignment {result.assignment}"
+        )
+        assert torch.equal(result.tokens, x), (
+            f"{compressor!r}: N=1, budget {budget!r}: the output {result.tokens} is not the input token {x}"
+        )
+
+
+# Scales of check_extreme_magnitudes: powers of two, so that the scaled tokens are exactly proportional
+# to the originals (about 1e-30 and 1e30 in float32, 1e-3 and 2e3 in float16).
+_FLOAT32_SCALES = (2.0**-100, 2.0**100)
+_FLOAT16_SCALES = (2.0**-10, 2.0**11)
+
+
+def _float16_tokens() -> torch.Tensor:
+    """:func:`make_tokens` rounded to multiples of 1/8 in float16: exact after scaling by 2^-10 or 2^11."""
+    return (make_tokens() * 8).round().div(8).to(torch.float16)
+
+
+def check_extreme_magnitudes(compressor: Compressor) -> None:
+    """Tokens of extreme magnitude (about 1e-30 and 1e30 in float32, 1e-3 and 2e3 in float16) are
+    compressed as well as tokens of magnitude 1.
+
+    The result is valid and finite (tokens and ``info``): squared norms and products of such tokens
+    overflow or underflow float32, so kernels compute them on tokens rescaled by a power of two, which
+    changes nothing else. The scales are powers of two, so the scaled tokens are exactly proportional.
+    A scale-invariant strategy, whose selection depends only on the tokens' directions and ratios, keeps
+    the same positions with the same ``assignment`` as at scale 1, and its outputs are those at scale 1
+    times the scale (to the output dtype's subnormal spacing): input tokens or their combinations at
+    their original magnitude. A strategy is held to that when it declares ``scale_invariant = True``
+    (the bundled ones do, except ApET and SparseVLM, whose algorithms hold an absolute constant: the
+    ridge, the density ``exp(-d^2)``). A strategy whose outputs are averages (``convex_outputs``, the default)
+    returns tokens within the inputs' coordinate range at every scale.
+    """
+    invariant = _scale_invariant(compressor)
+    convex = _convex_outputs(compressor)
+    for base, scales in ((make_tokens(), _FLOAT32_SCALES), (_float16_tokens(), _FLOAT16_SCALES)):
+        for k in _some_budgets(compressor):
+            reference = _fresh(compressor).compress(base, k, make_context(compressor, base))
+            for scale in scales:
+                x = base * scale
+                what = f"{base.dtype} tokens scaled by {scale:g}, K={k}"
+                assert bool(torch.isfinite(x).all())
+                result = _fresh(compressor).compress(x, k, make_context(compressor, x))
+                _assert_degenerate_valid(compressor, result, _B, _N, k, _D)
+                if convex:
+                    _assert_within_bounds(compressor, result.tokens, x, what)
+                if not invariant:
+                    continue
+                assert torch.equal(result.indices, reference.indices), (
+                    f"{compressor!r}: {what}: kept positions differ from scale 1:\n"
+                    f"{result.indices}\n{reference.indices}"
+                )
+                assert torch.equal(result.assignment, reference.assignment), (
+                    f"{compressor!r}: {what}: assignment differs from scale 1"
+                )
+                # outputs that are subnormal in the tokens' dtype (float16 below 6e-5) are rounded to its
+                # subnormal spacing: the one difference the output dtype allows
+                info = torch.finfo(base.dtype)
+                torch.testing.assert_close(
+                    result.tokens.double(), reference.tokens.double() * scale, rtol=1e-5, atol=info.tiny * info.eps,
+                    msg=lambda m: f"{compressor!r}: {what}: the outputs are not those at scale 1 times the scale. {m}",
+                )
 
 
 def check_no_host_sync(compressor: Compressor) -> None:
@@ -408,6 +666,39 @@ def check_padded_batch(compressor: Compressor) -> None:
             raise AssertionError(f"{who}: kept {n_short + 1} tokens of a row with {n_short} valid ones")
 
 
+def check_bad_parameters(compressor: Compressor) -> None:
+    """Unknown parameters and values of the wrong type or out of range raise ``ValueError`` naming them.
+
+    :func:`tokencomp.create` refuses a parameter the strategy does not take and lists those it takes.
+    Every parameter refuses an arbitrary object, NaN, and (when its value is a string or a list) a
+    string that is no valid choice; the message names the parameter.
+    """
+    cls, who = type(compressor), repr(compressor)
+    params = compressor.get_params()
+    if compressor.name:
+        try:
+            create(compressor.name, not_a_parameter=1)
+        except ValueError as exc:
+            assert "not_a_parameter" in str(exc), f"{who}: the unknown-parameter error does not name it: {exc}"
+        else:
+            raise AssertionError(f"{who}: create() accepted an unknown parameter")
+    for name, value in params.items():
+        bad_values: list = [object(), float("nan")]
+        if isinstance(value, (str, list, tuple)):
+            bad_values.append("no-such-choice")
+        for bad in bad_values:
+            try:
+                cls(**{**params, name: bad})
+            except ValueError as exc:
+                assert name in str(exc), f"{who}: the error for {name}={bad!r} does not name {name!r}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - any other exception type is the failure reported
+                raise AssertionError(
+                    f"{who}: {name}={bad!r} raised {type(exc).__name__} instead of ValueError: {exc}"
+                ) from exc
+            else:
+                raise AssertionError(f"{who}: accepted {name}={bad!r}")
+
+
 _CHECKS: tuple[Callable[[Compressor], None], ...] = (
     check_shapes_and_indices,
     check_float_budget,
@@ -418,9 +709,15 @@ _CHECKS: tuple[Callable[[Compressor], None], ...] = (
     check_get_params_roundtrip,
     check_bad_budgets,
     check_bad_tokens,
+    check_bad_parameters,
     check_missing_context,
     check_keep_all,
     check_no_host_sync,
+    check_identical_tokens,
+    check_zero_tokens,
+    check_rank_deficient,
+    check_single_token,
+    check_extreme_magnitudes,
     check_padded_batch,
 )
 

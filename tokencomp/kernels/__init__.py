@@ -1,7 +1,17 @@
 """Pure tensor kernels shared by several strategies (no model plumbing, batched over ``B``)."""
 
 from .basis import fps_indices, qr_pivot_indices, qr_pivots, random_indices
-from .blocks import BLOCK_ELEMENTS, GEMM_MIN, compute_dtype, gemm_pieces, row_blocks, rows_matmul, unit_rows
+from .blocks import (
+    BLOCK_ELEMENTS,
+    GEMM_MIN,
+    compute_dtype,
+    gemm_pieces,
+    pow2_scale,
+    row_blocks,
+    rows_matmul,
+    token_scale,
+    unit_rows,
+)
 from .gather import batched_gather, selection_result, slots_of
 from .lstsq import residual_errors, ridge_coefficients, ridge_errors, ridge_residual
 from .merge import cosine_match, mean_merge, merge_rows
@@ -16,6 +26,7 @@ __all__ = [
     "gemm_pieces",
     "mean_merge",
     "merge_rows",
+    "pow2_scale",
     "qr_pivot_indices",
     "qr_pivots",
     "random_indices",
@@ -27,5 +38,6 @@ __all__ = [
     "rows_matmul",
     "selection_result",
     "slots_of",
+    "token_scale",
     "unit_rows",
 ]

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .blocks import compute_dtype, row_blocks, rows_matmul
+from .blocks import compute_dtype, row_blocks, rows_matmul, token_scale
 
 
 def fps_indices(x: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
@@ -24,7 +24,10 @@ def fps_indices(x: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
     float32 (float64 for float64 tokens), not by the faster ``|x|^2 - 2 x.c + |c|^2`` expansion whose
     cancellation would reorder near ties and turn the zero distance of duplicate tokens into noise.
     The difference is formed in row blocks held in one reused buffer, so a step costs one pass over
-    the tokens and the extra memory is one block, whatever ``N``.
+    the tokens and the extra memory is one block, whatever ``N``. It is formed on the tokens scaled by
+    a power of two per batch row (:func:`~tokencomp.kernels.blocks.token_scale`), which scales every
+    distance alike (so the picks are the same, bit for bit on tokens of ordinary size) but keeps the
+    squares of tokens of size ``1e30`` from overflowing and of size ``1e-30`` from vanishing.
 
     Parameters
     ----------
@@ -48,12 +51,13 @@ def fps_indices(x: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
     rows = torch.arange(b, device=x.device)
     picked = torch.empty(b, m, dtype=torch.int64, device=x.device)
     cur = start.to(torch.int64)
+    f = token_scale(x)  # [B, 1, 1]
     for j in range(m):
         picked[:, j] = cur
-        centre = x[rows, cur].to(ct).unsqueeze(1)  # [B, 1, D]
+        neg_centre = x[rows, cur].to(ct).unsqueeze(1) * -f  # [B, 1, D]
         for blk in blocks:
             diff = buf[:, : blk.stop - blk.start]
-            torch.sub(x[:, blk], centre, out=diff)
+            torch.addcmul(neg_centre, x[:, blk], f, out=diff)  # x f - c f = (x - c) f, one rounding
             dist[:, blk] = torch.minimum(dist[:, blk], diff.square_().sum(-1))
         cur = dist.argmax(dim=-1)  # first maximum
     return picked
@@ -80,7 +84,7 @@ def qr_pivot_indices(x: torch.Tensor, m: int) -> torch.Tensor:
     return qr_pivots(x, m)[0]
 
 
-def qr_pivots(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def qr_pivots(x: torch.Tensor, m: int, *, scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Pivots of greedy QR with column pivoting on ``x^T``, and the Gram rows ``x_p . x`` of the pivots.
 
     Run as a pivoted Cholesky factorisation of the Gram matrix ``x x^T`` that never forms it: step
@@ -95,6 +99,21 @@ def qr_pivots(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     residual is below ``N * eps`` times the largest token norm is scaled by that floor instead, so the
     factor stays finite and tiny (the later pivots are then arbitrary, as they are for LAPACK).
 
+    The factorisation runs on the tokens scaled by a power of two per batch row, ``f = token_scale(x)``:
+    the same pivots (bit for bit on tokens of ordinary size), without the overflow of squared norms and
+    products of tokens of size ``1e30`` or their underflow at ``1e-30``. The squared norms are taken of
+    row blocks of the scaled tokens; the Gram rows are ``x . (f^2 x_p)``, so ``x`` is never copied whole.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[B, N, D]`` tokens, any float dtype.
+    m : int
+        Number of pivots.
+    scaled : bool, default False
+        Return the Gram rows times ``f^2``, the units :func:`~tokencomp.kernels.ridge_coefficients`
+        takes them in (they are finite even where ``x_p . x`` overflows).
+
     Returns
     -------
     tuple of torch.Tensor
@@ -102,7 +121,10 @@ def qr_pivots(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     b, n, d = x.shape
     ct = compute_dtype(x.dtype)
-    norms = torch.linalg.vector_norm(x, dim=-1, dtype=ct).square_()  # [B, N], no copy of x
+    f = token_scale(x)  # [B, 1, 1]
+    norms = torch.empty(b, n, dtype=ct, device=x.device)  # squared norms of the scaled tokens
+    for blk in row_blocks(b, n, d):
+        norms[:, blk] = torch.linalg.vector_norm(x[:, blk].to(ct) * f, dim=-1).square_()
     # residuals below this are rounding (tiny > 0 keeps all-zero tokens finite)
     floor = (norms.amax(dim=-1, keepdim=True) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)
     factor = torch.zeros(b, n, m, dtype=ct, device=x.device)  # the Cholesky factor L, zero-padded
@@ -110,8 +132,8 @@ def qr_pivots(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     for j in range(m):
         p = norms.argmax(dim=-1, keepdim=True)  # [B, 1]
         picked.append(p)
-        pivot = torch.gather(x, 1, p.unsqueeze(-1).expand(b, 1, d)).to(ct)  # [B, 1, D]
-        g = rows_matmul(x, pivot.transpose(1, 2))  # [B, N, 1] = x . x_p, one pass over the tokens
+        pivot = torch.gather(x, 1, p.unsqueeze(-1).expand(b, 1, d)).to(ct) * f * f  # [B, 1, D] (f^2 may overflow)
+        g = rows_matmul(x, pivot.transpose(1, 2))  # [B, N, 1] = f^2 x . x_p, one pass over the tokens
         gram.append(g)
         # L_j = (g - L L_p^T) / sqrt(r_p^2); the columns of L after j - 1 are still zero
         lp = torch.gather(factor, 1, p.unsqueeze(-1).expand(b, 1, m))  # [B, 1, m]
@@ -121,7 +143,8 @@ def qr_pivots(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         factor[:, :, j] = col
         norms.addcmul_(col, col, value=-1.0)
         norms.scatter_(1, p, -1.0)  # a pivot is never chosen again
-    return torch.cat(picked, dim=1), torch.cat(gram, dim=2).transpose(1, 2)
+    gram_rows = torch.cat(gram, dim=2).transpose(1, 2)
+    return torch.cat(picked, dim=1), (gram_rows if scaled else gram_rows / f / f)
 
 
 def random_indices(

@@ -9,6 +9,7 @@ float32 (:func:`compute_dtype`); they are never copied whole.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -64,17 +65,50 @@ def rows_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def pow2_scale(values: torch.Tensor, dim: int | tuple[int, ...] = -1) -> torch.Tensor:
+    """A power of two ``2**-e`` per slice along ``dim`` that brings the slice's largest absolute value into
+    ``[0.5, 1)`` (``dim`` kept, in :func:`compute_dtype`; 1 for an all-zero slice).
+
+    Multiplying by a power of two is exact, so norms, dot products, distances and cosines of the scaled
+    values are those of ``values`` times powers of two, bit for bit wherever neither overflows nor
+    underflows, while for the scaled values none can: the squared norm of a float32 token of size
+    ``1e30`` is infinite, that of a token of size ``1e-30`` zero. For subnormal slices ``e`` stops at
+    the dtype's smallest normal exponent, so the factor stays finite. Two reductions over ``values``
+    (their minimum and maximum), no temporary of their size.
+    """
+    ct = compute_dtype(values.dtype)
+    # amin and amax, not aminmax (many times slower on CPU) nor abs().amax (a temporary)
+    low, high = values.amin(dim=dim, keepdim=True), values.amax(dim=dim, keepdim=True)
+    largest = torch.maximum(high.to(ct), -low.to(ct))
+    floor = math.frexp(torch.finfo(ct).tiny)[1]  # the smallest normal exponent
+    return torch.exp2(-torch.frexp(largest)[1].clamp_min(floor).to(ct))
+
+
+def token_scale(x: torch.Tensor) -> torch.Tensor:
+    """:func:`pow2_scale` over each batch row of tokens ``[B, N, D]``: ``[B, 1, 1]``, one factor for all of a
+    row's tokens, so that distances and products between them keep their ratios."""
+    return pow2_scale(x, dim=(1, 2))
+
+
 def unit_rows(tokens: torch.Tensor) -> torch.Tensor:
     """``F.normalize(tokens.float(), dim=-1)`` (the same values), built row block by row block.
 
     Half-precision tokens are read into float32 one block at a time, so the only full-size tensor is
-    the float32 result.
+    the float32 result. Each row is first scaled by a power of two (:func:`pow2_scale`): the same
+    values, but the norm neither overflows for huge tokens nor underflows for tiny ones, and
+    ``F.normalize``'s ``1e-12`` floor applies to zero rows only (a tiny nonzero token keeps its
+    direction).
     """
     b, n, d = tokens.shape
     out = torch.empty(b, n, d, dtype=torch.float32, device=tokens.device)
     for blk in row_blocks(b, n, d):
-        rows = tokens[:, blk].float()
-        torch.div(rows, rows.norm(dim=-1, keepdim=True).clamp_min(1e-12), out=out[:, blk])
+        rows = out[:, blk]
+        if tokens.dtype == torch.float64:  # scaled before rounding to float32, which might overflow
+            rows.copy_(tokens[:, blk] * pow2_scale(tokens[:, blk]))
+        else:
+            rows.copy_(tokens[:, blk])
+            rows.mul_(pow2_scale(rows))
+        torch.div(rows, rows.norm(dim=-1, keepdim=True).clamp_min(1e-12), out=rows)
     return out
 
 

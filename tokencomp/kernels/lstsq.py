@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .blocks import compute_dtype, row_blocks, rows_matmul
+from .blocks import compute_dtype, pow2_scale, row_blocks, rows_matmul, token_scale
 
 ERROR_NORMS = ("l2", "l1", "linf", "relative")
 
@@ -22,6 +22,15 @@ def ridge_coefficients(
     ridge solution is well defined; ``S X^T`` (size ``M N``) is formed in the compute dtype
     (float32, or float64 for float64 tokens) and the result is returned in it.
 
+    Every term is formed on the tokens and the basis scaled by ``f = token_scale(x)`` (a power of two
+    per batch row, :func:`~tokencomp.kernels.blocks.token_scale`) with the ridge scaled by ``f^2``: the
+    same system times ``f^2``, hence the same coefficients (bit for bit on tokens of ordinary size), but
+    ``S X^T`` does not overflow float32 for tokens of size ``1e30`` (nor vanish for ``1e-30``). Where
+    the ridge is too small to change ``S S^T`` in float64 (below ``M eps`` times its largest diagonal
+    entry: tokens of norm above ~``1e5``, where repeated basis tokens would make the system exactly
+    singular), the smallest ridge float64 resolves, ``M eps`` times that entry, is used instead: the
+    solution is then the ridge's limit (the least-squares solution) to float64 precision.
+
     Parameters
     ----------
     x : torch.Tensor
@@ -31,13 +40,24 @@ def ridge_coefficients(
     ridge : float
         Ridge added to the diagonal of the Gram matrix.
     rhs : torch.Tensor, optional
-        ``S X^T`` ``[B, M, N]`` when the caller already has it (the QR basis computes it on the way).
+        ``S X^T f^2`` ``[B, M, N]`` (with ``f = token_scale(x)``) when the caller already has it (the QR
+        basis computes it on the way: ``qr_pivots(x, m, scaled=True)``).
     """
+    return _ridge_coefficients(x, s, ridge, rhs, token_scale(x).to(s.dtype))
+
+
+def _ridge_coefficients(
+    x: torch.Tensor, s: torch.Tensor, ridge: float, rhs: Optional[torch.Tensor], f: torch.Tensor
+) -> torch.Tensor:
+    """:func:`ridge_coefficients` given ``f = token_scale(x)`` ``[B, 1, 1]`` in the dtype of ``s``."""
     m = s.shape[1]
-    s64 = s.double()
-    gram = s64 @ s64.transpose(1, 2) + ridge * torch.eye(m, dtype=torch.float64, device=s.device)
-    if rhs is None:
-        rhs = rows_matmul(x, s.transpose(1, 2)).transpose(1, 2)  # [B, M, N]
+    s64 = (s * f).double()
+    sst = s64 @ s64.transpose(1, 2)
+    largest = torch.diagonal(sst, dim1=1, dim2=2).amax(dim=1, keepdim=True).unsqueeze(-1)  # [B, 1, 1]
+    lam = torch.maximum(ridge * f.double().square(), m * torch.finfo(torch.float64).eps * largest)
+    gram = sst + lam * torch.eye(m, dtype=torch.float64, device=s.device)
+    if rhs is None:  # s f f, not s f^2: f^2 overflows float32 for tokens of size 1e-30
+        rhs = rows_matmul(x, (s * f * f).transpose(1, 2)).transpose(1, 2)  # [B, M, N]
     return torch.linalg.solve(gram, rhs.double()).to(compute_dtype(x.dtype))
 
 
@@ -58,24 +78,23 @@ def ridge_errors(
 
     Equal to ``residual_errors(ridge_residual(x, s, ridge), x, norm)``, but the residual is formed
     one row block at a time, so the extra memory is one block rather than the tokens' size. ``rhs``
-    is as for :func:`ridge_coefficients`.
+    is as for :func:`ridge_coefficients`. The residual is formed from the tokens and the basis scaled by
+    ``f = token_scale(x)`` (a power of two per batch row) and its norms divided by ``f``: the same
+    values (bit for bit on tokens of ordinary size), without overflow for tokens of size ``1e30``.
     """
-    coef = ridge_coefficients(x, s, ridge, rhs).transpose(1, 2)  # [B, N, M]
+    f = token_scale(x).to(s.dtype)  # [B, 1, 1]
+    coef = _ridge_coefficients(x, s, ridge, rhs, f).transpose(1, 2)  # [B, N, M]
     b, n, d = x.shape
+    sf = s * f
     out = torch.empty(b, n, dtype=coef.dtype, device=x.device)
     for blk in row_blocks(b, n, d):
-        rows = x[:, blk].to(coef.dtype)
-        out[:, blk] = residual_errors(torch.baddbmm(rows, coef[:, blk], s, alpha=-1), rows, norm)
-    return out
+        rows = torch.mul(x[:, blk], f)  # scaled rows, in the compute dtype
+        out[:, blk] = _errors(torch.baddbmm(rows, coef[:, blk], sf, alpha=-1), rows, norm)
+    return out if norm == "relative" else out.div_(f.view(b, 1))
 
 
-def residual_errors(residual: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-token error ``[B, N]`` of a residual ``[B, N, D]`` under ``norm``.
-
-    ``l2``: Euclidean norm of the residual row (the authors' choice); ``l1``: sum of absolute values;
-    ``linf``: largest absolute value; ``relative``: ``l2`` divided by the token's own L2 norm (0 for a
-    zero token, which any basis rebuilds exactly).
-    """
+def _errors(residual: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """:func:`residual_errors` computed directly (the caller has scaled the rows)."""
     if norm == "l2":
         return residual.norm(dim=-1)
     if norm == "l1":
@@ -86,4 +105,37 @@ def residual_errors(residual: torch.Tensor, x: torch.Tensor, norm: str) -> torch
         own = x.norm(dim=-1)
         err = residual.norm(dim=-1)
         return torch.where(own > 0, err / torch.where(own > 0, own, torch.ones_like(own)), torch.zeros_like(err))
+    raise ValueError(f"unknown error norm {norm!r}; allowed: {', '.join(ERROR_NORMS)}")
+
+
+def _l2(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean norms ``[B, N]`` of ``rows`` ``[B, N, D]`` as ``(norm of the rows scaled by f, f)``: the norm
+    is the first divided by the power of two ``f`` (:func:`~tokencomp.kernels.blocks.pow2_scale`), so its
+    squares neither overflow nor underflow."""
+    f = pow2_scale(rows)
+    return (rows * f).norm(dim=-1), f.squeeze(-1)
+
+
+def residual_errors(residual: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-token error ``[B, N]`` of a residual ``[B, N, D]`` under ``norm``.
+
+    ``l2``: Euclidean norm of the residual row (the authors' choice); ``l1``: sum of absolute values;
+    ``linf``: largest absolute value; ``relative``: ``l2`` divided by the token's own L2 norm (0 for a
+    zero token, which any basis rebuilds exactly). Norms and sums are taken of each row scaled by a
+    power of two, then scaled back: the same values, without the overflow of the squares of a token of
+    size ``1e30`` or the underflow of those of size ``1e-30``.
+    """
+    if norm == "l2":
+        scaled, f = _l2(residual)
+        return scaled / f
+    if norm == "l1":
+        f = pow2_scale(residual)
+        return (residual * f).abs().sum(dim=-1) / f.squeeze(-1)
+    if norm == "linf":
+        return residual.abs().amax(dim=-1)
+    if norm == "relative":
+        own, f_own = _l2(x)
+        err, f_err = _l2(residual)
+        ratio = err / torch.where(own > 0, own, torch.ones_like(own)) * (f_own / f_err)
+        return torch.where(own > 0, ratio, torch.zeros_like(err))
     raise ValueError(f"unknown error norm {norm!r}; allowed: {', '.join(ERROR_NORMS)}")
