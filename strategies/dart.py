@@ -32,6 +32,8 @@ Departures, all stated:
 - **Pivot order.** The authors iterate over a Python ``set`` of positions, whose order is CPython's
   hash-table layout. We iterate in a documented order: image pivots by descending key norm, then text
   pivots by descending key norm.
+- Ties (equal norms, equal similarities) go to the lower position: stable sorts instead of the authors'
+  ``topk``, which leaves their order unspecified.
 - Maths in float32; batched over ``B`` (the authors handle batch row 0 only).
 """
 
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, selection_result
+from tokencomp.kernels.attention import rank_descending
 from tokencomp.kernels.blocks import pow2_scale
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
@@ -131,7 +134,7 @@ def remove_duplicates(cos: torch.Tensor, image_pivots: torch.Tensor, quotas: lis
         if quota == 0:
             continue
         dissimilarity = (-cos[:, p]).masked_fill(~free, float("-inf"))
-        claimed = dissimilarity.topk(quota, dim=1).indices
+        claimed = rank_descending(dissimilarity)[:, :quota]  # ties: the lower position
         free.scatter_(1, claimed, False)
         kept.append(claimed)
     return torch.cat(kept, dim=1).sort(dim=1).values
@@ -139,7 +142,7 @@ def remove_duplicates(cos: torch.Tensor, image_pivots: torch.Tensor, quotas: lis
 
 def _top_l1(values: torch.Tensor, count: int) -> torch.Tensor:
     """Positions of the ``count`` largest L1 norms of ``values`` ``[B, N, D]``, largest first."""
-    return _l1_norms(values).topk(count, dim=1).indices
+    return rank_descending(_l1_norms(values))[:, :count]  # ties: the lower position
 
 
 @register("dart")
@@ -250,10 +253,10 @@ class DARTLLM(DART):
                 f"context.keys; got shape {tuple(states.shape)}."
             )
         norms = _l1_norms(keys, dims=(1, 3))  # [B, L]: L1 norm of the heads-concatenated key
-        image_pivots = norms.gather(1, positions).topk(self.pivot_image_tokens, dim=1).indices  # among N
+        image_pivots = rank_descending(norms.gather(1, positions))[:, : self.pivot_image_tokens]  # among N
         # Text tokens: valid positions after the last image token (enough of them: checked on input).
         after = self._after_image(length, positions, context.key_mask)
-        text_pivots = norms.masked_fill(~after, float("-inf")).topk(self.pivot_text_tokens, dim=1).indices
+        text_pivots = rank_descending(norms.masked_fill(~after, float("-inf")))[:, : self.pivot_text_tokens]
         # The pivots' normed states; the image tokens' similarities are read off the whole prompt's
         # [B, P, L] cosines, so their [B, N, D] states are never gathered.
         pivot_features = torch.cat(

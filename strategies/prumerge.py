@@ -50,8 +50,8 @@ Departures from the authors' code:
   (identical for their batch size of 1).
 * The exact-``K`` rule above (the authors' count is adaptive), and PruMerge+'s uniform fill.
 * ``knn`` neighbours need ``N > knn`` tokens; smaller inputs raise ``ValueError`` (the authors'
-  ``topk`` fails there too). Ties in the attention ranking go to the lower position; ties in the
-  similarity ranking follow ``torch.topk``.
+  ``topk`` fails there too). Ties in the attention and in the similarity rankings go to the lower
+  position (stable sorts; the authors' ``topk`` leaves their order unspecified).
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ class PruMerge(Compressor):
             unit = F.normalize(centres * pow2_scale(centres), dim=-1)
             sim = _times_tokens(unit, x).mul_(scale).div_(norms)  # [B, c, N]
             sim.scatter_(2, cp.unsqueeze(-1), float("-inf"))  # not itself
-            val, nb = sim.topk(self.knn, dim=-1)  # [B, c, knn]
+            nb = rank_descending(sim)[..., : self.knn]  # [B, c, knn], ties: the lower position
+            val = torch.gather(sim, 2, nb)
             del sim
             nb_all[:, blk] = nb
             sim_all[:, blk] = val

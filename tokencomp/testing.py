@@ -670,8 +670,9 @@ def check_bad_parameters(compressor: Compressor) -> None:
     """Unknown parameters and values of the wrong type or out of range raise ``ValueError`` naming them.
 
     :func:`tokencomp.create` refuses a parameter the strategy does not take and lists those it takes.
-    Every parameter refuses an arbitrary object, NaN, and (when its value is a string or a list) a
-    string that is no valid choice; the message names the parameter.
+    Every parameter refuses an arbitrary object, NaN, ``-1`` when its value is a non-negative number,
+    and a string that is no valid choice when its value is a string or a list; the message names the
+    parameter.
     """
     cls, who = type(compressor), repr(compressor)
     params = compressor.get_params()
@@ -686,6 +687,8 @@ def check_bad_parameters(compressor: Compressor) -> None:
         bad_values: list = [object(), float("nan")]
         if isinstance(value, (str, list, tuple)):
             bad_values.append("no-such-choice")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            bad_values.append(-1)  # every count, layer, ratio, ridge and seed here is non-negative
         for bad in bad_values:
             try:
                 cls(**{**params, name: bad})
