@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from tokencomp.base import Compressor
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, selection_result
 from tokencomp.kernels.attention import rank_descending
-from tokencomp.kernels.blocks import pow2_scale
+from tokencomp.kernels.blocks import pow2_scale, scaled_norms
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import InvalidParameterError, check_int
@@ -57,24 +57,6 @@ def claim_quotas(claims: int, pivots: int) -> list[int]:
     """Split ``claims`` image tokens over ``pivots`` pivots: as even as possible, the first ones first."""
     base, extra = divmod(claims, pivots)
     return [base + (1 if p < extra else 0) for p in range(pivots)]
-
-
-def _scaled_l2_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, N]`` float32 Euclidean norms of the rows of ``x`` each scaled by a power of two, and those powers.
-
-    The norm of row ``n`` is ``norms[n] / scale[n]`` (:func:`~tokencomp.kernels.blocks.pow2_scale`: the
-    squares of a row of size ``1e30`` do not overflow, nor those of size ``1e-30`` vanish). Row block by
-    row block, so half-precision rows are never copied whole to float32.
-    """
-    b, n, d = x.shape
-    norms = torch.empty(b, n, dtype=torch.float32, device=x.device)
-    scale = torch.empty(b, n, dtype=torch.float32, device=x.device)
-    for blk in row_blocks(b, n, d):
-        rows = x[:, blk].float()
-        f = pow2_scale(rows)
-        norms[:, blk] = torch.linalg.vector_norm(rows * f, dim=-1)
-        scale[:, blk] = f.squeeze(-1)
-    return norms, scale
 
 
 def _l1_norms(x: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
@@ -102,7 +84,7 @@ def pivot_cosines(features: torch.Tensor, pivot_features: torch.Tensor) -> torch
     """
     pivots = pivot_features.float()
     unit = F.normalize(pivots * pow2_scale(pivots), dim=-1)  # [B, P, D]
-    norms, scale = _scaled_l2_norms(features)  # [B, N]
+    norms, scale = scaled_norms(features)  # [B, N]
     dots = rows_matmul(features, unit.transpose(1, 2))  # [B, N, P]
     dots.mul_(scale.unsqueeze(-1)).div_(norms.clamp_min(1e-12).unsqueeze(-1))
     return dots.transpose(1, 2).contiguous()

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, slots_of
-from tokencomp.kernels.blocks import pow2_scale
+from tokencomp.kernels.blocks import pow2_scale, scaled_norms
 from tokencomp.kernels.gather import flat_index
 from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.registry import register
@@ -161,7 +161,7 @@ class PruMerge(Compressor):
         # similarities one block of centres at a time: their [B, c, N] cosines (the unit centres times the
         # tokens, divided by the token norms: no normalised copy of the tokens); then the weighted sums of
         # the neighbours' rows, without a dense [B, K, N] weight matrix or a [B, K, knn, D] gather.
-        norms, scale = _scaled_norms(x)  # token n's norm is norms[n] / scale[n] (scale: a power of two)
+        norms, scale = scaled_norms(x)  # token n's norm is norms[n] / scale[n] (scale: a power of two)
         norms, scale = norms.clamp_min(1e-12).unsqueeze(1), scale.unsqueeze(1)  # [B, 1, N], F.normalize's floor
         nb_all = torch.empty(b, kc, self.knn, dtype=torch.int64, device=dev)
         sim_all = torch.empty(b, kc, self.knn, dtype=torch.float32, device=dev)
@@ -220,24 +220,6 @@ class PruMerge(Compressor):
             assignment=assignment,
             info={"num_outliers": num_out, "neighbours": batched_gather(neighbours, perm)},
         )
-
-
-def _scaled_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, N]`` float32 Euclidean norms of the rows of ``x`` each scaled by a power of two, and those powers.
-
-    The norm of row ``n`` is ``norms[n] / scale[n]`` (:func:`~tokencomp.kernels.blocks.pow2_scale`: the
-    squares of a token of size ``1e30`` do not overflow, nor those of size ``1e-30`` vanish). Row block by
-    row block (float32 or half rows: no float32 copy of the tokens).
-    """
-    b, n, d = x.shape
-    norms = torch.empty(b, n, dtype=torch.float32, device=x.device)
-    scale = torch.empty(b, n, dtype=torch.float32, device=x.device)
-    for blk in row_blocks(b, n, d):
-        rows = x[:, blk].float()
-        f = pow2_scale(rows)
-        norms[:, blk] = torch.linalg.vector_norm(rows * f, dim=-1)
-        scale[:, blk] = f.squeeze(-1)
-    return norms, scale
 
 
 def _times_tokens(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from .blocks import (
     pow2_scale,
     row_blocks,
     rows_matmul,
+    scaled_norms,
     token_scale,
     unit_rows,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ridge_residual",
     "row_blocks",
     "rows_matmul",
+    "scaled_norms",
     "selection_result",
     "slots_of",
     "token_scale",

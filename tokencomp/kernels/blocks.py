@@ -90,6 +90,25 @@ def token_scale(x: torch.Tensor) -> torch.Tensor:
     return pow2_scale(x, dim=(1, 2))
 
 
+def scaled_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, N]`` float32 Euclidean norms of the rows of ``x`` ``[B, N, D]`` each scaled by a power of two, and
+    those powers.
+
+    The norm of row ``n`` is ``norms[n] / scale[n]`` (:func:`pow2_scale`: the squares of a row of size
+    ``1e30`` do not overflow, nor those of size ``1e-30`` vanish). Row block by row block, so
+    half-precision rows are never copied whole to float32.
+    """
+    b, n, d = x.shape
+    norms = torch.empty(b, n, dtype=torch.float32, device=x.device)
+    scale = torch.empty(b, n, dtype=torch.float32, device=x.device)
+    for blk in row_blocks(b, n, d):
+        rows = x[:, blk].float()
+        f = pow2_scale(rows)
+        norms[:, blk] = torch.linalg.vector_norm(rows * f, dim=-1)
+        scale[:, blk] = f.squeeze(-1)
+    return norms, scale
+
+
 def unit_rows(tokens: torch.Tensor) -> torch.Tensor:
     """``F.normalize(tokens.float(), dim=-1)`` (the same values), built row block by row block.
 
