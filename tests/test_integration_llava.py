@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokencomp as tc
-from tiny_models import llava_prompt, tiny_llava
+from tiny_models import first_layer_lengths, llava_prompt, tiny_llava
 
 N = 36  # (84 / 14)^2 patches per image
 
@@ -14,19 +14,6 @@ N = 36  # (84 / 14)^2 patches per image
 @pytest.fixture(scope="module")
 def model():
     return tiny_llava()
-
-
-def first_layer_lengths(model, run):
-    seen = []
-    hook = model.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        hook.remove()
-    return seen
 
 
 def greedy(model, inputs, **kw):

@@ -174,7 +174,6 @@ def test_batch_of_rows_with_images_of_different_sizes(model):
 
     rows = [llava_next_prompt(model, [(100, 60)], seed=8, crops=5), llava_next_prompt(model, [(40, 50)], seed=9, crops=5)]
     batch = left_pad_batch(rows)
-    batch["image_sizes"] = torch.cat([r["image_sizes"] for r in rows])
     assert rows[0]["input_ids"].shape[1] != rows[1]["input_ids"].shape[1]
     with tc.apply(model, "divprune", budget=6):
         batched = greedy(model, batch)

@@ -8,7 +8,8 @@ import torch
 
 import tokencomp as tc
 from tiny_models import (
-    left_pad_batch, llava_next_prompt, llava_prompt, qwen_prompt, tiny_llava, tiny_llava_next, tiny_qwen2_vl,
+    first_layer_lengths, left_pad_batch, llava_next_prompt, llava_prompt, qwen_prompt, tiny_llava, tiny_llava_next,
+    tiny_qwen2_vl,
 )
 from tokencomp.integrations import SUPPORTED
 
@@ -48,25 +49,15 @@ def logits(model, inputs):
         return model(**inputs).logits
 
 
-def first_layer_lengths(model, run):
-    seen = []
-    hook = model.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        hook.remove()
-    return seen
+def two_sizes(model):
+    """Two one-image LLaVA-NeXT rows (48 and 32 visual tokens) and their left-padded batch."""
+    rows = [llava_next_prompt(model, [(100, 60)], seed=8, crops=5), llava_next_prompt(model, [(40, 50)], seed=9, crops=5)]
+    return rows, left_pad_batch(rows)
 
 
 # ---------------------------------------------------------------- images of different sizes, fraction budget
 def test_llava_next_fraction_budget_on_a_batch_of_differently_sized_images(llava_next):
-    rows = [llava_next_prompt(llava_next, [(100, 60)], seed=8, crops=5),
-            llava_next_prompt(llava_next, [(40, 50)], seed=9, crops=5)]
-    batch = left_pad_batch(rows)
-    batch["image_sizes"] = torch.cat([r["image_sizes"] for r in rows])
+    rows, batch = two_sizes(llava_next)
     # 0.3 of each image's own visual tokens: round(14.4) = 14 of 48, round(9.6) = 10 of 32
     with tc.apply(llava_next, "divprune", budget=0.3) as handle:
         seen = first_layer_lengths(llava_next, lambda: llava_next(**batch))
@@ -94,10 +85,7 @@ def test_llava_budget_above_the_images_tokens(llava):
 
 
 def test_llava_next_budget_above_one_images_tokens_names_the_image_and_row(llava_next):
-    rows = [llava_next_prompt(llava_next, [(100, 60)], seed=8, crops=5),
-            llava_next_prompt(llava_next, [(40, 50)], seed=9, crops=5)]
-    batch = left_pad_batch(rows)
-    batch["image_sizes"] = torch.cat([r["image_sizes"] for r in rows])
+    rows, batch = two_sizes(llava_next)
     with tc.apply(llava_next, "divprune", budget=40) as handle:
         with pytest.raises(ValueError) as info:
             logits(llava_next, batch)

@@ -125,6 +125,20 @@ def qwen_prompt(sizes: list[tuple[int, ...]], batch: int = 1, seed: int = 0, pad
     return out
 
 
+def first_layer_lengths(model, run) -> list[int]:
+    """Sequence lengths the first decoder layer sees while ``run()`` runs (no grad)."""
+    seen = []
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        hook.remove()
+    return seen
+
+
 def left_pad_batch(rows: list[dict], pad_id: int = 0) -> dict:
     """Stack single-row prompts of different lengths into one left-padded batch (images concatenated)."""
     length = max(r["input_ids"].shape[1] for r in rows)
@@ -136,7 +150,7 @@ def left_pad_batch(rows: list[dict], pad_id: int = 0) -> dict:
         out[key] = torch.cat(
             [torch.nn.functional.pad(r[key], (length - r[key].shape[1], 0), value=fill) for r in rows]
         )
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+    for key in ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if key in rows[0]:
             out[key] = torch.cat([r[key] for r in rows])
     return out
