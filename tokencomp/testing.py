@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .base import Compressor
+from .kernels.gather import batched_gather
 from .registry import create, get
 from .types import CompressionResult, Context
 
@@ -304,14 +305,6 @@ def check_keep_all(compressor: Compressor) -> None:
 # a property when a parameter decides), never from a list of names.
 
 
-def _convex_outputs(compressor: Compressor) -> bool:
-    return bool(compressor.convex_outputs)
-
-
-def _scale_invariant(compressor: Compressor) -> bool:
-    return bool(compressor.scale_invariant)
-
-
 def _assert_info_finite(compressor: Compressor, result: CompressionResult) -> None:
     for key, value in result.info.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -349,8 +342,7 @@ def _is_selection(compressor: Compressor, k: int) -> bool:
     :func:`make_tokens`: the strategies (and budgets) held to it on degenerate tokens too."""
     x = make_tokens()
     result = compressor.compress(x, k, make_context(compressor, x))
-    kept = torch.gather(x, 1, result.indices.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-    return torch.equal(result.tokens, kept)
+    return torch.equal(result.tokens, batched_gather(x, result.indices))
 
 
 def check_identical_tokens(compressor: Compressor) -> None:
@@ -376,7 +368,7 @@ def check_identical_tokens(compressor: Compressor) -> None:
             assert torch.equal(first.tokens, v.expand(_B, k, _D)), (
                 f"{compressor!r}: identical tokens, K={k}: a selection's outputs are not exactly the common vector"
             )
-        elif _convex_outputs(compressor):
+        elif compressor.convex_outputs:
             torch.testing.assert_close(
                 first.tokens, v.expand(_B, k, _D), rtol=1e-5, atol=1e-5 * float(v.abs().max()),
                 msg=lambda m: f"{compressor!r}: identical tokens, K={k}: the outputs are not the common vector. {m}",
@@ -436,7 +428,7 @@ def check_rank_deficient(compressor: Compressor) -> None:
     (every remaining token a copy or a combination of those kept) follow the strategy's tie rule and
     never repeat a position.
     """
-    convex = _convex_outputs(compressor)
+    convex = compressor.convex_outputs
     budgets = _some_budgets(compressor)
     selection = {k: _is_selection(compressor, k) for k in budgets}
     for distinct in (True, False):
@@ -459,8 +451,7 @@ def check_rank_deficient(compressor: Compressor) -> None:
                         f"(coefficients {coef})"
                     )
             if selection[k]:
-                kept = torch.gather(x, 1, result.indices.unsqueeze(-1).expand(-1, -1, _D))
-                assert torch.equal(result.tokens, kept), (
+                assert torch.equal(result.tokens, batched_gather(x, result.indices)), (
                     f"{compressor!r}: {what}, K={k}: a selection's outputs are not the input tokens at indices"
                 )
 
@@ -522,8 +513,8 @@ def check_extreme_magnitudes(compressor: Compressor) -> None:
     ridge, the density ``exp(-d^2)``). A strategy whose outputs are averages (``convex_outputs``, the default)
     returns tokens within the inputs' coordinate range at every scale.
     """
-    invariant = _scale_invariant(compressor)
-    convex = _convex_outputs(compressor)
+    invariant = compressor.scale_invariant
+    convex = compressor.convex_outputs
     for base, scales in ((make_tokens(), _FLOAT32_SCALES), (_float16_tokens(), _FLOAT16_SCALES)):
         for k in _some_budgets(compressor):
             reference = _fresh(compressor).compress(base, k, make_context(compressor, base))
