@@ -341,15 +341,13 @@ def ablate_command(
             if f not in FEATURES and not (is_hf(f) and len(f) > 3):
                 raise UserError(f"--features: unknown {f!r}; allowed: {', '.join(FEATURES)} or hf:MODEL")
         view_list = _split(str(options["views"]), "--views")
-        tc.get(str(options["focus"]))  # a config file's focus: a registered strategy
+        _strategy_names([str(options["focus"])])  # a config file's focus: a registered strategy
         run_vlm_too = bool(options["vlm"])
         notes: list[str] = []
         if options["strategies"] is None:
             names = list(tc.available())
         else:
-            names = _split(str(options["strategies"]), "--strategies")
-            for name in names:
-                tc.get(name)
+            names = _strategy_names(_split(str(options["strategies"]), "--strategies"))
         image_names = [n for n in names if runnable(tc.get(n)) is None]
         for name in names:
             reason = runnable(tc.get(name))
