@@ -55,11 +55,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import selection_result
-from tokencomp.kernels.blocks import pow2_scale, row_blocks, unit_rows
+from tokencomp.kernels.blocks import row_blocks, unit_rows, unit_vectors
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import check_float
@@ -69,8 +68,7 @@ _DEGENERATE = 1e-6
 
 def relevance(image: torch.Tensor, text: torch.Tensor, theta: Optional[float]) -> torch.Tensor:
     """Step 2 (and the optional ``theta``): ``[B, N]`` relevance of each token to the instruction."""
-    text = text.double() if text.dtype == torch.float64 else text.float()
-    cos = unit_rows(image) @ F.normalize((text * pow2_scale(text)).float(), dim=-1).transpose(1, 2)  # [B, N, T]
+    cos = unit_rows(image) @ unit_vectors(text).transpose(1, 2)  # [B, N, T]
     r = (-cos).mean(dim=-1)
     low, high = r.min(dim=1, keepdim=True).values, r.max(dim=1, keepdim=True).values
     spread = high - low  # 0 when every token is equally relevant: then r = 1 for all
@@ -89,10 +87,7 @@ def unit_columns(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     columns = torch.empty(b, d, n, dtype=torch.float32, device=tokens.device)
     sq = torch.empty(b, n, dtype=torch.float32, device=tokens.device)
     for blk in row_blocks(b, n, d):
-        rows = tokens[:, blk]
-        rows = rows.double() if rows.dtype == torch.float64 else rows.float()
-        rows = (rows * pow2_scale(rows)).float()
-        rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        rows = unit_vectors(tokens[:, blk])
         sq[:, blk] = rows.square().sum(dim=-1)
         columns[:, :, blk] = rows.transpose(1, 2)
     return columns, sq

@@ -42,12 +42,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, selection_result
 from tokencomp.kernels.attention import rank_descending
-from tokencomp.kernels.blocks import pow2_scale, scaled_norms
+from tokencomp.kernels.blocks import scaled_norms, unit_vectors
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import InvalidParameterError, check_int
@@ -82,8 +81,7 @@ def pivot_cosines(features: torch.Tensor, pivot_features: torch.Tensor) -> torch
     are taken of rows scaled by a power of two (the product is scaled alike), so tokens of size ``1e30``
     or ``1e-30`` have the cosines of any other size.
     """
-    pivots = pivot_features.float()
-    unit = F.normalize(pivots * pow2_scale(pivots), dim=-1)  # [B, P, D]
+    unit = unit_vectors(pivot_features)  # [B, P, D] float32
     norms, scale = scaled_norms(features)  # [B, N]
     dots = rows_matmul(features, unit.transpose(1, 2))  # [B, N, P]
     dots.mul_(scale.unsqueeze(-1)).div_(norms.clamp_min(1e-12).unsqueeze(-1))

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, slots_of
-from tokencomp.kernels.blocks import pow2_scale, scaled_norms
+from tokencomp.kernels.blocks import scaled_norms, unit_vectors
 from tokencomp.kernels.gather import flat_index
 from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.registry import register
@@ -167,8 +167,7 @@ class PruMerge(Compressor):
         sim_all = torch.empty(b, kc, self.knn, dtype=torch.float32, device=dev)
         for blk in row_blocks(b, kc, n):
             cp = cpos[:, blk]
-            centres = batched_gather(x, cp).float()
-            unit = F.normalize(centres * pow2_scale(centres), dim=-1)
+            unit = unit_vectors(batched_gather(x, cp))
             sim = _times_tokens(unit, x).mul_(scale).div_(norms)  # [B, c, N]
             sim.scatter_(2, cp.unsqueeze(-1), float("-inf"))  # not itself
             nb = rank_descending(sim)[..., : self.knn]  # [B, c, knn], ties: the lower position

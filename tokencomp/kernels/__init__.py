@@ -12,6 +12,7 @@ from .blocks import (
     scaled_norms,
     token_scale,
     unit_rows,
+    unit_vectors,
 )
 from .gather import batched_gather, selection_result, slots_of
 from .lstsq import residual_errors, ridge_coefficients, ridge_errors, ridge_residual
@@ -42,4 +43,5 @@ __all__ = [
     "slots_of",
     "token_scale",
     "unit_rows",
+    "unit_vectors",
 ]

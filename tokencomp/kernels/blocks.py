@@ -109,25 +109,37 @@ def scaled_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return norms, scale
 
 
+def unit_vectors(
+    rows: torch.Tensor, dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``F.normalize(rows, dim=-1)`` in ``dtype`` (the same values), of the rows first scaled by a power of two.
+
+    The scaling (:func:`pow2_scale`, applied before rounding to ``dtype``) gives the same unit vectors, but
+    the norm neither overflows for huge rows nor underflows for tiny ones, and the ``1e-12`` floor of
+    ``F.normalize`` applies to zero rows only (a tiny nonzero row keeps its direction). Computed in
+    ``out`` (fresh when not given) in place: no temporary of the rows' size unless ``rows`` are float64
+    and ``dtype`` is not.
+    """
+    if out is None:
+        out = torch.empty(rows.shape, dtype=dtype, device=rows.device)
+    if compute_dtype(rows.dtype) != dtype:  # float64 rows: scaled before rounding, which might overflow
+        out.copy_(rows * pow2_scale(rows))
+    else:
+        out.copy_(rows)
+        out.mul_(pow2_scale(out))
+    return torch.div(out, out.norm(dim=-1, keepdim=True).clamp_min(1e-12), out=out)
+
+
 def unit_rows(tokens: torch.Tensor) -> torch.Tensor:
-    """``F.normalize(tokens.float(), dim=-1)`` (the same values), built row block by row block.
+    """``F.normalize(tokens.float(), dim=-1)`` (the same values, :func:`unit_vectors`), row block by row block.
 
     Half-precision tokens are read into float32 one block at a time, so the only full-size tensor is
-    the float32 result. Each row is first scaled by a power of two (:func:`pow2_scale`): the same
-    values, but the norm neither overflows for huge tokens nor underflows for tiny ones, and
-    ``F.normalize``'s ``1e-12`` floor applies to zero rows only (a tiny nonzero token keeps its
-    direction).
+    the float32 result.
     """
     b, n, d = tokens.shape
     out = torch.empty(b, n, d, dtype=torch.float32, device=tokens.device)
     for blk in row_blocks(b, n, d):
-        rows = out[:, blk]
-        if tokens.dtype == torch.float64:  # scaled before rounding to float32, which might overflow
-            rows.copy_(tokens[:, blk] * pow2_scale(tokens[:, blk]))
-        else:
-            rows.copy_(tokens[:, blk])
-            rows.mul_(pow2_scale(rows))
-        torch.div(rows, rows.norm(dim=-1, keepdim=True).clamp_min(1e-12), out=rows)
+        unit_vectors(tokens[:, blk], out=out[:, blk])
     return out
 
 

@@ -8,21 +8,19 @@ broadcast a literal ``F.cosine_similarity(src[:, :, None], dst[:, None])`` build
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .blocks import compute_dtype, pow2_scale, row_blocks
+from .blocks import compute_dtype, row_blocks, unit_vectors
 from .gather import batched_gather, flat_index
 
 
 def _unit_columns(dst: torch.Tensor) -> torch.Tensor:
     """``[B, D, T]``: the ``dst`` rows scaled to unit length (zero rows stay zero), transposed.
 
-    ``F.normalize`` of the rows first scaled by a power of two (:func:`.blocks.pow2_scale`): the same
+    :func:`.blocks.unit_vectors`: ``F.normalize`` of the rows first scaled by a power of two: the same
     unit vectors, but the norm of a row of size ``1e30`` does not overflow nor that of size ``1e-30``
     underflow (to the ``1e-12`` floor).
     """
-    rows = dst.to(compute_dtype(dst.dtype))
-    return F.normalize(rows * pow2_scale(rows), dim=-1).transpose(1, 2)
+    return unit_vectors(dst, compute_dtype(dst.dtype)).transpose(1, 2)
 
 
 def _best(src: torch.Tensor, unit_dst: torch.Tensor) -> torch.Tensor:
