@@ -56,7 +56,7 @@ import torch
 from tokencomp.base import Compressor
 from tokencomp.kernels import GEMM_MIN, batched_gather, gemm_pieces, row_blocks, selection_result
 from tokencomp.kernels import blocks as _blocks
-from tokencomp.kernels.blocks import pow2_scale
+from tokencomp.kernels.blocks import unit_vectors
 from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.kernels.gather import flat_index
 from tokencomp.registry import register
@@ -71,17 +71,17 @@ _CHUNK = 2048
 # The cosines of the residual tokens are cached when their [B, R0, R0] matrix holds at most this many
 # times the tokens' B * N * D elements (float32); above that, every round multiplies the tokens anew.
 _GRAM_FACTOR = 4
+
+
 def _unit_rows(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``F.normalize(tokens.float(), dim=-1)`` at ``positions`` ``[B, S]``: ``[B, S, D]`` float32, fresh.
 
-    Row for row the same values (the same norm, clamp and division), normalised in place in the gathered
-    copy, so neither all ``N`` tokens nor a second copy of the rows is made. Each row is first scaled by
-    a power of two (:func:`~tokencomp.kernels.blocks.pow2_scale`, exact): the same unit vectors, but the
-    norm of a token of size ``1e30`` does not overflow nor that of size ``1e-30`` fall to the floor.
+    Row for row the same values (:func:`~tokencomp.kernels.blocks.unit_vectors`); float32 rows are
+    normalised in place in the gathered copy, so neither all ``N`` tokens nor a second copy of the rows
+    is made.
     """
-    rows = batched_gather(tokens, positions).float()
-    rows.mul_(pow2_scale(rows))
-    return rows.div_(rows.norm(2, -1, keepdim=True).clamp_min_(1e-12))
+    rows = batched_gather(tokens, positions)
+    return unit_vectors(rows, out=rows if rows.dtype == torch.float32 else None)
 
 
 def _slot_rows(tokens: torch.Tensor, residual: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
