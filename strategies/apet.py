@@ -46,6 +46,7 @@ from tokencomp.kernels import (
     compute_dtype,
     fps_indices,
     merge_rows,
+    pivoted_ridge_errors,
     qr_pivots,
     random_indices,
     ridge_errors,
@@ -186,11 +187,16 @@ class ApET(Compressor):
         rows = torch.arange(b, device=x.device).unsqueeze(1)
 
         # 1. Basis selection.
-        basis_idx, rhs = self._select_basis(x, context)
+        qr = qr_pivots(x, m) if self.basis == "qr" else None
+        basis_idx = qr.pivots if qr is not None else self._select_basis(x, context)
         s = batched_gather(x, basis_idx).to(compute_dtype(x.dtype))  # [B, M, D]
 
-        # 2.-3. Ridge least-squares approximation and each token's error.
-        errors = ridge_errors(x, s, self.ridge, self.error_norm, rhs)
+        # 2.-3. Ridge least-squares approximation and each token's error (for the QR basis and a norm
+        # of the residual's length, read off the factorisation the pivots came with).
+        if qr is not None and self.error_norm in ("l2", "relative"):
+            errors = pivoted_ridge_errors(qr, self.ridge, self.error_norm)
+        else:
+            errors = ridge_errors(x, s, self.ridge, self.error_norm)
 
         # 4. Keep the K tokens with the largest error (ties: lower position first).
         order = torch.sort(errors, dim=-1, descending=True, stable=True).indices
@@ -236,19 +242,17 @@ class ApET(Compressor):
             info={"basis_indices": basis_idx, "errors": errors, "basis_slots": basis_slots},
         )
 
-    def _select_basis(self, x: torch.Tensor, context: Context) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Basis indices ``[B, M]`` and, for ``qr``, the products ``S X^T`` it computed on the way."""
+    def _select_basis(self, x: torch.Tensor, context: Context) -> torch.Tensor:
+        """Basis indices ``[B, M]`` of the ``fps`` and ``random`` bases (``qr`` comes with its factorisation)."""
         b, n, _ = x.shape
-        if self.basis == "qr":
-            return qr_pivots(x, self.num_basis, scaled=True)  # Gram rows in ridge_errors' units
         if self.basis == "random":
             generator = self._generator(context, x.device)
-            return random_indices(b, n, self.num_basis, generator=generator, device=x.device), None
+            return random_indices(b, n, self.num_basis, generator=generator, device=x.device)
         if self.fps_start == "random":
             start = torch.randint(n, (b,), generator=self._generator(context, x.device), device=x.device)
         else:
             start = torch.full((b,), self.fps_start, dtype=torch.int64, device=x.device)
-        return fps_indices(x, self.num_basis, start), None
+        return fps_indices(x, self.num_basis, start)
 
 
 @register("apet-llm")

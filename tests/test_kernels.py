@@ -19,6 +19,7 @@ from tokencomp.kernels import (
     fps_indices,
     mean_merge,
     merge_rows,
+    pivoted_ridge_errors,
     qr_pivots,
     residual_errors,
     ridge_errors,
@@ -78,27 +79,81 @@ def test_fps_on_half_tokens_measures_in_float32(block_size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-def test_qr_pivots_and_gram_rows(dtype, block_size):
+def test_qr_pivots_factor_and_downdated_residuals(dtype, block_size):
     x = _tokens(2, 120, 40, 5, dtype)
-    pivots, gram = qr_pivots(x, 8)
+    qr = qr_pivots(x, 8)
     exact = x.double()
     for b in range(2):
         _, _, piv = scipy.linalg.qr(exact[b].numpy().T, pivoting=True, mode="economic")
-        assert pivots[b].tolist() == piv[:8].tolist()
-    s = batched_gather(exact, pivots)
-    assert gram.dtype == torch.promote_types(dtype, torch.float32)
-    torch.testing.assert_close(gram.double(), s @ exact.transpose(1, 2), rtol=1e-5, atol=1e-4)
+        assert qr.pivots[b].tolist() == piv[:8].tolist()
+    ct = torch.promote_types(dtype, torch.float32)
+    assert qr.factor.dtype == qr.residual.dtype == qr.norms.dtype == ct
+    f = qr.scale.double()
+    assert torch.equal(f, torch.exp2(torch.round(torch.log2(f))))  # a power of two
+    scaled = exact * f
+    s = batched_gather(scaled, qr.pivots)
+    # L L_p^T is the Gram rows of the pivots; the residuals are those of least squares on the basis
+    gram = qr.factor.double() @ batched_gather(qr.factor.double(), qr.pivots).transpose(1, 2)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(gram, scaled @ s.transpose(1, 2), rtol=tol, atol=tol)
+    coef = torch.linalg.lstsq(s.transpose(1, 2), scaled.transpose(1, 2)).solution  # [B, M, N]
+    residual = (scaled - coef.transpose(1, 2) @ s).square().sum(-1)
+    torch.testing.assert_close(qr.residual.double(), residual, rtol=tol, atol=tol)
+    torch.testing.assert_close(qr.norms.double(), scaled.square().sum(-1), rtol=tol, atol=tol)
+    assert (qr.residual.gather(1, qr.pivots) == 0).all()
 
 
 def test_qr_pivots_stay_finite_past_the_rank():
     x = torch.randn(1, 30, 3, generator=torch.Generator().manual_seed(0)) @ torch.randn(3, 12)  # rank 3
-    pivots, gram = qr_pivots(x, 6)
-    assert torch.isfinite(gram).all()
-    assert len(set(pivots[0].tolist())) == 6  # a pivot is never chosen twice
+    qr = qr_pivots(x, 6)
+    assert torch.isfinite(qr.factor).all() and (qr.residual >= 0).all()
+    assert len(set(qr.pivots[0].tolist())) == 6  # a pivot is never chosen twice
     zeros = torch.zeros(2, 20, 8)
-    pivots, gram = qr_pivots(zeros, 4)
-    assert pivots.tolist() == [[0, 1, 2, 3]] * 2 and torch.equal(gram, torch.zeros(2, 4, 20))
+    qr = qr_pivots(zeros, 4)
+    assert qr.pivots.tolist() == [[0, 1, 2, 3]] * 2 and torch.equal(qr.factor, torch.zeros(2, 20, 4))
+    assert torch.equal(pivoted_ridge_errors(qr, 1e-5), torch.zeros(2, 20))
     assert torch.equal(tc.create("apet", basis="qr", num_basis=4).compress(zeros, 6).tokens, torch.zeros(2, 6, 8))
+
+
+def test_pivoted_ridge_errors_by_hand():
+    # one pivot, (3, 4) of norm 5; ridge 25: c = s.x / (25 + 25), error |x - c s|
+    # (3, 0): c = 0.18, residual (2.46, -0.72), error^2 = 6.57; (0, 2): c = 0.16, residual (-0.48, 1.36),
+    # error^2 = 2.08; the pivot itself: c = 0.5, error 2.5
+    x = torch.tensor([[[3.0, 0.0], [0.0, 2.0], [3.0, 4.0]]])
+    qr = qr_pivots(x, 1)
+    assert qr.pivots.tolist() == [[2]]
+    expected = torch.tensor([[6.57, 2.08, 6.25]]).sqrt()
+    torch.testing.assert_close(pivoted_ridge_errors(qr, 25.0), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(pivoted_ridge_errors(qr, 25.0, "relative"), expected / torch.tensor([3.0, 2.0, 5.0]))
+    with pytest.raises(ValueError, match="norm 'l1' needs the residual rows; allowed here: 'l2', 'relative'"):
+        pivoted_ridge_errors(qr, 25.0, "l1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("ridge", [1e-5, 1.0, 300.0])
+def test_pivoted_ridge_errors_equal_the_residual_norms(dtype, ridge, block_size):
+    x = _tokens(2, 150, 24, 8, dtype) * 3
+    qr = qr_pivots(x, 7)
+    s = batched_gather(x.double(), qr.pivots)
+    for norm in ("l2", "relative"):
+        expected = residual_errors(ridge_residual(x.double(), s, ridge), x.double(), norm)
+        ours = pivoted_ridge_errors(qr, ridge, norm)
+        assert ours.dtype == qr.factor.dtype
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(ours.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_pivoted_ridge_errors_of_an_explained_token_are_small():
+    # a token in the span of the basis has error ~0: with downdated residuals at most ~sqrt(M eps) |x|
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 40, 16, generator=g)
+    x[0, :2] *= 10  # the first two pivots
+    x[0, 7] = 0.05 * x[0, 0] - 0.02 * x[0, 1]
+    qr = qr_pivots(x, 12)
+    assert qr.pivots[0, :2].tolist() == [0, 1] or qr.pivots[0, :2].tolist() == [1, 0]
+    errors = pivoted_ridge_errors(qr, 1e-5)
+    assert errors[0, 7] <= (12 * torch.finfo(torch.float32).eps) ** 0.5 * x[0, 7].norm()
+    assert errors[0, 7] < 1e-3 * errors[0].median()
 
 
 @pytest.mark.parametrize("norm", ["l2", "l1", "linf", "relative"])

@@ -1,6 +1,6 @@
 """Pure tensor kernels shared by several strategies (no model plumbing, batched over ``B``)."""
 
-from .basis import fps_indices, qr_pivot_indices, qr_pivots, random_indices
+from .basis import PivotedQR, fps_indices, qr_pivot_indices, qr_pivots, random_indices
 from .blocks import (
     BLOCK_ELEMENTS,
     GEMM_MIN,
@@ -15,11 +15,12 @@ from .blocks import (
     unit_vectors,
 )
 from .gather import batched_gather, selection_result, slots_of
-from .lstsq import residual_errors, ridge_coefficients, ridge_errors, ridge_residual
+from .lstsq import pivoted_ridge_errors, residual_errors, ridge_coefficients, ridge_errors, ridge_residual
 from .merge import cosine_match, mean_merge, merge_rows
 
 __all__ = [
     "BLOCK_ELEMENTS",
+    "PivotedQR",
     "GEMM_MIN",
     "batched_gather",
     "compute_dtype",
@@ -28,6 +29,7 @@ __all__ = [
     "gemm_pieces",
     "mean_merge",
     "merge_rows",
+    "pivoted_ridge_errors",
     "pow2_scale",
     "qr_pivot_indices",
     "qr_pivots",

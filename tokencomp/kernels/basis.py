@@ -6,11 +6,11 @@ passes over the tokens (no host synchronisation, so the same code runs on GPU).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from .blocks import compute_dtype, row_blocks, rows_matmul, token_scale
+from .blocks import compute_dtype, row_blocks, token_scale
 
 
 def fps_indices(x: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
@@ -63,11 +63,41 @@ def fps_indices(x: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
     return picked
 
 
+class PivotedQR(NamedTuple):
+    """The first ``M`` steps of QR with column pivoting on ``x^T``, as :func:`qr_pivots` returns them.
+
+    All quantities are of the tokens scaled by ``scale`` (a power of two per batch row,
+    :func:`~tokencomp.kernels.blocks.token_scale`): with ``Q`` the orthonormal basis of the pivots'
+    span, ``x_i * scale = factor[i] Q + rho_i`` with ``rho_i`` orthogonal to it.
+
+    The fields:
+
+    ``pivots``
+        ``[B, M]`` int64 pivot positions in pivot order.
+    ``factor``
+        ``[B, N, M]``: the first ``M`` columns of the Cholesky factor ``L`` of the Gram matrix of the
+        scaled tokens (``factor[b, pivots[b]]`` is lower triangular).
+    ``residual``
+        ``[B, N]`` squared norms ``|rho_i|^2`` of what the pivots leave unexplained, downdated (``0``
+        at the pivots, never below 0).
+    ``norms``
+        ``[B, N]`` squared norms of the scaled tokens.
+    ``scale``
+        ``[B, 1, 1]`` the power of two the tokens were scaled by.
+    """
+
+    pivots: torch.Tensor
+    factor: torch.Tensor
+    residual: torch.Tensor
+    norms: torch.Tensor
+    scale: torch.Tensor
+
+
 def qr_pivot_indices(x: torch.Tensor, m: int) -> torch.Tensor:
     """First ``m`` pivots of QR with column pivoting on ``x^T`` (the tokens are the columns).
 
     Greedy: take the token of largest residual norm, project it out of all tokens, repeat; see
-    :func:`qr_pivots`, which also returns the Gram rows it computed on the way.
+    :func:`qr_pivots`, which also returns the factor and the residual norms it computed on the way.
 
     Parameters
     ----------
@@ -81,70 +111,72 @@ def qr_pivot_indices(x: torch.Tensor, m: int) -> torch.Tensor:
     torch.Tensor
         ``[B, m]`` int64 pivot indices in pivot order.
     """
-    return qr_pivots(x, m)[0]
+    return qr_pivots(x, m).pivots
 
 
-def qr_pivots(x: torch.Tensor, m: int, *, scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pivots of greedy QR with column pivoting on ``x^T``, and the Gram rows ``x_p . x`` of the pivots.
+def qr_pivots(x: torch.Tensor, m: int) -> PivotedQR:
+    """Greedy QR with column pivoting on ``x^T`` for ``m`` steps, with residual norms downdated.
 
-    Run as a pivoted Cholesky factorisation of the Gram matrix ``x x^T`` that never forms it: step
-    ``j`` needs one Gram row ``x_p . x`` (a matrix-vector product, one pass over the tokens) and the
-    ``j`` previous rows of the factor; the residual squared norms are downdated, ``r_i^2 -= L_ji^2``,
-    rather than recomputed. The cost is ``O(m N D)`` with ``O(m N)`` extra memory, and the pivots
-    equal LAPACK's ``geqp3`` (``scipy.linalg.qr(x.T, pivoting=True)``) on inputs without ties. The
-    Gram rows are returned because they are exactly ``S X^T`` for the basis ``S = x[pivots]``, the
-    right-hand side of ApET's least-squares solve.
+    Run as a pivoted Cholesky factorisation of the Gram matrix ``x x^T`` that never forms it. Step
+    ``j`` takes the token ``p`` of largest residual squared norm ``r_p^2``, computes the factor's
+    column ``L_j = (x . x_p - L L_p^T) / r_p`` (one matrix-vector product, one pass over the tokens)
+    and downdates every residual, ``r_i^2 -= L_ji^2``, rather than recomputing it. The cost is
+    ``O(m N D)``; the pivots equal LAPACK's ``geqp3`` (``scipy.linalg.qr(x.T, pivoting=True)``) on
+    inputs without ties.
+
+    The tokens are copied once, scaled by ``f = token_scale(x)`` (a power of two per batch row: the
+    same pivots, bit for bit on tokens of ordinary size, without the overflow of squared norms of
+    tokens of size ``1e30`` or their underflow at ``1e-30``), into a ``[B, N, D + m]`` buffer in the
+    compute dtype whose last ``m`` columns hold ``L``: the product of the buffer with the pivot's row,
+    its last ``m`` entries negated, is ``x . x_p f^2 - L L_p^T`` in a single pass. The extra memory is
+    that buffer: the tokens' size in float32 (twice the size of half-precision tokens).
 
     Once the tokens' rank is exhausted the remaining residuals are zero up to rounding; a pivot whose
-    residual is below ``N * eps`` times the largest token norm is scaled by that floor instead, so the
-    factor stays finite and tiny (the later pivots are then arbitrary, as they are for LAPACK).
-
-    The factorisation runs on the tokens scaled by a power of two per batch row, ``f = token_scale(x)``:
-    the same pivots (bit for bit on tokens of ordinary size), without the overflow of squared norms and
-    products of tokens of size ``1e30`` or their underflow at ``1e-30``. The squared norms are taken of
-    row blocks of the scaled tokens; the Gram rows are ``x . (f^2 x_p)``, so ``x`` is never copied whole.
+    residual is below ``N * eps`` times the largest squared norm is divided by that floor instead, so
+    the factor stays finite and tiny (the later pivots are then arbitrary, as they are for LAPACK). A
+    pivot is never chosen twice.
 
     Parameters
     ----------
     x : torch.Tensor
         ``[B, N, D]`` tokens, any float dtype.
     m : int
-        Number of pivots.
-    scaled : bool, default False
-        Return the Gram rows times ``f^2``, the units :func:`~tokencomp.kernels.ridge_coefficients`
-        takes them in (they are finite even where ``x_p . x`` overflows).
+        Number of pivots (at most ``N``).
 
     Returns
     -------
-    tuple of torch.Tensor
-        ``[B, m]`` int64 pivots in pivot order, and ``[B, m, N]`` Gram rows in the compute dtype.
+    PivotedQR
+        Pivots, factor, residual and squared norms, all of the scaled tokens, and the scale.
     """
     b, n, d = x.shape
     ct = compute_dtype(x.dtype)
     f = token_scale(x)  # [B, 1, 1]
-    norms = torch.empty(b, n, dtype=ct, device=x.device)  # squared norms of the scaled tokens
+    buf = torch.empty(b, n, d + m, dtype=ct, device=x.device)  # [x f | L]
     for blk in row_blocks(b, n, d):
-        norms[:, blk] = torch.linalg.vector_norm(x[:, blk].to(ct) * f, dim=-1).square_()
+        torch.mul(x[:, blk], f, out=buf[:, blk, :d])
+    buf[:, :, d:] = 0
+    norms = torch.linalg.vector_norm(buf[:, :, :d], dim=-1).square_()
     # residuals below this are rounding (tiny > 0 keeps all-zero tokens finite)
     floor = (norms.amax(dim=-1, keepdim=True) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)
-    factor = torch.zeros(b, n, m, dtype=ct, device=x.device)  # the Cholesky factor L, zero-padded
-    picked, gram = [], []
+    sign = torch.ones(d + m, dtype=ct, device=x.device)
+    sign[d:] = -1.0
+    offsets = torch.arange(0, b * n, n, device=x.device)
+    rows = buf.view(b * n, d + m)
+    residual = norms.clone()
+    flat_residual = residual.view(-1)
+    picked = []
     for j in range(m):
-        p = norms.argmax(dim=-1, keepdim=True)  # [B, 1]
+        top, p = residual.max(dim=-1)  # [B]: r_p^2 and p
         picked.append(p)
-        pivot = torch.gather(x, 1, p.unsqueeze(-1).expand(b, 1, d)).to(ct) * f * f  # [B, 1, D] (f^2 may overflow)
-        g = rows_matmul(x, pivot.transpose(1, 2))  # [B, N, 1] = f^2 x . x_p, one pass over the tokens
-        gram.append(g)
-        # L_j = (g - L L_p^T) / sqrt(r_p^2); the columns of L after j - 1 are still zero
-        lp = torch.gather(factor, 1, p.unsqueeze(-1).expand(b, 1, m))  # [B, 1, m]
-        col = torch.baddbmm(g, factor, lp.transpose(1, 2), alpha=-1)[:, :, 0]  # [B, N]
-        # a residual below the floor is rounding: dividing by the floor keeps L finite and tiny there
-        col.mul_(norms.gather(1, p).clamp_min_(floor).rsqrt_())
-        factor[:, :, j] = col
-        norms.addcmul_(col, col, value=-1.0)
-        norms.scatter_(1, p, -1.0)  # a pivot is never chosen again
-    gram_rows = torch.cat(gram, dim=2).transpose(1, 2)
-    return torch.cat(picked, dim=1), (gram_rows if scaled else gram_rows / f / f)
+        flat = p + offsets
+        # [x_p f | -L_p] / r_p (a residual below the floor is rounding: dividing by the floor keeps L tiny)
+        weight = sign * torch.maximum(top.unsqueeze(1), floor).rsqrt_()
+        pivot = rows.index_select(0, flat).mul_(weight)
+        col = torch.bmm(buf, pivot.unsqueeze(2)).view(b, n)  # (x . x_p f^2 - L L_p^T) / r_p
+        buf.select(2, d + j).copy_(col)
+        residual.addcmul_(col, col, value=-1.0)
+        flat_residual.index_fill_(0, flat, -1.0)  # a pivot is never chosen again
+    return PivotedQR(torch.stack(picked, dim=1), buf[:, :, d:].clone(), residual.clamp_min_(0.0), norms, f)
 
 
 def random_indices(

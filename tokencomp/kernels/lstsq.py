@@ -6,14 +6,14 @@ from typing import Optional
 
 import torch
 
+from .basis import PivotedQR
 from .blocks import compute_dtype, pow2_scale, row_blocks, rows_matmul, token_scale
+from .gather import batched_gather
 
 ERROR_NORMS = ("l2", "l1", "linf", "relative")
 
 
-def ridge_coefficients(
-    x: torch.Tensor, s: torch.Tensor, ridge: float, rhs: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def ridge_coefficients(x: torch.Tensor, s: torch.Tensor, ridge: float) -> torch.Tensor:
     """Coefficients ``C^T = solve(S S^T + ridge I, S X^T)`` of every token on the basis, ``[B, M, N]``.
 
     The ``M x M`` system is formed and solved in float64: with repeated basis tokens (random
@@ -39,16 +39,11 @@ def ridge_coefficients(
         ``[B, M, D]`` basis tokens in the compute dtype of ``x``.
     ridge : float
         Ridge added to the diagonal of the Gram matrix.
-    rhs : torch.Tensor, optional
-        ``S X^T f^2`` ``[B, M, N]`` (with ``f = token_scale(x)``) when the caller already has it (the QR
-        basis computes it on the way: ``qr_pivots(x, m, scaled=True)``).
     """
-    return _ridge_coefficients(x, s, ridge, rhs, token_scale(x).to(s.dtype))
+    return _ridge_coefficients(x, s, ridge, token_scale(x).to(s.dtype))
 
 
-def _ridge_coefficients(
-    x: torch.Tensor, s: torch.Tensor, ridge: float, rhs: Optional[torch.Tensor], f: torch.Tensor
-) -> torch.Tensor:
+def _ridge_coefficients(x: torch.Tensor, s: torch.Tensor, ridge: float, f: torch.Tensor) -> torch.Tensor:
     """:func:`ridge_coefficients` given ``f = token_scale(x)`` ``[B, 1, 1]`` in the dtype of ``s``."""
     m = s.shape[1]
     s64 = (s * f).double()
@@ -56,8 +51,8 @@ def _ridge_coefficients(
     largest = torch.diagonal(sst, dim1=1, dim2=2).amax(dim=1, keepdim=True).unsqueeze(-1)  # [B, 1, 1]
     lam = torch.maximum(ridge * f.double().square(), m * torch.finfo(torch.float64).eps * largest)
     gram = sst + lam * torch.eye(m, dtype=torch.float64, device=s.device)
-    if rhs is None:  # s f f, not s f^2: f^2 overflows float32 for tokens of size 1e-30
-        rhs = rows_matmul(x, (s * f * f).transpose(1, 2)).transpose(1, 2)  # [B, M, N]
+    # s f f, not s f^2: f^2 overflows float32 for tokens of size 1e-30
+    rhs = rows_matmul(x, (s * f * f).transpose(1, 2)).transpose(1, 2)  # [B, M, N]
     return torch.linalg.solve(gram, rhs.double()).to(compute_dtype(x.dtype))
 
 
@@ -71,19 +66,16 @@ def ridge_residual(x: torch.Tensor, s: torch.Tensor, ridge: float) -> torch.Tens
     return torch.baddbmm(x.to(coef.dtype), coef.transpose(1, 2), s, alpha=-1)
 
 
-def ridge_errors(
-    x: torch.Tensor, s: torch.Tensor, ridge: float, norm: str, rhs: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def ridge_errors(x: torch.Tensor, s: torch.Tensor, ridge: float, norm: str) -> torch.Tensor:
     """Per-token error ``[B, N]`` of the ridge reconstruction under ``norm``, in row blocks.
 
     Equal to ``residual_errors(ridge_residual(x, s, ridge), x, norm)``, but the residual is formed
-    one row block at a time, so the extra memory is one block rather than the tokens' size. ``rhs``
-    is as for :func:`ridge_coefficients`. The residual is formed from the tokens and the basis scaled by
+    one row block at a time, so the extra memory is one block rather than the tokens' size. The residual is formed from the tokens and the basis scaled by
     ``f = token_scale(x)`` (a power of two per batch row) and its norms divided by ``f``: the same
     values (bit for bit on tokens of ordinary size), without overflow for tokens of size ``1e30``.
     """
     f = token_scale(x).to(s.dtype)  # [B, 1, 1]
-    coef = _ridge_coefficients(x, s, ridge, rhs, f).transpose(1, 2)  # [B, N, M]
+    coef = _ridge_coefficients(x, s, ridge, f).transpose(1, 2)  # [B, N, M]
     b, n, d = x.shape
     sf = s * f
     out = torch.empty(b, n, dtype=coef.dtype, device=x.device)
@@ -91,6 +83,63 @@ def ridge_errors(
         rows = torch.mul(x[:, blk], f)  # scaled rows, in the compute dtype
         out[:, blk] = _errors(torch.baddbmm(rows, coef[:, blk], sf, alpha=-1), rows, norm)
     return out if norm == "relative" else out.div_(f.view(b, 1))
+
+
+def pivoted_ridge_errors(qr: PivotedQR, ridge: float, norm: str = "l2") -> torch.Tensor:
+    """:func:`ridge_errors` (``l2`` or ``relative``) for the basis of the QR pivots, from the factorisation alone.
+
+    With ``Q`` the orthonormal basis of the pivots' span, every scaled token is ``x_i f = L_i Q + rho_i``
+    and the scaled basis is ``S f = L_p Q`` (``L_p`` the factor's pivot rows, ``M x M``). The ridge
+    problem ``min_c |x_i f - c S f|^2 + lam |c|^2`` (``lam = ridge f^2``: the system
+    :func:`ridge_coefficients` solves) therefore splits into the part orthogonal to the span, which no
+    coefficient changes, and an ``M``-dimensional one, and its residual is exactly
+
+    ``|x_i f - c_i S f|^2 = r_i^2 + |L_i P|^2``, with ``P = lam (L_p^T L_p + lam I)^-1``
+
+    (``I - B^T (B B^T + lam I)^-1 B = lam (B^T B + lam I)^-1``). ``r_i^2`` is the downdated residual
+    of :func:`~tokencomp.kernels.qr_pivots`, so the tokens are not read again: ``O(M^2 N)`` in float64
+    instead of a pass forming the ``[N, D]`` residual. As in :func:`ridge_coefficients`, a ridge too
+    small to change ``L_p^T L_p`` in float64 is raised to ``M eps`` times the largest squared basis norm.
+
+    Both terms are non-negative, so there is no cancellation between them; ``r_i^2`` itself carries
+    the rounding of the downdating, about ``M eps`` times ``|x_i|^2`` (float32), so a token the basis
+    explains almost exactly has an error of order ``sqrt(M eps) |x_i|`` rather than ``eps |x_i|``
+    (LAPACK's norm downdating has the same property). Tokens with larger errors, the ones ApET keeps,
+    are accurate to a few units in the last place.
+
+    Parameters
+    ----------
+    qr : PivotedQR
+        :func:`~tokencomp.kernels.qr_pivots` of the tokens.
+    ridge : float
+        Ridge added to the diagonal of the basis Gram matrix (before scaling).
+    norm : {"l2", "relative"}
+        ``l2``: the residual's Euclidean norm; ``relative``: divided by the token's own norm (0 for a
+        zero token).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, N]`` in the dtype of the factor.
+    """
+    if norm not in ("l2", "relative"):
+        raise ValueError(
+            f"pivoted_ridge_errors: norm {norm!r} needs the residual rows; allowed here: 'l2', 'relative' "
+            "(use ridge_errors for the others)."
+        )
+    factor = qr.factor.double()  # [B, N, M]
+    b, n, m = factor.shape
+    lp = batched_gather(factor, qr.pivots)  # [B, M, M]
+    largest = qr.norms.amax(dim=-1).double().view(b, 1, 1)
+    lam = torch.maximum(ridge * qr.scale.double().square(), m * torch.finfo(torch.float64).eps * largest)
+    eye = torch.eye(m, dtype=torch.float64, device=factor.device)
+    p = lam * torch.linalg.inv(lp.transpose(1, 2) @ lp + lam * eye)
+    squared = torch.bmm(factor, p).square_().sum(dim=-1).add_(qr.residual)  # [B, N]
+    if norm == "relative":
+        own = qr.norms.double()
+        ratio = squared.div_(torch.where(own > 0, own, torch.ones_like(own))).sqrt_()
+        return torch.where(own > 0, ratio, torch.zeros_like(ratio)).to(qr.factor.dtype)
+    return squared.sqrt_().to(qr.factor.dtype).div_(qr.scale.view(b, 1))
 
 
 def _errors(residual: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
