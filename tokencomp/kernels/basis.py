@@ -157,7 +157,7 @@ def qr_pivots(x: torch.Tensor, m: int) -> PivotedQR:
     buf[:, :, d:] = 0
     norms = torch.linalg.vector_norm(buf[:, :, :d], dim=-1).square_()
     # residuals below this are rounding (tiny > 0 keeps all-zero tokens finite)
-    floor = (norms.amax(dim=-1, keepdim=True) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)
+    floor = (norms.amax(dim=-1) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)  # [B]
     sign = torch.ones(d + m, dtype=ct, device=x.device)
     sign[d:] = -1.0
     offsets = torch.arange(0, b * n, n, device=x.device)
@@ -168,10 +168,9 @@ def qr_pivots(x: torch.Tensor, m: int) -> PivotedQR:
     for j in range(m):
         top, p = residual.max(dim=-1)  # [B]: r_p^2 and p
         picked.append(p)
-        flat = p + offsets
+        flat = p if b == 1 else p + offsets
         # [x_p f | -L_p] / r_p (a residual below the floor is rounding: dividing by the floor keeps L tiny)
-        weight = sign * torch.maximum(top.unsqueeze(1), floor).rsqrt_()
-        pivot = rows.index_select(0, flat).mul_(weight)
+        pivot = rows.index_select(0, flat).mul_(torch.outer(top.clamp_min_(floor).rsqrt_(), sign))
         col = torch.bmm(buf, pivot.unsqueeze(2)).view(b, n)  # (x . x_p f^2 - L L_p^T) / r_p
         buf.select(2, d + j).copy_(col)
         residual.addcmul_(col, col, value=-1.0)

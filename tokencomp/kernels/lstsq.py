@@ -8,7 +8,6 @@ import torch
 
 from .basis import PivotedQR
 from .blocks import compute_dtype, pow2_scale, row_blocks, rows_matmul, token_scale
-from .gather import batched_gather
 
 ERROR_NORMS = ("l2", "l1", "linf", "relative")
 
@@ -129,12 +128,13 @@ def pivoted_ridge_errors(qr: PivotedQR, ridge: float, norm: str = "l2") -> torch
         )
     factor = qr.factor.double()  # [B, N, M]
     b, n, m = factor.shape
-    lp = batched_gather(factor, qr.pivots)  # [B, M, M]
+    lp = torch.gather(factor, 1, qr.pivots.unsqueeze(-1).expand(b, m, m))  # [B, M, M]
     largest = qr.norms.amax(dim=-1).double().view(b, 1, 1)
     lam = torch.maximum(ridge * qr.scale.double().square(), m * torch.finfo(torch.float64).eps * largest)
-    eye = torch.eye(m, dtype=torch.float64, device=factor.device)
-    p = lam * torch.linalg.inv(lp.transpose(1, 2) @ lp + lam * eye)
-    squared = torch.bmm(factor, p).square_().sum(dim=-1).add_(qr.residual)  # [B, N]
+    gram = torch.baddbmm(lam * torch.eye(m, dtype=torch.float64, device=factor.device), lp.transpose(1, 2), lp)
+    # |L_i P| = lam |L_i (L_p^T L_p + lam I)^-1|
+    squared = torch.linalg.vector_norm(torch.bmm(factor, torch.linalg.inv(gram)), dim=-1).mul_(lam.view(b, 1))
+    squared.square_().add_(qr.residual)  # [B, N]
     if norm == "relative":
         own = qr.norms.double()
         ratio = squared.div_(torch.where(own > 0, own, torch.ones_like(own))).sqrt_()
