@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokencomp as tc
-from tiny_models import llava_next_prompt, tiny_llava_next
+from tiny_models import first_layer_lengths, llava_next_prompt, tiny_llava_next
 
 SIZES = [(100, 60), (40, 50)]  # 2 x 1 crops + base view, and a single crop + base view
 
@@ -33,15 +33,8 @@ def newline_count(model, inputs):
 def test_newlines_stay_and_the_budget_counts_the_other_tokens(model):
     inputs = llava_next_prompt(model, SIZES, seed=1)
     newlines, lengths = newline_count(model, inputs)
-    seen = []
-    hook = model.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True
-    )
-    try:
-        with torch.no_grad(), tc.apply(model, "divprune", budget=10) as handle:
-            model(**inputs)
-    finally:
-        hook.remove()
+    with tc.apply(model, "divprune", budget=10) as handle:
+        seen = first_layer_lengths(model, lambda: model(**inputs))
     visual = [n - l for n, l in zip(lengths, newlines)]
     assert handle.stats[0]["tokens_in"] == sum(visual) and handle.stats[0]["tokens_out"] == 20
     assert seen == [inputs["input_ids"].shape[1] - sum(v - 10 for v in visual)]
@@ -121,18 +114,10 @@ def test_videos_per_clip_or_per_frame(video_model, video, budget, kept):
     inputs = llava_video_prompt(video_model, frames=4, seed=4, image=(100, 60))
     video_tokens = int((inputs["input_ids"] == 118).sum())
     newline = 1 if hasattr(video_model.model, "apply_pooling") else 0  # OneVision ends a video with one
-    seen = []
-    hook = video_model.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True
-    )
-    try:
-        with tc.apply(video_model, "divprune", budget=budget, video=video) as handle:
-            with torch.no_grad():
-                video_model(**inputs)
-            cached = greedy(video_model, inputs)
-            recomputed = greedy(video_model, inputs, use_cache=False)
-    finally:
-        hook.remove()
+    with tc.apply(video_model, "divprune", budget=budget, video=video) as handle:
+        seen = first_layer_lengths(video_model, lambda: video_model(**inputs))
+        cached = greedy(video_model, inputs)
+        recomputed = greedy(video_model, inputs, use_cache=False)
     assert torch.equal(cached, recomputed)
     images_in = handle.stats[0]["tokens_in"] - (video_tokens - newline)
     assert handle.stats[0]["tokens_out"] == kept + budget  # the video's tokens plus the image's own budget

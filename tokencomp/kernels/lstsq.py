@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .basis import PivotedQR
@@ -48,11 +46,23 @@ def _ridge_coefficients(x: torch.Tensor, s: torch.Tensor, ridge: float, f: torch
     s64 = (s * f).double()
     sst = s64 @ s64.transpose(1, 2)
     largest = torch.diagonal(sst, dim1=1, dim2=2).amax(dim=1, keepdim=True).unsqueeze(-1)  # [B, 1, 1]
-    lam = torch.maximum(ridge * f.double().square(), m * torch.finfo(torch.float64).eps * largest)
+    lam = _effective_ridge(ridge, f, largest, m)
     gram = sst + lam * torch.eye(m, dtype=torch.float64, device=s.device)
     # s f f, not s f^2: f^2 overflows float32 for tokens of size 1e-30
     rhs = rows_matmul(x, (s * f * f).transpose(1, 2)).transpose(1, 2)  # [B, M, N]
     return torch.linalg.solve(gram, rhs.double()).to(compute_dtype(x.dtype))
+
+
+def _effective_ridge(ridge: float, f: torch.Tensor, largest: torch.Tensor, m: int) -> torch.Tensor:
+    """``[B, 1, 1]`` float64 ridge for the basis Gram matrix of tokens scaled by ``f``: ``ridge f^2``, raised to
+    ``M eps`` times its ``largest`` diagonal entry where it is too small to change that matrix in float64."""
+    return torch.maximum(ridge * f.double().square(), m * torch.finfo(torch.float64).eps * largest)
+
+
+def _ratio_or_zero(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den``, and 0 where ``den`` is 0 (a zero token, which any basis rebuilds exactly)."""
+    nonzero = den > 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 def ridge_residual(x: torch.Tensor, s: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -69,9 +79,10 @@ def ridge_errors(x: torch.Tensor, s: torch.Tensor, ridge: float, norm: str) -> t
     """Per-token error ``[B, N]`` of the ridge reconstruction under ``norm``, in row blocks.
 
     Equal to ``residual_errors(ridge_residual(x, s, ridge), x, norm)``, but the residual is formed
-    one row block at a time, so the extra memory is one block rather than the tokens' size. The residual is formed from the tokens and the basis scaled by
-    ``f = token_scale(x)`` (a power of two per batch row) and its norms divided by ``f``: the same
-    values (bit for bit on tokens of ordinary size), without overflow for tokens of size ``1e30``.
+    one row block at a time, so the extra memory is one block rather than the tokens' size. The
+    residual is formed from the tokens and the basis scaled by ``f = token_scale(x)`` (a power of two
+    per batch row) and its norms divided by ``f``: the same values (bit for bit on tokens of ordinary
+    size), without overflow for tokens of size ``1e30``.
     """
     f = token_scale(x).to(s.dtype)  # [B, 1, 1]
     coef = _ridge_coefficients(x, s, ridge, f).transpose(1, 2)  # [B, N, M]
@@ -129,16 +140,13 @@ def pivoted_ridge_errors(qr: PivotedQR, ridge: float, norm: str = "l2") -> torch
     factor = qr.factor.double()  # [B, N, M]
     b, n, m = factor.shape
     lp = torch.gather(factor, 1, qr.pivots.unsqueeze(-1).expand(b, m, m))  # [B, M, M]
-    largest = qr.norms.amax(dim=-1).double().view(b, 1, 1)
-    lam = torch.maximum(ridge * qr.scale.double().square(), m * torch.finfo(torch.float64).eps * largest)
+    lam = _effective_ridge(ridge, qr.scale, qr.norms.amax(dim=-1).double().view(b, 1, 1), m)
     gram = torch.baddbmm(lam * torch.eye(m, dtype=torch.float64, device=factor.device), lp.transpose(1, 2), lp)
     # |L_i P| = lam |L_i (L_p^T L_p + lam I)^-1|
     squared = torch.linalg.vector_norm(torch.bmm(factor, torch.linalg.inv(gram)), dim=-1).mul_(lam.view(b, 1))
     squared.square_().add_(qr.residual)  # [B, N]
     if norm == "relative":
-        own = qr.norms.double()
-        ratio = squared.div_(torch.where(own > 0, own, torch.ones_like(own))).sqrt_()
-        return torch.where(own > 0, ratio, torch.zeros_like(ratio)).to(qr.factor.dtype)
+        return _ratio_or_zero(squared, qr.norms.double()).sqrt_().to(qr.factor.dtype)
     return squared.sqrt_().to(qr.factor.dtype).div_(qr.scale.view(b, 1))
 
 
@@ -151,9 +159,7 @@ def _errors(residual: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "linf":
         return residual.abs().amax(dim=-1)
     if norm == "relative":
-        own = x.norm(dim=-1)
-        err = residual.norm(dim=-1)
-        return torch.where(own > 0, err / torch.where(own > 0, own, torch.ones_like(own)), torch.zeros_like(err))
+        return _ratio_or_zero(residual.norm(dim=-1), x.norm(dim=-1))
     raise ValueError(f"unknown error norm {norm!r}; allowed: {', '.join(ERROR_NORMS)}")
 
 
@@ -185,6 +191,5 @@ def residual_errors(residual: torch.Tensor, x: torch.Tensor, norm: str) -> torch
     if norm == "relative":
         own, f_own = _l2(x)
         err, f_err = _l2(residual)
-        ratio = err / torch.where(own > 0, own, torch.ones_like(own)) * (f_own / f_err)
-        return torch.where(own > 0, ratio, torch.zeros_like(err))
+        return _ratio_or_zero(err, own) * (f_own / f_err)
     raise ValueError(f"unknown error norm {norm!r}; allowed: {', '.join(ERROR_NORMS)}")
