@@ -26,8 +26,11 @@ The authors build the whole ``N x N`` matrix. We compute the same numbers withou
   running top two per column merges the tiles. Tiles are at most ``chunk`` columns wide and
   :data:`~tokencomp.kernels.blocks.BLOCK_ELEMENTS` elements large (or one row of ``B chunk``), so the
   memory beyond the float32 normalised tokens is constant in ``N``.
-- Step 3 keeps a running minimum distance per token, lowered at each pick by one row of distances
-  (one matrix-vector product, ``O(B N D)`` per pick, written into preallocated ``[B, N]`` buffers).
+- Step 3 keeps a running minimum distance per token, lowered at each pick by one row of distances:
+  the products of all tokens with the pick (:func:`~tokencomp.kernels.matvec.token_dots`, ``O(B N D)``
+  per pick, on the normalised tokens padded with zero rows whose distances are set to ``-inf``, into
+  preallocated buffers). Those passes bound the time at video scale: they read all tokens once per
+  pick, so their speed is that of memory.
 
 Departures, each invisible except where stated:
 
@@ -47,6 +50,7 @@ import torch
 from tokencomp.base import Compressor
 from tokencomp.kernels import selection_result
 from tokencomp.kernels.blocks import row_blocks, unit_rows
+from tokencomp.kernels.matvec import padded_rows, token_dots
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import check_int
@@ -135,8 +139,9 @@ class DivPrune(Compressor):
         self.chunk = check_int("divprune", "chunk", chunk, low=1)
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        x = unit_rows(tokens)  # [B, N, D] float32
-        b, n, _ = x.shape
+        b, n, _ = tokens.shape
+        padded = unit_rows(tokens, rows=padded_rows(n))  # [B, N', D] float32, zero rows after N
+        x = padded[:, :n]
         rows = torch.arange(b, device=x.device)
         order = torch.empty(b, k, dtype=torch.int64, device=x.device)
 
@@ -146,18 +151,18 @@ class DivPrune(Compressor):
         pick = torch.sub(1.0, second).argmax(dim=1, keepdim=True)  # [B, 1]
         order[:, :1] = pick
 
-        # Step 3: running minimum distance to the selected set; selected tokens are out of the race.
-        nearest = torch.empty(b, n, 1, device=x.device)
-        dist = torch.empty(b, n, 1, device=x.device)
-        torch.bmm(x, x[rows, pick[:, 0]].unsqueeze(-1), out=nearest)
-        nearest = nearest.squeeze(-1).neg_().add_(1.0)  # 1 - x . x_pick
-        flat = dist.squeeze(-1)
+        # Step 3: running minimum distance to the selected set; selected tokens (and the padding rows)
+        # are out of the race.
+        nearest = token_dots(padded, x[rows, pick[:, 0]], torch.empty(b, padded.shape[1], device=x.device))
+        nearest.neg_().add_(1.0)  # 1 - x . x_pick
+        nearest[:, n:] = float("-inf")
         nearest.scatter_(1, pick, float("-inf"))
+        dist = torch.empty_like(nearest)
         for i in range(1, k):
             pick = nearest.argmax(dim=1, keepdim=True)
             order[:, i : i + 1] = pick
-            torch.bmm(x, x[rows, pick[:, 0]].unsqueeze(-1), out=dist)
-            torch.minimum(nearest, flat.neg_().add_(1.0), out=nearest)
+            token_dots(padded, x[rows, pick[:, 0]], dist)
+            torch.minimum(nearest, dist.neg_().add_(1.0), out=nearest)
             nearest.scatter_(1, pick, float("-inf"))
 
         # Step 4: keep the picks in their original order.

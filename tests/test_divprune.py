@@ -91,7 +91,8 @@ def test_second_largest_similarity_matches_the_full_matrix():
     # The symmetric tiles and the running top two give exactly the second-largest entry of every column
     # of x x^T, the diagonal included; repeated tokens make a column's maximum appear twice (then it is
     # also the second largest), a zero token has only zeros.
-    from tokencomp.strategies.divprune import second_largest_similarity, unit_rows
+    from tokencomp.kernels import unit_rows
+    from tokencomp.strategies.divprune import second_largest_similarity
 
     x = tokens(2, 130, 8, 3)
     x[0, 40:43] = x[0, 7]

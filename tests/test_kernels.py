@@ -251,3 +251,64 @@ def test_apet_output_does_not_depend_on_the_block_size(seed, n, d, block):
         blocks.BLOCK_ELEMENTS = old
     assert torch.equal(blocked.indices, reference.indices)
     torch.testing.assert_close(blocked.tokens, reference.tokens)
+
+
+# ----------------------------------------------------------------------------------------- matvec
+
+
+@pytest.mark.parametrize("n,padded", [(1, 16), (16, 16), (17, 32), (256, 256), (257, 288), (576, 576), (577, 624)])
+def test_padded_rows_by_hand(n, padded):
+    # 257 rows: two pieces of 16 * ceil(257 / 32) = 144; 577: three pieces of 16 * ceil(577 / 48) = 208.
+    assert tc.kernels.padded_rows(n) == padded
+
+
+@given(n=st.integers(1, 100_000))
+def test_padded_rows_are_equal_aligned_pieces(n):
+    from tokencomp.kernels.matvec import PIECE_ALIGN, PIECE_ROWS
+
+    rows = tc.kernels.padded_rows(n)
+    pieces = -(-n // PIECE_ROWS)
+    assert rows >= n and rows % (PIECE_ALIGN * pieces) == 0 and rows - n < PIECE_ALIGN * pieces
+    assert rows // pieces <= PIECE_ROWS
+    assert tc.kernels.padded_rows(rows) == rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_unit_rows_with_padding_rows(block_size, dtype):
+    x = _tokens(2, 37, 9, 4, dtype)
+    x[1, 5] = 0.0
+    padded = tc.kernels.unit_rows(x, rows=48)
+    assert padded.shape == (2, 48, 9) and padded.dtype == torch.float32
+    assert torch.equal(padded[:, :37], tc.kernels.unit_rows(x))
+    assert not padded[:, 37:].any()
+    with pytest.raises(ValueError, match="rows=36 is fewer than the 37 tokens"):
+        tc.kernels.unit_rows(x, rows=36)
+
+
+@pytest.mark.parametrize("b,n,d", [(1, 1, 5), (1, 300, 96), (3, 577, 40), (2, 1000, 1024)])
+def test_token_dots_are_the_dot_products(b, n, d):
+    x = tc.kernels.unit_rows(_tokens(b, n, d, n), rows=tc.kernels.padded_rows(n))
+    vec = _tokens(b, 1, d, 1)[:, 0]
+    out = tc.kernels.token_dots(x, vec, torch.full(x.shape[:2], float("nan")))
+    exact = (x.double() @ vec.double().unsqueeze(-1))[..., 0]
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
+    assert not out[:, n:].any()  # zero padding rows
+
+
+@pytest.mark.parametrize("d", [5, 96, 1024])
+def test_token_dots_do_not_depend_on_threads(d):
+    # The pieces depend on N only: the values are bit for bit those of one thread.
+    x = tc.kernels.unit_rows(_tokens(1, 1100, d, 7), rows=tc.kernels.padded_rows(1100))
+    vec = _tokens(1, 1, d, 8)[:, 0]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tc.kernels.token_dots(x, vec, torch.empty(x.shape[:2]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(tc.kernels.token_dots(x, vec, torch.empty(x.shape[:2])), one)
+
+
+def test_token_dots_need_padded_rows():
+    with pytest.raises(ValueError, match=r"pad the tokens with zero rows to padded_rows\(300\) = 320"):
+        tc.kernels.token_dots(torch.zeros(1, 300, 4), torch.zeros(1, 4), torch.empty(1, 300))

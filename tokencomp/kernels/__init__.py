@@ -16,6 +16,7 @@ from .blocks import (
 )
 from .gather import batched_gather, selection_result, slots_of
 from .lstsq import pivoted_ridge_errors, residual_errors, ridge_coefficients, ridge_errors, ridge_residual
+from .matvec import padded_rows, token_dots
 from .merge import cosine_match, mean_merge, merge_rows
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "gemm_pieces",
     "mean_merge",
     "merge_rows",
+    "padded_rows",
     "pivoted_ridge_errors",
     "pow2_scale",
     "qr_pivot_indices",
@@ -43,6 +45,7 @@ __all__ = [
     "scaled_norms",
     "selection_result",
     "slots_of",
+    "token_dots",
     "token_scale",
     "unit_rows",
     "unit_vectors",

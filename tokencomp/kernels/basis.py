@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .blocks import compute_dtype, row_blocks, token_scale
+from .matvec import padded_rows, token_dots
 
 
 def fps_indices(x: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
@@ -151,19 +152,24 @@ def qr_pivots(x: torch.Tensor, m: int) -> PivotedQR:
     b, n, d = x.shape
     ct = compute_dtype(x.dtype)
     f = token_scale(x)  # [B, 1, 1]
-    buf = torch.empty(b, n, d + m, dtype=ct, device=x.device)  # [x f | L]
+    # [x f | L], zero rows after N (token_dots' padding)
+    buf = torch.empty(b, padded_rows(n), d + m, dtype=ct, device=x.device)
     for blk in row_blocks(b, n, d):
         torch.mul(x[:, blk], f, out=buf[:, blk, :d])
     buf[:, :, d:] = 0
-    norms = torch.linalg.vector_norm(buf[:, :, :d], dim=-1).square_()
+    buf[:, n:] = 0
+    norms = torch.linalg.vector_norm(buf[:, :n, :d], dim=-1).square_()
     # residuals below this are rounding (tiny > 0 keeps all-zero tokens finite)
     floor = (norms.amax(dim=-1) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)  # [B]
     sign = torch.ones(d + m, dtype=ct, device=x.device)
     sign[d:] = -1.0
-    offsets = torch.arange(0, b * n, n, device=x.device)
-    rows = buf.view(b * n, d + m)
-    residual = norms.clone()
+    width = buf.shape[1]
+    offsets = torch.arange(0, b * width, width, device=x.device)
+    rows = buf.view(b * width, d + m)
+    residual = torch.full((b, width), -1.0, dtype=ct, device=x.device)  # padding rows: never pivots
+    residual[:, :n] = norms
     flat_residual = residual.view(-1)
+    col = torch.empty(b, width, dtype=ct, device=x.device)
     picked = []
     for j in range(m):
         top, p = residual.max(dim=-1)  # [B]: r_p^2 and p
@@ -171,11 +177,11 @@ def qr_pivots(x: torch.Tensor, m: int) -> PivotedQR:
         flat = p if b == 1 else p + offsets
         # [x_p f | -L_p] / r_p (a residual below the floor is rounding: dividing by the floor keeps L tiny)
         pivot = rows.index_select(0, flat).mul_(torch.outer(top.clamp_min_(floor).rsqrt_(), sign))
-        col = torch.bmm(buf, pivot.unsqueeze(2)).view(b, n)  # (x . x_p f^2 - L L_p^T) / r_p
+        token_dots(buf, pivot, col)  # (x . x_p f^2 - L L_p^T) / r_p
         buf.select(2, d + j).copy_(col)
         residual.addcmul_(col, col, value=-1.0)
         flat_residual.index_fill_(0, flat, -1.0)  # a pivot is never chosen again
-    return PivotedQR(torch.stack(picked, dim=1), buf[:, :, d:].clone(), residual.clamp_min_(0.0), norms, f)
+    return PivotedQR(torch.stack(picked, dim=1), buf[:, :n, d:].clone(), residual[:, :n].clamp_min_(0.0), norms, f)
 
 
 def random_indices(

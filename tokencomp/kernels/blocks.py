@@ -130,14 +130,19 @@ def unit_vectors(
     return torch.div(out, out.norm(dim=-1, keepdim=True).clamp_min(1e-12), out=out)
 
 
-def unit_rows(tokens: torch.Tensor) -> torch.Tensor:
+def unit_rows(tokens: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
     """``F.normalize(tokens.float(), dim=-1)`` (the same values, :func:`unit_vectors`), row block by row block.
 
     Half-precision tokens are read into float32 one block at a time, so the only full-size tensor is
-    the float32 result.
+    the float32 result. With ``rows`` (at least ``N``) the result has that many rows, the last
+    ``rows - N`` zero (the padding :func:`~tokencomp.kernels.matvec.token_dots` needs).
     """
     b, n, d = tokens.shape
-    out = torch.empty(b, n, d, dtype=torch.float32, device=tokens.device)
+    total = n if rows is None else rows
+    if total < n:
+        raise ValueError(f"unit_rows: rows={rows} is fewer than the {n} tokens; give at least {n}.")
+    out = torch.empty(b, total, d, dtype=torch.float32, device=tokens.device)
+    out[:, n:] = 0.0
     for blk in row_blocks(b, n, d):
         unit_vectors(tokens[:, blk], out=out[:, blk])
     return out
