@@ -256,18 +256,22 @@ def test_apet_output_does_not_depend_on_the_block_size(seed, n, d, block):
 # ----------------------------------------------------------------------------------------- matvec
 
 
-@pytest.mark.parametrize("n,padded", [(1, 16), (16, 16), (17, 32), (256, 256), (257, 288), (576, 576), (577, 624)])
+@pytest.mark.parametrize(
+    "n,padded", [(1, 64), (64, 64), (65, 128), (257, 320), (576, 576), (577, 640), (1025, 1152), (18432, 18432)]
+)
 def test_padded_rows_by_hand(n, padded):
-    # 257 rows: two pieces of 16 * ceil(257 / 32) = 144; 577: three pieces of 16 * ceil(577 / 48) = 208.
+    # Four pieces up to 1024 rows, eight up to 2048, ...: 257 rows are 4 pieces of 16 * ceil(257 / 64) = 80
+    # rows, 577 are 4 of 160, 1025 are 8 of 16 * ceil(1025 / 128) = 144, 18432 are 72 of 256.
     assert tc.kernels.padded_rows(n) == padded
 
 
 @given(n=st.integers(1, 100_000))
 def test_padded_rows_are_equal_aligned_pieces(n):
-    from tokencomp.kernels.matvec import PIECE_ALIGN, PIECE_ROWS
+    from tokencomp.kernels.matvec import PIECE_ALIGN, PIECE_GROUP, PIECE_ROWS, pieces as count
 
     rows = tc.kernels.padded_rows(n)
-    pieces = -(-n // PIECE_ROWS)
+    pieces = count(n)
+    assert pieces % PIECE_GROUP == 0 and (pieces == PIECE_GROUP or n > (pieces - PIECE_GROUP) * PIECE_ROWS)
     assert rows >= n and rows % (PIECE_ALIGN * pieces) == 0 and rows - n < PIECE_ALIGN * pieces
     assert rows // pieces <= PIECE_ROWS
     assert tc.kernels.padded_rows(rows) == rows

@@ -7,15 +7,17 @@ time is the time the BLAS takes to read the tokens. On CPU that depends on how t
 - ``x @ v`` (``torch.bmm`` of ``[B, N, D]`` by ``[B, D, 1]``, MKL's ``gemv``) reads at about 17 GB/s
   on the 2-core AMD EPYC of our benchmarks for one batch row (one core), and 7 GB/s for 16 rows;
 - ``v^T @ x^T`` (``[B, 1, D]`` by the transposed view of the same rows, no copy) with the rows cut
-  into pieces of at most :data:`PIECE_ROWS` tokens multiplied as one batched product reads at 40-50
-  GB/s: PyTorch runs the pieces on all threads. Twice to three times faster at one batch row, five
-  times at sixteen.
+  into pieces of at most :data:`PIECE_ROWS` tokens multiplied as one batched product reads at 35-95
+  GB/s: PyTorch runs the pieces on all threads. Twice as fast at one batch row from 1,000 tokens up,
+  five times at sixteen rows (``python benchmarks/token_dots.py``).
 
-:func:`token_dots` computes the second. The pieces are ``ceil(N' / PIECE_ROWS)`` equal views of
-``N' / pieces`` rows, a multiple of :data:`PIECE_ALIGN`; the caller pads the tokens with zero rows
-to :func:`padded_rows` ``(N)`` (for instance :func:`~tokencomp.kernels.blocks.unit_rows` with
-``rows=``). The pieces depend on ``N`` only, not on the number of threads, so the values (the
-summation order of each dot product) are the same on any machine with the same BLAS.
+:func:`token_dots` computes the second. The pieces are equal views of at most :data:`PIECE_ROWS`
+rows, a multiple of :data:`PIECE_ALIGN`, and their number a multiple of :data:`PIECE_GROUP` (so 2 or
+4 threads share them evenly; 3 pieces on 2 threads take 1.4x the time of 4); the caller pads the
+tokens with zero rows to :func:`padded_rows` ``(N)`` (for instance
+:func:`~tokencomp.kernels.blocks.unit_rows` with ``rows=``). The pieces depend on ``N`` only, not on
+the number of threads, so the values (the summation order of each dot product) are the same on any
+machine with the same BLAS.
 """
 
 from __future__ import annotations
@@ -24,19 +26,27 @@ import torch
 
 # Largest piece, in rows (1 MiB of float32 tokens of 1024 channels: fits a core's L2 cache).
 PIECE_ROWS = 256
+# The number of pieces is a multiple of this.
+PIECE_GROUP = 4
 # Every piece's rows are a multiple of this (MKL computes the last rows of a piece that is not by
 # another kernel; aligned pieces start on a 64-byte boundary).
 PIECE_ALIGN = 16
 
 
 def padded_rows(n: int) -> int:
-    """Rows ``N' >= n`` that :func:`token_dots` takes: ``ceil(n / PIECE_ROWS)`` pieces of equal rows, each a
-    multiple of :data:`PIECE_ALIGN` (at most ``PIECE_ALIGN - 1`` padding rows per piece).
+    """Rows ``N' >= n`` that :func:`token_dots` takes: :func:`pieces` ``(n)`` pieces of equal rows, each a
+    multiple of :data:`PIECE_ALIGN` (at most ``PIECE_ALIGN - 1`` padding rows per piece beyond the
+    first ``n``).
 
     ``padded_rows(padded_rows(n)) == padded_rows(n)``.
     """
-    pieces = max(1, -(-n // PIECE_ROWS))
-    return pieces * PIECE_ALIGN * -(-n // (PIECE_ALIGN * pieces))
+    count = pieces(n)
+    return count * PIECE_ALIGN * -(-n // (PIECE_ALIGN * count))
+
+
+def pieces(n: int) -> int:
+    """Pieces for ``n`` rows: the first multiple of :data:`PIECE_GROUP` with at most :data:`PIECE_ROWS` rows each."""
+    return PIECE_GROUP * max(1, -(-n // (PIECE_GROUP * PIECE_ROWS)))
 
 
 def token_dots(x: torch.Tensor, vectors: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -55,8 +65,8 @@ def token_dots(x: torch.Tensor, vectors: torch.Tensor, out: torch.Tensor) -> tor
     if padded_rows(rows) != rows:
         raise ValueError(f"token_dots: {rows} rows cannot be cut into equal aligned pieces; pad the tokens with "
                          f"zero rows to padded_rows({rows}) = {padded_rows(rows)}.")
-    pieces = max(1, -(-rows // PIECE_ROWS))
-    m = rows // pieces
-    left = vectors.view(b, 1, 1, d).expand(b, pieces, 1, d).reshape(b * pieces, 1, d)
-    torch.bmm(left, x.view(b * pieces, m, d).transpose(1, 2), out=out.view(b * pieces, 1, m))
+    count = pieces(rows)
+    m = rows // count
+    left = vectors.view(b, 1, 1, d).expand(b, count, 1, d).reshape(b * count, 1, d)
+    torch.bmm(left, x.view(b * count, m, d).transpose(1, 2), out=out.view(b * count, 1, m))
     return out

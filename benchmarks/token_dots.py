@@ -1,0 +1,45 @@
+"""``token_dots`` against ``torch.bmm(x, v)``: the product of every token with one vector per batch row.
+
+Run: ``python benchmarks/token_dots.py [--shapes 1x576,1x4608,1x18432,16x576] [--dim 1024] [--repeats 20]``
+
+Every greedy selection (DivPrune's picks, the QR basis, CDPruner's DPP) makes one such product per
+step, a pass over all tokens that is bound by how fast the BLAS reads them. For each ``B x N``, both
+ways are timed in the same run on the same float32 tokens (fastest of ``--repeats`` calls), with the
+read bandwidth each reaches and the ratio of the two times.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from tokencomp.analysis.bench import time_ms
+from tokencomp.kernels import padded_rows, token_dots
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="1x576,1x4608,1x18432,16x576", help="B x N pairs (comma list)")
+    parser.add_argument("--dim", type=int, default=1024, help="channels D")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per figure")
+    args = parser.parse_args()
+    g = torch.Generator().manual_seed(0)
+    print(f"{torch.get_num_threads()} threads, D = {args.dim}, float32")
+    for shape in args.shapes.split(","):
+        b, n = (int(v) for v in shape.split("x"))
+        x = torch.zeros(b, padded_rows(n), args.dim)
+        x[:, :n] = torch.randn(b, n, args.dim, generator=g)
+        v = torch.randn(b, args.dim, generator=g)
+        out = torch.empty(b, x.shape[1])
+        rows = x[:, :n]  # the same tokens, unpadded, for bmm
+        col = torch.empty(b, n, 1)
+        plain = time_ms(lambda: torch.bmm(rows, v.unsqueeze(-1), out=col), args.repeats)
+        ours = time_ms(lambda: token_dots(x, v, out), args.repeats)
+        gb = b * n * args.dim * 4 / 1e6  # GB read, over ms
+        print(f"B={b:>2} N={n:>6}: bmm(x, v) {plain:8.3f} ms ({gb / plain:5.1f} GB/s)   "
+              f"token_dots {ours:8.3f} ms ({gb / ours:5.1f} GB/s)   ratio {ours / plain:.2f}")
+
+
+if __name__ == "__main__":
+    main()
