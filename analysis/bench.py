@@ -12,7 +12,9 @@ the other in the same run:
   touches every input value ``K`` times (roofline-like: any strategy that compares tokens with ``K``
   others costs at least this);
 - **the scaling curve**: each strategy from one image (576 tokens) to a 32-frame clip (18,432 tokens),
-  whose log-log slope is checked against the strategy's declared ``complexity``.
+  whose log-log slope is checked against the strategy's declared ``complexity``; a strategy that
+  switches algorithms at a memory bound (its ``cost_regimes``) also gets a curve per algorithm,
+  ``name[regime]``, each checked alike.
 
 Peak memory is the largest amount allocated above what was allocated before the call (the output
 included), from the profiler's allocation timeline on CPU and the allocator's statistics on CUDA,
@@ -190,8 +192,10 @@ def loglog_slope(ns: Sequence[float], times: Sequence[float]) -> float:
 
 
 # ---------------------------------------------------------------------- one strategy at one shape
-def _call(name: str, x: torch.Tensor, shape: BenchShape, frame_tokens: int) -> Callable[[], Any]:
-    compressor = create(name)
+def _call(
+    name: str, x: torch.Tensor, shape: BenchShape, frame_tokens: int, params: Optional[dict[str, Any]] = None
+) -> Callable[[], Any]:
+    compressor = create(name, **(params or {}))
     context = make_context(compressor, x, grid=shape.grid(frame_tokens))
     return lambda: compressor.compress(x, shape.budget, context)
 
@@ -236,8 +240,24 @@ def _peak(run: Callable[[], Any], x: torch.Tensor, device: torch.device, memory:
 
 
 def _power(name: str) -> int:
-    """The declared power of ``N`` of a strategy, 2 when it declares none (for extrapolating times)."""
-    return complexity_exponent(get(name).complexity) or 2
+    """The declared power of ``N`` of a strategy (or curve label ``name[regime]``), 2 when it declares none
+    (for extrapolating times)."""
+    return complexity_exponent(get(strategy_of(name)).complexity) or 2
+
+
+def strategy_of(label: str) -> str:
+    """The strategy name of a scaling curve's label: ``"vispruner[cached]"`` -> ``"vispruner"``."""
+    return label.split("[", 1)[0]
+
+
+def scaling_curves(names: Iterable[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(label, strategy, parameters)`` of every scaling curve: each strategy as created by default, then
+    one ``name[regime]`` per entry of its ``cost_regimes``."""
+    out = []
+    for name in names:
+        out.append((name, name, {}))
+        out.extend((f"{name}[{regime}]", name, dict(params)) for regime, params in get(name).cost_regimes.items())
+    return out
 
 
 # ---------------------------------------------------------------------- ApET against its references
@@ -352,10 +372,11 @@ def scaling(
     One image row (``B = 1``) of ``f * frame_tokens`` tokens keeping ``round(keep * N)``. A strategy
     stops at the size where its declared complexity, extrapolated from its last time, predicts more
     than ``max_ms`` per call (VisPruner's ``O(N^3 D)`` reaches minutes at a 32-frame clip); its rows
-    then end early, and :func:`scaling_summary` reports the largest size measured.
+    then end early, and :func:`scaling_summary` reports the largest size measured. Every curve of
+    :func:`scaling_curves` is timed; a row's ``strategy`` is the curve's label.
     """
     rows = []
-    for name in names:
+    for label, name, params in scaling_curves(names):
         power = _power(name)
         last: Optional[tuple[int, float]] = None
         for f in frames:
@@ -364,12 +385,12 @@ def scaling(
                 break
             shape = BenchShape(1, n, d, max(1, round(keep * n)))
             x = bench_tokens(shape, dtype, device)
-            run = _call(name, x, shape, frame_tokens)
+            run = _call(name, x, shape, frame_tokens, params)
             try:
                 ms = time_ms(run, repeats, device)
             except ValueError:  # this strategy, as configured, cannot keep this budget (it says why)
                 continue
-            row = {"strategy": name, "frames": f, "n": n, "ms": ms, **_peak(run, x, device, memory)}
+            row = {"strategy": label, "frames": f, "n": n, "ms": ms, **_peak(run, x, device, memory)}
             rows.append(row)
             last = (n, row["ms"])
             if on_row is not None:
@@ -395,12 +416,13 @@ def scaling_summary(rows: Sequence[dict[str, Any]], tail: int = 4) -> list[dict[
     """Per strategy: the fitted slope over the ``tail`` largest sizes against its declared complexity.
 
     ``ok`` is true when the slope is at most the declared power of ``N`` plus 0.25 (the small sizes,
-    where fixed per-call costs dominate, are left out of the fit).
+    where fixed per-call costs dominate, are left out of the fit). A curve ``name[regime]`` is held to
+    its strategy's complexity.
     """
     out = []
     for name in dict.fromkeys(r["strategy"] for r in rows):
         mine = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["n"])[-tail:]
-        declared = get(name).complexity
+        declared = get(strategy_of(name)).complexity
         power = complexity_exponent(declared)
         slope = loglog_slope([r["n"] for r in mine], [r["ms"] for r in mine]) if len(mine) >= 2 else math.nan
         out.append({"strategy": name, "complexity": declared or "?", "power": power, "slope": slope,
@@ -422,8 +444,9 @@ def plot_scaling(rows: Sequence[dict[str, Any]], path) -> None:
     colours = plt.get_cmap("tab20").colors
     for i, (name, info) in enumerate(summary.items()):
         mine = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["n"])
+        style = "--" if strategy_of(name) != name else ("-" if i < len(colours) else "-.")  # regimes dashed
         ax.plot([r["n"] for r in mine], [r["ms"] for r in mine], marker="os^Dv"[i % 5], ms=3,
-                color=colours[i % len(colours)], linestyle="-" if i < len(colours) else "-.",
+                color=colours[i % len(colours)], linestyle=style,
                 label=f"{name}: slope {info['slope']:.2f} ({info['complexity']})")
     if len(ns) >= 2:
         base = min(r["ms"] for r in rows if r["n"] == ns[0])

@@ -1,11 +1,12 @@
-"""``token_dots`` against ``torch.bmm(x, v)``: the product of every token with one vector per batch row.
+"""``token_dots`` and ``column_dots`` against ``torch.bmm(x, v)``: every token times one vector per batch row.
 
 Run: ``python benchmarks/token_dots.py [--shapes 1x576,1x4608,1x18432,16x576] [--dim 1024] [--repeats 20]``
 
 Every greedy selection (DivPrune's picks, the QR basis, CDPruner's DPP) makes one such product per
-step, a pass over all tokens that is bound by how fast the BLAS reads them. For each ``B x N``, both
+step, a pass over all tokens that is bound by how fast the BLAS reads them. For each ``B x N``, the
 ways are timed in the same run on the same float32 tokens (fastest of ``--repeats`` calls), with the
-read bandwidth each reaches and the ratio of the two times.
+read bandwidth each reaches and the ratio to ``bmm``: ``token_dots`` on the rows and, for one batch row,
+``column_dots`` on a transposed copy cut into one piece per thread (CDPruner's layout).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import torch
 
 from tokencomp.analysis.bench import time_ms
-from tokencomp.kernels import padded_rows, token_dots
+from tokencomp.kernels import column_dots, column_pieces, padded_columns, padded_rows, token_dots
 
 
 def main() -> None:
@@ -37,8 +38,16 @@ def main() -> None:
         plain = time_ms(lambda: torch.bmm(rows, v.unsqueeze(-1), out=col), args.repeats)
         ours = time_ms(lambda: token_dots(x, v, out), args.repeats)
         gb = b * n * args.dim * 4 / 1e6  # GB read, over ms
-        print(f"B={b:>2} N={n:>6}: bmm(x, v) {plain:8.3f} ms ({gb / plain:5.1f} GB/s)   "
-              f"token_dots {ours:8.3f} ms ({gb / ours:5.1f} GB/s)   ratio {ours / plain:.2f}")
+        line = (f"B={b:>2} N={n:>6}: bmm(x, v) {plain:8.3f} ms ({gb / plain:5.1f} GB/s)   "
+                f"token_dots {ours:8.3f} ms ({gb / ours:5.1f} GB/s, {ours / plain:.2f}x)")
+        if b == 1:
+            pieces = column_pieces(1, x.device)
+            cols = torch.zeros(1, args.dim, padded_columns(n, pieces))
+            cols[0, :, :n] = rows[0].t()
+            cout = torch.empty(1, cols.shape[2])
+            col = time_ms(lambda: column_dots(cols, v, pieces, cout), args.repeats)
+            line += f"   column_dots {col:8.3f} ms ({gb / col:5.1f} GB/s, {col / plain:.2f}x)"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ Each step then reads the tokens once (one matrix-vector product for ``c_i``) and
 where the literal update reads all earlier ``c`` vectors as well (``i N`` per step, ``O(N k^2)`` in all:
 at video scale that doubled the time, and ``k N`` floats were 2.25x the tokens' memory). The numbers are
 the same up to float rounding; the picks are the same except where the choice is made on rounding noise
-(see "past the kernel's rank" below). The per-step product is
-:func:`~tokencomp.kernels.matvec.token_dots` on the normalised tokens padded with zero rows (the
-padding is never picked: its gain is set to ``-inf``).
+(see "past the kernel's rank" below). The normalised tokens are stored as columns ``[B, D, N']``, the
+faster layout for the per-step product (:func:`~tokencomp.kernels.matvec.column_dots`, cut into one
+piece per thread for a single image), built row block by row block and padded with zero columns
+whose gain is ``-inf``.
 
 Departures, all stated:
 
@@ -60,7 +61,7 @@ import torch
 from tokencomp.base import Compressor
 from tokencomp.kernels import selection_result
 from tokencomp.kernels.blocks import row_blocks, unit_rows, unit_vectors
-from tokencomp.kernels.matvec import padded_rows, token_dots
+from tokencomp.kernels.matvec import column_dots, column_pieces, padded_columns
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import check_float
@@ -80,30 +81,34 @@ def relevance(image: torch.Tensor, text: torch.Tensor, theta: Optional[float]) -
     return r
 
 
-def unit_tokens(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x_hat = F.normalize(tokens.float(), dim=-1)`` (same values, :func:`~tokencomp.kernels.blocks.unit_rows`)
-    ``[B, N', D]`` padded with zero rows to :func:`~tokencomp.kernels.matvec.padded_rows` ``(N)``, and ``[B, N]``
-    ``|x_hat_n|^2``. Each row is scaled by a power of two first (:func:`~tokencomp.kernels.blocks.pow2_scale`:
-    the same unit vectors, but no overflow or underflow of the norm for tokens of extreme size)."""
+def unit_columns(tokens: torch.Tensor, pieces: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_hat = F.normalize(tokens.float(), dim=-1)`` (same values) as columns ``[B, D, N']``, and ``[B, N]``
+    ``|x_hat_n|^2``, built row block by row block: the only full-size tensor is the float32 result. Each
+    row is scaled by a power of two first (:func:`~tokencomp.kernels.blocks.pow2_scale`: the same unit
+    vectors, but no overflow or underflow of the norm for tokens of extreme size). The ``N' - N`` last
+    columns (:func:`~tokencomp.kernels.matvec.padded_columns` for ``pieces``) are zero."""
     b, n, d = tokens.shape
-    rows = unit_rows(tokens, rows=padded_rows(n))
+    columns = torch.zeros(b, d, padded_columns(n, pieces), dtype=torch.float32, device=tokens.device)
     sq = torch.empty(b, n, dtype=torch.float32, device=tokens.device)
-    for blk in row_blocks(b, n, d):  # no square of all the rows at once
-        sq[:, blk] = rows[:, blk].square().sum(dim=-1)
-    return rows, sq
+    for blk in row_blocks(b, n, d):
+        rows = unit_vectors(tokens[:, blk])
+        sq[:, blk] = rows.square().sum(dim=-1)
+        columns[:, :, blk] = rows.transpose(1, 2)
+    return columns, sq
 
 
-def greedy_map(rows: torch.Tensor, r: torch.Tensor, k: int, sq: torch.Tensor) -> torch.Tensor:
+def greedy_map(columns: torch.Tensor, pieces: int, r: torch.Tensor, k: int, sq: torch.Tensor) -> torch.Tensor:
     """Step 4 on the kernel ``L = diag(r) (x_hat x_hat^T) diag(r)``: ``[B, k]`` picks, in pick order.
 
-    ``rows`` is ``x_hat`` ``[B, N', D]`` padded with zero rows and ``sq`` ``[B, N]`` the squared norms of
-    its first ``N`` rows (:func:`unit_tokens`). ``c_i = r * (x_hat w_i)`` is never stored; only the directions ``w`` ``[B, k, D]``.
+    ``columns`` is ``x_hat^T`` ``[B, D, N']`` padded with zero columns for ``pieces`` and ``sq`` ``[B, N]``
+    the squared norms of the ``x_hat`` rows (:func:`unit_columns`). ``c_i = r * (x_hat w_i)`` is never
+    stored; only the directions ``w`` ``[B, k, D]``.
     """
-    b, width, d = rows.shape
+    b, d, width = columns.shape
     n = sq.shape[1]
-    device = rows.device
+    device = columns.device
     diag = r.square() * sq  # L_ii
-    r = torch.cat([r, r.new_zeros(b, width - n)], dim=1)  # the padding rows: relevance 0, gain -inf
+    r = torch.cat([r, r.new_zeros(b, width - n)], dim=1)  # the padding columns: relevance 0, gain -inf
     gains = torch.full((b, width), float("-inf"), device=device)
     gains[:, :n] = diag
     left = gains.clone()  # the diagonal with the picked tokens at -inf (the pick once no gain is left)
@@ -120,12 +125,12 @@ def greedy_map(rows: torch.Tensor, r: torch.Tensor, k: int, sq: torch.Tensor) ->
         j = torch.where(spent, left.argmax(dim=1, keepdim=True), j)
         order[:, i : i + 1] = j
         rj = r.gather(1, j)  # [B, 1]
-        xj = rows[torch.arange(b, device=device), j[:, 0]].unsqueeze(-1)  # [B, D, 1] = x_hat_j
+        xj = columns.gather(2, j.view(b, 1, 1).expand(b, d, 1))  # [B, D, 1] = x_hat_j
         past = w[:, :i]  # [B, i, D]
         cj = rj.unsqueeze(-1) * torch.bmm(past, xj)  # [B, i, 1]: c_t[j] for t < i
         wi = (rj * xj[:, :, 0] - torch.bmm(cj.transpose(1, 2), past)[:, 0]) / best.clamp_min(1e-30).sqrt()
         w[:, i] = wi.masked_fill_(spent, 0.0)
-        token_dots(rows, w[:, i], e)  # x_hat . w_i
+        column_dots(columns, w[:, i], pieces, e)  # x_hat . w_i
         ci = e.mul_(r)  # c_i = e_i of the authors' loop
         gains.sub_(ci.square_())
         retired.scatter_(1, j, True)
@@ -176,6 +181,7 @@ class CDPruner(Compressor):
                 f"{context.text_embeddings.shape[2]}] (the tokens in the text embeddings' space)."
             )
         r = relevance(image, context.text_embeddings, self.theta)
-        rows, sq = unit_tokens(tokens)
-        order = greedy_map(rows, r, k, sq)
+        pieces = column_pieces(tokens.shape[0], tokens.device)
+        columns, sq = unit_columns(tokens, pieces)
+        order = greedy_map(columns, pieces, r, k, sq)
         return selection_result(tokens, order.sort(dim=1).values, order=order, relevance=r)

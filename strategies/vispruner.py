@@ -29,13 +29,15 @@ instead of giving NaN.
 
 Cost. The residual tokens are normalised once (not all ``N``), and a round needs only the cosines
 between the tokens of ``A`` and of ``B``. Those never change (only the list does, and entries move
-between ``A`` and ``B``), so when the ``R0 x R0`` cosine matrix of the residual tokens holds at most
-:data:`_GRAM_FACTOR` times the tokens' ``N D`` elements it is computed once and every round reads
-its scores from it, a bounded block of rows at a time: ``O(N^2 D + N^3)`` in all instead of
-``O(N^3 D)``, for ``R0^2`` more floats. Otherwise (long videos, few channels) every round multiplies
-the gathered ``A`` and ``B`` tokens as before, in row chunks of :data:`_CHUNK`, each computed in
-pieces of at most one row block of similarities; the complexity stays ``O(N^3 D)`` for ``N``
-large against ``D``.
+between ``A`` and ``B``), so with ``cache="auto"`` (default), when the ``R0 x R0`` cosine matrix of the
+residual tokens holds at most :data:`_GRAM_FACTOR` times the tokens' ``N D`` elements, it is computed
+once and every round reads its scores from it, a bounded block of rows at a time: ``O(N^2 D + N^3)``
+in all instead of ``O(N^3 D)``, for ``R0^2`` more floats. Otherwise (long videos, few channels) every
+round multiplies the gathered ``A`` and ``B`` tokens as before, in row chunks of :data:`_CHUNK`, each
+computed in pieces of at most one row block of similarities; the complexity stays ``O(N^3 D)`` for
+``N`` large against ``D``. ``cache="always"`` caches whatever the size (faster at video scale if the
+memory is there: 16 frames of 576 tokens take ~8x the tokens' memory) and ``"never"`` never does;
+they are the two regimes ``tokencomp bench`` times (:attr:`cost_regimes`).
 
 Both give bit for bit the scores of the per-round products, so the rankings, near ties included,
 are unchanged. This rests on how the CPU BLAS (MKL) behaves, observed and tested rather than
@@ -61,15 +63,15 @@ from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.kernels.gather import flat_index
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import check_float
+from tokencomp.validation import check_choice, check_float
 
 # Tokens the authors remove per round of duplicate removal (``min(8, R - K_div)``).
 _PER_ROUND = 8
 # Rows of the [B, chunk, R/2] similarity block computed at once (the authors' products are grouped so;
 # a chunk larger than one row block of elements is computed in pieces of the same results).
 _CHUNK = 2048
-# The cosines of the residual tokens are cached when their [B, R0, R0] matrix holds at most this many
-# times the tokens' B * N * D elements (float32); above that, every round multiplies the tokens anew.
+# With cache="auto", the cosines of the residual tokens are cached when their [B, R0, R0] matrix holds at
+# most this many times the tokens' B * N * D elements (float32); above that, every round multiplies anew.
 _GRAM_FACTOR = 4
 
 
@@ -148,6 +150,10 @@ class VisPruner(Compressor):
         Share of the budget given to important (attention-selected) tokens, in ``[0, 1]``:
         ``K_imp = int(K * important_ratio)``. The authors' default is 0.5 (their MME example uses
         0.75 at 64 tokens).
+    cache : {"auto", "always", "never"}, default "auto"
+        Whether the cosines of the residual tokens are computed once and kept (``R0^2`` floats) or
+        every round of duplicate removal multiplies the tokens anew; ``"auto"`` keeps them while they
+        hold at most 4x the tokens' elements (see the module notes). The result is the same.
     """
 
     stage = "pre_llm"
@@ -164,8 +170,11 @@ class VisPruner(Compressor):
         "in VLMs (VisPruner), ICCV 2025"
     )
 
-    def __init__(self, *, important_ratio: float = 0.5) -> None:
+    cost_regimes = {"cached": {"cache": "always"}, "recomputed": {"cache": "never"}}
+
+    def __init__(self, *, important_ratio: float = 0.5, cache: str = "auto") -> None:
         self.important_ratio = check_float("vispruner", "important_ratio", important_ratio, low=0.0, high=1.0)
+        self.cache = check_choice("vispruner", "cache", cache, ("auto", "always", "never"))
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         b, n, d = tokens.shape
@@ -179,7 +188,7 @@ class VisPruner(Compressor):
 
         # 3. Iterative duplicate removal among the residual tokens.
         if k_div > 0 and residual.shape[1] > k_div:
-            residual = _remove_duplicates(tokens, residual, k_div)
+            residual = _remove_duplicates(tokens, residual, k_div, self.cache)
 
         selected = torch.cat([important, residual], dim=1) if k_div > 0 else important
         indices = selected.sort(dim=-1).values
@@ -187,14 +196,15 @@ class VisPruner(Compressor):
         return selection_result(tokens, indices, important=torch.gather(is_imp, 1, indices))
 
 
-def _remove_duplicates(tokens: torch.Tensor, residual: torch.Tensor, k_div: int) -> torch.Tensor:
+def _remove_duplicates(tokens: torch.Tensor, residual: torch.Tensor, k_div: int, cache: str) -> torch.Tensor:
     """Step 3 on the residual list ``[B, R0]`` (positions in ``tokens``): the ``[B, K_div]`` survivors in list order."""
     b, r0 = residual.shape
     n, d = tokens.shape[1:]
     unit = _unit_rows(tokens, residual)  # float32 unit vectors of the residual tokens, by list slot
     rows_of = partial(batched_gather, unit)  # list slots [B, S] -> unit rows [B, S, D]
     gram = buf = None
-    if r0 >= 2 * GEMM_MIN and r0 * r0 <= _GRAM_FACTOR * n * d:
+    fits = r0 * r0 <= _GRAM_FACTOR * n * d
+    if r0 >= 2 * GEMM_MIN and (cache == "always" or (cache == "auto" and fits)):
         gram = torch.bmm(unit, unit.transpose(1, 2))  # [B, R0, R0] cosines of every pair of slots
         # the few rows still multiplied are normalised again from the tokens when needed
         rows_of = partial(_slot_rows, tokens, residual)

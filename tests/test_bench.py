@@ -90,6 +90,25 @@ def test_scaling_rows_summary_and_plot(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 10_000
 
 
+def test_cost_regimes_get_their_own_curves(monkeypatch):
+    # VisPruner's two algorithms (cosines cached or recomputed every round) are timed as their own curves,
+    # held to VisPruner's complexity; each curve is made with its regime's parameters.
+    made = []
+    real = bench.create
+    monkeypatch.setattr(bench, "create", lambda name, **params: made.append((name, params)) or real(name, **params))
+    assert bench.scaling_curves(["pooling", "vispruner"]) == [
+        ("pooling", "pooling", {}), ("vispruner", "vispruner", {}),
+        ("vispruner[cached]", "vispruner", {"cache": "always"}), ("vispruner[recomputed]", "vispruner", {"cache": "never"})]
+    rows = bench.scaling(["vispruner"], frames=(1, 2), d=8, frame_tokens=64, memory=False)
+    assert [(r["strategy"], r["n"]) for r in rows] == [
+        (label, n) for label in ("vispruner", "vispruner[cached]", "vispruner[recomputed]") for n in (64, 128)]
+    assert made == [("vispruner", {})] * 2 + [("vispruner", {"cache": "always"})] * 2 + [("vispruner", {"cache": "never"})] * 2
+    summary = bench.scaling_summary(rows)
+    assert [(s["strategy"], s["power"], s["complexity"]) for s in summary] == [
+        (label, 3, "O(N^3 D)") for label in ("vispruner", "vispruner[cached]", "vispruner[recomputed]")]
+    assert bench.strategy_of("vispruner[cached]") == "vispruner" and bench.strategy_of("apet") == "apet"
+
+
 def test_scaling_stops_where_the_complexity_predicts_too_long():
     rows = bench.scaling(["apet"], frames=(1, 2, 4), d=8, frame_tokens=128, memory=False, max_ms=1e-6)
     assert [r["n"] for r in rows] == [128]
@@ -128,6 +147,18 @@ def test_bench_command_writes_its_tables(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [r["strategy"] for r in rows] == ["apet", "random"]
     assert (out / "scaling.png").exists() and (out / "scaling_summary.csv").exists()
+
+
+def test_bench_command_prints_the_regime_curves(tmp_path):
+    # the labels name[regime] are printed as they are (not read as console markup) and written to the CSV
+    out = tmp_path / "b"
+    result = CliRunner().invoke(app, [
+        "bench", "--shape", "1x64x16:12", "--frames", "1,2", "--no-goals", "--repeats", "1", "--no-memory",
+        "-s", "vispruner", "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "vispruner[cached]" in result.output and "vispruner[recomputed]" in result.output
+    with open(out / "scaling_summary.csv") as fh:
+        assert [r["strategy"] for r in csv.DictReader(fh)] == ["vispruner", "vispruner[cached]", "vispruner[recomputed]"]
 
 
 def test_bench_command_skips_what_the_curve_predicts_too_slow(tmp_path):

@@ -316,3 +316,40 @@ def test_token_dots_do_not_depend_on_threads(d):
 def test_token_dots_need_padded_rows():
     with pytest.raises(ValueError, match=r"pad the tokens with zero rows to padded_rows\(300\) = 320"):
         tc.kernels.token_dots(torch.zeros(1, 300, 4), torch.zeros(1, 4), torch.empty(1, 300))
+
+
+@pytest.mark.parametrize("d", [5, 96, 1024])
+@pytest.mark.parametrize("n", [1, 12, 13, 100, 577])
+def test_column_dots_do_not_depend_on_pieces(n, d):
+    # One image's columns cut into pieces per thread: every entry is the same dot product, bit for bit
+    # (pieces of a width that is not a multiple of 16 would not be), and it is the dot product.
+    x = _tokens(1, n, d, n)
+    vec = _tokens(1, 1, d, 1)[:, 0]
+    ref = None
+    for pieces in (1, 2, 3, 4, 8):
+        cols = torch.zeros(1, d, tc.kernels.padded_columns(n, pieces))
+        cols[:, :, :n] = x.transpose(1, 2)
+        out = tc.kernels.column_dots(cols, vec, pieces, torch.full((1, cols.shape[2]), float("nan")))
+        assert not out[:, n:].any()
+        if ref is None:
+            ref = out[:, :n]
+            exact = (x.double() @ vec.double().unsqueeze(-1))[..., 0]
+            bound = d * 2e-7 * x.double().norm(dim=-1) * vec.double().norm()  # float32 dot product error
+            assert ((ref.double() - exact).abs() <= bound).all()
+        assert torch.equal(out[:, :n], ref)
+
+
+def test_column_dots_batches_and_their_checks(monkeypatch):
+    cols, vecs = _tokens(3, 16, 32, 2), _tokens(3, 1, 16, 3)[:, 0]  # [3, D=16, N=32]
+    out = tc.kernels.column_dots(cols, vecs, 1, torch.empty(3, 32))
+    for b in range(3):
+        torch.testing.assert_close(out[b], vecs[b] @ cols[b])
+    with pytest.raises(ValueError, match="use pieces=1 for a batch"):
+        tc.kernels.column_dots(cols, vecs, 2, torch.empty(3, 32))
+    with pytest.raises(ValueError, match=r"pad to padded_columns\(30, pieces\)"):
+        tc.kernels.column_dots(cols[:, :, :30].contiguous(), vecs, 1, torch.empty(3, 30))
+    assert [tc.kernels.padded_columns(n, p) for n, p in ((1, 1), (16, 1), (17, 2), (64, 3))] == [16, 16, 32, 96]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert tc.kernels.column_pieces(1, torch.device("cpu")) == 6
+    assert tc.kernels.column_pieces(2, torch.device("cpu")) == 1  # a batch runs its rows in parallel
+    assert tc.kernels.column_pieces(1, torch.device("meta")) == 1  # one product fills a device

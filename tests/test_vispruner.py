@@ -128,6 +128,28 @@ def test_bad_ratio_raises_on_construction(value):
     assert repr(value) in str(err.value)
 
 
+def test_cache_parameter():
+    with pytest.raises(tc.InvalidParameterError, match="'cache' must be one of 'auto', 'always', 'never'; got 'yes'"):
+        tc.create("vispruner", cache="yes")
+    assert tc.create("vispruner", cache="never").get_params() == {"important_ratio": 0.5, "cache": "never"}
+    # the bench's regimes force each algorithm
+    assert tc.get("vispruner").cost_regimes == {"cached": {"cache": "always"}, "recomputed": {"cache": "never"}}
+
+
+def test_auto_cache_follows_the_memory_bound(monkeypatch):
+    # "auto" caches while R0^2 <= 4 N D: here R0 = 100 - 10 = 90 residual tokens, 90^2 = 8100 against
+    # 4 * 100 * D: cached for D = 21 (8400), not for D = 20 (8000).
+    import tokencomp.strategies.vispruner as mod
+
+    seen = []
+    real = torch.bmm
+    monkeypatch.setattr(mod.torch, "bmm", lambda a, b, **kw: seen.append(tuple(a.shape[1:]) + (b.shape[2],)) or real(a, b, **kw))
+    for d, cached in ((21, True), (20, False)):
+        seen.clear()
+        tc.create("vispruner").compress(tokens(1, 100, d, 1), 20, tc.Context(cls_attention=attention(1, 100, 1)))
+        assert ((90, d, 90) in seen) == cached, (d, seen)
+
+
 def test_attention_is_required_and_finite():
     x, a = tokens(1, 40, 4, 0), attention(1, 40, 0)
     with pytest.raises(ValueError, match="vispruner: needs context.cls_attention"):
@@ -161,17 +183,16 @@ def test_cached_cosines_equal_per_round_products(monkeypatch, kind, b, n, d, k, 
 
     x = sign_tokens(b, n, d, n) if kind == "sign" else tokens(b, n, d, n)
     ctx = tc.Context(cls_attention=attention(b, n, n))
-    comp = tc.create("vispruner", important_ratio=ratio)
+    never = tc.create("vispruner", important_ratio=ratio, cache="never")  # every round multiplies the tokens
+    always = tc.create("vispruner", important_ratio=ratio, cache="always")  # rounds with >= 12 B entries read it
     monkeypatch.setattr(mod, "_CHUNK", chunk)
-    monkeypatch.setattr(mod, "_GRAM_FACTOR", 0)  # every round multiplies the tokens
-    products = comp.compress(x, k, ctx)
-    monkeypatch.setattr(mod, "_GRAM_FACTOR", 10**9)  # every round with >= 12 B entries reads the cache
-    cached = comp.compress(x, k, ctx)
+    products = never.compress(x, k, ctx)
+    cached = always.compress(x, k, ctx)
+    auto = tc.create("vispruner", important_ratio=ratio).compress(x, k, ctx)  # either, by size
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 700)  # cache read, and products, in blocks of a few rows
-    tiny = comp.compress(x, k, ctx)
-    monkeypatch.setattr(mod, "_GRAM_FACTOR", 0)
-    tiny_products = comp.compress(x, k, ctx)
-    for other in (cached, tiny, tiny_products):
+    tiny = always.compress(x, k, ctx)
+    tiny_products = never.compress(x, k, ctx)
+    for other in (cached, auto, tiny, tiny_products):
         assert torch.equal(other.indices, products.indices)
         assert torch.equal(other.assignment, products.assignment)
         assert torch.equal(other.tokens, products.tokens)
@@ -199,11 +220,10 @@ def test_peak_memory_is_bounded(monkeypatch, cache):
     from tokencomp.analysis.vlm import peak_memory
 
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 15)
-    if not cache:
-        monkeypatch.setattr(mod, "_GRAM_FACTOR", 0)
     n, d, k = 576, 384, 72
     x, a = tokens(1, n, d, 0), attention(1, n, 0)
-    comp, ctx = tc.create("vispruner"), tc.Context(cls_attention=a)
+    assert (n - k // 2) ** 2 <= mod._GRAM_FACTOR * n * d  # "auto" caches at this size
+    comp, ctx = tc.create("vispruner", cache="auto" if cache else "never"), tc.Context(cls_attention=a)
     _, peak = peak_memory(lambda: comp.compress(x, k, ctx))
     r0 = n - k // 2
     floats = (r0 * d + 1.125 * r0 * r0) if cache else 2 * r0 * d

@@ -67,6 +67,12 @@ class Compressor(ABC):
         length), ``D`` (width) and the method's own constants (``M``, ``T``, ``H``, ...), e.g.
         ``"O(M N D + N K D)"``. ``tokencomp bench`` checks its scaling curve against it; empty when
         undeclared.
+    cost_regimes : dict of str to dict
+        For a strategy that switches between algorithms at a memory bound (VisPruner caches its cosines
+        while they fit): a name per algorithm and the constructor parameters that force it.
+        ``tokencomp bench`` times each as its own scaling curve, ``name[regime]``, checked against
+        ``complexity`` like the default one (whose curve crosses from one to the other). Empty by
+        default.
     padding : {"rows", "native", "unsupported"}
         How a padded batch (``Context.valid`` with ``False`` entries) is compressed. ``"rows"``
         (default): the base class compresses each row's valid tokens only, grouping rows of equal valid
@@ -111,6 +117,7 @@ class Compressor(ABC):
     in_llm_positions: ClassVar[str] = "keep"
     budget_param: ClassVar[str] = ""
     complexity: ClassVar[str] = ""
+    cost_regimes: ClassVar[dict[str, dict[str, Any]]] = {}
     padding: ClassVar[str] = "rows"
     info_layout: ClassVar[dict[str, str]] = {}
     scale_invariant: ClassVar[bool] = False

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -528,7 +529,7 @@ def bench_command(
             table.add_column(column)
         for r in summary:
             within = "?" if r["ok"] is None else ("[green]yes[/]" if r["ok"] else "[red]no[/]")
-            table.add_row(r["strategy"], r["complexity"], f"{r['slope']:.2f}", within, str(r["largest_n"]), f"{r['max_x_input']:.2f}")
+            table.add_row(escape(r["strategy"]), r["complexity"], f"{r['slope']:.2f}", within, str(r["largest_n"]), f"{r['max_x_input']:.2f}")
         console.print(table)
 
     rows = []

@@ -16,7 +16,7 @@ from .blocks import (
 )
 from .gather import batched_gather, selection_result, slots_of
 from .lstsq import pivoted_ridge_errors, residual_errors, ridge_coefficients, ridge_errors, ridge_residual
-from .matvec import padded_rows, token_dots
+from .matvec import column_dots, column_pieces, padded_columns, padded_rows, token_dots
 from .merge import cosine_match, mean_merge, merge_rows
 
 __all__ = [
@@ -24,12 +24,15 @@ __all__ = [
     "PivotedQR",
     "GEMM_MIN",
     "batched_gather",
+    "column_dots",
+    "column_pieces",
     "compute_dtype",
     "cosine_match",
     "fps_indices",
     "gemm_pieces",
     "mean_merge",
     "merge_rows",
+    "padded_columns",
     "padded_rows",
     "pivoted_ridge_errors",
     "pow2_scale",

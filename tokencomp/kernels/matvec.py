@@ -7,9 +7,9 @@ time is the time the BLAS takes to read the tokens. On CPU that depends on how t
 - ``x @ v`` (``torch.bmm`` of ``[B, N, D]`` by ``[B, D, 1]``, MKL's ``gemv``) reads at about 17 GB/s
   on the 2-core AMD EPYC of our benchmarks for one batch row (one core), and 7 GB/s for 16 rows;
 - ``v^T @ x^T`` (``[B, 1, D]`` by the transposed view of the same rows, no copy) with the rows cut
-  into pieces of at most :data:`PIECE_ROWS` tokens multiplied as one batched product reads at 35-95
-  GB/s: PyTorch runs the pieces on all threads. Twice as fast at one batch row from 1,000 tokens up,
-  five times at sixteen rows (``python benchmarks/token_dots.py``).
+  into pieces of at most :data:`PIECE_ROWS` tokens multiplied as one batched product reads at 33-88
+  GB/s: PyTorch runs the pieces on all threads. About twice as fast at one batch row from 1,000 tokens
+  up, 4.5 times at sixteen rows (``python benchmarks/token_dots.py``).
 
 :func:`token_dots` computes the second. The pieces are equal views of at most :data:`PIECE_ROWS`
 rows, a multiple of :data:`PIECE_ALIGN`, and their number a multiple of :data:`PIECE_GROUP` (so 2 or
@@ -18,6 +18,17 @@ tokens with zero rows to :func:`padded_rows` ``(N)`` (for instance
 :func:`~tokencomp.kernels.blocks.unit_rows` with ``rows=``). The pieces depend on ``N`` only, not on
 the number of threads, so the values (the summation order of each dot product) are the same on any
 machine with the same BLAS.
+
+Tokens stored as columns (``[B, D, N]``, CDPruner's layout) have their own form,
+:func:`column_dots`: for one batch row on CPU the columns are cut into :func:`column_pieces` (the
+thread count) strided pieces multiplied as one batched product. It reads memory the fastest of all
+(41 GB/s from main memory here, where the row pieces reach 33: each thread streams ``D`` rows of
+its columns rather than taking one dot product at a time), but needs the transposed copy of the
+tokens, which costs more than a pass over them, and is slow for batches (one product per batch row).
+Every piece is a multiple of :data:`PIECE_ALIGN` columns wide; MKL computes the last ``w mod 16``
+columns of a ``1 x w`` product by another kernel, so with aligned pieces every entry is computed
+alike and the values do not depend on the number of pieces (observed and tested rather than
+documented).
 """
 
 from __future__ import annotations
@@ -69,4 +80,44 @@ def token_dots(x: torch.Tensor, vectors: torch.Tensor, out: torch.Tensor) -> tor
     m = rows // count
     left = vectors.view(b, 1, 1, d).expand(b, count, 1, d).reshape(b * count, 1, d)
     torch.bmm(left, x.view(b * count, m, d).transpose(1, 2), out=out.view(b * count, 1, m))
+    return out
+
+
+def column_pieces(batch: int, device: torch.device) -> int:
+    """Pieces :func:`column_dots` cuts ``[D, N]`` columns into: PyTorch's CPU threads for one batch row on
+    CPU, else 1 (a batch runs its rows in parallel; on a GPU one product fills the device)."""
+    return torch.get_num_threads() if batch == 1 and torch.device(device).type == "cpu" else 1
+
+
+def padded_columns(n: int, pieces: int) -> int:
+    """Columns ``N' >= n`` that :func:`column_dots` takes with ``pieces``: the first multiple of
+    ``PIECE_ALIGN * pieces``."""
+    step = PIECE_ALIGN * pieces
+    return -(-n // step) * step
+
+
+def column_dots(columns: torch.Tensor, vectors: torch.Tensor, pieces: int, out: torch.Tensor) -> torch.Tensor:
+    """``out[b, i] = vectors[b] . columns[b, :, i]``; returns ``out``.
+
+    Parameters
+    ----------
+    columns : torch.Tensor
+        ``[B, D, N']`` contiguous, ``N' = padded_columns(N', pieces)`` (pad with zero columns).
+    vectors : torch.Tensor
+        ``[B, D]``, the dtype of ``columns``.
+    pieces : int
+        :func:`column_pieces` of ``B`` (1 when ``B > 1``).
+    out : torch.Tensor
+        ``[B, N']`` contiguous, the dtype of ``columns``.
+    """
+    b, d, width = columns.shape
+    if width % (PIECE_ALIGN * pieces) or (pieces > 1 and b > 1):
+        raise ValueError(f"column_dots: {width} columns of {b} batch rows cannot be cut into {pieces} aligned "
+                         f"pieces; pad to padded_columns({width}, pieces) and use pieces=1 for a batch.")
+    if pieces == 1:
+        torch.bmm(vectors.unsqueeze(1), columns, out=out.view(b, 1, width))
+        return out
+    m = width // pieces
+    mats = columns.view(d, pieces, m).permute(1, 0, 2)  # [P, D, m] strided views, row stride N'
+    torch.bmm(vectors.view(1, 1, d).expand(pieces, 1, d), mats, out=out.view(pieces, 1, m))
     return out
