@@ -5,8 +5,8 @@ Run: ``python benchmarks/token_dots.py [--shapes 1x576,1x4608,1x18432,16x576] [-
 Every greedy selection (DivPrune's picks, the QR basis, CDPruner's DPP) makes one such product per
 step, a pass over all tokens that is bound by how fast the BLAS reads them. For each ``B x N``, the
 ways are timed in the same run on the same float32 tokens (fastest of ``--repeats`` calls), with the
-read bandwidth each reaches and the ratio to ``bmm``: ``token_dots`` on the rows and, for one batch row,
-``column_dots`` on a transposed copy cut into one piece per thread (CDPruner's layout).
+read bandwidth each reaches and the ratio to ``bmm``: ``token_dots`` on the rows and ``column_dots`` on
+a transposed copy (CDPruner's layout; one piece per thread for one batch row).
 """
 
 from __future__ import annotations
@@ -40,13 +40,12 @@ def main() -> None:
         gb = b * n * args.dim * 4 / 1e6  # GB read, over ms
         line = (f"B={b:>2} N={n:>6}: bmm(x, v) {plain:8.3f} ms ({gb / plain:5.1f} GB/s)   "
                 f"token_dots {ours:8.3f} ms ({gb / ours:5.1f} GB/s, {ours / plain:.2f}x)")
-        if b == 1:
-            pieces = column_pieces(1, x.device)
-            cols = torch.zeros(1, args.dim, padded_columns(n, pieces))
-            cols[0, :, :n] = rows[0].t()
-            cout = torch.empty(1, cols.shape[2])
-            col = time_ms(lambda: column_dots(cols, v, pieces, cout), args.repeats)
-            line += f"   column_dots {col:8.3f} ms ({gb / col:5.1f} GB/s, {col / plain:.2f}x)"
+        pieces = column_pieces(b, x.device)
+        cols = torch.zeros(b, args.dim, padded_columns(n, pieces))
+        cols[:, :, :n] = rows.transpose(1, 2)
+        cout = torch.empty(b, cols.shape[2])
+        col = time_ms(lambda: column_dots(cols, v, pieces, cout), args.repeats)
+        line += f"   column_dots {col:8.3f} ms ({gb / col:5.1f} GB/s, {col / plain:.2f}x)"
         print(line)
 
 

@@ -7,9 +7,9 @@ time is the time the BLAS takes to read the tokens. On CPU that depends on how t
 - ``x @ v`` (``torch.bmm`` of ``[B, N, D]`` by ``[B, D, 1]``, MKL's ``gemv``) reads at about 17 GB/s
   on the 2-core AMD EPYC of our benchmarks for one batch row (one core), and 7 GB/s for 16 rows;
 - ``v^T @ x^T`` (``[B, 1, D]`` by the transposed view of the same rows, no copy) with the rows cut
-  into pieces of at most :data:`PIECE_ROWS` tokens multiplied as one batched product reads at 33-88
-  GB/s: PyTorch runs the pieces on all threads. About twice as fast at one batch row from 1,000 tokens
-  up, 4.5 times at sixteen rows (``python benchmarks/token_dots.py``).
+  into pieces of at most :data:`PIECE_ROWS` tokens multiplied as one batched product reads at 36-100
+  GB/s: PyTorch runs the pieces on all threads. Two to three times as fast at one batch row from
+  1,000 tokens up, ten times at sixteen rows (``python benchmarks/token_dots.py``).
 
 :func:`token_dots` computes the second. The pieces are equal views of at most :data:`PIECE_ROWS`
 rows, a multiple of :data:`PIECE_ALIGN`, and their number a multiple of :data:`PIECE_GROUP` (so 2 or
@@ -22,9 +22,9 @@ machine with the same BLAS.
 Tokens stored as columns (``[B, D, N]``, CDPruner's layout) have their own form,
 :func:`column_dots`: for one batch row on CPU the columns are cut into :func:`column_pieces` (the
 thread count) strided pieces multiplied as one batched product. It reads memory the fastest of all
-(41 GB/s from main memory here, where the row pieces reach 33: each thread streams ``D`` rows of
-its columns rather than taking one dot product at a time), but needs the transposed copy of the
-tokens, which costs more than a pass over them, and is slow for batches (one product per batch row).
+(55 GB/s from main memory here, where the row pieces reach 36: each thread streams ``D`` rows of its
+columns rather than taking one dot product at a time), but needs a transposed copy of the tokens,
+which costs more than a pass over them; for a batch of images both are about as fast.
 Every piece is a multiple of :data:`PIECE_ALIGN` columns wide; MKL computes the last ``w mod 16``
 columns of a ``1 x w`` product by another kernel, so with aligned pieces every entry is computed
 alike and the values do not depend on the number of pieces (observed and tested rather than
