@@ -240,9 +240,8 @@ def _peak(run: Callable[[], Any], x: torch.Tensor, device: torch.device, memory:
 
 
 def _power(name: str) -> int:
-    """The declared power of ``N`` of a strategy (or curve label ``name[regime]``), 2 when it declares none
-    (for extrapolating times)."""
-    return complexity_exponent(get(strategy_of(name)).complexity) or 2
+    """The declared power of ``N`` of a strategy, 2 when it declares none (for extrapolating times)."""
+    return complexity_exponent(get(name).complexity) or 2
 
 
 def strategy_of(label: str) -> str:

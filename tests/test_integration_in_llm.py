@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokencomp as tc
-from tiny_models import llava_prompt, tiny_llava
+from tiny_models import llava_prompt, pre_hooks, tiny_llava
 
 N = 36
 IMAGE = 119
@@ -24,18 +24,12 @@ def sdpa():
 
 def layer_lengths(model, run):
     seen = []
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda m, a, kw, i=i: seen.append((i, (a[0] if a else kw["hidden_states"]).shape[1])), with_kwargs=True
-        )
+    spies = [
+        (layer, lambda m, a, kw, i=i: seen.append((i, (a[0] if a else kw["hidden_states"]).shape[1])))
         for i, layer in enumerate(model.model.language_model.layers)
     ]
-    try:
-        with torch.no_grad():
-            out = run()
-    finally:
-        for h in hooks:
-            h.remove()
+    with pre_hooks(*spies), torch.no_grad():
+        out = run()
     return out, seen
 
 
@@ -132,11 +126,8 @@ def test_renumbered_positions_are_contiguous(eager):
         seen.setdefault("ids", kwargs["position_ids"])
 
     with torch.no_grad(), tc.apply(eager, "apet-llm", budget=16, layer=3):
-        hook = eager.model.language_model.layers[3].register_forward_pre_hook(spy, with_kwargs=True)  # after ours
-        try:
+        with pre_hooks((eager.model.language_model.layers[3], spy)):  # after ours
             eager(**inputs)
-        finally:
-            hook.remove()
     assert seen["ids"].tolist() == [list(range(inputs["input_ids"].shape[1] - 20))]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokencomp as tc
-from tiny_models import qwen_prompt, tiny_qwen2_vl
+from tiny_models import pre_hooks, qwen_prompt, tiny_qwen2_vl
 
 SIZES = [(8, 12), (8, 8)]  # patches; merged tokens 24 and 16 per image
 
@@ -28,12 +28,8 @@ def language_inputs(model, run):
         seen.setdefault("embeds", kwargs["inputs_embeds"].shape[1])
         seen.setdefault("positions", kwargs["position_ids"])
 
-    hook = model.model.language_model.register_forward_pre_hook(spy, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        hook.remove()
+    with pre_hooks((model.model.language_model, spy)), torch.no_grad():
+        run()
     return seen
 
 
@@ -200,11 +196,8 @@ def test_video_frames_each_keep_their_budget(model):
         shortened["ids"] = kwargs["input_ids"]
 
     with tc.apply(model, "divprune", budget=5, video="frame"):
-        hook = model.model.register_forward_pre_hook(spy, with_kwargs=True)  # runs after ours
-        try:
+        with pre_hooks((model.model, spy)):  # runs after ours
             seen = language_inputs(model, lambda: model(**inputs))
-        finally:
-            hook.remove()
     video = shortened["ids"][0] == 152
     temporal = seen["positions"][1, 0][video]
     frames = original[0, 0][inputs["input_ids"][0] == 152].unique()  # the three temporal positions

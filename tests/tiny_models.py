@@ -6,6 +6,8 @@ the weight matrices are re-drawn with std 0.2 so that outputs depend on the imag
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from tokencomp.analysis.tiny_vlm import spread_weights, tiny_llava  # noqa: F401  (shared with the analysis)
@@ -125,17 +127,26 @@ def qwen_prompt(sizes: list[tuple[int, ...]], batch: int = 1, seed: int = 0, pad
     return out
 
 
+@contextmanager
+def pre_hooks(*pairs):
+    """Forward pre-hooks ``fn(module, args, kwargs)`` on the ``(module, fn)`` pairs while the block runs."""
+    handles = [module.register_forward_pre_hook(fn, with_kwargs=True) for module, fn in pairs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def first_layer_lengths(model, run) -> list[int]:
     """Sequence lengths the first decoder layer sees while ``run()`` runs (no grad)."""
     seen = []
-    hook = model.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        hook.remove()
+
+    def spy(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+
+    with pre_hooks((model.model.language_model.layers[0], spy)), torch.no_grad():
+        run()
     return seen
 
 
