@@ -6,7 +6,7 @@ Every greedy selection (DivPrune's picks, the QR basis, CDPruner's DPP) makes on
 step, a pass over all tokens that is bound by how fast the BLAS reads them. For each ``B x N``, the
 ways are timed in the same run on the same float32 tokens (fastest of ``--repeats`` calls), with the
 read bandwidth each reaches and the ratio to ``bmm``: ``token_dots`` on the rows and ``column_dots`` on
-a transposed copy (CDPruner's layout; one piece per thread for one batch row).
+a transposed copy (CDPruner's layout; four pieces for one batch row).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ where the literal update reads all earlier ``c`` vectors as well (``i N`` per st
 at video scale that doubled the time, and ``k N`` floats were 2.25x the tokens' memory). The numbers are
 the same up to float rounding; the picks are the same except where the choice is made on rounding noise
 (see "past the kernel's rank" below). The normalised tokens are stored as columns ``[B, D, N']``, the
-faster layout for the per-step product (:func:`~tokencomp.kernels.matvec.column_dots`, cut into one
-piece per thread for a single image), built row block by row block and padded with zero columns
+faster layout for the per-step product (:func:`~tokencomp.kernels.matvec.column_dots`, cut into four
+pieces for a single image), built row block by row block and padded with zero columns
 whose gain is ``-inf``.
 
 Departures, all stated:

@@ -20,15 +20,17 @@ the number of threads, so the values (the summation order of each dot product) a
 machine with the same BLAS.
 
 Tokens stored as columns (``[B, D, N]``, CDPruner's layout) have their own form,
-:func:`column_dots`: for one batch row on CPU the columns are cut into :func:`column_pieces` (the
-thread count) strided pieces multiplied as one batched product. It reads memory the fastest of all
-(55 GB/s from main memory here, where the row pieces reach 36: each thread streams ``D`` rows of its
-columns rather than taking one dot product at a time), but needs a transposed copy of the tokens,
-which costs more than a pass over them; for a batch of images both are about as fast.
-Every piece is a multiple of :data:`PIECE_ALIGN` columns wide; MKL computes the last ``w mod 16``
-columns of a ``1 x w`` product by another kernel, so with aligned pieces every entry is computed
-alike and the values do not depend on the number of pieces (observed and tested rather than
-documented).
+:func:`column_dots`: for one batch row on CPU the columns are cut into :func:`column_pieces`
+(:data:`PIECE_GROUP`) strided pieces multiplied as one batched product. It reads memory the fastest of
+all (each thread streams ``D`` rows of its columns rather than taking one dot product at a time), but
+needs a transposed copy of the tokens, which costs more than a pass over them; for a batch of images
+both are about as fast. Every piece is a multiple of :data:`PIECE_ALIGN` columns wide.
+
+The values (the summation order of each dot product) are fixed by the shapes of the products, which
+depend on ``N`` and ``B`` only, never on the number of threads: a result is the same with one thread as
+with many on the same machine. They are not the same across shapes: MKL picks its kernel by shape and
+CPU, so the same dot product computed in a batch of images, alone, or in pieces of another width may
+differ in the last bit (seen on an Intel Xeon; on an AMD EPYC the piece widths gave equal values).
 """
 
 from __future__ import annotations
@@ -78,15 +80,18 @@ def token_dots(x: torch.Tensor, vectors: torch.Tensor, out: torch.Tensor) -> tor
                          f"zero rows to padded_rows({rows}) = {padded_rows(rows)}.")
     count = pieces(rows)
     m = rows // count
-    left = vectors.view(b, 1, 1, d).expand(b, count, 1, d).reshape(b * count, 1, d)
+    # the vector once per piece: a stride-0 view for one batch row (bmm reads it without a copy)
+    left = vectors.view(b, 1, 1, d).expand(b, count, 1, d)
+    left = left[0] if b == 1 else left.reshape(b * count, 1, d)
     torch.bmm(left, x.view(b * count, m, d).transpose(1, 2), out=out.view(b * count, 1, m))
     return out
 
 
 def column_pieces(batch: int, device: torch.device) -> int:
-    """Pieces :func:`column_dots` cuts ``[D, N]`` columns into: PyTorch's CPU threads for one batch row on
-    CPU, else 1 (a batch runs its rows in parallel; on a GPU one product fills the device)."""
-    return torch.get_num_threads() if batch == 1 and torch.device(device).type == "cpu" else 1
+    """Pieces :func:`column_dots` cuts ``[D, N]`` columns into: :data:`PIECE_GROUP` for one batch row on CPU
+    (2 or 4 threads share them evenly; not the thread count, so the values do not depend on it), else 1
+    (a batch runs its rows in parallel; on a GPU one product fills the device)."""
+    return PIECE_GROUP if batch == 1 and torch.device(device).type == "cpu" else 1
 
 
 def padded_columns(n: int, pieces: int) -> int:
