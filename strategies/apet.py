@@ -47,6 +47,7 @@ from tokencomp.kernels import (
     fps_indices,
     merge_rows,
     pivoted_ridge_errors,
+    put_rows,
     qr_pivots,
     random_indices,
     ridge_errors,
@@ -184,24 +185,26 @@ class ApET(Compressor):
         x = tokens  # never copied whole: the kernels read it in row blocks, in float32 (float64)
         b, n, _ = x.shape
         m = self.num_basis
-        rows = torch.arange(b, device=x.device).unsqueeze(1)
 
-        # 1. Basis selection.
+        # 1. Basis selection. The QR basis comes with the tokens scaled by a power of two, copied in the
+        # compute dtype: the steps below read that copy (still in cache) and scale the output back, which
+        # is exact (the same values, bit for bit, on tokens of ordinary size).
         qr = qr_pivots(x, m) if self.basis == "qr" else None
         basis_idx = qr.pivots if qr is not None else self._select_basis(x, context)
-        s = batched_gather(x, basis_idx).to(compute_dtype(x.dtype))  # [B, M, D]
+        source = qr.tokens[:, :n] if qr is not None else x
+        s = batched_gather(source, basis_idx).to(compute_dtype(x.dtype))  # [B, M, D]
 
         # 2.-3. Ridge least-squares approximation and each token's error (for the QR basis and a norm
         # of the residual's length, read off the factorisation the pivots came with).
         if qr is not None and self.error_norm in ("l2", "relative"):
             errors = pivoted_ridge_errors(qr, self.ridge, self.error_norm)
         else:
-            errors = ridge_errors(x, s, self.ridge, self.error_norm)
+            errors = ridge_errors(x, s if qr is None else s / qr.scale, self.ridge, self.error_norm)
 
         # 4. Keep the K tokens with the largest error (ties: lower position first).
         order = torch.sort(errors, dim=-1, descending=True, stable=True).indices
         kept, dropped = order[:, :k], order[:, k:]
-        values = batched_gather(x, kept).to(s.dtype)  # in top-K order
+        values = batched_gather(source, kept).to(s.dtype)  # in top-K order
 
         # 5. Basis injection into the M kept slots of lowest error.
         n_inject = m if self._injects else 0
@@ -212,24 +215,27 @@ class ApET(Compressor):
             else:  # index assignment in top-K order (their LLaVA stage 2)
                 inject_rank = torch.arange(k - m, k, device=x.device).expand(b, m)
             if self.basis_injection == "replace":
-                values[rows, inject_rank] = s
+                put_rows(values, inject_rank, s)
             else:  # "mix"
-                values[rows, inject_rank] = 0.5 * s + 0.5 * values[rows, inject_rank]
+                put_rows(values, inject_rank, 0.5 * s + 0.5 * batched_gather(values, inject_rank))
 
-        # 6. Merge every dropped token into its most similar kept non-basis token.
+        # 6. Merge every dropped token into its most similar kept non-basis token (the QR basis knows
+        # the norms of the scaled tokens).
         targets = k - n_inject
         match = None
         if self.merge and dropped.shape[1] > 0:
-            merged, match = merge_rows(values[:, :targets], x, dropped)
-            values = torch.cat([merged, values[:, targets:]], dim=1)
+            norms = qr.norms.gather(1, kept[:, :targets]).sqrt_() if qr is not None else None
+            values[:, :targets], match = merge_rows(values[:, :targets], source, dropped, norms)
 
         # 7. Output in ascending original position.
         indices, perm = kept.sort(dim=-1)
         out = batched_gather(values, perm)
+        if qr is not None:
+            out.div_(qr.scale)
         assignment = slots_of(indices, n)
         slot_of_rank = perm.argsort(dim=-1)  # top-K rank -> output slot
         if match is not None:
-            assignment[rows, dropped] = torch.gather(slot_of_rank, 1, match)
+            assignment.scatter_(1, dropped, torch.gather(slot_of_rank, 1, match))
         basis_slots = (
             torch.gather(slot_of_rank, 1, inject_rank)
             if self._injects

@@ -14,9 +14,9 @@ from .blocks import (
     unit_rows,
     unit_vectors,
 )
-from .gather import batched_gather, selection_result, slots_of
+from .gather import batched_gather, put_rows, selection_result, slots_of
 from .lstsq import pivoted_ridge_errors, residual_errors, ridge_coefficients, ridge_errors, ridge_residual
-from .matvec import column_dots, column_pieces, padded_columns, padded_rows, token_dots
+from .matvec import column_dots, column_pieces, padded_columns, padded_rows, token_dots, token_dots_step
 from .merge import cosine_match, mean_merge, merge_rows
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "padded_rows",
     "pivoted_ridge_errors",
     "pow2_scale",
+    "put_rows",
     "qr_pivot_indices",
     "qr_pivots",
     "random_indices",
@@ -49,6 +50,7 @@ __all__ = [
     "selection_result",
     "slots_of",
     "token_dots",
+    "token_dots_step",
     "token_scale",
     "unit_rows",
     "unit_vectors",

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .blocks import compute_dtype, row_blocks, token_scale
-from .matvec import padded_rows, token_dots
+from .matvec import padded_rows, token_dots_step
 
 
 def fps_indices(x: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ class PivotedQR(NamedTuple):
         ``[B, M]`` int64 pivot positions in pivot order.
     ``factor``
         ``[B, N, M]``: the first ``M`` columns of the Cholesky factor ``L`` of the Gram matrix of the
-        scaled tokens (``factor[b, pivots[b]]`` is lower triangular).
+        scaled tokens (``factor[b, pivots[b]]`` is lower triangular). A view of an ``[B, M, N']`` tensor.
     ``residual``
         ``[B, N]`` squared norms ``|rho_i|^2`` of what the pivots leave unexplained, downdated (``0``
         at the pivots, never below 0).
@@ -85,6 +85,10 @@ class PivotedQR(NamedTuple):
         ``[B, N]`` squared norms of the scaled tokens.
     ``scale``
         ``[B, 1, 1]`` the power of two the tokens were scaled by.
+    ``tokens``
+        ``[B, N', D]`` contiguous, the scaled tokens ``x * scale`` in the compute dtype, then
+        ``N' - N`` zero rows (:func:`~tokencomp.kernels.matvec.padded_rows`): the copy the pivoting
+        read, which a caller may read again (while it is still in cache) rather than ``x``.
     """
 
     pivots: torch.Tensor
@@ -92,6 +96,7 @@ class PivotedQR(NamedTuple):
     residual: torch.Tensor
     norms: torch.Tensor
     scale: torch.Tensor
+    tokens: torch.Tensor
 
 
 def qr_pivot_indices(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -120,17 +125,16 @@ def qr_pivots(x: torch.Tensor, m: int) -> PivotedQR:
 
     Run as a pivoted Cholesky factorisation of the Gram matrix ``x x^T`` that never forms it. Step
     ``j`` takes the token ``p`` of largest residual squared norm ``r_p^2``, computes the factor's
-    column ``L_j = (x . x_p - L L_p^T) / r_p`` (one matrix-vector product, one pass over the tokens)
-    and downdates every residual, ``r_i^2 -= L_ji^2``, rather than recomputing it. The cost is
-    ``O(m N D)``; the pivots equal LAPACK's ``geqp3`` (``scipy.linalg.qr(x.T, pivoting=True)``) on
-    inputs without ties.
+    column ``L_j = (x . x_p - L L_p^T) / r_p`` (one matrix-vector product, one pass over the tokens,
+    and a product with the ``j`` columns of ``L`` so far) and downdates every residual,
+    ``r_i^2 -= L_ji^2``, rather than recomputing it. The cost is ``O(m N D)``; the pivots equal
+    LAPACK's ``geqp3`` (``scipy.linalg.qr(x.T, pivoting=True)``) on inputs without ties.
 
     The tokens are copied once, scaled by ``f = token_scale(x)`` (a power of two per batch row: the
     same pivots, bit for bit on tokens of ordinary size, without the overflow of squared norms of
-    tokens of size ``1e30`` or their underflow at ``1e-30``), into a ``[B, N, D + m]`` buffer in the
-    compute dtype whose last ``m`` columns hold ``L``: the product of the buffer with the pivot's row,
-    its last ``m`` entries negated, is ``x . x_p f^2 - L L_p^T`` in a single pass. The extra memory is
-    that buffer: the tokens' size in float32 (twice the size of half-precision tokens).
+    tokens of size ``1e30`` or their underflow at ``1e-30``), into a contiguous ``[B, N', D]`` buffer
+    in the compute dtype (returned as ``tokens``); ``L`` is kept as ``[B, m, N']`` rows. The extra
+    memory is that buffer: the tokens' size in float32 (twice the size of half-precision tokens).
 
     Once the tokens' rank is exhausted the remaining residuals are zero up to rounding; a pivot whose
     residual is below ``N * eps`` times the largest squared norm is divided by that floor instead, so
@@ -147,41 +151,48 @@ def qr_pivots(x: torch.Tensor, m: int) -> PivotedQR:
     Returns
     -------
     PivotedQR
-        Pivots, factor, residual and squared norms, all of the scaled tokens, and the scale.
+        Pivots, factor, residual and squared norms, all of the scaled tokens, the scale and the scaled
+        tokens.
     """
     b, n, d = x.shape
     ct = compute_dtype(x.dtype)
     f = token_scale(x)  # [B, 1, 1]
-    # [x f | L], zero rows after N (token_dots' padding)
-    buf = torch.empty(b, padded_rows(n), d + m, dtype=ct, device=x.device)
+    width = padded_rows(n)
+    buf = torch.empty(b, width, d, dtype=ct, device=x.device)  # x f, zero rows after N (token_dots' padding)
     for blk in row_blocks(b, n, d):
-        torch.mul(x[:, blk], f, out=buf[:, blk, :d])
-    buf[:, :, d:] = 0
+        torch.mul(x[:, blk], f, out=buf[:, blk])
     buf[:, n:] = 0
-    norms = torch.linalg.vector_norm(buf[:, :n, :d], dim=-1).square_()
-    # residuals below this are rounding (tiny > 0 keeps all-zero tokens finite)
-    floor = (norms.amax(dim=-1) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)  # [B]
-    sign = torch.ones(d + m, dtype=ct, device=x.device)
-    sign[d:] = -1.0
-    width = buf.shape[1]
-    offsets = torch.arange(0, b * width, width, device=x.device)
-    rows = buf.view(b * width, d + m)
+    factor = torch.zeros(b, m, width, dtype=ct, device=x.device)  # L^T
     residual = torch.full((b, width), -1.0, dtype=ct, device=x.device)  # padding rows: never pivots
-    residual[:, :n] = norms
+    norms = torch.linalg.vector_norm(buf[:, :n], dim=-1, out=residual[:, :n]).square_().clone()
+    # residuals below this are rounding (tiny > 0 keeps all-zero tokens finite)
+    floor = (norms.amax(dim=-1, keepdim=True) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)  # [B, 1]
+    offsets = torch.arange(0, b * width, width, device=x.device)
+    rows = buf.view(b * width, d)
     flat_residual = residual.view(-1)
     col = torch.empty(b, width, dtype=ct, device=x.device)
+    pivot = torch.empty(b, d, dtype=ct, device=x.device)
+    dots = token_dots_step(buf, pivot, col)  # col = buf . pivot, per row
+    col3 = col.unsqueeze(1)
+    columns = factor.unbind(1)  # L_j, [B, N'] each
+    index = torch.empty(b, m, 1, dtype=torch.int64, device=x.device)  # p, for a batch's gather
     picked = []
     for j in range(m):
-        top, p = residual.max(dim=-1)  # [B]: r_p^2 and p
+        top, p = residual.max(dim=-1, keepdim=True)  # [B, 1]: r_p^2 and p
         picked.append(p)
-        flat = p if b == 1 else p + offsets
-        # [x_p f | -L_p] / r_p (a residual below the floor is rounding: dividing by the floor keeps L tiny)
-        pivot = rows.index_select(0, flat).mul_(torch.outer(top.clamp_min_(floor).rsqrt_(), sign))
-        token_dots(buf, pivot, col)  # (x . x_p f^2 - L L_p^T) / r_p
-        buf.select(2, d + j).copy_(col)
-        residual.addcmul_(col, col, value=-1.0)
+        flat = p.view(-1) if b == 1 else (p + offsets.unsqueeze(1)).view(-1)
+        torch.index_select(rows, 0, flat, out=pivot)  # x_p f
+        dots()  # x . x_p f^2
+        # - L L_p^T over all m columns of L (those after j are still zero)
+        lp = factor.index_select(2, flat) if b == 1 else factor.gather(2, index.copy_(p.unsqueeze(1)))
+        col3.baddbmm_(lp.transpose(1, 2), factor, alpha=-1.0)
+        # L_j = that / r_p (a residual below the floor is rounding: dividing by the floor keeps L tiny)
+        lj = torch.mul(col, top.clamp_min_(floor).rsqrt_(), out=columns[j])
+        residual.addcmul_(lj, lj, value=-1.0)
         flat_residual.index_fill_(0, flat, -1.0)  # a pivot is never chosen again
-    return PivotedQR(torch.stack(picked, dim=1), buf[:, :n, d:].clone(), residual[:, :n].clamp_min_(0.0), norms, f)
+    return PivotedQR(
+        torch.cat(picked, dim=1), factor[:, :, :n].transpose(1, 2), residual[:, :n].clamp_min_(0.0), norms, f, buf
+    )
 
 
 def random_indices(

@@ -9,6 +9,8 @@ from ..types import CompressionResult
 
 def flat_index(idx: torch.Tensor, n: int) -> torch.Tensor:
     """``[B * K]`` positions of ``idx`` ``[B, K]`` (into ``n`` rows per batch row) in the flattened ``[B * n]``."""
+    if idx.shape[0] == 1:
+        return idx.view(-1) if idx.is_contiguous() else idx.reshape(-1)
     offsets = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * n
     return (idx + offsets).reshape(-1)
 
@@ -23,6 +25,17 @@ def batched_gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if not x.is_contiguous():  # flattening would copy all of x
         return x[torch.arange(b, device=x.device).unsqueeze(1), idx]
     return x.view(b * n, d).index_select(0, flat_index(idx, n)).view(b, idx.shape[1], d)
+
+
+def put_rows(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Set ``x[b, idx[b]] = rows[b]`` in place and return ``x``: ``x`` ``[B, N, D]`` contiguous, ``idx`` ``[B, K]``
+    distinct per row, ``rows`` ``[B, K, D]``.
+
+    One ``index_copy_`` on the flattened rows, rather than advanced indexing's broadcast index tensors.
+    """
+    b, n, d = x.shape
+    x.view(b * n, d).index_copy_(0, flat_index(idx, n), rows.reshape(-1, d))
+    return x
 
 
 def slots_of(indices: torch.Tensor, n: int) -> torch.Tensor:

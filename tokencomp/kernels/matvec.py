@@ -35,6 +35,8 @@ differ in the last bit (seen on an Intel Xeon; on an AMD EPYC the piece widths g
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 # Largest piece, in rows (1 MiB of float32 tokens of 1024 channels: fits a core's L2 cache).
@@ -70,9 +72,21 @@ def token_dots(x: torch.Tensor, vectors: torch.Tensor, out: torch.Tensor) -> tor
     x : torch.Tensor
         ``[B, N', D]`` contiguous rows with ``N' = padded_rows(N')`` (pad with zero rows).
     vectors : torch.Tensor
-        ``[B, D]``, the dtype of ``x``.
+        ``[B, D]`` contiguous, the dtype of ``x``.
     out : torch.Tensor
         ``[B, N']`` contiguous, the dtype of ``x``.
+    """
+    token_dots_step(x, vectors, out)()
+    return out
+
+
+def token_dots_step(x: torch.Tensor, vectors: torch.Tensor, out: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A function of no arguments that computes :func:`token_dots` ``(x, vectors, out)`` on the current contents
+    of the three tensors.
+
+    The views of the pieces are built once: a greedy loop that rewrites ``vectors`` (and ``x``) in place
+    each step calls the function for one operator call per step, the same values as :func:`token_dots`.
+    Arguments as for :func:`token_dots`.
     """
     b, rows, d = x.shape
     if padded_rows(rows) != rows:
@@ -80,11 +94,14 @@ def token_dots(x: torch.Tensor, vectors: torch.Tensor, out: torch.Tensor) -> tor
                          f"zero rows to padded_rows({rows}) = {padded_rows(rows)}.")
     count = pieces(rows)
     m = rows // count
-    # the vector once per piece: a stride-0 view for one batch row (bmm reads it without a copy)
+    # the vector once per piece, a stride-0 view: for one batch row bmm reads it without a copy; for a
+    # batch matmul copies it into [B * pieces, 1, D] per call
     left = vectors.view(b, 1, 1, d).expand(b, count, 1, d)
-    left = left[0] if b == 1 else left.reshape(b * count, 1, d)
-    torch.bmm(left, x.view(b * count, m, d).transpose(1, 2), out=out.view(b * count, 1, m))
-    return out
+    if b == 1:
+        left, right, result = left[0], x.view(count, m, d).transpose(1, 2), out.view(count, 1, m)
+        return lambda: torch.bmm(left, right, out=result)
+    right, result = x.view(b, count, m, d).transpose(2, 3), out.view(b, count, 1, m)
+    return lambda: torch.matmul(left, right, out=result)
 
 
 def column_pieces(batch: int, device: torch.device) -> int:
