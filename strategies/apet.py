@@ -36,16 +36,18 @@ output has the input's dtype.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from tokencomp.base import Compressor
 from tokencomp.kernels import (
+    PivotedQR,
     batched_gather,
     compute_dtype,
     fps_indices,
     merge_rows,
+    norm_scale,
     pivoted_ridge_errors,
     put_rows,
     qr_pivots,
@@ -189,7 +191,7 @@ class ApET(Compressor):
         # 1. Basis selection. The QR basis comes with the tokens scaled by a power of two, copied in the
         # compute dtype: the steps below read that copy (still in cache) and scale the output back, which
         # is exact (the same values, bit for bit, on tokens of ordinary size).
-        qr = qr_pivots(x, m) if self.basis == "qr" else None
+        qr = self._pivots(x, m) if self.basis == "qr" else None
         basis_idx = qr.pivots if qr is not None else self._select_basis(x, context)
         source = qr.tokens[:, :n] if qr is not None else x
         s = batched_gather(source, basis_idx).to(compute_dtype(x.dtype))  # [B, M, D]
@@ -247,6 +249,21 @@ class ApET(Compressor):
             assignment=assignment,
             info={"basis_indices": basis_idx, "errors": errors, "basis_slots": basis_slots},
         )
+
+    def _inspect(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        if self.basis != "qr":
+            return super()._inspect(tokens)
+        norms, scale, ok = norm_scale(tokens)  # the QR basis reads every token's norm anyway
+        return ok, (norms, scale)
+
+    def _pivots(self, x: torch.Tensor, m: int) -> PivotedQR:
+        """:func:`~tokencomp.kernels.qr_pivots`, scaled from the tokens' norms where :meth:`_inspect` computed
+        them (one pass over the tokens fewer)."""
+        inspected = self._inspected(x)
+        if inspected is None:
+            return qr_pivots(x, m)
+        norms, scale = inspected
+        return qr_pivots(x, m, scale, (norms * scale.view(-1, 1)).square_())
 
     def _select_basis(self, x: torch.Tensor, context: Context) -> torch.Tensor:
         """Basis indices ``[B, M]`` of the ``fps`` and ``random`` bases (``qr`` comes with its factorisation)."""

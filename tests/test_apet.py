@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokencomp as tc
+import tokencomp.strategies.apet as apet_module
 from tokencomp.kernels import qr_pivot_indices
 from reference_apet import literal_apet, literal_fps
 
@@ -78,6 +79,34 @@ def test_qr_basis_used_by_strategy():
     for b in range(2):
         _, _, piv = scipy.linalg.qr(x[b].double().numpy().T, pivoting=True, mode="economic")
         assert result.info["basis_indices"][b].tolist() == piv[:8].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_qr_basis_scales_from_the_checked_norms_with_the_same_result(dtype, monkeypatch):
+    # compress() checks the tokens through their norms (ApET._inspect) and qr_pivots scales by the power
+    # of two they give; called directly, _compress scales by token_scale: bit for bit the same result
+    x = (_tokens(2, 90, 24, 5) * 7).to(dtype)
+    apet = tc.create("apet", basis="qr", num_basis=6)
+    seen = []
+    real = apet_module.qr_pivots
+    monkeypatch.setattr(apet_module, "qr_pivots", lambda *a: seen.append(len(a)) or real(*a))
+    via = apet.compress(x, 20)
+    direct = apet._compress(x, 20, tc.Context())
+    assert seen == [4, 2]  # with (scale, norms), then without
+    assert torch.equal(via.tokens, direct.tokens.to(dtype))  # compress() restores the dtype
+    for key in ("indices", "assignment"):
+        assert torch.equal(getattr(via, key), getattr(direct, key))
+    for key in ("errors", "basis_indices", "basis_slots"):
+        assert torch.equal(via.info[key], direct.info[key])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("scale", [1.0, 1e30])
+def test_qr_basis_rejects_non_finite_tokens(bad, scale):
+    x = _tokens(2, 30, 8, 1) * scale
+    x[1, 4, 2] = bad
+    with pytest.raises(ValueError, match="apet: tokens contain NaN or infinite values"):
+        tc.create("apet", basis="qr").compress(x, 12)
 
 
 @settings(max_examples=25, deadline=None)

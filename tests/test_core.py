@@ -69,6 +69,42 @@ def test_bad_tokens(tokens, fragment):
     assert fragment in str(err.value)
 
 
+class _Inspecting(tc.Compressor):
+    """Keeps the first k tokens; its check is the row sums, which _compress reads back."""
+
+    seen: list = []
+
+    def _inspect(self, tokens):
+        sums = tokens.sum(dim=-1)
+        return torch.isfinite(sums) & (sums.abs() < 1e6), sums
+
+    def _compress(self, tokens, k, context):
+        self.seen.append(self._inspected(tokens))
+        b, n, _ = tokens.shape
+        indices = torch.arange(k).expand(b, k)
+        assignment = torch.where(torch.arange(n) < k, torch.arange(n), -1).expand(b, n)
+        return tc.CompressionResult(tokens=tokens[:, :k], indices=indices, assignment=assignment, info={})
+
+
+def test_strategy_check_replaces_the_sum_and_hands_its_results_on():
+    comp = _Inspecting()
+    comp.seen = []
+    x = torch.randn(2, 6, 3)
+    comp.compress(x, 2)
+    assert torch.equal(comp.seen[-1], x.sum(dim=-1))  # the same tensor: what _inspect computed
+    comp._compress(x, 2, tc.Context())
+    assert comp.seen[-1] is None  # outside compress()
+    comp.compress(x * 1e7, 2)  # its check cannot vouch: the exact check passes, nothing is handed on
+    assert comp.seen[-1] is None
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 5] = False
+    comp.compress(x, 2, tc.Context(valid=valid))  # a padded sub-batch is another tensor
+    assert comp.seen[-1] is None
+    x[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="_Inspecting: tokens contain NaN or infinite values"):
+        comp.compress(x, 2)
+
+
 def test_context_shape_checks():
     x = torch.randn(2, 16, 4)
     comp = tc.create("random")

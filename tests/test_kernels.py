@@ -301,6 +301,22 @@ def test_token_dots_are_the_dot_products(b, n, d):
     assert not out[:, n:].any()  # zero padding rows
 
 
+def test_norm_scale_vouches_for_rows_of_ordinary_size_only():
+    x = _tokens(6, 5, 8, 3)
+    x[1] *= 1e30  # squared norms overflow float32
+    x[2] *= 1e-30  # and vanish
+    x[3] = 0.0
+    x[4, 2, 3] = float("nan")
+    x[5, 0, 0] = float("inf")
+    norms, scale, ok = tc.kernels.norm_scale(x)
+    assert ok.tolist() == [True, False, False, False, False, False]
+    torch.testing.assert_close(norms[0].double(), x[0].double().norm(dim=-1))
+    largest = norms[0].max() * scale[0, 0, 0]
+    assert 0.5 <= largest < 1.0 and torch.log2(scale[0]).item().is_integer()
+    half_norms, _, half_ok = tc.kernels.norm_scale(x[:1].half())
+    assert half_norms.dtype == torch.float32 and half_ok.all()
+
+
 @contextlib.contextmanager
 def _threads(count: int):
     """PyTorch on ``count`` threads inside the block."""

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from typing import Any, ClassVar, Optional
 
 import torch
 
 from .types import CompressionResult, Context
 from .padding import check_padding, compress_padded
-from .validation import all_finite, check_tokens, resolve_budget
+from .validation import all_finite, check_finite, check_tokens, resolve_budget
 
 __all__ = ["Compressor"]
 
 # Context fields that are per-token tensors of shape [B, N].
+# (tokens, what Compressor._inspect computed from them) during a compress() call
+_INSPECTED: ContextVar[Optional[tuple[torch.Tensor, Any]]] = ContextVar("tokencomp_inspected", default=None)
+
 _PER_TOKEN_FIELDS = ("cls_attention", "text_attention", "valid", "visual_positions")
 # Other batched tensor fields and their number of dimensions (with the batch dimension).
 _BATCHED_FIELDS = {
@@ -187,7 +191,14 @@ class Compressor(ABC):
             Bad tokens, a budget outside the valid range, or a missing or malformed context field.
         """
         owner = self.display_name()
-        x, unbatched = check_tokens(owner, tokens)
+        x, unbatched = check_tokens(owner, tokens, finite=False)
+        # the one pass over the values (and host sync) that tells they are finite: the strategy's own
+        # (_inspect), whose results _compress may read back (_inspected); the exact check where it
+        # cannot vouch for them
+        finite, inspected = self._inspect(x)
+        if not bool(finite.all()):
+            check_finite(owner, x)
+            inspected = None
         b, n, d = x.shape
         context = self._batched_context(context, x, unbatched)
         k = resolve_budget(owner, budget, n)
@@ -195,7 +206,11 @@ class Compressor(ABC):
         if context.valid is not None and not bool(context.valid.all()):
             result = self._compress_padded(x, k, context)
         else:
-            result = self._compress(x, k, context)
+            handle = _INSPECTED.set((x, inspected))
+            try:
+                result = self._compress(x, k, context)
+            finally:
+                _INSPECTED.reset(handle)
         self._check_result(result, b, n, k, d)
         out_tokens = result.tokens.to(dtype=tokens.dtype, device=tokens.device)
         if unbatched:
@@ -221,6 +236,24 @@ class Compressor(ABC):
             check_padding(owner, context.valid, k)
             return self._compress(x, k, context)
         return compress_padded(self, x, k, context)
+
+    def _inspect(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """One pass over the validated tokens ``[B, N, D]`` that tells whether they are finite, before
+        :meth:`_compress`.
+
+        Returns a bool tensor (all ``True``: every value is finite; else :meth:`compress` runs the exact
+        check, which raises for a NaN or an infinity) and whatever else the pass computed, which
+        :meth:`_compress` reads back with :meth:`_inspected` (``None`` when the exact check ran). The
+        default sums the tokens. A strategy that needs a pass over the tokens anyway (their norms, say)
+        makes it its check, sparing one pass; it must not synchronise with the host itself.
+        """
+        return torch.isfinite(tokens.sum()), None
+
+    def _inspected(self, tokens: torch.Tensor) -> Any:
+        """What :meth:`_inspect` returned besides the check for these very ``tokens`` during this
+        :meth:`compress` call, else ``None`` (another tensor, a padded sub-batch, a direct call)."""
+        seen = _INSPECTED.get()
+        return seen[1] if seen is not None and seen[0] is tokens else None
 
     @abstractmethod
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:

@@ -14,6 +14,7 @@ __all__ = [
     "check_choice",
     "check_float",
     "check_int",
+    "check_finite",
     "check_seed",
     "check_tokens",
     "resolve_budget",
@@ -111,14 +112,16 @@ def all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(torch.stack(torch.aminmax(values))).all())
 
 
-def check_tokens(owner: str, tokens: Any) -> tuple[torch.Tensor, bool]:
+def check_tokens(owner: str, tokens: Any, finite: bool = True) -> tuple[torch.Tensor, bool]:
     """Validate visual tokens and return them batched ``[B, N, D]`` with a flag for unbatched input.
+
+    With ``finite=False`` the values are not read (the caller checks them with :func:`check_finite`).
 
     Raises
     ------
     ValueError
         If ``tokens`` is not a floating-point tensor of 2 or 3 dimensions with ``N >= 1`` and
-        ``D >= 1`` and only finite values.
+        ``D >= 1`` and (with ``finite``) only finite values.
     """
     if not isinstance(tokens, torch.Tensor):
         raise ValueError(
@@ -138,11 +141,17 @@ def check_tokens(owner: str, tokens: Any) -> tuple[torch.Tensor, bool]:
     batched = tokens.unsqueeze(0) if unbatched else tokens
     if batched.shape[1] < 1 or batched.shape[2] < 1 or batched.shape[0] < 1:
         raise ValueError(f"{owner}: tokens must have B, N, D >= 1; got shape {tuple(tokens.shape)}.")
-    if not all_finite(batched):
+    if finite:
+        check_finite(owner, batched)
+    return batched, unbatched
+
+
+def check_finite(owner: str, tokens: torch.Tensor) -> None:
+    """Raise ``ValueError`` if ``tokens`` hold a NaN or an infinity (one pass, :func:`all_finite`)."""
+    if not all_finite(tokens):
         raise ValueError(
             f"{owner}: tokens contain NaN or infinite values; only finite values can be compressed."
         )
-    return batched, unbatched
 
 
 def resolve_budget(owner: str, budget: Any, n: int) -> int:

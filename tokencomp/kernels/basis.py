@@ -120,7 +120,9 @@ def qr_pivot_indices(x: torch.Tensor, m: int) -> torch.Tensor:
     return qr_pivots(x, m).pivots
 
 
-def qr_pivots(x: torch.Tensor, m: int) -> PivotedQR:
+def qr_pivots(
+    x: torch.Tensor, m: int, scale: Optional[torch.Tensor] = None, norms: Optional[torch.Tensor] = None
+) -> PivotedQR:
     """Greedy QR with column pivoting on ``x^T`` for ``m`` steps, with residual norms downdated.
 
     Run as a pivoted Cholesky factorisation of the Gram matrix ``x x^T`` that never forms it. Step
@@ -147,6 +149,10 @@ def qr_pivots(x: torch.Tensor, m: int) -> PivotedQR:
         ``[B, N, D]`` tokens, any float dtype.
     m : int
         Number of pivots (at most ``N``).
+    scale, norms : torch.Tensor, optional
+        A power of two ``[B, 1, 1]`` to scale the tokens by instead of :func:`token_scale` (one under
+        which no squared norm overflows), and ``[B, N]`` the squared norms of the scaled tokens, when
+        the caller has them (:func:`~tokencomp.kernels.blocks.norm_scale`): both or neither.
 
     Returns
     -------
@@ -156,7 +162,9 @@ def qr_pivots(x: torch.Tensor, m: int) -> PivotedQR:
     """
     b, n, d = x.shape
     ct = compute_dtype(x.dtype)
-    f = token_scale(x)  # [B, 1, 1]
+    if (scale is None) != (norms is None):
+        raise ValueError("qr_pivots: give both scale and norms (from norm_scale), or neither.")
+    f = token_scale(x) if scale is None else scale  # [B, 1, 1]
     width = padded_rows(n)
     buf = torch.empty(b, width, d, dtype=ct, device=x.device)  # x f, zero rows after N (token_dots' padding)
     for blk in row_blocks(b, n, d):
@@ -164,34 +172,38 @@ def qr_pivots(x: torch.Tensor, m: int) -> PivotedQR:
     buf[:, n:] = 0
     factor = torch.zeros(b, m, width, dtype=ct, device=x.device)  # L^T
     residual = torch.full((b, width), -1.0, dtype=ct, device=x.device)  # padding rows: never pivots
-    norms = torch.linalg.vector_norm(buf[:, :n], dim=-1, out=residual[:, :n]).square_().clone()
+    if norms is None:
+        norms = torch.linalg.vector_norm(buf[:, :n], dim=-1, out=residual[:, :n]).square_().clone()
+    else:
+        residual[:, :n] = norms
     # residuals below this are rounding (tiny > 0 keeps all-zero tokens finite)
-    floor = (norms.amax(dim=-1, keepdim=True) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)  # [B, 1]
-    offsets = torch.arange(0, b * width, width, device=x.device)
+    batched = b > 1  # one batch row: 1-D pivot indices, no offsets
+    floor = (norms.amax(dim=-1, keepdim=batched) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)
+    offsets = torch.arange(0, b * width, width, device=x.device).unsqueeze(1)
     rows = buf.view(b * width, d)
     flat_residual = residual.view(-1)
     col = torch.empty(b, width, dtype=ct, device=x.device)
     pivot = torch.empty(b, d, dtype=ct, device=x.device)
     dots = token_dots_step(buf, pivot, col)  # col = buf . pivot, per row
-    col3 = col.unsqueeze(1)
+    col_t, factor_t = col.unsqueeze(2), factor.transpose(1, 2)  # [B, N', 1], [B, N', M]
     columns = factor.unbind(1)  # L_j, [B, N'] each
     index = torch.empty(b, m, 1, dtype=torch.int64, device=x.device)  # p, for a batch's gather
     picked = []
     for j in range(m):
-        top, p = residual.max(dim=-1, keepdim=True)  # [B, 1]: r_p^2 and p
+        top, p = residual.max(dim=-1, keepdim=batched)  # r_p^2 and p, [B] or [B, 1]
         picked.append(p)
-        flat = p.view(-1) if b == 1 else (p + offsets.unsqueeze(1)).view(-1)
+        flat = (p + offsets).view(-1) if batched else p
         torch.index_select(rows, 0, flat, out=pivot)  # x_p f
         dots()  # x . x_p f^2
         # - L L_p^T over all m columns of L (those after j are still zero)
-        lp = factor.index_select(2, flat) if b == 1 else factor.gather(2, index.copy_(p.unsqueeze(1)))
-        col3.baddbmm_(lp.transpose(1, 2), factor, alpha=-1.0)
+        lp = factor.gather(2, index.copy_(p.unsqueeze(1))) if batched else factor.index_select(2, p)
+        col_t.baddbmm_(factor_t, lp, alpha=-1.0)
         # L_j = that / r_p (a residual below the floor is rounding: dividing by the floor keeps L tiny)
         lj = torch.mul(col, top.clamp_min_(floor).rsqrt_(), out=columns[j])
         residual.addcmul_(lj, lj, value=-1.0)
         flat_residual.index_fill_(0, flat, -1.0)  # a pivot is never chosen again
     return PivotedQR(
-        torch.cat(picked, dim=1), factor[:, :, :n].transpose(1, 2), residual[:, :n].clamp_min_(0.0), norms, f, buf
+        torch.stack(picked, dim=1).view(b, m), factor[:, :, :n].transpose(1, 2), residual[:, :n].clamp_min_(0.0), norms, f, buf
     )
 
 

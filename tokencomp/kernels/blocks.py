@@ -90,6 +90,39 @@ def token_scale(x: torch.Tensor) -> torch.Tensor:
     return pow2_scale(x, dim=(1, 2))
 
 
+# Largest token norm of a batch row for which :func:`norm_scale` is trusted: the squares of norms in
+# this range neither overflow nor underflow in float32 (nor do those of the row's entries that matter).
+SAFE_NORMS = (2.0**-40, 2.0**60)
+
+
+def norm_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token norms computed directly, a power of two per batch row from them, and whether to trust them.
+
+    One pass over the tokens (where :func:`token_scale` and the norms of the scaled tokens take three)
+    and no host synchronisation. For a batch row whose largest norm lies in :data:`SAFE_NORMS` the
+    norms are those of the tokens scaled by any power of two, scaled back (the squares neither
+    overflow nor underflow), so a caller can use them with the returned scale instead of
+    :func:`token_scale`; elsewhere (tokens of size ``1e30`` or ``1e-30``, all-zero tokens, NaN or
+    infinite values) ``ok`` is ``False`` and the caller must take that path.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[B, N, D]`` tokens, any float dtype.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``norms`` ``[B, N]`` in :func:`compute_dtype`; ``scale`` ``[B, 1, 1]``, the power of two that
+        brings the largest norm into ``[0.5, 1)``; ``ok`` ``[B]`` bool.
+    """
+    ct = compute_dtype(x.dtype)
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=ct)
+    largest = norms.amax(dim=-1)
+    ok = (largest >= SAFE_NORMS[0]) & (largest <= SAFE_NORMS[1])  # False for NaN and infinity
+    return norms, torch.exp2(torch.frexp(largest)[1].neg_().to(ct)).view(-1, 1, 1), ok
+
+
 def scaled_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, N]`` float32 Euclidean norms of the rows of ``x`` ``[B, N, D]`` each scaled by a power of two, and
     those powers.

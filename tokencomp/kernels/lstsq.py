@@ -107,8 +107,9 @@ def pivoted_ridge_errors(qr: PivotedQR, ridge: float, norm: str = "l2") -> torch
     ``|x_i f - c_i S f|^2 = r_i^2 + |L_i P|^2``, with ``P = lam (L_p^T L_p + lam I)^-1``
 
     (``I - B^T (B B^T + lam I)^-1 B = lam (B^T B + lam I)^-1``). ``r_i^2`` is the downdated residual
-    of :func:`~tokencomp.kernels.qr_pivots`, so the tokens are not read again: ``O(M^2 N)`` in float64
-    instead of a pass forming the ``[N, D]`` residual. As in :func:`ridge_coefficients`, a ridge too
+    of :func:`~tokencomp.kernels.qr_pivots`, so the tokens are not read again: ``O(M^2 N)`` (``P`` in
+    float64, the product with ``L`` in the factor's dtype) instead of a pass forming the ``[N, D]``
+    residual. As in :func:`ridge_coefficients`, a ridge too
     small to change ``L_p^T L_p`` in float64 is raised to ``M eps`` times the largest squared basis norm.
 
     Both terms are non-negative, so there is no cancellation between them; ``r_i^2`` itself carries
@@ -137,17 +138,18 @@ def pivoted_ridge_errors(qr: PivotedQR, ridge: float, norm: str = "l2") -> torch
             f"pivoted_ridge_errors: norm {norm!r} needs the residual rows; allowed here: 'l2', 'relative' "
             "(use ridge_errors for the others)."
         )
-    factor = qr.factor.double()  # [B, N, M]
+    factor = qr.factor  # [B, N, M]
     b, n, m = factor.shape
-    lp = torch.gather(factor, 1, qr.pivots.unsqueeze(-1).expand(b, m, m))  # [B, M, M]
-    lam = _effective_ridge(ridge, qr.scale, qr.norms.amax(dim=-1).double().view(b, 1, 1), m)
-    gram = torch.baddbmm(lam * torch.eye(m, dtype=torch.float64, device=factor.device), lp.transpose(1, 2), lp)
-    # |L_i P| = lam |L_i (L_p^T L_p + lam I)^-1|
-    squared = torch.linalg.vector_norm(torch.bmm(factor, torch.linalg.inv(gram)), dim=-1).mul_(lam.view(b, 1))
-    squared.square_().add_(qr.residual)  # [B, N]
+    lp = torch.gather(factor, 1, qr.pivots.unsqueeze(-1).expand(b, m, m)).double()  # [B, M, M]
+    lam = _effective_ridge(ridge, qr.scale, qr.norms.amax(dim=-1).double().view(b, 1, 1), m)  # [B, 1, 1]
+    gram = torch.bmm(lp.transpose(1, 2), lp)
+    gram.diagonal(dim1=1, dim2=2).add_(lam.view(b, 1))
+    # |L_i P| with P = lam (L_p^T L_p + lam I)^-1, solved in float64, applied in the factor's dtype
+    p = torch.linalg.inv(gram).mul_(lam).to(factor.dtype)
+    squared = torch.linalg.vector_norm(torch.bmm(factor, p), dim=-1).square_().add_(qr.residual)  # [B, N]
     if norm == "relative":
-        return _ratio_or_zero(squared, qr.norms.double()).sqrt_().to(qr.factor.dtype)
-    return squared.sqrt_().to(qr.factor.dtype).div_(qr.scale.view(b, 1))
+        return _ratio_or_zero(squared, qr.norms).sqrt_()
+    return squared.sqrt_().div_(qr.scale.view(b, 1))
 
 
 def _errors(residual: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
