@@ -50,7 +50,8 @@ def _ridge_coefficients(x: torch.Tensor, s: torch.Tensor, ridge: float, f: torch
     gram = sst + lam * torch.eye(m, dtype=torch.float64, device=s.device)
     # s f f, not s f^2: f^2 overflows float32 for tokens of size 1e-30
     rhs = rows_matmul(x, (s * f * f).transpose(1, 2)).transpose(1, 2)  # [B, M, N]
-    return torch.linalg.solve(gram, rhs.double()).to(compute_dtype(x.dtype))
+    # solve_ex: no check of LAPACK's status, which would synchronise with a GPU (the ridge makes G definite)
+    return torch.linalg.solve_ex(gram, rhs.double())[0].to(compute_dtype(x.dtype))
 
 
 def _effective_ridge(ridge: float, f: torch.Tensor, largest: torch.Tensor, m: int) -> torch.Tensor:
@@ -145,7 +146,7 @@ def pivoted_ridge_errors(qr: PivotedQR, ridge: float, norm: str = "l2") -> torch
     gram = torch.bmm(lp.transpose(1, 2), lp)
     gram.diagonal(dim1=1, dim2=2).add_(lam.view(b, 1))
     # |L_i P| with P = lam (L_p^T L_p + lam I)^-1, solved in float64, applied in the factor's dtype
-    p = torch.linalg.inv(gram).mul_(lam).to(factor.dtype)
+    p = torch.linalg.inv_ex(gram)[0].mul_(lam).to(factor.dtype)  # _ex: no status check (a GPU sync)
     squared = torch.linalg.vector_norm(torch.bmm(factor, p), dim=-1).square_().add_(qr.residual)  # [B, N]
     if norm == "relative":
         return _ratio_or_zero(squared, qr.norms).sqrt_()
