@@ -188,8 +188,8 @@ class ApET(Compressor):
         b, n, _ = x.shape
         m = self.num_basis
 
-        # 1. Basis selection. The QR basis comes with the tokens scaled by a power of two, copied in the
-        # compute dtype: the steps below read that copy (still in cache) and scale the output back, which
+        # 1. Basis selection. The QR basis comes with the tokens it read (scaled by a power of two, or the
+        # tokens themselves): the steps below read them (still in cache) and scale the output back, which
         # is exact (the same values, bit for bit, on tokens of ordinary size).
         qr = self._pivots(x, m) if self.basis == "qr" else None
         basis_idx = qr.pivots if qr is not None else self._select_basis(x, context)
@@ -201,7 +201,7 @@ class ApET(Compressor):
         if qr is not None and self.error_norm in ("l2", "relative"):
             errors = pivoted_ridge_errors(qr, self.ridge, self.error_norm)
         else:
-            errors = ridge_errors(x, s if qr is None else s / qr.scale, self.ridge, self.error_norm)
+            errors = ridge_errors(x, s if qr is None else s / qr.tokens_scale, self.ridge, self.error_norm)
 
         # 4. Keep the K tokens with the largest error (ties: lower position first).
         order = torch.sort(errors, dim=-1, descending=True, stable=True).indices
@@ -226,14 +226,16 @@ class ApET(Compressor):
         targets = k - n_inject
         match = None
         if self.merge and dropped.shape[1] > 0:
-            norms = qr.norms.gather(1, kept[:, :targets]).sqrt_() if qr is not None else None
+            norms = None
+            if qr is not None:  # of the source rows: |x f| t / f
+                norms = qr.norms.gather(1, kept[:, :targets]).sqrt_().mul_((qr.tokens_scale / qr.scale).view(b, 1))
             values[:, :targets], match = merge_rows(values[:, :targets], source, dropped, norms)
 
         # 7. Output in ascending original position.
         indices, perm = kept.sort(dim=-1)
         out = batched_gather(values, perm)
         if qr is not None:
-            out.div_(qr.scale)
+            out.div_(qr.tokens_scale)
         assignment = slots_of(indices, n)
         slot_of_rank = perm.argsort(dim=-1)  # top-K rank -> output slot
         if match is not None:

@@ -82,10 +82,12 @@ def test_qr_basis_used_by_strategy():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-def test_qr_basis_scales_from_the_checked_norms_with_the_same_result(dtype, monkeypatch):
+@pytest.mark.parametrize("n", [90, 64])
+def test_qr_basis_scales_from_the_checked_norms_with_the_same_result(dtype, n, monkeypatch):
     # compress() checks the tokens through their norms (ApET._inspect) and qr_pivots scales by the power
-    # of two they give; called directly, _compress scales by token_scale: bit for bit the same result
-    x = (_tokens(2, 90, 24, 5) * 7).to(dtype)
+    # of two they give (and reads float32 tokens of N = padded_rows(N) in place); called directly,
+    # _compress copies them scaled by token_scale: bit for bit the same result
+    x = (_tokens(2, n, 24, 5) * 7).to(dtype)
     apet = tc.create("apet", basis="qr", num_basis=6)
     seen = []
     real = apet_module.qr_pivots

@@ -301,6 +301,24 @@ def test_token_dots_are_the_dot_products(b, n, d):
     assert not out[:, n:].any()  # zero padding rows
 
 
+def test_qr_pivots_read_float32_tokens_in_place_given_their_norms():
+    x = _tokens(2, 64, 24, 4) * 3  # padded_rows(64) == 64
+    norms, scale, ok = tc.kernels.norm_scale(x)
+    assert ok.all()
+    given = qr_pivots(x, 5, scale, (norms * scale.view(-1, 1)).square_())
+    copied = qr_pivots(x, 5)
+    assert given.tokens.data_ptr() == x.data_ptr() and torch.equal(given.tokens_scale, torch.ones(2, 1, 1))
+    assert torch.equal(copied.tokens, x * copied.scale) and torch.equal(copied.tokens_scale, copied.scale)
+    assert torch.equal(given.pivots, copied.pivots)
+    # the same factorisation of the tokens scaled by another power of two
+    ratio = (given.scale / copied.scale).view(2, 1, 1)
+    torch.testing.assert_close(given.factor, copied.factor * ratio, rtol=1e-6, atol=0)
+    half = qr_pivots(x.half(), 5, scale, (norms * scale.view(-1, 1)).square_())
+    assert half.tokens.dtype == torch.float32 and torch.equal(half.tokens_scale, scale)  # copied
+    with pytest.raises(ValueError, match="give both scale and norms"):
+        qr_pivots(x, 5, scale)
+
+
 def test_norm_scale_vouches_for_rows_of_ordinary_size_only():
     x = _tokens(6, 5, 8, 3)
     x[1] *= 1e30  # squared norms overflow float32

@@ -86,9 +86,11 @@ class PivotedQR(NamedTuple):
     ``scale``
         ``[B, 1, 1]`` the power of two the tokens were scaled by.
     ``tokens``
-        ``[B, N', D]`` contiguous, the scaled tokens ``x * scale`` in the compute dtype, then
-        ``N' - N`` zero rows (:func:`~tokencomp.kernels.matvec.padded_rows`): the copy the pivoting
-        read, which a caller may read again (while it is still in cache) rather than ``x``.
+        ``[B, N', D]`` contiguous, the tokens the pivoting read, ``x * tokens_scale`` in the compute
+        dtype, then ``N' - N`` zero rows (:func:`~tokencomp.kernels.matvec.padded_rows`): a caller may
+        read them again (while they are still in cache) rather than ``x``.
+    ``tokens_scale``
+        ``[B, 1, 1]``: ``scale`` when ``tokens`` is a scaled copy, 1 when it is ``x`` itself.
     """
 
     pivots: torch.Tensor
@@ -97,6 +99,7 @@ class PivotedQR(NamedTuple):
     norms: torch.Tensor
     scale: torch.Tensor
     tokens: torch.Tensor
+    tokens_scale: torch.Tensor
 
 
 def qr_pivot_indices(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -137,6 +140,9 @@ def qr_pivots(
     tokens of size ``1e30`` or their underflow at ``1e-30``), into a contiguous ``[B, N', D]`` buffer
     in the compute dtype (returned as ``tokens``); ``L`` is kept as ``[B, m, N']`` rows. The extra
     memory is that buffer: the tokens' size in float32 (twice the size of half-precision tokens).
+    Given ``scale`` and ``norms``, float32 tokens that are contiguous and need no padding rows
+    (``N = padded_rows(N)``: 576, 18,432) are not copied: each step multiplies ``x`` by ``x_p f^2``,
+    the same products as ``x f`` by ``x_p f`` (powers of two: exact while nothing underflows).
 
     Once the tokens' rank is exhausted the remaining residuals are zero up to rounding; a pivot whose
     residual is below ``N * eps`` times the largest squared norm is divided by that floor instead, so
@@ -166,10 +172,13 @@ def qr_pivots(
         raise ValueError("qr_pivots: give both scale and norms (from norm_scale), or neither.")
     f = token_scale(x) if scale is None else scale  # [B, 1, 1]
     width = padded_rows(n)
-    buf = torch.empty(b, width, d, dtype=ct, device=x.device)  # x f, zero rows after N (token_dots' padding)
-    for blk in row_blocks(b, n, d):
-        torch.mul(x[:, blk], f, out=buf[:, blk])
-    buf[:, n:] = 0
+    if scale is not None and width == n and x.dtype == ct and x.is_contiguous():
+        buf, pivot_scale = x, f * f  # read in place; the pivot row carries both factors
+    else:
+        buf, pivot_scale = torch.empty(b, width, d, dtype=ct, device=x.device), None  # x f, then zero rows
+        for blk in row_blocks(b, n, d):
+            torch.mul(x[:, blk], f, out=buf[:, blk])
+        buf[:, n:] = 0
     factor = torch.zeros(b, m, width, dtype=ct, device=x.device)  # L^T
     residual = torch.full((b, width), -1.0, dtype=ct, device=x.device)  # padding rows: never pivots
     if norms is None:
@@ -193,8 +202,10 @@ def qr_pivots(
         top, p = residual.max(dim=-1, keepdim=batched)  # r_p^2 and p, [B] or [B, 1]
         picked.append(p)
         flat = (p + offsets).view(-1) if batched else p
-        torch.index_select(rows, 0, flat, out=pivot)  # x_p f
-        dots()  # x . x_p f^2
+        torch.index_select(rows, 0, flat, out=pivot)  # x_p f (or x_p)
+        if pivot_scale is not None:
+            pivot.mul_(pivot_scale.view(b, 1))  # x_p f^2
+        dots()  # x f . x_p f (or x . x_p f^2)
         # - L L_p^T over all m columns of L (those after j are still zero)
         lp = factor.gather(2, index.copy_(p.unsqueeze(1))) if batched else factor.index_select(2, p)
         col_t.baddbmm_(factor_t, lp, alpha=-1.0)
@@ -203,7 +214,13 @@ def qr_pivots(
         residual.addcmul_(lj, lj, value=-1.0)
         flat_residual.index_fill_(0, flat, -1.0)  # a pivot is never chosen again
     return PivotedQR(
-        torch.stack(picked, dim=1).view(b, m), factor[:, :, :n].transpose(1, 2), residual[:, :n].clamp_min_(0.0), norms, f, buf
+        torch.stack(picked, dim=1).view(b, m),
+        factor[:, :, :n].transpose(1, 2),
+        residual[:, :n].clamp_min_(0.0),
+        norms,
+        f,
+        buf,
+        f if pivot_scale is None else torch.ones_like(f),
     )
 
 
