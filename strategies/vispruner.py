@@ -35,9 +35,11 @@ once and every round reads its scores from it, a bounded block of rows at a time
 in all instead of ``O(N^3 D)``, for ``R0^2`` more floats. Otherwise (long videos, few channels) every
 round multiplies the gathered ``A`` and ``B`` tokens as before, in row chunks of :data:`_CHUNK`, each
 computed in pieces of at most one row block of similarities; the complexity stays ``O(N^3 D)`` for
-``N`` large against ``D``. ``cache="always"`` caches whatever the size (faster at video scale if the
-memory is there: 16 frames of 576 tokens take ~8x the tokens' memory) and ``"never"`` never does;
-they are the two regimes ``tokencomp bench`` times (:attr:`cost_regimes`).
+``N`` large against ``D``. With the default factor of 9, any residual list of at most ``9 D`` tokens is
+cached (at ``D = 1024``: 16 frames of 576 tokens, ~8x the tokens' memory, where recomputing takes
+12 times as long); a 32-frame clip is recomputed. ``cache="always"`` caches whatever the size (faster
+at video scale if the memory is there) and ``"never"`` never does; they are the two regimes ``tokencomp
+bench`` times (:attr:`cost_regimes`).
 
 Both give bit for bit the scores of the per-round products, so the rankings, near ties included,
 are unchanged. This rests on how the CPU BLAS (MKL) behaves, observed and tested rather than
@@ -72,7 +74,7 @@ _PER_ROUND = 8
 _CHUNK = 2048
 # With cache="auto", the cosines of the residual tokens are cached when their [B, R0, R0] matrix holds at
 # most this many times the tokens' B * N * D elements (float32); above that, every round multiplies anew.
-_GRAM_FACTOR = 4
+_GRAM_FACTOR = 9
 
 
 def _unit_rows(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
