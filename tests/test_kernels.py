@@ -182,11 +182,15 @@ def test_rows_matmul_reads_half_tokens_in_float32(block_size):
     torch.testing.assert_close(out, x.float() @ w)
 
 
-def test_merge_rows_equals_match_then_mean(block_size):
+@pytest.mark.parametrize("count", [100, 30])  # every token matched in place / the rows gathered
+def test_merge_rows_equals_match_then_mean(block_size, count):
     x = _tokens(2, 140, 12, 6)
     dst = _tokens(2, 9, 12, 7)
-    rows = torch.stack([torch.randperm(140, generator=torch.Generator().manual_seed(i))[:100] for i in range(2)])
+    rows = torch.stack([torch.randperm(140, generator=torch.Generator().manual_seed(i))[:count] for i in range(2)])
     merged, match = merge_rows(dst, x, rows)
+    # the sums add the rows in ascending position, whatever their order: the two ways agree bit for bit
+    with_norms, _ = merge_rows(dst, x, rows.flip(1), dst.norm(dim=-1))
+    assert torch.equal(with_norms, merged)
     src = batched_gather(x, rows)
     expected_match = (F.normalize(src, dim=-1) @ F.normalize(dst, dim=-1).transpose(1, 2)).argmax(-1)
     assert torch.equal(match, expected_match)

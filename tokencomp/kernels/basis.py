@@ -141,8 +141,10 @@ def qr_pivots(
     in the compute dtype (returned as ``tokens``); ``L`` is kept as ``[B, m, N']`` rows. The extra
     memory is that buffer: the tokens' size in float32 (twice the size of half-precision tokens).
     Given ``scale`` and ``norms``, float32 tokens that are contiguous and need no padding rows
-    (``N = padded_rows(N)``: 576, 18,432) are not copied: each step multiplies ``x`` by ``x_p f^2``,
-    the same products as ``x f`` by ``x_p f`` (powers of two: exact while nothing underflows).
+    (``N = padded_rows(N)``: 576, 18,432) are not copied: the steps run on the tokens as they are and
+    the factor and residuals are scaled at the end, the same values as those of ``x f`` (powers of
+    two: exact while nothing overflows or underflows, which ``scale`` from
+    :func:`~tokencomp.kernels.blocks.norm_scale` guarantees for the squared norms).
 
     Once the tokens' rank is exhausted the remaining residuals are zero up to rounding; a pivot whose
     residual is below ``N * eps`` times the largest squared norm is divided by that floor instead, so
@@ -163,8 +165,8 @@ def qr_pivots(
     Returns
     -------
     PivotedQR
-        Pivots, factor, residual and squared norms, all of the scaled tokens, the scale and the scaled
-        tokens.
+        Pivots, factor, residual and squared norms, all of the scaled tokens, the scale, and the tokens
+        the steps read with their scale.
     """
     b, n, d = x.shape
     ct = compute_dtype(x.dtype)
@@ -172,22 +174,27 @@ def qr_pivots(
         raise ValueError("qr_pivots: give both scale and norms (from norm_scale), or neither.")
     f = token_scale(x) if scale is None else scale  # [B, 1, 1]
     width = padded_rows(n)
-    if scale is not None and width == n and x.dtype == ct and x.is_contiguous():
-        buf, pivot_scale = x, f * f  # read in place; the pivot row carries both factors
+    # given the scale, float32 tokens needing no padding rows are read in place and the steps run on the
+    # tokens as they are (the scale keeps their squares in range); the results are scaled at the end
+    in_place = scale is not None and width == n and x.dtype == ct and x.is_contiguous()
+    if in_place:
+        buf, squared = x, norms / (f * f).view(b, 1)  # |x|^2
     else:
-        buf, pivot_scale = torch.empty(b, width, d, dtype=ct, device=x.device), None  # x f, then zero rows
+        buf = torch.empty(b, width, d, dtype=ct, device=x.device)  # x f, then zero rows
         for blk in row_blocks(b, n, d):
             torch.mul(x[:, blk], f, out=buf[:, blk])
         buf[:, n:] = 0
+        squared = norms
     factor = torch.zeros(b, m, width, dtype=ct, device=x.device)  # L^T
     residual = torch.full((b, width), -1.0, dtype=ct, device=x.device)  # padding rows: never pivots
-    if norms is None:
+    if squared is None:
         norms = torch.linalg.vector_norm(buf[:, :n], dim=-1, out=residual[:, :n]).square_().clone()
+        squared = norms
     else:
-        residual[:, :n] = norms
+        residual[:, :n] = squared
     # residuals below this are rounding (tiny > 0 keeps all-zero tokens finite)
     batched = b > 1  # one batch row: 1-D pivot indices, no offsets
-    floor = (norms.amax(dim=-1, keepdim=batched) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)
+    floor = (squared.amax(dim=-1, keepdim=batched) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)
     offsets = torch.arange(0, b * width, width, device=x.device).unsqueeze(1)
     rows = buf.view(b * width, d)
     flat_residual = residual.view(-1)
@@ -202,10 +209,8 @@ def qr_pivots(
         top, p = residual.max(dim=-1, keepdim=batched)  # r_p^2 and p, [B] or [B, 1]
         picked.append(p)
         flat = (p + offsets).view(-1) if batched else p
-        torch.index_select(rows, 0, flat, out=pivot)  # x_p f (or x_p)
-        if pivot_scale is not None:
-            pivot.mul_(pivot_scale.view(b, 1))  # x_p f^2
-        dots()  # x f . x_p f (or x . x_p f^2)
+        torch.index_select(rows, 0, flat, out=pivot)  # x_p f (in place: x_p)
+        dots()  # x f . x_p f (x . x_p)
         # - L L_p^T over all m columns of L (those after j are still zero)
         lp = factor.gather(2, index.copy_(p.unsqueeze(1))) if batched else factor.index_select(2, p)
         col_t.baddbmm_(factor_t, lp, alpha=-1.0)
@@ -213,14 +218,17 @@ def qr_pivots(
         lj = torch.mul(col, top.clamp_min_(floor).rsqrt_(), out=columns[j])
         residual.addcmul_(lj, lj, value=-1.0)
         flat_residual.index_fill_(0, flat, -1.0)  # a pivot is never chosen again
+    if in_place:  # the factorisation of x f: L f, r^2 f^2 (powers of two: exact)
+        factor.mul_(f)
+        residual.mul_((f * f).view(b, 1))
     return PivotedQR(
-        torch.stack(picked, dim=1).view(b, m),
+        torch.cat(picked, dim=-1).view(b, m),
         factor[:, :, :n].transpose(1, 2),
         residual[:, :n].clamp_min_(0.0),
         norms,
         f,
         buf,
-        f if pivot_scale is None else torch.ones_like(f),
+        torch.ones_like(f) if in_place else f,
     )
 
 
