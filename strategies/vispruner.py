@@ -36,8 +36,8 @@ in all instead of ``O(N^3 D)``, for ``R0^2`` more floats. Otherwise (long videos
 round multiplies the gathered ``A`` and ``B`` tokens as before, in row chunks of :data:`_CHUNK`, each
 computed in pieces of at most one row block of similarities; the complexity stays ``O(N^3 D)`` for
 ``N`` large against ``D``. With the default factor of 9, any residual list of at most ``9 D`` tokens is
-cached (at ``D = 1024``: 16 frames of 576 tokens, ~8x the tokens' memory, where recomputing takes
-12 times as long); a 32-frame clip is recomputed. ``cache="always"`` caches whatever the size (faster
+cached (at ``D = 1024``: 16 frames of 576 tokens, ~8x the tokens' memory; recomputing took 5.9 times
+as long at 8 frames on the performance page's machine); a 32-frame clip is recomputed. ``cache="always"`` caches whatever the size (faster
 at video scale if the memory is there) and ``"never"`` never does; they are the two regimes ``tokencomp
 bench`` times (:attr:`cost_regimes`).
 

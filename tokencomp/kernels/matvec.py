@@ -4,27 +4,31 @@ Greedy selections (DivPrune's max-min picks, the pivoted QR basis) multiply all 
 vector per step: a pass over ``B N D`` floats that moves far more memory than it computes, so its
 time is the time the BLAS takes to read the tokens. On CPU that depends on how the product is put:
 
-- ``x @ v`` (``torch.bmm`` of ``[B, N, D]`` by ``[B, D, 1]``, MKL's ``gemv``) reads at about 17 GB/s
-  on the 2-core AMD EPYC of our benchmarks for one batch row (one core), and 7 GB/s for 16 rows;
+- ``x @ v`` (``torch.bmm`` of ``[B, N, D]`` by ``[B, D, 1]``, MKL's ``gemv``);
 - ``v^T @ x^T`` (``[B, 1, D]`` by the transposed view of the same rows, no copy) with the rows cut
-  into pieces of at most :data:`PIECE_ROWS` tokens multiplied as one batched product reads at 36-100
-  GB/s: PyTorch runs the pieces on all threads. Two to three times as fast at one batch row from
-  1,000 tokens up, ten times at sixteen rows (``python benchmarks/token_dots.py``).
+  into pieces of at most :data:`PIECE_ROWS` tokens multiplied as one batched product, which PyTorch
+  runs on all threads.
+
+``python benchmarks/token_dots.py`` times both. For a batch of 16 images the second is about twice
+as fast on the Intel Xeon of our current figures (52 against 29 GB/s) and was ten times as fast on
+the AMD EPYC of earlier ones; for one image, MKL's ``gemv`` reads at 17 GB/s on that EPYC (one core)
+against 36-100 GB/s for the pieces, but as fast as the pieces on the Xeon (55 GB/s from main memory).
+The pieces also make the values independent of the number of threads.
 
 :func:`token_dots` computes the second. The pieces are equal views of at most :data:`PIECE_ROWS`
 rows, a multiple of :data:`PIECE_ALIGN`, and their number a multiple of :data:`PIECE_GROUP` (so 2 or
 4 threads share them evenly; 3 pieces on 2 threads take 1.4x the time of 4); the caller pads the
 tokens with zero rows to :func:`padded_rows` ``(N)`` (for instance
 :func:`~tokencomp.kernels.blocks.unit_rows` with ``rows=``). The pieces depend on ``N`` only, not on
-the number of threads, so the values (the summation order of each dot product) are the same on any
-machine with the same BLAS.
+the number of threads, so the values (the summation order of each dot product) are the same with one
+thread as with many.
 
 Tokens stored as columns (``[B, D, N]``, CDPruner's layout) have their own form,
 :func:`column_dots`: for one batch row on CPU the columns are cut into :func:`column_pieces`
-(:data:`PIECE_GROUP`) strided pieces multiplied as one batched product. It reads memory the fastest of
-all (each thread streams ``D`` rows of its columns rather than taking one dot product at a time), but
-needs a transposed copy of the tokens, which costs more than a pass over them; for a batch of images
-both are about as fast. Every piece is a multiple of :data:`PIECE_ALIGN` columns wide.
+(:data:`PIECE_GROUP`) strided pieces multiplied as one batched product. Each thread streams ``D`` rows
+of its columns rather than taking one dot product at a time (on the EPYC the fastest read from main
+memory, 55 GB/s; on the Xeon as fast as the others), but it needs a transposed copy of the tokens,
+which costs more than a pass over them. Every piece is a multiple of :data:`PIECE_ALIGN` columns wide.
 
 The values (the summation order of each dot product) are fixed by the shapes of the products, which
 depend on ``N`` and ``B`` only, never on the number of threads: a result is the same with one thread as
