@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -437,3 +438,15 @@ def test_interrupt_before_any_cell_writes_nothing(tmp_path, monkeypatch):
     assert result.exit_code == 130
     assert "interrupted before any cell finished; nothing was written" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_program_quiets_the_profilers_start_stop_lines_unless_asked(monkeypatch):
+    import tokencomp.cli as cli
+
+    monkeypatch.setattr(cli, "app", lambda: None)
+    monkeypatch.delenv("KINETO_LOG_LEVEL", raising=False)
+    cli.main()
+    assert os.environ["KINETO_LOG_LEVEL"] == "6"  # above Kineto's last level: its USDT lines are not printed
+    monkeypatch.setenv("KINETO_LOG_LEVEL", "2")
+    cli.main()
+    assert os.environ["KINETO_LOG_LEVEL"] == "2"  # the user's choice stands

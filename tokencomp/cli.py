@@ -641,8 +641,15 @@ def generate_command(
     console.print(table)
 
 
+# PyTorch's profiler (the peak-memory measurements of bench and ablate) logs two "USDT ... profiler_start /
+# profiler_stop" lines per measurement through Kineto; above its last level (5) Kineto logs nothing. Set
+# for the tokencomp program only, and only where the user has not chosen a level.
+_KINETO_QUIET = "6"
+
+
 def main() -> None:
     """Entry point of the ``tokencomp`` script."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", _KINETO_QUIET)
     app()
 
 
