@@ -6,7 +6,8 @@ Run: ``python benchmarks/apet_qr_threads.py [--threads 1,2] [--repeats 200]``
 pivoting=True, mode="r")`` with PyTorch's default thread count. Most of ApET-QR's time beyond its
 arithmetic is small operator calls and, between them, the wake-ups of PyTorch's other threads; this
 script shows how much by timing the same call with ``torch.set_num_threads(t)`` for each ``t``, LAPACK
-(scipy's BLAS, its own threads) beside each, in one run. Fastest of ``--repeats`` calls (LAPACK: of 20, about as long in all).
+(scipy's BLAS, its own threads) beside each, in one run. Fastest of ``--repeats`` calls (LAPACK: of 20,
+about as long in all).
 """
 
 from __future__ import annotations

@@ -228,7 +228,8 @@ class ApET(Compressor):
         if self.merge and dropped.shape[1] > 0:
             norms = None
             if qr is not None:  # of the source rows: |x f| t / f
-                norms = qr.norms.gather(1, kept[:, :targets]).sqrt_().mul_((qr.tokens_scale / qr.scale).view(b, 1))
+                norms = qr.norms.gather(1, kept[:, :targets]).sqrt_()
+                norms.mul_((qr.tokens_scale / qr.scale).view(b, 1))
             values[:, :targets], match = merge_rows(values[:, :targets], source, dropped, norms)
 
         # 7. Output in ascending original position.

@@ -37,9 +37,9 @@ round multiplies the gathered ``A`` and ``B`` tokens as before, in row chunks of
 computed in pieces of at most one row block of similarities; the complexity stays ``O(N^3 D)`` for
 ``N`` large against ``D``. With the default factor of 9, any residual list of at most ``9 D`` tokens is
 cached (at ``D = 1024``: 16 frames of 576 tokens, ~8x the tokens' memory; recomputing took 5.9 times
-as long at 8 frames on the performance page's machine); a 32-frame clip is recomputed. ``cache="always"`` caches whatever the size (faster
-at video scale if the memory is there) and ``"never"`` never does; they are the two regimes ``tokencomp
-bench`` times (:attr:`cost_regimes`).
+as long at 8 frames on the performance page's machine); a 32-frame clip is recomputed.
+``cache="always"`` caches whatever the size (faster at video scale if the memory is there) and
+``"never"`` never does; they are the two regimes ``tokencomp bench`` times (:attr:`cost_regimes`).
 
 Both give bit for bit the scores of the per-round products, so the rankings, near ties included,
 are unchanged. This rests on how the CPU BLAS (MKL) behaves, observed and tested rather than

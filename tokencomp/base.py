@@ -15,10 +15,10 @@ from .validation import all_finite, check_finite, check_tokens, resolve_budget
 
 __all__ = ["Compressor"]
 
-# Context fields that are per-token tensors of shape [B, N].
 # (tokens, what Compressor._inspect computed from them) during a compress() call
 _INSPECTED: ContextVar[Optional[tuple[torch.Tensor, Any]]] = ContextVar("tokencomp_inspected", default=None)
 
+# Context fields that are per-token tensors of shape [B, N].
 _PER_TOKEN_FIELDS = ("cls_attention", "text_attention", "valid", "visual_positions")
 # Other batched tensor fields and their number of dimensions (with the batch dimension).
 _BATCHED_FIELDS = {

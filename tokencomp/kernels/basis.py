@@ -178,20 +178,18 @@ def qr_pivots(
     # tokens as they are (the scale keeps their squares in range); the results are scaled at the end
     in_place = scale is not None and width == n and x.dtype == ct and x.is_contiguous()
     if in_place:
-        buf, squared = x, norms / (f * f).view(b, 1)  # |x|^2
+        buf = x
     else:
         buf = torch.empty(b, width, d, dtype=ct, device=x.device)  # x f, then zero rows
         for blk in row_blocks(b, n, d):
             torch.mul(x[:, blk], f, out=buf[:, blk])
         buf[:, n:] = 0
-        squared = norms
+    if norms is None:
+        norms = torch.linalg.vector_norm(buf[:, :n], dim=-1).square_()
+    squared = norms / (f * f).view(b, 1) if in_place else norms  # of the tokens the steps read
     factor = torch.zeros(b, m, width, dtype=ct, device=x.device)  # L^T
     residual = torch.full((b, width), -1.0, dtype=ct, device=x.device)  # padding rows: never pivots
-    if squared is None:
-        norms = torch.linalg.vector_norm(buf[:, :n], dim=-1, out=residual[:, :n]).square_().clone()
-        squared = norms
-    else:
-        residual[:, :n] = squared
+    residual[:, :n] = squared
     # residuals below this are rounding (tiny > 0 keeps all-zero tokens finite)
     batched = b > 1  # one batch row: 1-D pivot indices, no offsets
     floor = (squared.amax(dim=-1, keepdim=batched) * (n * torch.finfo(ct).eps)).clamp_min_(torch.finfo(ct).tiny)
@@ -203,7 +201,7 @@ def qr_pivots(
     dots = token_dots_step(buf, pivot, col)  # col = buf . pivot, per row
     col_t, factor_t = col.unsqueeze(2), factor.transpose(1, 2)  # [B, N', 1], [B, N', M]
     columns = factor.unbind(1)  # L_j, [B, N'] each
-    index = torch.empty(b, m, 1, dtype=torch.int64, device=x.device)  # p, for a batch's gather
+    index = torch.empty(b, m, 1, dtype=torch.int64, device=x.device) if batched else None  # p, for the gather
     picked = []
     for j in range(m):
         top, p = residual.max(dim=-1, keepdim=batched)  # r_p^2 and p, [B] or [B, 1]

@@ -115,16 +115,11 @@ def merge_rows(
     blocks = row_blocks(b, n, max(d, t))
     if 2 * rows.shape[1] >= n:  # match every row; those not in rows go to target t
         merged = torch.zeros(b, n, dtype=torch.bool, device=x.device).scatter_(1, rows, True)
-        if len(blocks) == 1:  # the same, without the block views
-            src = x.to(dst.dtype)
-            best = torch.where(merged, _best(src, unit), t)
-            _add_rows(sums, src, best)
-        else:
-            best = torch.empty(b, n, dtype=torch.int64, device=x.device)
-            for blk in blocks:
-                src = x[:, blk].to(dst.dtype)
-                best[:, blk] = torch.where(merged[:, blk], _best(src, unit), t)
-                _add_rows(sums, src, best[:, blk])
+        best = torch.empty(b, n, dtype=torch.int64, device=x.device)
+        for blk in blocks:
+            src = x[:, blk].to(dst.dtype)
+            best[:, blk] = torch.where(merged[:, blk], _best(src, unit), t)
+            _add_rows(sums, src, best[:, blk])
         match = best.gather(1, rows)
     else:  # gather the rows in ascending position
         ordered, perm = rows.sort(dim=1)
