@@ -8,7 +8,10 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from .errors import InputError, InvalidParameterError
+
 __all__ = [
+    "InputError",
     "InvalidParameterError",
     "check_bool",
     "check_choice",
@@ -19,10 +22,6 @@ __all__ = [
     "check_tokens",
     "resolve_budget",
 ]
-
-
-class InvalidParameterError(ValueError):
-    """A strategy parameter or an argument has a value that is not allowed."""
 
 
 def _is_int(value: Any) -> bool:
