@@ -22,7 +22,6 @@ from .results import cell_key, mean_ci
 from .retention import lstsq_error, recon_error
 
 __all__ = [
-    "DEFAULT_BUDGETS",
     "DEFAULT_GRIDS",
     "TokenSet",
     "DEFAULT_VIEWS",
@@ -35,7 +34,6 @@ __all__ = [
     "run_ablation",
 ]
 
-DEFAULT_BUDGETS = (64, 128, 192)
 # ApET's variant grid (basis x error norm) runs by default; other strategies run with their defaults.
 DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "apet": {"basis": ["fps", "qr", "random"], "error_norm": ["l2", "l1", "linf", "relative"]},

@@ -32,6 +32,7 @@ import torch
 
 import tokencomp as tc
 from tokencomp.base import Compressor
+from tokencomp.errors import AttentionUnavailableError
 from tokencomp.features import CLIP_MEAN, CLIP_STD, normalised_images
 from tokencomp.types import CompressionResult
 
@@ -390,7 +391,7 @@ def run_vlm(
                 try:
                     logprobs, log, elapsed = run(inputs, fallback=False)
                     cell.flash_compatible = True
-                except RuntimeError as exc:
+                except AttentionUnavailableError as exc:  # any other error is a bug: it propagates
                     cell.flash_compatible, cell.flash_error = False, str(exc).split("\n")[0]
                     logprobs, log, elapsed = run(inputs, fallback=True)
                 shuffled_log = run(shuffled, fallback=not cell.flash_compatible)[1]

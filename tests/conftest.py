@@ -1,8 +1,3 @@
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 import os
 
 from hypothesis import settings
@@ -11,3 +6,22 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+# Markers by the job of the test file, so a run can pick a part: `pytest -m "not docs"`, `pytest -m integration`.
+_MARKERS = {
+    "integration": ("test_integration_", "test_robustness_integrations", "test_hf_features", "test_vlm_analysis"),
+    "docs": ("test_docs_",),
+    "cli": ("test_cli", "test_generate"),
+    "conformance": ("test_conformance", "test_properties"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        module = item.path.stem
+        for marker, prefixes in _MARKERS.items():
+            if module.startswith(prefixes):
+                item.add_marker(getattr(pytest.mark, marker))

@@ -209,6 +209,39 @@ def test_broken_plugin_is_named(monkeypatch):
         tc.available()
 
 
+def test_plugin_that_is_not_a_compressor_is_an_error(monkeypatch):
+    ep = EntryPoint(name="not-a-strategy", value="os.path:join", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep])
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    with pytest.raises(ImportError, match=r"'not-a-strategy' \(os.path:join\) .* not a tokencomp.Compressor subclass"):
+        tc.available()
+
+
+@pytest.mark.parametrize(
+    "attribute, value, allowed",
+    [
+        ("stage", "in-llm", "'pre_llm', 'in_llm'"),
+        ("in_llm_positions", "renumbered", "'keep', 'renumber'"),
+        ("padding", "row", "'rows', 'native', 'unsupported'"),
+        ("needs_attention", "yes", "False, True"),
+        ("deterministic", 1, "False, True"),
+    ],
+)
+def test_misspelled_capability_fails_at_registration(attribute, value, allowed):
+    cls = type("Misspelled", (tc.Compressor,), {attribute: value, "_compress": lambda self, t, k, c: None})
+    name = f"misspelled-{attribute.replace('_', '-')}"
+    with pytest.raises(ValueError, match=rf"register\('{name}'\): {attribute} must be one of {allowed}; got {value!r}"):
+        tc.register(name)(cls)
+    assert name not in registry._registry
+
+
+def test_requires_must_name_context_fields():
+    cls = type("NeedsNothingReal", (tc.Compressor,), {"requires": ("cls_attn",), "_compress": lambda s, t, k, c: None})
+    with pytest.raises(ValueError, match=r"requires names 'cls_attn', which are not tokencomp.Context fields"):
+        tc.register("needs-nothing-real")(cls)
+
+
 def test_capabilities_are_class_attributes():
     for name in tc.available():
         cls = tc.get(name)

@@ -157,7 +157,7 @@ def test_remove_restores_exactly(eager):
 def test_attention_reading_stage_under_sdpa(sdpa, eager):
     inputs = llava_prompt(sdpa, seed=8)
     with tc.apply(sdpa, "fastv", budget=10):
-        with pytest.raises(RuntimeError, match="allow_eager_fallback=True"):
+        with pytest.raises(tc.errors.AttentionUnavailableError, match="allow_eager_fallback=True"):
             with torch.no_grad():
                 sdpa(**inputs)
     with torch.no_grad():
@@ -253,3 +253,23 @@ def test_sparsevlm_under_sdpa_needs_eager(sdpa):
             sdpa(**inputs)
     with tc.apply(sdpa, "sparsevlm", layers=[1, 2, 3], allow_eager_fallback=True), torch.no_grad():
         assert sdpa(**inputs).logits.isfinite().all()
+
+
+def test_eager_switch_is_undone_when_the_layer_raises(sdpa):
+    """The fallback switches one layer to eager during prefill; a raising layer must not leave it switched."""
+    inputs = llava_prompt(sdpa, seed=8)
+    fastv_layer = tc.create("fastv").layer
+    attention = sdpa.model.language_model.layers[fastv_layer - 1].self_attn
+
+    def boom(module, args, kwargs):
+        assert module.config._attn_implementation == "eager"  # the switch ran before this hook
+        raise ZeroDivisionError("a layer that fails")
+
+    with tc.apply(sdpa, "fastv", budget=10, allow_eager_fallback=True):
+        spy = attention.register_forward_pre_hook(boom, with_kwargs=True)
+        try:
+            with pytest.raises(ZeroDivisionError, match="a layer that fails"), torch.no_grad():
+                sdpa(**inputs)
+        finally:
+            spy.remove()
+        assert attention.config._attn_implementation == "sdpa"

@@ -105,7 +105,7 @@ def test_left_padded_batch_equals_rows_alone():
 def test_cls_attention_under_sdpa_needs_eager(model):
     inputs = llava_prompt(model, seed=6)
     with tc.apply(model, "visionzip", budget=12):
-        with pytest.raises(RuntimeError, match="allow_eager_fallback=True"):
+        with pytest.raises(tc.errors.AttentionUnavailableError, match="allow_eager_fallback=True"):
             with torch.no_grad():
                 model(**inputs)
     eager = tiny_llava(attn_implementation="eager")
@@ -213,3 +213,21 @@ def test_text_conditioned_strategy_gets_the_instruction(model):
             logits = model(**inputs).logits[:, -1]
     assert torch.equal(first, logits.masked_fill(torch.arange(120) == 119, float("-inf")).argmax(-1))
     assert handle.stats[0]["tokens_out"] == 2 * 8
+
+
+def test_vision_eager_switch_is_undone_when_the_tower_raises(model):
+    inputs = llava_prompt(model, seed=6)
+    tower = model.model.vision_tower
+    attention = getattr(tower, "vision_model", tower).encoder.layers[0].self_attn
+
+    def boom(module, args, kwargs):
+        raise ZeroDivisionError("a tower that fails")
+
+    with tc.apply(model, "visionzip", budget=12, allow_eager_fallback=True):
+        spy = attention.register_forward_pre_hook(boom, with_kwargs=True)
+        try:
+            with pytest.raises(ZeroDivisionError, match="a tower that fails"), torch.no_grad():
+                model(**inputs)
+        finally:
+            spy.remove()
+        assert tower.config._attn_implementation == "sdpa"

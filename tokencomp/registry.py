@@ -28,12 +28,40 @@ _loading = False
 C = TypeVar("C", bound=type[Compressor])
 
 
-def _check_declarations(name: str, cls: type) -> None:
-    """Raise ``ValueError`` if the class's ``padding`` or ``info_layout`` declaration is malformed."""
-    from .padding import INFO_KINDS
+# The values each capability attribute of a Compressor may take (read by the integrations, the
+# analysis, the CLI and the docs, so a misspelled one must fail here rather than be ignored there).
+CAPABILITY_VALUES: dict[str, tuple[Any, ...]] = {
+    "stage": ("pre_llm", "in_llm"),
+    "in_llm_positions": ("keep", "renumber"),
+    "padding": ("rows", "native", "unsupported"),
+    "needs_attention": (False, True),
+    "text_conditioned": (False, True),
+    "deterministic": (False, True),
+    "scale_invariant": (False, True),
+    "convex_outputs": (False, True),
+}
 
-    if cls.padding not in ("rows", "native", "unsupported"):
-        raise ValueError(f"register({name!r}): padding must be 'rows', 'native' or 'unsupported'; got {cls.padding!r}.")
+
+def _check_declarations(name: str, cls: type) -> None:
+    """Raise ``ValueError`` if a capability, ``requires`` or ``info_layout`` declaration is malformed."""
+    from .padding import INFO_KINDS
+    from .types import Context
+
+    for attribute, allowed in CAPABILITY_VALUES.items():
+        value = getattr(cls, attribute)
+        if isinstance(value, property):  # a per-instance capability (VisionZip's convex_outputs), checked on use
+            continue
+        if not any(value is a or (isinstance(value, str) and value == a) for a in allowed):
+            raise ValueError(
+                f"register({name!r}): {attribute} must be one of {', '.join(repr(a) for a in allowed)}; "
+                f"got {value!r}. Fix the class attribute {cls.__qualname__}.{attribute}."
+            )
+    unknown = [f for f in cls.requires if f not in Context.field_names()]
+    if unknown:
+        raise ValueError(
+            f"register({name!r}): requires names {', '.join(repr(f) for f in unknown)}, which are not "
+            f"tokencomp.Context fields; use some of {', '.join(Context.field_names())}."
+        )
     bad = {k: v for k, v in dict(cls.info_layout).items() if v not in INFO_KINDS}
     if bad:
         raise ValueError(
@@ -108,8 +136,15 @@ def _load() -> None:
                     f"tokencomp: the strategy plugin {ep.name!r} ({ep.value}) from entry-point group "
                     f"{ENTRY_POINT_GROUP!r} failed to import: {exc}"
                 ) from exc
-            if ep.name not in _registry and isinstance(obj, type) and issubclass(obj, Compressor):
-                register(ep.name)(obj)
+            if ep.name in _registry:  # the plugin's module registered itself on import
+                continue
+            if not (isinstance(obj, type) and issubclass(obj, Compressor)):
+                raise ImportError(
+                    f"tokencomp: the strategy plugin {ep.name!r} ({ep.value}) from entry-point group "
+                    f"{ENTRY_POINT_GROUP!r} is {obj!r}, not a tokencomp.Compressor subclass; point the entry "
+                    "point at the strategy's class."
+                )
+            register(ep.name)(obj)
         _loaded = True
     finally:
         _loading = False

@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..base import Compressor
+from ..errors import AttentionUnavailableError
 from ..types import Context
 from .budget import check_fits
 from .handle import Handle
@@ -123,7 +124,10 @@ class DecoderStages:
                 hooks.append(
                     before.self_attn.register_forward_pre_hook(self._make_eager_switch(stage.layer - 1), with_kwargs=True)
                 )
-                hooks.append(before.self_attn.register_forward_hook(self._make_attention_capture(stage)))
+                # always_call: the eager switch is undone even when the layer raises
+                hooks.append(
+                    before.self_attn.register_forward_hook(self._make_attention_capture(stage), always_call=True)
+                )
             if "keys" in stage.compressor.requires and "hidden_states" in stage.compressor.requires:
                 hooks.append(before.register_forward_pre_hook(self._make_input_capture(stage.layer - 1), with_kwargs=True))
         hooks.append(self.lm.register_forward_hook(self._finish))
@@ -173,11 +177,11 @@ class DecoderStages:
             restore = self._restore.pop(stage.layer - 1, None)
             if restore is not None:
                 module.config._attn_implementation = restore
-            if not self._is_prefill_call(module):
+            if output is None or not self._is_prefill_call(module):  # None: the layer raised
                 return
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if weights is None:
-                raise RuntimeError(
+                raise AttentionUnavailableError(
                     f"tokencomp: strategy {stage.compressor.display_name()!r} reads the language model's "
                     f"attention weights at layer {stage.layer - 1}, but the model runs "
                     f"{module.config._attn_implementation!r} attention, which returns none. Load the model "
@@ -279,7 +283,7 @@ class DecoderStages:
         if "cross_attention" in need:
             weights = self._attention.get(stage.layer)
             if weights is None:
-                raise RuntimeError(f"tokencomp: no attention weights were captured for layer {stage.layer - 1}.")
+                raise AttentionUnavailableError(f"tokencomp: no attention weights were captured for layer {stage.layer - 1}.")
             tail = int((weights.shape[1] - 1 - visual_idx[:, -1]).min())  # text tokens after the last visual one
             if tail < 1:
                 raise ValueError("tokencomp: cross_attention needs text tokens after the image; the prompt has none.")

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 
 from ..base import Compressor
+from ..errors import AttentionUnavailableError
 from ..types import Context
 from .budget import check_fits
 from .decoder import DecoderStages, Stage
@@ -86,7 +87,7 @@ class LlavaIntegration:
         if self.compressor is not None:
             vision = self.inner.vision_tower
             hooks.append(vision.register_forward_pre_hook(self._vision_start))
-            hooks.append(vision.register_forward_hook(self._vision_end))
+            hooks.append(vision.register_forward_hook(self._vision_end, always_call=True))  # also when it raises
             if "cls_attention" in self.compressor.requires:
                 hooks.append(self._attention_layer().register_forward_hook(self._capture_attention))
                 if self.packed:
@@ -192,7 +193,7 @@ class LlavaIntegration:
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if weights is None:
             implementation = self.inner.vision_tower.config._attn_implementation
-            raise RuntimeError(
+            raise AttentionUnavailableError(
                 f"tokencomp: strategy {self.compressor.display_name()!r} reads the vision tower's [CLS] "
                 f"attention, but the vision tower runs {implementation!r} attention, which returns no weights. "
                 "Load the model with attn_implementation='eager', or pass allow_eager_fallback=True to "

@@ -36,7 +36,6 @@ from .handle import Handle
 from .sequence import Shortening, instruction_embeddings, item_rows, positions_from_mask, translate_decode
 
 POINTS = ("post_merger",)
-VIDEO = ("clip", "frame")
 SUPPLIED = ("grid", "text_embeddings")
 
 
