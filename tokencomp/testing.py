@@ -5,7 +5,13 @@
 >>> check_compressor(tc.create("random"))
 
 Each check is a plain function ``check(compressor)`` that raises ``AssertionError`` with a message on
-failure; :func:`all_checks` lists them so a test suite can parametrise over strategies x checks.
+failure, or :class:`SkipCheck` with the reason when it does not apply to that compressor (it is then
+neither passed nor failed); :func:`all_checks` lists them so a test suite can parametrise over
+strategies x checks, and :func:`check_compressor` returns the checks it skipped with their reasons.
+
+A check that compares two results of a randomised strategy (``deterministic = False``) built with
+``seed=None`` passes each call a fresh ``Context.generator`` seeded with 0, so the two calls draw the
+same random numbers (as scikit-learn's checks pin ``random_state``). A seeded strategy is run as it is.
 """
 
 from __future__ import annotations
@@ -20,12 +26,16 @@ from .kernels.gather import batched_gather
 from .registry import create, get
 from .types import CompressionResult, Context
 
-__all__ = ["all_checks", "check_compressor", "make_context", "make_tokens", "valid_budgets"]
+__all__ = ["SkipCheck", "all_checks", "check_compressor", "make_context", "make_tokens", "valid_budgets"]
 
 _GRID = (8, 8)
 _N = _GRID[0] * _GRID[1]
 _D = 12
 _B = 3
+
+
+class SkipCheck(Exception):
+    """Raised by a check that does not apply to the compressor given; the message is the reason."""
 
 
 def make_tokens(b: int = _B, n: int = _N, d: int = _D, *, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -54,35 +64,47 @@ def make_context(compressor: Compressor, tokens: torch.Tensor, grid: Optional[tu
     elif side * side == n:
         fields["grid"] = (side, side)
     for name in compressor.requires:
-        if name in ("cls_attention", "text_attention"):
-            fields[name] = torch.rand(b, n, generator=g).softmax(-1).to(tokens.device)
-        elif name == "text_embeddings":
-            fields[name] = torch.randn(b, 5, d, generator=g).to(tokens.device, tokens.dtype)
-        elif name == "hidden_states":
-            if any(f in compressor.requires for f in ("query", "keys", "visual_positions", "key_mask")):
-                # the whole prompt (3 text tokens, the N visual tokens, 4 text tokens), as the keys
-                text = torch.randn(b, 7, d, generator=g).to(tokens.device, tokens.dtype)
-                fields[name] = torch.cat([text[:, :3], tokens, text[:, 3:]], dim=1)
-            else:
-                fields[name] = tokens
-        elif name == "layer":
-            fields[name] = 2
-        elif name == "valid":
-            fields[name] = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
-        elif name == "cross_attention":
-            fields[name] = torch.rand(b, 5, n, generator=g).softmax(-1).to(tokens.device)
-        elif name in ("query", "keys", "visual_positions", "key_mask"):
-            # a prompt of 3 text tokens, the N visual tokens, then 4 more text tokens; 4 heads of 8
-            length = n + 7
-            fields.setdefault("query", torch.randn(b, 4, 8, generator=g).to(tokens.device))
-            fields.setdefault("keys", torch.randn(b, 4, length, 8, generator=g).to(tokens.device))
-            fields.setdefault(
-                "visual_positions", (3 + torch.arange(n, device=tokens.device)).expand(b, n).contiguous()
-            )
-            fields.setdefault("key_mask", torch.ones(b, length, dtype=torch.bool, device=tokens.device))
+        if name in _PROMPT_FIELDS:
+            _add_prompt_fields(fields, tokens, g)
         elif name != "grid":
-            raise AssertionError(f"make_context does not know how to build context.{name}")
+            fields[name] = _context_field(compressor, name, tokens, g)
     return Context(**fields)
+
+
+_PROMPT_FIELDS = ("query", "keys", "visual_positions", "key_mask")
+
+
+def _add_prompt_fields(fields: dict, tokens: torch.Tensor, g: torch.Generator) -> None:
+    """The in-LLM fields of a prompt of 3 text tokens, the N visual tokens, then 4 more text tokens; 4
+    heads of 8 (each set once)."""
+    b, n, _ = tokens.shape
+    length = n + 7
+    fields.setdefault("query", torch.randn(b, 4, 8, generator=g).to(tokens.device))
+    fields.setdefault("keys", torch.randn(b, 4, length, 8, generator=g).to(tokens.device))
+    fields.setdefault("visual_positions", (3 + torch.arange(n, device=tokens.device)).expand(b, n).contiguous())
+    fields.setdefault("key_mask", torch.ones(b, length, dtype=torch.bool, device=tokens.device))
+
+
+def _context_field(compressor: Compressor, name: str, tokens: torch.Tensor, g: torch.Generator):
+    """The value :func:`make_context` gives the required field ``name`` (not a prompt field, not ``grid``)."""
+    b, n, d = tokens.shape
+    if name in ("cls_attention", "text_attention"):
+        return torch.rand(b, n, generator=g).softmax(-1).to(tokens.device)
+    if name == "text_embeddings":
+        return torch.randn(b, 5, d, generator=g).to(tokens.device, tokens.dtype)
+    if name == "hidden_states":
+        if not any(f in compressor.requires for f in _PROMPT_FIELDS):
+            return tokens
+        # the whole prompt (3 text tokens, the N visual tokens, 4 text tokens), as the keys
+        text = torch.randn(b, 7, d, generator=g).to(tokens.device, tokens.dtype)
+        return torch.cat([text[:, :3], tokens, text[:, 3:]], dim=1)
+    if name == "layer":
+        return 2
+    if name == "valid":
+        return torch.ones(b, n, dtype=torch.bool, device=tokens.device)
+    if name == "cross_attention":
+        return torch.rand(b, 5, n, generator=g).softmax(-1).to(tokens.device)
+    raise AssertionError(f"make_context does not know how to build context.{name}")
 
 
 def _accepts(compressor: Compressor, k: int, n: int, context: Context) -> bool:
@@ -109,6 +131,15 @@ def _row_of(context: Context, i: int) -> Context:
     return Context(**fields)
 
 
+def _pinned(compressor: Compressor, context: Context) -> Context:
+    """``context`` with a fresh ``generator`` seeded with 0 when ``compressor`` is randomised and unseeded
+    (``seed=None``), so that every call so pinned draws the same random numbers; else ``context``."""
+    if compressor.deterministic or getattr(compressor, "seed", None) is not None or context.generator is not None:
+        return context
+    fields = {f: getattr(context, f) for f in Context.field_names()}
+    return Context(**{**fields, "generator": torch.Generator().manual_seed(0)})
+
+
 def _fresh(compressor: Compressor) -> Compressor:
     return type(compressor)(**compressor.get_params())
 
@@ -116,7 +147,7 @@ def _fresh(compressor: Compressor) -> Compressor:
 def _run(compressor: Compressor, tokens: torch.Tensor, budget, context: Optional[Context] = None) -> CompressionResult:
     if context is None:
         context = make_context(compressor, tokens if tokens.dim() == 3 else tokens.unsqueeze(0))
-    return compressor.compress(tokens, budget, context)
+    return compressor.compress(tokens, budget, _pinned(compressor, context))
 
 
 def _some_budgets(compressor: Compressor) -> list[int]:
@@ -163,8 +194,8 @@ def check_float_budget(compressor: Compressor) -> None:
     for k in _some_budgets(compressor):
         f = k / _N
         assert max(1, round(f * _N)) == k
-        a = _fresh(compressor).compress(x, f, ctx)
-        b = _fresh(compressor).compress(x, k, ctx)
+        a = _fresh(compressor).compress(x, f, _pinned(compressor, ctx))
+        b = _fresh(compressor).compress(x, k, _pinned(compressor, ctx))
         assert a.kept == k, f"{compressor!r}: budget {f} kept {a.kept}, expected {k}"
         assert torch.equal(a.indices, b.indices) and torch.equal(a.tokens, b.tokens), (
             f"{compressor!r}: float budget {f} and int budget {k} disagree"
@@ -188,7 +219,7 @@ def check_unbatched(compressor: Compressor) -> None:
     x = make_tokens(b=1)
     k = _some_budgets(compressor)[0]
     batched = _run(_fresh(compressor), x, k)
-    single = _fresh(compressor).compress(x[0], k, make_context(compressor, x))
+    single = _fresh(compressor).compress(x[0], k, _pinned(compressor, make_context(compressor, x)))
     assert tuple(single.tokens.shape) == (k, _D), f"{compressor!r}: unbatched tokens {tuple(single.tokens.shape)}"
     assert torch.equal(single.indices, batched.indices[0])
     assert torch.equal(single.assignment, batched.assignment[0])
@@ -199,7 +230,11 @@ def check_unbatched(compressor: Compressor) -> None:
 
 
 def check_seeded_determinism(compressor: Compressor) -> None:
-    """Two calls, and two instances with the same parameters, give the same result."""
+    """Two calls, and two instances with the same parameters, give the same result.
+
+    An unseeded randomised strategy is given the same fresh ``Context.generator`` on each call, so this
+    checks that it draws all its random numbers from it.
+    """
     x = make_tokens()
     k = _some_budgets(compressor)[0]
     first = _run(compressor, x, k)
@@ -212,9 +247,13 @@ def check_seeded_determinism(compressor: Compressor) -> None:
 
 
 def check_batch_rows_independent(compressor: Compressor) -> None:
-    """For deterministic strategies, row ``b`` of a batch equals compressing row ``b`` alone."""
+    """For deterministic strategies, row ``b`` of a batch equals compressing row ``b`` alone.
+
+    Skipped for a randomised strategy: a batch draws its rows' random numbers from one stream, so row
+    ``b`` alone draws other ones, seeded or not, and there is nothing to compare.
+    """
     if not compressor.deterministic:
-        return
+        raise SkipCheck("randomised (deterministic=False): a row alone draws other random numbers than in a batch")
     x = make_tokens()
     k = _some_budgets(compressor)[0]
     ctx = make_context(compressor, x)
@@ -275,6 +314,8 @@ def check_bad_tokens(compressor: Compressor) -> None:
 
 def check_missing_context(compressor: Compressor) -> None:
     """Each required context field, when missing, raises a ValueError naming it."""
+    if not compressor.requires:
+        raise SkipCheck("requires no context field")
     x = make_tokens()
     full = make_context(compressor, x)
     k = _some_budgets(compressor)[-1]
@@ -293,7 +334,7 @@ def check_keep_all(compressor: Compressor) -> None:
     x = make_tokens()
     ctx = make_context(compressor, x)
     if not _accepts(compressor, _N, _N, ctx):
-        return
+        raise SkipCheck(f"rejects the budget K=N={_N} as configured")
     result = compressor.compress(x, _N, ctx)
     assert torch.equal(result.indices, torch.arange(_N).expand(_B, _N))
     assert torch.equal(result.assignment, torch.arange(_N).expand(_B, _N))
@@ -362,7 +403,7 @@ def check_identical_tokens(compressor: Compressor) -> None:
     x = v.expand(_B, _N, _D).contiguous()
     ctx = make_context(compressor, x)
     for k in _some_budgets(compressor):
-        first = compressor.compress(x, k, ctx)
+        first = compressor.compress(x, k, _pinned(compressor, ctx))
         _assert_degenerate_valid(compressor, first, _B, _N, k, _D)
         if _is_selection(compressor, k):
             assert torch.equal(first.tokens, v.expand(_B, k, _D)), (
@@ -371,7 +412,9 @@ def check_identical_tokens(compressor: Compressor) -> None:
         elif compressor.convex_outputs:
             torch.testing.assert_close(
                 first.tokens, v.expand(_B, k, _D), rtol=1e-5, atol=1e-5 * float(v.abs().max()),
-                msg=lambda m: f"{compressor!r}: identical tokens, K={k}: the outputs are not the common vector. {m}",
+                msg=lambda m, k=k: (
+                    f"{compressor!r}: identical tokens, K={k}: the outputs are not the common vector. {m}"
+                ),
             )
         else:
             coef, residual = _span_fit(first.tokens, v.expand(_B, 1, _D))
@@ -379,7 +422,7 @@ def check_identical_tokens(compressor: Compressor) -> None:
                 f"{compressor!r}: identical tokens, K={k}: an output is not a positive multiple of the common "
                 f"vector (coefficients {coef[..., 0]}, relative residuals {residual})"
             )
-        again = compressor.compress(x, k, ctx)
+        again = compressor.compress(x, k, _pinned(compressor, ctx))
         assert torch.equal(first.indices, again.indices) and torch.equal(first.assignment, again.assignment), (
             f"{compressor!r}: identical tokens, K={k}: two calls keep different positions"
         )
@@ -517,12 +560,12 @@ def check_extreme_magnitudes(compressor: Compressor) -> None:
     convex = compressor.convex_outputs
     for base, scales in ((make_tokens(), _FLOAT32_SCALES), (_float16_tokens(), _FLOAT16_SCALES)):
         for k in _some_budgets(compressor):
-            reference = _fresh(compressor).compress(base, k, make_context(compressor, base))
+            reference = _fresh(compressor).compress(base, k, _pinned(compressor, make_context(compressor, base)))
             for scale in scales:
                 x = base * scale
                 what = f"{base.dtype} tokens scaled by {scale:g}, K={k}"
                 assert bool(torch.isfinite(x).all())
-                result = _fresh(compressor).compress(x, k, make_context(compressor, x))
+                result = _fresh(compressor).compress(x, k, _pinned(compressor, make_context(compressor, x)))
                 _assert_degenerate_valid(compressor, result, _B, _N, k, _D)
                 if convex:
                     _assert_within_bounds(compressor, result.tokens, x, what)
@@ -540,7 +583,9 @@ def check_extreme_magnitudes(compressor: Compressor) -> None:
                 info = torch.finfo(base.dtype)
                 torch.testing.assert_close(
                     result.tokens.double(), reference.tokens.double() * scale, rtol=1e-5, atol=info.tiny * info.eps,
-                    msg=lambda m: f"{compressor!r}: {what}: the outputs are not those at scale 1 times the scale. {m}",
+                    msg=lambda m, what=what: (
+                        f"{compressor!r}: {what}: the outputs are not those at scale 1 times the scale. {m}"
+                    ),
                 )
 
 
@@ -629,13 +674,13 @@ def check_padded_batch(compressor: Compressor) -> None:
             assert "padded" in str(exc), f"{who}: the padding error does not say so: {exc}"
             return
         raise AssertionError(f"{who}: declares padding='unsupported' but accepted a padded batch")
-    result = _fresh(compressor).compress(x, k, context)
+    result = _fresh(compressor).compress(x, k, _pinned(compressor, context))
     _assert_result_valid(compressor, result, _B, _N, k, _D)
     assert bool(torch.gather(valid, 1, result.indices).all()), f"{who}: kept a padding position"
     assert bool((result.assignment[~valid] == -1).all()), f"{who}: a padding token was assigned to an output slot"
     garbage = x.clone()
     garbage[~valid] = torch.randn(int((~valid).sum()), _D) * 100
-    other = _fresh(compressor).compress(garbage, k, context)
+    other = _fresh(compressor).compress(garbage, k, _pinned(compressor, context))
     assert torch.equal(result.indices, other.indices) and torch.equal(result.tokens, other.tokens), (
         f"{who}: the values of padding tokens changed the result"
     )
@@ -657,6 +702,26 @@ def check_padded_batch(compressor: Compressor) -> None:
             raise AssertionError(f"{who}: kept {n_short + 1} tokens of a row with {n_short} valid ones")
 
 
+def _check_unknown_parameter(compressor: Compressor) -> None:
+    """:func:`tokencomp.create` refuses a parameter the registered strategy does not take, naming it."""
+    try:
+        create(compressor.name, not_a_parameter=1)
+    except ValueError as exc:
+        assert "not_a_parameter" in str(exc), f"{compressor!r}: the unknown-parameter error does not name it: {exc}"
+    else:
+        raise AssertionError(f"{compressor!r}: create() accepted an unknown parameter")
+
+
+def _bad_values(value) -> list:
+    """Values a parameter whose valid value is ``value`` must refuse."""
+    bad_values: list = [object(), float("nan")]
+    if isinstance(value, (str, list, tuple)):
+        bad_values.append("no-such-choice")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        bad_values.append(-1)  # every count, layer, ratio, ridge and seed here is non-negative
+    return bad_values
+
+
 def check_bad_parameters(compressor: Compressor) -> None:
     """Unknown parameters and values of the wrong type or out of range raise ``ValueError`` naming them.
 
@@ -667,20 +732,12 @@ def check_bad_parameters(compressor: Compressor) -> None:
     """
     cls, who = type(compressor), repr(compressor)
     params = compressor.get_params()
+    if not compressor.name and not params:
+        raise SkipCheck("unregistered and takes no parameters")
     if compressor.name:
-        try:
-            create(compressor.name, not_a_parameter=1)
-        except ValueError as exc:
-            assert "not_a_parameter" in str(exc), f"{who}: the unknown-parameter error does not name it: {exc}"
-        else:
-            raise AssertionError(f"{who}: create() accepted an unknown parameter")
+        _check_unknown_parameter(compressor)
     for name, value in params.items():
-        bad_values: list = [object(), float("nan")]
-        if isinstance(value, (str, list, tuple)):
-            bad_values.append("no-such-choice")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-            bad_values.append(-1)  # every count, layer, ratio, ridge and seed here is non-negative
-        for bad in bad_values:
+        for bad in _bad_values(value):
             try:
                 cls(**{**params, name: bad})
             except ValueError as exc:
@@ -717,13 +774,22 @@ _CHECKS: tuple[Callable[[Compressor], None], ...] = (
 
 
 def all_checks() -> Iterator[Callable[[Compressor], None]]:
-    """The conformance checks, each a function of a compressor."""
+    """The conformance checks, each a function of a compressor that may raise :class:`SkipCheck`."""
     return iter(_CHECKS)
 
 
-def check_compressor(compressor: Compressor) -> None:
-    """Run every conformance check on ``compressor``; raise ``AssertionError`` on the first failure."""
+def check_compressor(compressor: Compressor) -> list[tuple[str, str]]:
+    """Run every conformance check on ``compressor``; raise ``AssertionError`` on the first failure.
+
+    Returns the checks that do not apply to ``compressor`` (they raised :class:`SkipCheck`) as
+    ``(check name, reason)`` pairs, in the order of :func:`all_checks`; they are not passed.
+    """
     if not isinstance(compressor, Compressor):
         raise TypeError(f"check_compressor expects a tokencomp.Compressor instance; got {type(compressor).__name__}")
+    skipped = []
     for check in _CHECKS:
-        check(compressor)
+        try:
+            check(compressor)
+        except SkipCheck as exc:
+            skipped.append((check.__name__, str(exc)))
+    return skipped
