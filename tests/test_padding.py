@@ -107,7 +107,7 @@ def test_the_padding_check_catches_a_strategy_that_keeps_padding():
 
 
 def test_registration_checks_the_padding_declarations():
-    with pytest.raises(ValueError, match="padding must be 'rows', 'native' or 'unsupported'"):
+    with pytest.raises(ValueError, match="padding must be one of 'rows', 'native', 'unsupported'; got 'skip'"):
         @tc.register("bad-padding-decl")
         class Bad(tc.Compressor):
             padding = "skip"

@@ -10,9 +10,8 @@ import torch
 
 from .errors import InputError, InvalidParameterError
 
+# InputError and InvalidParameterError are imported for the callers here; they are documented in errors
 __all__ = [
-    "InputError",
-    "InvalidParameterError",
     "check_bool",
     "check_choice",
     "check_finite",
