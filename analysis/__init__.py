@@ -13,7 +13,7 @@ from .position import kept_heatmap, position_bias
 from .prediction import pooled, pred_agreement
 from .report import compare, write_report
 from .results import load_results, save_results
-from .retention import lstsq_error, reconstruct, recon_error
+from .retention import lstsq_error, recon_error, reconstruct
 from .vlm import attention_cost, run_vlm
 
 __all__ = [

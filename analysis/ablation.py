@@ -14,6 +14,7 @@ import torch
 
 import tokencomp as tc
 from tokencomp.base import Compressor
+from tokencomp.errors import InputError
 from tokencomp.features import FEATURES, EfficientNetTokens, HFVisionTokens, is_hf, pixel_patches
 
 from .position import kept_heatmap, position_bias
@@ -122,7 +123,7 @@ def image_views(images: list[tuple[str, np.ndarray]], views: Iterable[str] = DEF
     views = list(views)
     unknown = [v for v in views if v not in VIEWS]
     if unknown or not views:
-        raise ValueError(f"unknown image views {unknown or views!r}; allowed: {', '.join(VIEWS)}")
+        raise InputError(f"unknown image views {unknown or views!r}; allowed: {', '.join(VIEWS)}")
     out = []
     for i, (name, img) in enumerate(images):
         for view in views:
@@ -158,7 +159,7 @@ def make_tokens(features: str, images: list[tuple[str, np.ndarray]], views: Iter
         extractor = HFVisionTokens(features[3:])
         tokens, cls = extractor.encode(arrays)
         return TokenSet(features, tokens, extractor.grid, names, cls_attention=cls)
-    raise ValueError(f"unknown features {features!r}; allowed: {', '.join(FEATURES)} or hf:MODEL")
+    raise InputError(f"unknown features {features!r}; allowed: {', '.join(FEATURES)} or hf:MODEL")
 
 
 def parse_value(text: str) -> Any:
@@ -185,7 +186,7 @@ def parse_param(spec: str) -> tuple[str, str, list[Any]]:
     head, sep, values = spec.partition("=")
     strategy, dot, param = head.partition(".")
     if not sep or not dot or not strategy.strip() or not param.strip() or not values.strip():
-        raise ValueError(
+        raise InputError(
             f"malformed parameter grid {spec!r}; expected STRATEGY.PARAM=V1,V2,... "
             "e.g. apet.basis=fps,qr,random"
         )

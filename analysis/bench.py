@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from tokencomp import create, get
+from tokencomp.errors import InputError
 from tokencomp.testing import make_context
 
 from .authors_apet import authors_apet
@@ -64,10 +65,10 @@ class BenchShape:
         """
         match = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+):(\d+)\s*", text)
         if not match:
-            raise ValueError(f"shape {text!r} is not of the form BxNxD:K (for example 16x576x1024:64).")
+            raise InputError(f"shape {text!r} is not of the form BxNxD:K (for example 16x576x1024:64).")
         b, n, d, k = (int(v) for v in match.groups())
         if min(b, n, d, k) < 1 or k > n:
-            raise ValueError(f"shape {text!r}: B, N, D, K must be >= 1 and K <= N; got B={b} N={n} D={d} K={k}.")
+            raise InputError(f"shape {text!r}: B, N, D, K must be >= 1 and K <= N; got B={b} N={n} D={d} K={k}.")
         return cls(b, n, d, k)
 
     def label(self) -> str:
@@ -164,7 +165,7 @@ def complexity_exponent(complexity: str) -> Optional[int]:
         return None
     inner = re.fullmatch(r"O\((.*)\)", text)
     if not inner:
-        raise ValueError(f"complexity {complexity!r} is not of the form O(...).")
+        raise InputError(f"complexity {complexity!r} is not of the form O(...).")
     best = 0
     for term in re.split(r"\+(?![^()]*\))", inner.group(1)):
         term = re.sub(r"log\s*\w+", "", term)

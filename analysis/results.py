@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from tokencomp.errors import InputError
+
 __all__ = [
     "COLUMNS", "REQUIRED_KEYS", "cell_key", "flash_measurements", "join_flash", "load_results", "mean_ci", "row_key",
     "save_results", "write_atomic",
@@ -128,7 +130,7 @@ def _read_json(path: Path, folder: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(
+        raise InputError(
             f"{str(path)!r} is not a tokencomp results file: it is not valid JSON ({exc}); "
             f"run `tokencomp ablate --out {folder}` again to rewrite it"
         ) from None
@@ -138,18 +140,18 @@ def _check_rows(rows: Any, path: Path) -> None:
     """Raise ``ValueError`` unless ``rows`` is a list of dicts holding :data:`REQUIRED_KEYS`."""
     expected = f"expected a list of rows with {', '.join(REQUIRED_KEYS)}, as `tokencomp ablate` writes"
     if not isinstance(rows, list):
-        raise ValueError(f"{str(path)!r} is not a tokencomp results file: it holds a {type(rows).__name__}; {expected}")
+        raise InputError(f"{str(path)!r} is not a tokencomp results file: it holds a {type(rows).__name__}; {expected}")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{str(path)!r} is not a tokencomp results file: row {i} is a {type(row).__name__}; {expected}")
+            raise InputError(f"{str(path)!r} is not a tokencomp results file: row {i} is a {type(row).__name__}; {expected}")
         missing = [k for k in REQUIRED_KEYS if k not in row]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{str(path)!r} is not a tokencomp results file: row {i} lacks {', '.join(missing)}; {expected}"
             )
         if not isinstance(row["features"], str) or not isinstance(row["strategy"], str) \
                 or not isinstance(row["params"], (str, dict)):
-            raise ValueError(
+            raise InputError(
                 f"{str(path)!r} is not a tokencomp results file: row {i} has features {row['features']!r}, strategy "
                 f"{row['strategy']!r}, params {row['params']!r}; features and strategy must be strings, params a "
                 "JSON object"
@@ -175,7 +177,7 @@ def load_results(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     meta_path = Path(out) / "run.json"
     meta = _read_json(meta_path, Path(out)) if meta_path.is_file() else {}
     if not isinstance(meta, dict):
-        raise ValueError(
+        raise InputError(
             f"{str(meta_path)!r} is not a tokencomp run file: it holds a {type(meta).__name__}, not a JSON object; "
             f"run `tokencomp ablate --out {out}` again to rewrite it"
         )

@@ -32,7 +32,7 @@ import torch
 
 import tokencomp as tc
 from tokencomp.base import Compressor
-from tokencomp.errors import AttentionUnavailableError
+from tokencomp.errors import AttentionUnavailableError, InputError
 from tokencomp.features import CLIP_MEAN, CLIP_STD, normalised_images
 from tokencomp.types import CompressionResult
 
@@ -80,7 +80,7 @@ def shuffle_patches(pixels: torch.Tensor, patch: int, generator: torch.Generator
     permutation per image); the content of each square is unchanged."""
     b, c, s, _ = pixels.shape
     if s % patch:
-        raise ValueError(f"shuffle_patches: image side {s} is not a multiple of patch={patch}")
+        raise InputError(f"shuffle_patches: image side {s} is not a multiple of patch={patch}")
     g = s // patch
     blocks = pixels.reshape(b, c, g, patch, g, patch).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, -1)
     perm = torch.rand(b, g * g, generator=generator).argsort(dim=1)

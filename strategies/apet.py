@@ -41,6 +41,7 @@ from typing import Any, Optional, Union
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.errors import InputError
 from tokencomp.kernels import (
     PivotedQR,
     batched_gather,
@@ -176,7 +177,7 @@ class ApET(Compressor):
             return
         low = m + 1 if (self.merge and k < n) else m
         if k < low:
-            raise ValueError(
+            raise InputError(
                 f"{self.display_name()}: budget K={k} cannot hold num_basis={m} injected basis tokens"
                 + (" plus one slot to merge the dropped tokens into" if low > m else "")
                 + f"; with basis_injection={self.basis_injection!r} K must be >= {low} (N={n}). "

@@ -59,6 +59,7 @@ from typing import Optional
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.errors import InputError
 from tokencomp.kernels import selection_result
 from tokencomp.kernels.blocks import row_blocks, unit_rows, unit_vectors
 from tokencomp.kernels.matvec import column_dots, column_pieces, padded_columns
@@ -175,7 +176,7 @@ class CDPruner(Compressor):
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         image = context.image_embeddings if context.image_embeddings is not None else tokens
         if context.text_embeddings.shape[2] != image.shape[2]:
-            raise ValueError(
+            raise InputError(
                 f"cdpruner: context.text_embeddings has dimension {context.text_embeddings.shape[2]} but the "
                 f"tokens have {image.shape[2]}; pass context.image_embeddings [B, N, "
                 f"{context.text_embeddings.shape[2]}] (the tokens in the text embeddings' space)."

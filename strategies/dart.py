@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.errors import InputError
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, selection_result
 from tokencomp.kernels.attention import rank_descending
 from tokencomp.kernels.blocks import scaled_norms, unit_vectors
@@ -218,7 +219,7 @@ class DARTLLM(DART):
             return
         available = self._after_image(keys.shape[2], positions, get("key_mask")).sum(dim=1)
         if bool((available < self.pivot_text_tokens).any()):
-            raise ValueError(
+            raise InputError(
                 f"{self.display_name()}: pivot_text_tokens={self.pivot_text_tokens} but a prompt has only "
                 f"{int(available.min())} valid token(s) after its image; lower pivot_text_tokens."
             )
@@ -228,7 +229,7 @@ class DARTLLM(DART):
         keys, states, positions = context.keys, context.hidden_states, context.visual_positions
         b, _, length, _ = keys.shape
         if states.shape[1] != length:
-            raise ValueError(
+            raise InputError(
                 f"{owner}: context.hidden_states [B, L, D] must cover the same L={length} positions as "
                 f"context.keys; got shape {tuple(states.shape)}."
             )

@@ -7,6 +7,7 @@ import math
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.errors import InputError
 from tokencomp.kernels import compute_dtype, row_blocks
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
@@ -60,7 +61,7 @@ class GridPooling(Compressor):
             return (1, *grid) if len(grid) == 2 else grid  # type: ignore[return-value]
         side = math.isqrt(n)
         if side * side != n:
-            raise ValueError(
+            raise InputError(
                 f"pooling: needs the token grid; N={n} is not a square number, so pass "
                 "tokencomp.Context(grid=(h, w)) or (t, h, w)."
             )
@@ -72,7 +73,7 @@ class GridPooling(Compressor):
         if cells is None:
             valid = sorted({t * a * bb for a in range(1, h + 1) for bb in range(1, w + 1)})
             near = sorted(valid, key=lambda v: (abs(v - k), v))[:2]
-            raise ValueError(
+            raise InputError(
                 f"pooling: budget K={k} cannot be laid out as a grid of cells on the {t}x{h}x{w} token "
                 f"grid (K must be t * h' * w' with h' <= {h}, w' <= {w}); nearest valid budgets: "
                 f"{', '.join(map(str, sorted(near)))}."

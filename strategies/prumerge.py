@@ -60,13 +60,15 @@ import torch
 import torch.nn.functional as F
 
 from tokencomp.base import Compressor
+from tokencomp.errors import InputError
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, slots_of
+from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.kernels.blocks import scaled_norms, unit_vectors
 from tokencomp.kernels.gather import flat_index
-from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import check_bool, check_int
+
 
 def iqr_outlier_count(attn: torch.Tensor) -> torch.Tensor:
     """Number ``[B]`` of entries of each row of ``attn`` ``[B, N]`` above ``Q3 + 1.5 IQR``."""
@@ -121,7 +123,7 @@ class PruMerge(Compressor):
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         centres = k - 1 if self.extra_token else k
         if centres > 0 and self.knn > n - 1:
-            raise ValueError(
+            raise InputError(
                 f"prumerge: knn={self.knn} neighbours per kept token need at least knn + 1 = {self.knn + 1} "
                 f"tokens; got N={n} (budget K={k}). Lower knn to at most {n - 1}."
             )

@@ -103,10 +103,11 @@ from typing import Optional
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.errors import InputError
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, slots_of
 from tokencomp.kernels import blocks as _blocks
-from tokencomp.kernels.blocks import token_scale
 from tokencomp.kernels.attention import rank_descending
+from tokencomp.kernels.blocks import token_scale
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import InvalidParameterError, check_bool, check_choice, check_float, check_int
@@ -235,14 +236,14 @@ class SparseVLM(Compressor):
         n = check_int(_NAME, "n", n, low=1)
         if self.keep_counts is not None:
             if final_k is not None:
-                raise ValueError(
+                raise InputError(
                     f"{_NAME}: final_k={final_k!r} selects a row of the authors' table, but this instance has "
                     f"explicit keep_counts={self.keep_counts}; drop final_k."
                 )
             return list(self.keep_counts)
         key = self.retained if final_k is None else final_k
         if key not in AUTHORS_KEEP or isinstance(key, bool):
-            raise ValueError(
+            raise InputError(
                 f"{_NAME}: final_k must be one of {sorted(AUTHORS_KEEP, reverse=True)} (the authors' settings); "
                 f"got {final_k!r}. Use keep_counts=[...] for other schedules."
             )
@@ -281,7 +282,7 @@ class SparseVLM(Compressor):
 
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         if self.recycle and k < self._clusters(n):
-            raise ValueError(
+            raise InputError(
                 f"{_NAME}: budget K={k} is below the minimum {self._clusters(n)} for N={n} with recycling: even "
                 f"keeping no token, the N pruned tokens are recycled into {self._clusters(n)} merged tokens "
                 f"(recycle_ratio={self.recycle_ratio}, cluster_divisor={self.cluster_divisor}). The budget must "
@@ -296,7 +297,7 @@ class SparseVLM(Compressor):
         dev = tokens.device
         attn = context.cross_attention.float()  # [B, T, N]; finite, as checked by compress()
         if attn.shape[1] < 1:
-            raise ValueError(f"{_NAME}: context.cross_attention has T=0 text tokens; it needs at least one row.")
+            raise InputError(f"{_NAME}: context.cross_attention has T=0 text tokens; it needs at least one row.")
 
         # 1. Raters, 2. scores: the raters' mean attention to each visual token.
         raters = self._raters(tokens, attn, context)  # [B, T] bool
@@ -345,13 +346,13 @@ class SparseVLM(Compressor):
         if mode == "embeddings":
             text = context.text_embeddings
             if text is None:
-                raise ValueError(
+                raise InputError(
                     f"{_NAME}: raters='embeddings' needs context.text_embeddings [B, T, D], which is missing. "
                     "Pass tokencomp.Context(text_embeddings=...) or use raters='attention'."
                 )
             visual = x if context.image_embeddings is None else context.image_embeddings
             if text.shape[1] != t or text.shape[2] != visual.shape[2]:
-                raise ValueError(
+                raise InputError(
                     f"{_NAME}: context.text_embeddings must be [B, T, D] with the T={t} text tokens of "
                     f"context.cross_attention and the visual tokens' D={visual.shape[2]}; got {tuple(text.shape)}."
                 )

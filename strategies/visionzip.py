@@ -42,6 +42,7 @@ from typing import Optional
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.errors import InputError
 from tokencomp.kernels import (
     batched_gather,
     cosine_match,
@@ -50,8 +51,8 @@ from tokencomp.kernels import (
     selection_result,
     slots_of,
 )
-from tokencomp.kernels.gather import flat_index
 from tokencomp.kernels.attention import attention_scores, rank_descending
+from tokencomp.kernels.gather import flat_index
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
 from tokencomp.validation import check_choice, check_int
@@ -115,7 +116,7 @@ class VisionZip(Compressor):
 
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         if self.contextual is not None and self.contextual > k:
-            raise ValueError(
+            raise InputError(
                 f"visionzip: contextual={self.contextual} contextual tokens do not fit in the budget K={k}; "
                 f"contextual must be in [0, K] = [0, {k}]. Raise the budget, lower contextual, or pass "
                 "contextual=None for the authors' split."

@@ -60,8 +60,8 @@ import torch
 from tokencomp.base import Compressor
 from tokencomp.kernels import GEMM_MIN, batched_gather, gemm_pieces, row_blocks, selection_result
 from tokencomp.kernels import blocks as _blocks
-from tokencomp.kernels.blocks import unit_vectors
 from tokencomp.kernels.attention import attention_scores, rank_descending
+from tokencomp.kernels.blocks import unit_vectors
 from tokencomp.kernels.gather import flat_index
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context

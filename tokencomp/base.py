@@ -9,8 +9,10 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from .types import CompressionResult, Context
+from tokencomp.errors import InputError
+
 from .padding import check_padding, compress_padded
+from .types import CompressionResult, Context
 from .validation import all_finite, check_finite, check_tokens, resolve_budget
 
 __all__ = ["Compressor"]
@@ -227,7 +229,7 @@ class Compressor(ABC):
         """Compress a batch with padding (``context.valid`` not all ``True``), as :attr:`padding` says."""
         owner = self.display_name()
         if self.padding == "unsupported":
-            raise ValueError(
+            raise InputError(
                 f"{owner}: padded batches (context.valid with False entries) are not supported, as "
                 f"{owner} needs every row's tokens to form the token grid; compress rows of different "
                 "lengths in separate calls, or pass context.valid=None when there is no padding."
@@ -277,10 +279,10 @@ class Compressor(ABC):
         if context is None:
             context = Context()
         elif not isinstance(context, Context):
-            raise ValueError(f"{owner}: context must be a tokencomp.Context or None; got {type(context).__name__}.")
+            raise InputError(f"{owner}: context must be a tokencomp.Context or None; got {type(context).__name__}.")
         for name in self.requires:
             if getattr(context, name) is None:
-                raise ValueError(
+                raise InputError(
                     f"{owner}: needs context.{name}, which is missing. "
                     f"Pass tokencomp.Context({name}=...) to compress()."
                 )
@@ -291,23 +293,23 @@ class Compressor(ABC):
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"{owner}: context.{name} must be a tensor of shape [B, N]; got {type(value).__name__}.")
+                raise InputError(f"{owner}: context.{name} must be a tensor of shape [B, N]; got {type(value).__name__}.")
             if unbatched and value.dim() == 1:
                 value = value.unsqueeze(0)
             if tuple(value.shape) != (b, n):
-                raise ValueError(
+                raise InputError(
                     f"{owner}: context.{name} must have shape [B, N] = [{b}, {n}] to match the tokens; "
                     f"got {tuple(value.shape)}."
                 )
             updates[name] = value
         if context.valid is not None and context.valid.dtype != torch.bool:
-            raise ValueError(f"{owner}: context.valid must be a bool tensor; got {context.valid.dtype}.")
+            raise InputError(f"{owner}: context.valid must be a bool tensor; got {context.valid.dtype}.")
         if context.grid is not None:
             grid = tuple(context.grid)
             if len(grid) not in (2, 3) or not all(isinstance(g, int) and g >= 1 for g in grid):
-                raise ValueError(f"{owner}: context.grid must be (h, w) or (t, h, w) of positive ints; got {context.grid!r}.")
+                raise InputError(f"{owner}: context.grid must be (h, w) or (t, h, w) of positive ints; got {context.grid!r}.")
             if _prod(grid) != n:
-                raise ValueError(
+                raise InputError(
                     f"{owner}: context.grid={grid} holds {_prod(grid)} tokens but the tokens have N={n}."
                 )
             updates["grid"] = grid
@@ -317,11 +319,11 @@ class Compressor(ABC):
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"{owner}: context.{name} must be a tensor; got {type(value).__name__}.")
+                raise InputError(f"{owner}: context.{name} must be a tensor; got {type(value).__name__}.")
             if unbatched and value.dim() == rank - 1:
                 value = value.unsqueeze(0)
             if value.dim() != rank or value.shape[0] != b:
-                raise ValueError(
+                raise InputError(
                     f"{owner}: context.{name} must have {rank} dimensions with batch size B={b}; "
                     f"got shape {tuple(value.shape)}."
                 )
@@ -341,7 +343,7 @@ class Compressor(ABC):
         for name in self.requires:
             value = updates.get(name, getattr(context, name))
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
-                raise ValueError(
+                raise InputError(
                     f"{self.display_name()}: context.{name} contains NaN or infinite values; pass finite values."
                 )
 
@@ -350,33 +352,33 @@ class Compressor(ABC):
         get = lambda name: updates.get(name, getattr(context, name))  # noqa: E731
         cross = get("cross_attention")
         if cross is not None and cross.shape[2] != n:
-            raise ValueError(f"{owner}: context.cross_attention must be [B, T, N] with N={n}; got {tuple(cross.shape)}.")
+            raise InputError(f"{owner}: context.cross_attention must be [B, T, N] with N={n}; got {tuple(cross.shape)}.")
         image = get("image_embeddings")
         if image is not None and image.shape[1] != n:
-            raise ValueError(f"{owner}: context.image_embeddings must be [B, N, E] with N={n}; got {tuple(image.shape)}.")
+            raise InputError(f"{owner}: context.image_embeddings must be [B, N, E] with N={n}; got {tuple(image.shape)}.")
         text, joint_dim = get("text_embeddings"), (image.shape[2] if image is not None else None)
         if text is not None and joint_dim is not None and text.shape[2] != joint_dim:
-            raise ValueError(
+            raise InputError(
                 f"{owner}: context.text_embeddings [B, T, E] and context.image_embeddings [B, N, E] must share "
                 f"E; got {tuple(text.shape)} and {tuple(image.shape)}."
             )
         query, keys, pos, mask = get("query"), get("keys"), get("visual_positions"), get("key_mask")
         if query is not None and keys is not None:
             if keys.shape[1] != query.shape[1] or keys.shape[3] != query.shape[2]:
-                raise ValueError(
+                raise InputError(
                     f"{owner}: context.keys [B, H, L, Dh] = {tuple(keys.shape)} does not match "
                     f"context.query [B, H, Dh] = {tuple(query.shape)}."
                 )
         if pos is not None:
             if pos.dtype != torch.int64 or tuple(pos.shape) != (b, n):
-                raise ValueError(
+                raise InputError(
                     f"{owner}: context.visual_positions must be int64 of shape [B, N] = [{b}, {n}]; "
                     f"got {pos.dtype} {tuple(pos.shape)}."
                 )
             if keys is not None and bool(((pos < 0) | (pos >= keys.shape[2])).any()):
-                raise ValueError(f"{owner}: context.visual_positions must index the L={keys.shape[2]} keys.")
+                raise InputError(f"{owner}: context.visual_positions must index the L={keys.shape[2]} keys.")
         if mask is not None and keys is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, keys.shape[2])):
-            raise ValueError(
+            raise InputError(
                 f"{owner}: context.key_mask must be bool of shape [B, L] = [{b}, {keys.shape[2]}]; "
                 f"got {mask.dtype} {tuple(mask.shape)}."
             )

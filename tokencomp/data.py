@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tokencomp.errors import InputError
+
 __all__ = ["BUNDLED_IMAGES", "bundled_images", "load_image_folder", "to_rgb"]
 
 # scikit-image images that load offline (natural photographs, microscopy, astronomy, scans, text).
@@ -33,7 +35,7 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)
     if img.ndim != 3 or img.shape[-1] not in (3, 4):
-        raise ValueError(f"expected an image of shape [H, W], [H, W, 3] or [H, W, 4]; got {img.shape}")
+        raise InputError(f"expected an image of shape [H, W], [H, W, 3] or [H, W, 4]; got {img.shape}")
     return np.ascontiguousarray(img[..., :3])
 
 
@@ -62,7 +64,7 @@ def bundled_images(names: tuple[str, ...] | list[str] | None = None) -> list[tup
     names = BUNDLED_IMAGES if names is None else tuple(names)
     unknown = [n for n in names if n not in BUNDLED_IMAGES]
     if unknown:
-        raise ValueError(f"unknown bundled image(s) {unknown}; available: {', '.join(BUNDLED_IMAGES)}")
+        raise InputError(f"unknown bundled image(s) {unknown}; available: {', '.join(BUNDLED_IMAGES)}")
     return [(name, to_rgb(_load_bundled(name))) for name in names]
 
 
@@ -78,15 +80,15 @@ def load_image_folder(folder: str | Path) -> list[tuple[str, np.ndarray]]:
 
     path = Path(folder)
     if not path.is_dir():
-        raise ValueError(f"image folder {str(path)!r} does not exist or is not a folder")
+        raise InputError(f"image folder {str(path)!r} does not exist or is not a folder")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"image folder {str(path)!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"image folder {str(path)!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
     images = []
     for file in files:
         try:
             with Image.open(file) as im:
                 images.append((file.name, to_rgb(np.asarray(im.convert("RGB")))))
         except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"cannot read image {str(file)!r}: {exc}") from exc
+            raise InputError(f"cannot read image {str(file)!r}: {exc}") from exc
     return images

@@ -8,7 +8,7 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["AttentionUnavailableError", "InputError", "InvalidParameterError"]
+__all__ = ["AttentionUnavailableError", "InputError", "InvalidParameterError", "UnknownStrategyError"]
 
 
 class InputError(ValueError):
@@ -17,6 +17,13 @@ class InputError(ValueError):
 
 class InvalidParameterError(InputError):
     """A strategy parameter or an argument has a value that is not allowed."""
+
+
+class UnknownStrategyError(InputError, KeyError):
+    """No strategy is registered under the name given; the message lists close matches and all names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class AttentionUnavailableError(RuntimeError):

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokencomp.errors import InputError
+
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "EfficientNetTokens", "FEATURES", "HFVisionTokens", "is_hf", "normalised_images",
     "pixel_patches", "square_image",
@@ -46,7 +48,7 @@ def pixel_patches(images: list[np.ndarray], image_size: int = 336, patch: int = 
     embedding sees it before its linear layer.
     """
     if image_size % patch:
-        raise ValueError(f"image_size={image_size} must be a multiple of patch={patch}")
+        raise InputError(f"image_size={image_size} must be a multiple of patch={patch}")
     x = torch.stack([square_image(img, image_size) for img in images])  # [B, 3, S, S]
     g = image_size // patch
     tokens = x.reshape(x.shape[0], 3, g, patch, g, patch).permute(0, 2, 4, 1, 3, 5)
@@ -83,7 +85,7 @@ class EfficientNetTokens:
 
     def __init__(self, image_size: int = 768, batch_size: int = 4) -> None:
         if image_size % 32:
-            raise ValueError(f"EfficientNetTokens: image_size must be a multiple of 32; got {image_size}")
+            raise InputError(f"EfficientNetTokens: image_size must be a multiple of 32; got {image_size}")
         self.image_size = image_size
         self.batch_size = batch_size
         self.model = _efficientnet_lite0()
@@ -144,7 +146,7 @@ def _hf_vision_config(model: str):
     model_type = getattr(config, "model_type", None)
     family = _HF_FAMILIES.get(model_type)
     if family is None:
-        raise ValueError(
+        raise InputError(
             f"HFVisionTokens: {model!r} is a {model_type!r} model; allowed model types: "
             f"{', '.join(_HF_FAMILIES)}. Give a CLIP or SigLIP checkpoint (full model or vision tower)."
         )
@@ -156,14 +158,14 @@ def _hf_layer_index(layer: int, num_layers: int, family: str) -> int:
     """Non-negative index into ``hidden_states`` (``num_layers + 1`` entries) of ``layer``."""
     count = num_layers + 1
     if isinstance(layer, bool) or not isinstance(layer, int) or not -count <= layer < count:
-        raise ValueError(
+        raise InputError(
             f"HFVisionTokens: layer={layer!r} is not a hidden-state index of this tower, which has "
             f"{count} hidden states ({num_layers} layers + the embedding output); "
             f"allowed: an int in [{-count}, {count - 1}]"
         )
     index = layer % count
     if family == "clip" and index == 0:
-        raise ValueError(
+        raise InputError(
             f"HFVisionTokens: layer={layer} selects the embedding output, which no attention block "
             f"produced, so it has no [CLS] attention; choose a layer in [1, {num_layers}] "
             f"or [{-num_layers}, -1]"
@@ -218,7 +220,7 @@ class HFVisionTokens:
 
     def __init__(self, model: str, layer: int | None = None, batch_size: int = 4) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"HFVisionTokens: batch_size must be an int >= 1; got {batch_size!r}")
+            raise InputError(f"HFVisionTokens: batch_size must be an int >= 1; got {batch_size!r}")
         from transformers import CLIPVisionModel, SiglipVisionModel
 
         self.family, self.vision_config = _hf_vision_config(model)
@@ -245,7 +247,7 @@ class HFVisionTokens:
             x = normalised_images(images, self.image_size, *_HF_MEAN_STD[self.family])
         expected = (3, self.image_size, self.image_size)
         if tuple(x.shape[1:]) != expected:
-            raise ValueError(
+            raise InputError(
                 f"HFVisionTokens: the saved image processor gives pixel values of shape {tuple(x.shape[1:])}, "
                 f"but the tower takes {expected}; fix the processor's size / crop_size in the checkpoint"
             )
@@ -275,7 +277,7 @@ class HFVisionTokens:
             patches. None for SigLIP (no [CLS] token).
         """
         if len(images) == 0:
-            raise ValueError("HFVisionTokens: got an empty list of images; give at least one [H, W, 3] image")
+            raise InputError("HFVisionTokens: got an empty list of images; give at least one [H, W, 3] image")
         tokens, attention = [], []
         for start in range(0, len(images), self.batch_size):
             t, a = self._forward(self.preprocess(images[start : start + self.batch_size]))

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokencomp.errors import InputError
+
 from .types import CompressionResult, Context
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,7 +46,7 @@ def check_padding(owner: str, valid: torch.Tensor, k: int) -> torch.Tensor:
     short = (counts < k).nonzero().flatten().tolist()
     if short:
         row = short[0]
-        raise ValueError(
+        raise InputError(
             f"{owner}: batch row {row} has {int(counts[row])} valid tokens (context.valid) but the budget keeps "
             f"K={k}; every row must hold at least K valid tokens. Lower the budget to at most "
             f"{int(counts.min())}, or compress that row separately."

@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, TypeVar
 
 from .base import Compressor
-from .validation import InvalidParameterError
+from .errors import InvalidParameterError, UnknownStrategyError
 
 __all__ = ["ENTRY_POINT_GROUP", "available", "create", "get", "register"]
 
@@ -161,15 +161,15 @@ def get(name: str) -> type[Compressor]:
 
     Raises
     ------
-    KeyError
-        For an unknown name, with close matches.
+    UnknownStrategyError
+        For an unknown name, with close matches (a ``KeyError`` and an ``InputError``).
     """
     _load()
     if name in _registry:
         return _registry[name]
     close = difflib.get_close_matches(str(name), list(_registry), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise KeyError(
+    raise UnknownStrategyError(
         f"unknown strategy {name!r}.{hint} Available: {', '.join(sorted(_registry))}."
     )
 

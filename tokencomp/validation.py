@@ -122,23 +122,23 @@ def check_tokens(owner: str, tokens: Any, finite: bool = True) -> tuple[torch.Te
         ``D >= 1`` and (with ``finite``) only finite values.
     """
     if not isinstance(tokens, torch.Tensor):
-        raise ValueError(
+        raise InputError(
             f"{owner}: tokens must be a torch.Tensor of shape [B, N, D] or [N, D]; got {type(tokens).__name__}."
         )
     if not tokens.is_floating_point():
-        raise ValueError(
+        raise InputError(
             f"{owner}: tokens must have a floating-point dtype; got {tokens.dtype}. "
             "Convert them first, e.g. tokens.float()."
         )
     if tokens.dim() not in (2, 3):
-        raise ValueError(
+        raise InputError(
             f"{owner}: tokens must have shape [B, N, D] or [N, D]; got {tuple(tokens.shape)} "
             f"({tokens.dim()} dimensions)."
         )
     unbatched = tokens.dim() == 2
     batched = tokens.unsqueeze(0) if unbatched else tokens
     if batched.shape[1] < 1 or batched.shape[2] < 1 or batched.shape[0] < 1:
-        raise ValueError(f"{owner}: tokens must have B, N, D >= 1; got shape {tuple(tokens.shape)}.")
+        raise InputError(f"{owner}: tokens must have B, N, D >= 1; got shape {tuple(tokens.shape)}.")
     if finite:
         check_finite(owner, batched)
     return batched, unbatched
@@ -147,7 +147,7 @@ def check_tokens(owner: str, tokens: Any, finite: bool = True) -> tuple[torch.Te
 def check_finite(owner: str, tokens: torch.Tensor) -> None:
     """Raise ``ValueError`` if ``tokens`` hold a NaN or an infinity (one pass, :func:`all_finite`)."""
     if not all_finite(tokens):
-        raise ValueError(
+        raise InputError(
             f"{owner}: tokens contain NaN or infinite values; only finite values can be compressed."
         )
 
@@ -173,7 +173,7 @@ def resolve_budget(owner: str, budget: Any, n: int) -> int:
     if _is_int(budget):
         k = int(budget)
         if k < 1 or k > n:
-            raise ValueError(
+            raise InputError(
                 f"{owner}: budget {budget!r} is out of range; an int budget must be in [1, {n}] "
                 f"(the number of input tokens N={n}), or pass a float fraction in (0, 1]."
             )
@@ -181,12 +181,12 @@ def resolve_budget(owner: str, budget: Any, n: int) -> int:
     if isinstance(budget, numbers.Real) and not isinstance(budget, bool):
         f = float(budget)
         if not (math.isfinite(f) and 0.0 < f <= 1.0):
-            raise ValueError(
+            raise InputError(
                 f"{owner}: budget {budget!r} is out of range; a float budget is a fraction of the "
                 f"N={n} tokens and must be in (0, 1]; pass an int for a token count."
             )
         return max(1, round(f * n))
-    raise ValueError(
+    raise InputError(
         f"{owner}: budget must be an int in [1, {n}] (tokens kept) or a float in (0, 1] (fraction kept); "
         f"got {budget!r} of type {type(budget).__name__}."
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
+from tokencomp.errors import InputError
+
 from ..base import Compressor
 from ..registry import create
 from .decoder import Stage
@@ -44,7 +46,7 @@ def _integration(model: Any) -> type:
 def _compressor(strategy: Any, params: dict) -> Compressor:
     if isinstance(strategy, Compressor):
         if params:
-            raise ValueError(
+            raise InputError(
                 f"tokencomp.apply: parameters {sorted(params)} were given with a ready {type(strategy).__name__} "
                 "instance; pass the strategy's name instead, or set them on the instance."
             )
@@ -60,7 +62,7 @@ def _check_budget(name: str, budget: Any) -> None:
     """A budget is an int >= 1 (tokens kept) or a float fraction in (0, 1]; checked before any hook is installed."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
             or (isinstance(budget, int) and budget < 1) or (isinstance(budget, float) and not 0.0 < budget <= 1.0):
-        raise ValueError(f"tokencomp.apply: budget of {name!r} must be an int >= 1 or a fraction in (0, 1]; got {budget!r}.")
+        raise InputError(f"tokencomp.apply: budget of {name!r} must be an int >= 1 or a fraction in (0, 1]; got {budget!r}.")
 
 
 def _in_llm_stages(compressor: Compressor, budget: Any) -> list[Stage]:
@@ -68,7 +70,7 @@ def _in_llm_stages(compressor: Compressor, budget: Any) -> list[Stage]:
     name = compressor.display_name()
     if hasattr(compressor, "layers") and hasattr(compressor, "stage_budgets"):
         if budget is not None:
-            raise ValueError(
+            raise InputError(
                 f"tokencomp.apply: {name!r} sets its own budget at each of its layers {list(compressor.layers)} "
                 "(stage_budgets); pass budget=None."
             )
@@ -84,7 +86,7 @@ def _in_llm_stages(compressor: Compressor, budget: Any) -> list[Stage]:
 
         return [Stage(compressor, budget_of(s), layer) for s, layer in enumerate(compressor.layers)]
     if not hasattr(compressor, "layer"):
-        raise ValueError(f"tokencomp.apply: in-LLM strategy {name!r} declares no `layer` to run at.")
+        raise InputError(f"tokencomp.apply: in-LLM strategy {name!r} declares no `layer` to run at.")
     _check_budget(name, budget)
     return [Stage(compressor, budget, compressor.layer)]
 
@@ -144,19 +146,19 @@ def apply(
     integration = _integration(model)
     point = integration.points[0] if point is None else point
     if point not in integration.points:
-        raise ValueError(
+        raise InputError(
             f"tokencomp.apply: point must be one of {', '.join(integration.points)} for {type(model).__name__}; "
             f"got {point!r}."
         )
     if video not in ("clip", "frame"):
-        raise ValueError(f"tokencomp.apply: video must be 'clip' or 'frame'; got {video!r}.")
+        raise InputError(f"tokencomp.apply: video must be 'clip' or 'frame'; got {video!r}.")
     if isinstance(strategy, (list, tuple)):
         if budget is not None or params:
-            raise ValueError("tokencomp.apply: with a schedule, give each stage's budget and parameters inside it.")
+            raise InputError("tokencomp.apply: with a schedule, give each stage's budget and parameters inside it.")
         entries = []
         for entry in strategy:
             if not isinstance(entry, tuple) or len(entry) not in (2, 3):
-                raise ValueError(
+                raise InputError(
                     f"tokencomp.apply: a schedule entry must be (strategy, budget) or (strategy, budget, params); got {entry!r}."
                 )
             entries.append((_compressor(entry[0], dict(entry[2]) if len(entry) == 3 else {}), entry[1]))
@@ -164,7 +166,7 @@ def apply(
         entries = [(_compressor(strategy, params), budget)]
     pre = [(c, b) for c, b in entries if c.stage == "pre_llm"]
     if len(pre) > 1:
-        raise ValueError("tokencomp.apply: a schedule takes at most one pre-LLM stage.")
+        raise InputError("tokencomp.apply: a schedule takes at most one pre-LLM stage.")
     for c, b in pre:
         _check_budget(c.display_name(), b)
     stages = [s for c, b in entries if c.stage == "in_llm" for s in _in_llm_stages(c, b)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+from tokencomp.errors import InputError
+
 from ..base import Compressor
 
 
@@ -31,7 +33,7 @@ def check_fits(compressor: Compressor, budget: Any, n: int, where: str, unit: st
     """
     if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or int(budget) <= n:
         return
-    raise ValueError(
+    raise InputError(
         f"tokencomp.apply: {compressor.display_name()!r} budget {int(budget)} is out of range for {where}, which has "
         f"only {n} visual tokens; an int budget is the number of tokens kept per {unit}, so it must be at most "
         f"{n} here. Pass an int budget <= {n}, or a fraction in (0, 1] (e.g. budget=0.25) to keep a share of each "

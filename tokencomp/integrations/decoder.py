@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..base import Compressor
-from ..errors import AttentionUnavailableError
+from ..errors import AttentionUnavailableError, InputError
 from ..types import Context
 from .budget import check_fits
 from .handle import Handle
@@ -98,18 +98,18 @@ class DecoderStages:
         self._in_prefill = False
         for stage in self.stages:
             if not 1 <= stage.layer < len(self.layers):
-                raise ValueError(
+                raise InputError(
                     f"tokencomp.apply: {stage.compressor.display_name()!r} at layer {stage.layer}, but the "
                     f"language model has {len(self.layers)} decoder layers; use a layer in [1, {len(self.layers) - 1}]."
                 )
             missing = [f for f in stage.compressor.requires if f not in SUPPLIED]
             if missing:
-                raise ValueError(
+                raise InputError(
                     f"tokencomp.apply: {stage.compressor.display_name()!r} needs context {', '.join(missing)}, "
                     f"which the in-LLM integration does not supply (it supplies {', '.join(SUPPLIED)})."
                 )
         if len({s.layer for s in self.stages}) != len(self.stages):
-            raise ValueError("tokencomp.apply: two in-LLM stages at the same layer; give each stage its own layer.")
+            raise InputError("tokencomp.apply: two in-LLM stages at the same layer; give each stage its own layer.")
 
     # ------------------------------------------------------------------ installation
     def install(self) -> None:
@@ -237,7 +237,7 @@ class DecoderStages:
         visual_now = p.visual.gather(1, positions_now)  # [B, L_now]
         counts = visual_now.sum(dim=1)
         if bool((counts != counts[0]).any()):
-            raise ValueError("tokencomp: rows of the batch hold different numbers of visual tokens.")
+            raise InputError("tokencomp: rows of the batch hold different numbers of visual tokens.")
         n = int(counts[0])
         visual_idx = visual_now.float().argsort(dim=1, descending=True, stable=True)[:, :n].sort(dim=1).values
         tokens = _gather_rows(hidden, visual_idx, 1)
@@ -286,7 +286,7 @@ class DecoderStages:
                 raise AttentionUnavailableError(f"tokencomp: no attention weights were captured for layer {stage.layer - 1}.")
             tail = int((weights.shape[1] - 1 - visual_idx[:, -1]).min())  # text tokens after the last visual one
             if tail < 1:
-                raise ValueError("tokencomp: cross_attention needs text tokens after the image; the prompt has none.")
+                raise InputError("tokencomp: cross_attention needs text tokens after the image; the prompt has none.")
             rows = weights[:, -tail:, :]  # [B, T, L]
             fields["cross_attention"] = rows.gather(2, visual_idx[:, None, :].expand(-1, tail, -1))
         if "hidden_states" in need:

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from ..base import Compressor
-from ..errors import AttentionUnavailableError
+from ..errors import AttentionUnavailableError, InputError
 from ..types import Context
 from .budget import check_fits
 from .decoder import DecoderStages, Stage
@@ -71,7 +71,7 @@ class LlavaIntegration:
         if compressor is not None:
             self._check_context_supply()
         if self._late and point != "post_projector" and not self.packed:
-            raise ValueError(
+            raise InputError(
                 f"tokencomp.apply: {compressor.display_name()!r} scores the tokens against the instruction's "
                 "embeddings, which live in the language model's space; pass point='post_projector'."
             )
@@ -128,7 +128,7 @@ class LlavaIntegration:
             return None
         sizes = self._image_sizes
         if sizes is None:
-            raise ValueError("tokencomp: [CLS] attention on an any-res model needs image_sizes.")
+            raise InputError("tokencomp: [CLS] attention on an any-res model needs image_sizes.")
         helper = sys.modules[type(module).__module__].image_size_to_num_patches
         counts = [helper(image_size=s, grid_pinpoints=self.model.config.image_grid_pinpoints,
                          patch_size=self.model.config.vision_config.image_size) for s in sizes]
@@ -139,21 +139,21 @@ class LlavaIntegration:
         )
         cls = packed[0][:, 0]
         if cls.shape[0] != n:
-            raise ValueError("tokencomp: the [CLS] rows do not line up with the packed image tokens.")
+            raise InputError("tokencomp: the [CLS] rows do not line up with the packed image tokens.")
         return cls[None]
 
     def _check_context_supply(self) -> None:
         supplied = list(SUPPLIED)
         strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
         if "cls_attention" in self.compressor.requires and strategy != "default":
-            raise ValueError(
+            raise InputError(
                 f"tokencomp.apply: {self.compressor.display_name()!r} reads the vision tower's [CLS] attention, but "
                 f"this model's features keep every vision token (vision_feature_select_strategy={strategy!r}; "
                 "e.g. a SigLIP tower has no [CLS] token); choose a strategy without cls_attention."
             )
         missing = [f for f in self.compressor.requires if f not in supplied]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"tokencomp.apply: strategy {self.compressor.display_name()!r} needs context "
                 f"{', '.join(missing)}, which the {type(self.model).__name__} pre-LLM integration does not supply "
                 f"(it supplies {', '.join(supplied)}); choose a strategy that needs only those."
@@ -165,14 +165,14 @@ class LlavaIntegration:
         layers = tower.encoder.layers
         feature_layer = self.model.config.vision_feature_layer
         if not isinstance(feature_layer, int):
-            raise ValueError(
+            raise InputError(
                 f"tokencomp.apply: [CLS] attention needs a single vision_feature_layer; this model uses "
                 f"{feature_layer!r}."
             )
         # hidden_states[i] is the output of encoder layer i - 1 (hidden_states[0] are the embeddings).
         index = feature_layer % (len(layers) + 1) - 1
         if index < 0:
-            raise ValueError("tokencomp.apply: vision_feature_layer selects the embeddings; they have no attention.")
+            raise InputError("tokencomp.apply: vision_feature_layer selects the embeddings; they have no attention.")
         return layers[index].self_attn
 
     # ------------------------------------------------------------------ vision side
@@ -208,7 +208,7 @@ class LlavaIntegration:
         if cls is not None and cls.shape[1] != n:
             cls = None  # the feature selection kept the [CLS] token ("full"): no [CLS]-free row to give
             if "cls_attention" in self.compressor.requires:
-                raise ValueError(
+                raise InputError(
                     "tokencomp.apply: [CLS] attention needs vision_feature_select_strategy='default' "
                     "(features without the [CLS] token)."
                 )
@@ -309,7 +309,7 @@ class LlavaIntegration:
         """``[B, L]`` bool: the image placeholders kept (every other column True)."""
         if encoded.get("image") is None:
             if kwargs.get("pixel_values") is None:
-                raise ValueError("tokencomp: the prompt has image tokens but neither pixel_values nor mm_encoder_outputs.")
+                raise InputError("tokencomp: the prompt has image tokens but neither pixel_values nor mm_encoder_outputs.")
             encoded["image"] = module.get_image_features(
                 pixel_values=kwargs["pixel_values"],
                 vision_feature_layer=kwargs.get("vision_feature_layer"),
@@ -325,7 +325,7 @@ class LlavaIntegration:
             features = self._compress_with_instruction(module, input_ids, token_id, features, encoded)
         kept = features[0].shape[0]
         if any(f.shape[0] != kept for f in features):
-            raise ValueError("tokencomp: images of one LLaVA batch must keep the same number of features.")
+            raise InputError("tokencomp: images of one LLaVA batch must keep the same number of features.")
         per_image = int((input_ids == token_id).sum()) // len(features)
         return placeholder_keep(input_ids, token_id, per_image, kept)
 
@@ -344,7 +344,7 @@ class LlavaIntegration:
         frame by frame (``video="frame"``); OneVision's trailing newline token stays."""
         if encoded.get("video") is None:
             if kwargs.get("pixel_values_videos") is None:
-                raise ValueError("tokencomp: the prompt has video tokens but neither pixel_values_videos nor mm_encoder_outputs.")
+                raise InputError("tokencomp: the prompt has video tokens but neither pixel_values_videos nor mm_encoder_outputs.")
             encoded["video"] = module.get_video_features(
                 pixel_values_videos=kwargs["pixel_values_videos"],
                 vision_feature_layer=kwargs.get("vision_feature_layer"),
@@ -362,7 +362,7 @@ class LlavaIntegration:
             tokens = video[~is_newline]
             n, d = tokens.shape
             if n % per_frame:
-                raise ValueError(f"tokencomp: a video has {n} tokens, not a multiple of {per_frame} per frame.")
+                raise InputError(f"tokencomp: a video has {n} tokens, not a multiple of {per_frame} per frame.")
             frames = n // per_frame
             if self.video == "frame":
                 check_fits(self.compressor, self.budget, per_frame, f"each frame of video {v}", unit="frame")
@@ -389,7 +389,7 @@ class LlavaIntegration:
         keep_all = torch.ones_like(placeholders)
         chosen_all = torch.cat(flags).to(input_ids.device)
         if int(placeholders.sum()) != chosen_all.numel():
-            raise ValueError(
+            raise InputError(
                 f"tokencomp: the prompt has {int(placeholders.sum())} video tokens but the videos give {chosen_all.numel()}."
             )
         keep_all[placeholders] = chosen_all

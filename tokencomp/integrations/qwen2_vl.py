@@ -28,6 +28,8 @@ from typing import Any, Optional
 
 import torch
 
+from tokencomp.errors import InputError
+
 from ..base import Compressor
 from ..types import Context
 from .budget import check_fits
@@ -50,7 +52,7 @@ class QwenVLIntegration:
     ) -> None:
         missing = [f for f in (compressor.requires if compressor is not None else ()) if f not in SUPPLIED]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"tokencomp.apply: strategy {compressor.display_name()!r} needs context {', '.join(missing)}, which the "
                 f"Qwen-VL integration does not supply (it supplies {', '.join(SUPPLIED)}; Qwen's vision tower has no "
                 "[CLS] token)."
@@ -66,7 +68,7 @@ class QwenVLIntegration:
         deep = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or [])
         early = [st for st in stages if st.layer < deep]
         if early:
-            raise ValueError(
+            raise InputError(
                 f"tokencomp.apply: {type(model).__name__} adds DeepStack visual features in decoder layers 0..{deep - 1}; "
                 f"an in-LLM stage at layer {early[0].layer} would cut before them. Use a layer >= {deep}."
             )
@@ -87,7 +89,7 @@ class QwenVLIntegration:
         for grid in reversed(self._grids):
             if int((grid.prod(dim=-1) // merge**2).sum()) == tokens:
                 return grid
-        raise ValueError("tokencomp: Qwen-VL visual tokens need their grid_thw (returned by the processor).")
+        raise InputError("tokencomp: Qwen-VL visual tokens need their grid_thw (returned by the processor).")
 
     def install(self) -> None:
         for hook in (
@@ -146,7 +148,7 @@ class QwenVLIntegration:
                 continue
             if encoded.get(name) is None:
                 if kwargs.get(pixels) is None or kwargs.get(grid_key) is None:
-                    raise ValueError(
+                    raise InputError(
                         f"tokencomp: the prompt has {name} tokens but no {pixels} with {grid_key}, nor mm_encoder_outputs."
                     )
                 encoded[name] = encode(kwargs[pixels], kwargs[grid_key], return_dict=True)
@@ -212,7 +214,7 @@ class QwenVLIntegration:
                 seconds += spent
             chosen = torch.cat(flags).to(input_ids.device)
             if int(placeholders.sum()) != chosen.numel():
-                raise ValueError(
+                raise InputError(
                     f"tokencomp: the prompt has {int(placeholders.sum())} {name} tokens but the {name}s give "
                     f"{chosen.numel()} features."
                 )

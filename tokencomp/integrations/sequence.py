@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from tokencomp.errors import InputError
+
 
 @dataclass
 class Shortening:
@@ -72,7 +74,7 @@ def placeholder_keep(input_ids: torch.Tensor, token_id: int, per_image: int, kep
     is_image = input_ids == token_id
     counts = is_image.sum(dim=1)
     if bool((counts % per_image != 0).any()):
-        raise ValueError(
+        raise InputError(
             f"tokencomp: the prompt has {counts.tolist()} image placeholder tokens per row, not a multiple of the "
             f"{per_image} features per image; the processor and the model disagree on the image size."
         )
@@ -143,7 +145,7 @@ def instruction_embeddings(embed: torch.nn.Module, input_ids: torch.Tensor, visu
     last = torch.where(visual, columns, torch.full_like(columns, -1)).amax(dim=1)
     tail = int((length - 1 - last).min())
     if tail < 1:
-        raise ValueError("tokencomp: the strategy needs the instruction's embeddings, but a prompt has no text after its image.")
+        raise InputError("tokencomp: the strategy needs the instruction's embeddings, but a prompt has no text after its image.")
     return embed(input_ids[:, length - tail :])
 
 

@@ -10,6 +10,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from tokencomp.errors import InputError
+
 from .blocks import compute_dtype, row_blocks, token_scale
 from .matvec import padded_rows, token_dots_step
 
@@ -171,7 +173,7 @@ def qr_pivots(
     b, n, d = x.shape
     ct = compute_dtype(x.dtype)
     if (scale is None) != (norms is None):
-        raise ValueError("qr_pivots: give both scale and norms (from norm_scale), or neither.")
+        raise InputError("qr_pivots: give both scale and norms (from norm_scale), or neither.")
     f = token_scale(x) if scale is None else scale  # [B, 1, 1]
     width = padded_rows(n)
     # given the scale, float32 tokens needing no padding rows are read in place and the steps run on the

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from tokencomp.errors import InputError
+
 # Float32 GEMMs with fewer rows or columns than this may run another BLAS kernel (MKL on CPU: another
 # summation order, so the last bit of a product may differ from the same rows in a larger product).
 GEMM_MIN = 12
@@ -173,7 +175,7 @@ def unit_rows(tokens: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
     b, n, d = tokens.shape
     total = n if rows is None else rows
     if total < n:
-        raise ValueError(f"unit_rows: rows={rows} is fewer than the {n} tokens; give at least {n}.")
+        raise InputError(f"unit_rows: rows={rows} is fewer than the {n} tokens; give at least {n}.")
     out = torch.empty(b, total, d, dtype=torch.float32, device=tokens.device)
     out[:, n:] = 0.0
     for blk in row_blocks(b, n, d):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tokencomp.errors import InputError
+
 from .basis import PivotedQR
 from .blocks import compute_dtype, pow2_scale, row_blocks, rows_matmul, token_scale
 
@@ -135,7 +137,7 @@ def pivoted_ridge_errors(qr: PivotedQR, ridge: float, norm: str = "l2") -> torch
         ``[B, N]`` in the dtype of the factor.
     """
     if norm not in ("l2", "relative"):
-        raise ValueError(
+        raise InputError(
             f"pivoted_ridge_errors: norm {norm!r} needs the residual rows; allowed here: 'l2', 'relative' "
             "(use ridge_errors for the others)."
         )
@@ -163,7 +165,7 @@ def _errors(residual: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
         return residual.abs().amax(dim=-1)
     if norm == "relative":
         return _ratio_or_zero(residual.norm(dim=-1), x.norm(dim=-1))
-    raise ValueError(f"unknown error norm {norm!r}; allowed: {', '.join(ERROR_NORMS)}")
+    raise InputError(f"unknown error norm {norm!r}; allowed: {', '.join(ERROR_NORMS)}")
 
 
 def _l2(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,4 +197,4 @@ def residual_errors(residual: torch.Tensor, x: torch.Tensor, norm: str) -> torch
         own, f_own = _l2(x)
         err, f_err = _l2(residual)
         return _ratio_or_zero(err, own) * (f_own / f_err)
-    raise ValueError(f"unknown error norm {norm!r}; allowed: {', '.join(ERROR_NORMS)}")
+    raise InputError(f"unknown error norm {norm!r}; allowed: {', '.join(ERROR_NORMS)}")

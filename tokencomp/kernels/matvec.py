@@ -43,6 +43,8 @@ from typing import Callable
 
 import torch
 
+from tokencomp.errors import InputError
+
 # Largest piece, in rows (1 MiB of float32 tokens of 1024 channels: fits a core's L2 cache).
 PIECE_ROWS = 256
 # The number of pieces is a multiple of this.
@@ -94,7 +96,7 @@ def token_dots_step(x: torch.Tensor, vectors: torch.Tensor, out: torch.Tensor) -
     """
     b, rows, d = x.shape
     if padded_rows(rows) != rows:
-        raise ValueError(f"token_dots: {rows} rows cannot be cut into equal aligned pieces; pad the tokens with "
+        raise InputError(f"token_dots: {rows} rows cannot be cut into equal aligned pieces; pad the tokens with "
                          f"zero rows to padded_rows({rows}) = {padded_rows(rows)}.")
     count = pieces(rows)
     m = rows // count
@@ -138,7 +140,7 @@ def column_dots(columns: torch.Tensor, vectors: torch.Tensor, pieces: int, out: 
     """
     b, d, width = columns.shape
     if width % (PIECE_ALIGN * pieces) or (pieces > 1 and b > 1):
-        raise ValueError(f"column_dots: {width} columns of {b} batch rows cannot be cut into {pieces} aligned "
+        raise InputError(f"column_dots: {width} columns of {b} batch rows cannot be cut into {pieces} aligned "
                          f"pieces; pad to padded_columns({width}, pieces) and use pieces=1 for a batch.")
     if pieces == 1:
         torch.bmm(vectors.unsqueeze(1), columns, out=out.view(b, 1, width))
