@@ -390,7 +390,7 @@ def scaling(
             run = _call(name, x, shape, frame_tokens, params)
             try:
                 ms = time_ms(run, repeats, device)
-            except ValueError:  # this strategy, as configured, cannot keep this budget (it says why)
+            except InputError:  # this strategy, as configured, cannot keep this budget (it says why)
                 continue
             row = {"strategy": label, "frames": f, "n": n, "ms": ms, **_peak(run, x, device, memory)}
             rows.append(row)

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 import tokencomp as tc
+from tokencomp.errors import InputError
 
 from .results import flash_measurements, mean_ci, write_atomic
 
@@ -73,7 +74,7 @@ def _defaults(strategy: str) -> Optional[dict[str, str]]:
     """A strategy's default parameters, each as JSON (tuples and lists alike); ``None`` if unknown."""
     try:
         return {k: json.dumps(v, sort_keys=True) for k, v in tc.create(strategy).get_params().items()}
-    except (KeyError, ValueError, TypeError):
+    except InputError:  # a strategy this version does not have, or no longer accepts its defaults
         return None
 
 

@@ -303,7 +303,7 @@ def budget_runs(name: str, params: dict[str, Any], budgets: list[int | float]) -
         reason = ""
         try:
             tc.create(name, **{**params, key: b})
-        except ValueError as exc:  # a budget the strategy's schedule does not define
+        except InputError as exc:  # a budget the strategy's schedule does not define
             reason = str(exc)
         runs.append(({**params, key: b}, None, b, reason))
     return runs
@@ -395,7 +395,7 @@ def run_vlm(
                     cell.flash_compatible, cell.flash_error = False, str(exc).split("\n")[0]
                     logprobs, log, elapsed = run(inputs, fallback=True)
                 shuffled_log = run(shuffled, fallback=not cell.flash_compatible)[1]
-            except (ValueError, TypeError) as exc:
+            except InputError as exc:  # the strategy refuses this input (it says why); a bug propagates
                 cell.skipped = str(exc).split("\n")[0]
                 emit(cell)
                 continue

@@ -450,3 +450,46 @@ def test_program_quiets_the_profilers_start_stop_lines_unless_asked(monkeypatch)
     monkeypatch.setenv("KINETO_LOG_LEVEL", "2")
     cli.main()
     assert os.environ["KINETO_LOG_LEVEL"] == "2"  # the user's choice stands
+
+
+@pytest.fixture
+def broken_strategy(monkeypatch):
+    """A registered strategy whose ``_compress`` has a bug (an IndexError and a ValueError variant)."""
+    from tokencomp import registry
+
+    tc.available()  # load every strategy first: the copy restored afterwards then holds them all
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+
+    def make(name: str, error: type[Exception]):
+        @tc.register(name)
+        class Broken(tc.Compressor):
+            summary = "a strategy with a bug, for the error-boundary test"
+
+            def _compress(self, tokens, k, context):
+                raise error("a bug inside the strategy")
+
+        return Broken
+
+    return make
+
+
+@pytest.mark.parametrize("error", [IndexError, ValueError, KeyError, TypeError])
+def test_a_bug_inside_a_strategy_keeps_its_traceback(broken_strategy, tmp_path, error):
+    broken_strategy("broken", error)
+    result = runner.invoke(
+        app, ["ablate", "--features", "pixels", "--max-images", "1", "--views", "full", "--budgets", "64",
+              "--strategies", "broken", "--out", str(tmp_path), "--no-vlm"],
+    )
+    assert result.exit_code != 2, result.output  # not reported as the user's mistake
+    assert isinstance(result.exception, error), result.output
+    assert "a bug inside the strategy" in str(result.exception)
+    assert result.exc_info is not None and result.exc_info[2] is not None  # the traceback reaches the user
+
+
+def test_a_budget_the_strategy_refuses_is_one_line(tmp_path):
+    result = runner.invoke(
+        app, ["ablate", "--features", "pixels", "--max-images", "1", "--views", "full", "--budgets", "5000",
+              "--strategies", "random", "--out", str(tmp_path), "--no-vlm"],
+    )
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "Traceback" not in result.output
