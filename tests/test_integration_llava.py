@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokencomp as tc
-from tiny_models import first_layer_lengths, llava_prompt, tiny_llava
+from tiny_models import first_layer_lengths, llava_prompt, pre_hooks, tiny_llava
 
 N = 36  # (84 / 14)^2 patches per image
 
@@ -224,10 +224,6 @@ def test_vision_eager_switch_is_undone_when_the_tower_raises(model):
         raise ZeroDivisionError("a tower that fails")
 
     with tc.apply(model, "visionzip", budget=12, allow_eager_fallback=True):
-        spy = attention.register_forward_pre_hook(boom, with_kwargs=True)
-        try:
-            with pytest.raises(ZeroDivisionError, match="a tower that fails"), torch.no_grad():
-                model(**inputs)
-        finally:
-            spy.remove()
+        with pre_hooks((attention, boom)), pytest.raises(ZeroDivisionError, match="a tower that fails"), torch.no_grad():
+            model(**inputs)
         assert tower.config._attn_implementation == "sdpa"
