@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -39,17 +39,22 @@ def _fail(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
+def _user_errors(on_interrupt: Optional[Callable[[], None]] = None) -> Iterator[None]:
     """The one boundary between the caller's mistakes and bugs.
 
     A mistake on the command line (:class:`UserError`), a value tokencomp refuses
     (:class:`~tokencomp.errors.InputError`) or a file that cannot be read or written (``OSError``) is
     printed on one line with exit code 2. Every other exception is a bug and keeps its traceback.
+    ``on_interrupt`` handles Ctrl-C (it is re-raised without one).
     """
     try:
         yield
     except (UserError, InputError, OSError) as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        if on_interrupt is None:
+            raise
+        on_interrupt()
 
 
 def _yes(flag: bool) -> str:
@@ -346,113 +351,110 @@ def ablate_command(
     run: dict[str, Any] = {}  # what an interruption saves: target, rows, meta, cells finished since the last save
     given = {"strategies": strategies, "budgets": budgets, "features": features, "params": param or None,
              "images": images, "max_images": max_images, "views": views, "seed": seed, "out": out, "vlm": vlm}
-    with _user_errors():
-        try:
-            from_file = _read_config(config) if config is not None else {}
-            options = {k: given.get(k) if given.get(k) is not None else from_file.get(k, default)
-                       for k, default in ABLATE_DEFAULTS.items()}
-            options["out"] = Path(options["out"])
-            options["images"] = Path(options["images"]) if options["images"] else None
-            budget_list = _parse_budgets(str(options["budgets"]))
-            feature_list = _split(str(options["features"]), "--features")
-            for f in feature_list:
-                if f not in FEATURES and not (is_hf(f) and len(f) > 3):
-                    raise UserError(f"--features: unknown {f!r}; allowed: {', '.join(FEATURES)} or hf:MODEL")
-            view_list = _split(str(options["views"]), "--views")
-            _strategy_names([str(options["focus"])])  # a config file's focus: a registered strategy
-            run_vlm_too = bool(options["vlm"])
-            notes: list[str] = []
-            if options["strategies"] is None:
-                names = list(tc.available())
-            else:
-                names = _strategy_names(_split(str(options["strategies"]), "--strategies"))
-            image_names = [n for n in names if runnable(tc.get(n)) is None]
-            for name in names:
-                reason = runnable(tc.get(name))
-                if reason is not None and not run_vlm_too:
-                    if options["strategies"] is not None:
-                        raise UserError(f"cannot run {name!r} on image tokens: {reason}; drop --no-vlm to run it inside a VLM")
-                    console.print(f"[yellow]skipping[/] {name}: {reason}")
-            specs = list(options["params"] or [])
-            grids: dict[str, dict[str, list[Any]]] = {k: dict(v) for k, v in DEFAULT_GRIDS.items()} if not specs else {}
-            for spec in specs:
-                strat, key, values = _param_grid(spec)
-                if strat not in names:
-                    raise UserError(f"--param {spec!r} names {strat!r}, which is not among the strategies run: {', '.join(names)}")
-                if key in grids.get(strat, {}):
-                    raise UserError(f"--param {strat}.{key} is given twice; give its values once, as {strat}.{key}=V1,V2")
-                grids.setdefault(strat, {})[key] = values
-            image_configs = configurations(image_names, grids, options["seed"])
-            # Inside the VLM: each strategy once at its defaults, unless a grid was given for it explicitly.
-            vlm_configs = configurations(names, grids if specs else {}, options["seed"]) if run_vlm_too else []
-            needing_cls = [n for n in image_names if "cls_attention" in tc.get(n).requires]
-            if needing_cls and any(not is_hf(f) for f in feature_list):
-                notes.append(f"{', '.join(needing_cls)} on efficientnet / pixels tokens: {CLS_PROXY_NOTE}")
-                console.print(f"[yellow]note[/] for {', '.join(needing_cls)}: {CLS_PROXY_NOTE}")
-            if run_vlm_too:
-                notes.append(VLM_NOTE)
-            target: Path = _output_folder(options["out"])
-            picked = load_image_folder(options["images"]) if options["images"] is not None else bundled_images()
-            if options["max_images"] is not None:
-                picked = picked[: options["max_images"]]
-            meta = _meta({**options, "budgets": budget_list, "features": feature_list, "views": view_list}, len(picked), notes)
-            rows: list[dict[str, Any]] = []
-            if resume and (target / "results.json").is_file():
-                rows, old = load_results(target)
-                differ = [k for k in ("seed", "images", "n_images", "views") if k in old and old[k] != meta[k]]
-                if differ:
-                    raise UserError(
-                        f"--resume: {str(target)!r} was run with different {', '.join(differ)} "
-                        f"({', '.join(f'{k}={old[k]!r}' for k in differ)}); give the same options or another --out"
-                    )
-                console.print(f"resuming: {len(rows)} finished cells in {target}")
-            elif (target / "results.json").is_file():
-                console.print(f"[yellow]note[/] replacing the results in {target} (--resume continues them instead)")
-            done = {row_key(r) for r in rows if not r.get("skipped")}
-            rows = [r for r in rows if row_key(r) in done]
-            run.update(target=target, rows=rows, meta=meta, fresh=0)
-            cells_per_set = [(f, [(n, p, b) for (n, p) in image_configs for b in budget_list if cell_key(f, n, p, b) not in done])
-                             for f in feature_list]
-            from tokencomp.analysis.vlm import budget_runs
+    with _user_errors(on_interrupt=lambda: _interrupted(run)):
+        from_file = _read_config(config) if config is not None else {}
+        options = {k: given.get(k) if given.get(k) is not None else from_file.get(k, default)
+                   for k, default in ABLATE_DEFAULTS.items()}
+        options["out"] = Path(options["out"])
+        options["images"] = Path(options["images"]) if options["images"] else None
+        budget_list = _parse_budgets(str(options["budgets"]))
+        feature_list = _split(str(options["features"]), "--features")
+        for f in feature_list:
+            if f not in FEATURES and not (is_hf(f) and len(f) > 3):
+                raise UserError(f"--features: unknown {f!r}; allowed: {', '.join(FEATURES)} or hf:MODEL")
+        view_list = _split(str(options["views"]), "--views")
+        _strategy_names([str(options["focus"])])  # a config file's focus: a registered strategy
+        run_vlm_too = bool(options["vlm"])
+        notes: list[str] = []
+        if options["strategies"] is None:
+            names = list(tc.available())
+        else:
+            names = _strategy_names(_split(str(options["strategies"]), "--strategies"))
+        image_names = [n for n in names if runnable(tc.get(n)) is None]
+        for name in names:
+            reason = runnable(tc.get(name))
+            if reason is not None and not run_vlm_too:
+                if options["strategies"] is not None:
+                    raise UserError(f"cannot run {name!r} on image tokens: {reason}; drop --no-vlm to run it inside a VLM")
+                console.print(f"[yellow]skipping[/] {name}: {reason}")
+        specs = list(options["params"] or [])
+        grids: dict[str, dict[str, list[Any]]] = {k: dict(v) for k, v in DEFAULT_GRIDS.items()} if not specs else {}
+        for spec in specs:
+            strat, key, values = _param_grid(spec)
+            if strat not in names:
+                raise UserError(f"--param {spec!r} names {strat!r}, which is not among the strategies run: {', '.join(names)}")
+            if key in grids.get(strat, {}):
+                raise UserError(f"--param {strat}.{key} is given twice; give its values once, as {strat}.{key}=V1,V2")
+            grids.setdefault(strat, {})[key] = values
+        image_configs = configurations(image_names, grids, options["seed"])
+        # Inside the VLM: each strategy once at its defaults, unless a grid was given for it explicitly.
+        vlm_configs = configurations(names, grids if specs else {}, options["seed"]) if run_vlm_too else []
+        needing_cls = [n for n in image_names if "cls_attention" in tc.get(n).requires]
+        if needing_cls and any(not is_hf(f) for f in feature_list):
+            notes.append(f"{', '.join(needing_cls)} on efficientnet / pixels tokens: {CLS_PROXY_NOTE}")
+            console.print(f"[yellow]note[/] for {', '.join(needing_cls)}: {CLS_PROXY_NOTE}")
+        if run_vlm_too:
+            notes.append(VLM_NOTE)
+        target: Path = _output_folder(options["out"])
+        picked = load_image_folder(options["images"]) if options["images"] is not None else bundled_images()
+        if options["max_images"] is not None:
+            picked = picked[: options["max_images"]]
+        meta = _meta({**options, "budgets": budget_list, "features": feature_list, "views": view_list}, len(picked), notes)
+        rows: list[dict[str, Any]] = []
+        if resume and (target / "results.json").is_file():
+            rows, old = load_results(target)
+            differ = [k for k in ("seed", "images", "n_images", "views") if k in old and old[k] != meta[k]]
+            if differ:
+                raise UserError(
+                    f"--resume: {str(target)!r} was run with different {', '.join(differ)} "
+                    f"({', '.join(f'{k}={old[k]!r}' for k in differ)}); give the same options or another --out"
+                )
+            console.print(f"resuming: {len(rows)} finished cells in {target}")
+        elif (target / "results.json").is_file():
+            console.print(f"[yellow]note[/] replacing the results in {target} (--resume continues them instead)")
+        done = {row_key(r) for r in rows if not r.get("skipped")}
+        rows = [r for r in rows if row_key(r) in done]
+        run.update(target=target, rows=rows, meta=meta, fresh=0)
+        cells_per_set = [(f, [(n, p, b) for (n, p) in image_configs for b in budget_list if cell_key(f, n, p, b) not in done])
+                         for f in feature_list]
+        from tokencomp.analysis.vlm import budget_runs
 
-            vlm_todo = [(n, p, b) for (n, base) in vlm_configs for p, _, b, _ in budget_runs(n, base, budget_list)
-                        if cell_key(VLM_FEATURES, n, p, b) not in done]
-            token_sets = []
-            with console.status("extracting visual tokens..."):
-                for f, todo in cells_per_set:
-                    if todo:
-                        token_sets.append(make_tokens(f, picked, view_list))
-            total = sum(len(t) for _, t in cells_per_set) + len(vlm_todo)
-            last_save = [0.0]
+        vlm_todo = [(n, p, b) for (n, base) in vlm_configs for p, _, b, _ in budget_runs(n, base, budget_list)
+                    if cell_key(VLM_FEATURES, n, p, b) not in done]
+        token_sets = []
+        with console.status("extracting visual tokens..."):
+            for f, todo in cells_per_set:
+                if todo:
+                    token_sets.append(make_tokens(f, picked, view_list))
+        total = sum(len(t) for _, t in cells_per_set) + len(vlm_todo)
+        last_save = [0.0]
 
-            def saved(row: dict[str, Any]) -> None:
-                rows.append(row)
-                run["fresh"] += 1
-                progress.advance(task)
-                if time.monotonic() - last_save[0] > 5:
-                    save_results(target, rows, meta)
-                    run["fresh"] = 0
-                    last_save[0] = time.monotonic()
+        def saved(row: dict[str, Any]) -> None:
+            rows.append(row)
+            run["fresh"] += 1
+            progress.advance(task)
+            if time.monotonic() - last_save[0] > 5:
+                save_results(target, rows, meta)
+                run["fresh"] = 0
+                last_save[0] = time.monotonic()
 
-            with Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-            ) as progress:
-                task = progress.add_task("ablation", total=total)
-                run_ablation(token_sets, image_configs, budget_list, on_cell=saved, done=done)
-                if vlm_todo:
-                    from tokencomp.analysis.tiny_vlm import tiny_llava
-                    from tokencomp.analysis.vlm import run_vlm
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
+            task = progress.add_task("ablation", total=total)
+            run_ablation(token_sets, image_configs, budget_list, on_cell=saved, done=done)
+            if vlm_todo:
+                from tokencomp.analysis.tiny_vlm import tiny_llava
+                from tokencomp.analysis.vlm import run_vlm
 
-                    progress.update(task, description="inside a tiny LLaVA")
-                    model = tiny_llava(image_size=336, layers=32)
-                    run_vlm(model, [img for _, img in picked], vlm_configs, budget_list, seed=options["seed"],
-                            on_cell=lambda c: saved(c.row(VLM_FEATURES)),
-                            skip=lambda n, p, b: cell_key(VLM_FEATURES, n, p, b) in done)
-            join_flash(rows)
-            save_results(target, rows, meta)
-            report = write_report(target, rows, meta, picked[0][1] if picked else None, focus=str(options["focus"]))
-        except KeyboardInterrupt:
-            _interrupted(run)
+                progress.update(task, description="inside a tiny LLaVA")
+                model = tiny_llava(image_size=336, layers=32)
+                run_vlm(model, [img for _, img in picked], vlm_configs, budget_list, seed=options["seed"],
+                        on_cell=lambda c: saved(c.row(VLM_FEATURES)),
+                        skip=lambda n, p, b: cell_key(VLM_FEATURES, n, p, b) in done)
+        join_flash(rows)
+        save_results(target, rows, meta)
+        report = write_report(target, rows, meta, picked[0][1] if picked else None, focus=str(options["focus"]))
     _print_tables(rows)
     console.print(f"results written to {target / 'results.csv'} and {target / 'results.json'}; report: {report}")
 
