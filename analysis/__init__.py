@@ -5,29 +5,44 @@
 - Positional bias: :func:`position_bias` (content shuffled over positions) and :func:`kept_heatmap`.
 - FlashAttention compatibility, measured: :func:`run_vlm` runs each strategy under a forced
   FLASH_ATTENTION backend; :func:`attention_cost` times eager attention against SDPA.
-- The grid behind ``tokencomp ablate`` (:mod:`.ablation`), its saved results (:mod:`.results`) and
-  ``report.md`` with plots (:func:`write_report`).
+- The grid behind ``tokencomp ablate`` (:mod:`.ablation`, its defaults in :mod:`.grid`), its saved
+  results (:mod:`.results`) and ``report.md`` with plots (:func:`write_report`).
+
+The names below are imported on first use, so that ``import tokencomp.analysis.grid`` (the command
+line's defaults) does not load scipy, matplotlib or the models.
 """
 
-from .position import kept_heatmap, position_bias
-from .prediction import pooled, pred_agreement
-from .report import compare, write_report
-from .results import load_results, save_results
-from .retention import lstsq_error, recon_error, reconstruct
-from .vlm import attention_cost, run_vlm
+from __future__ import annotations
 
-__all__ = [
-    "attention_cost",
-    "compare",
-    "kept_heatmap",
-    "load_results",
-    "lstsq_error",
-    "pooled",
-    "position_bias",
-    "pred_agreement",
-    "recon_error",
-    "reconstruct",
-    "run_vlm",
-    "save_results",
-    "write_report",
-]
+import importlib
+from typing import Any
+
+# Each public name and the submodule that defines it.
+_HOME = {
+    "attention_cost": "vlm",
+    "compare": "report",
+    "kept_heatmap": "position",
+    "load_results": "results",
+    "lstsq_error": "retention",
+    "pooled": "prediction",
+    "position_bias": "position",
+    "pred_agreement": "prediction",
+    "recon_error": "retention",
+    "reconstruct": "retention",
+    "run_vlm": "vlm",
+    "save_results": "results",
+    "write_report": "report",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

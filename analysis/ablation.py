@@ -17,6 +17,7 @@ from tokencomp.base import Compressor
 from tokencomp.errors import InputError
 from tokencomp.features import FEATURES, EfficientNetTokens, HFVisionTokens, is_hf, pixel_patches
 
+from .grid import DEFAULT_GRIDS, DEFAULT_VIEWS, VIEWS
 from .position import kept_heatmap, position_bias
 from .prediction import pred_agreement
 from .results import cell_key, mean_ci
@@ -35,10 +36,6 @@ __all__ = [
     "run_ablation",
 ]
 
-# ApET's variant grid (basis x error norm) runs by default; other strategies run with their defaults.
-DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
-    "apet": {"basis": ["fps", "qr", "random"], "error_norm": ["l2", "l1", "linf", "relative"]},
-}
 # Context fields the image ablation can provide. Neither feature set has a [CLS] token, so
 # ``cls_attention`` is a stated proxy (see :func:`mean_token_attention`).
 PROVIDED_CONTEXT = ("grid", "cls_attention")
@@ -98,8 +95,6 @@ def mean_token_attention(tokens: torch.Tensor) -> torch.Tensor:
     return ((x @ query.transpose(1, 2)).squeeze(-1) / math.sqrt(x.shape[-1])).softmax(dim=-1)
 
 
-VIEWS = ("full", "flip", "crop", "crop-tl", "crop-br")
-DEFAULT_VIEWS = ("full", "flip", "crop-tl", "crop-br")
 
 
 def _crop(img: np.ndarray, where: str) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 import tokencomp as tc
 from tokencomp.errors import InputError
 
+from .grid import DEFAULT_FOCUS
 from .results import flash_measurements, mean_ci, write_atomic
 
 __all__ = [
@@ -151,7 +152,7 @@ def _fmt(cell: Optional[tuple[float, float, bool]], digits: int = 4) -> str:
     return text + (f" ± {ci:.{digits}f}" if not math.isnan(ci) else "")
 
 
-def compare(rows: list[dict[str, Any]], focus: str = "apet") -> list[dict[str, Any]]:
+def compare(rows: list[dict[str, Any]], focus: str = DEFAULT_FOCUS) -> list[dict[str, Any]]:
     """The focus strategy (default parameters) against each reference, per feature set, budget and metric.
 
     The references are the registered strategies without a paper (``random``, ``pooling``). For each
@@ -230,7 +231,7 @@ def _flash_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plots: list[str], focus: str = "apet") -> str:
+def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plots: list[str], focus: str = DEFAULT_FOCUS) -> str:
     """The text of ``report.md``."""
     lines = ["# tokencomp ablation report", ""]
     if meta:
@@ -435,7 +436,7 @@ def render_plots(rows: list[dict[str, Any]], out: Path, example: Optional[np.nda
 
 
 def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], example: Optional[np.ndarray],
-                 focus: str = "apet") -> Path:
+                 focus: str = DEFAULT_FOCUS) -> Path:
     """Render the plots and ``report.md`` into ``out``; returns the report's path."""
     plots = render_plots(rows, out, example)
     text = render_markdown(rows, meta, plots, focus)

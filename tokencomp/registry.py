@@ -16,7 +16,7 @@ from typing import Any, Callable, TypeVar
 from .base import Compressor
 from .errors import InvalidParameterError, UnknownStrategyError
 
-__all__ = ["ENTRY_POINT_GROUP", "available", "create", "get", "register"]
+__all__ = ["ENTRY_POINT_GROUP", "available", "capability_row", "create", "get", "register"]
 
 ENTRY_POINT_GROUP = "tokencomp.strategies"
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
@@ -193,3 +193,30 @@ def create(name: str, **params: Any) -> Compressor:
             f"allowed: {', '.join(allowed) if allowed else 'none'}."
         )
     return cls(**params)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def capability_row(name: str) -> dict[str, str]:
+    """What the registered strategy ``name`` declares, as plain-text cells under their column titles.
+
+    The one source of ``tokencomp ls``, the README's table (``ls --markdown``) and the docs' strategy
+    table and pages; each picks the columns it shows and formats them.
+    """
+    cls = get(name)
+    return {
+        "name": name,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "paper": cls.paper or "(reference)",
+        "summary": cls.summary,
+        "stage": cls.stage,
+        "needs attention": _yes(cls.needs_attention),
+        "FlashAttention / SDPA": cls.flash_attention(),
+        "text-conditioned": _yes(cls.text_conditioned),
+        "deterministic": "yes" if cls.deterministic else "no (seeded)",
+        "context it needs": ", ".join(cls.requires) or "none",
+        "time": cls.complexity or "?",
+        "padded batches": cls.padding,
+    }

@@ -16,7 +16,7 @@ import typer
 
 import tokencomp as tc
 from tokencomp.cli import app
-
+from tokencomp.registry import capability_row
 
 
 def _cell(text: str) -> str:
@@ -28,6 +28,24 @@ def _defaults(name: str) -> str:
     return ", ".join(f"``{k}={json.dumps(v)}``" for k, v in params.items()) or "none"
 
 
+# The columns of the strategies table and of each strategy's page (tokencomp.registry.capability_row's
+# titles; "defaults" is added here).
+TABLE_COLUMNS = ("paper", "stage", "needs attention", "FlashAttention / SDPA", "text-conditioned", "defaults")
+PAGE_ROWS = ("paper", "summary", "stage", "needs attention", "FlashAttention / SDPA", "text-conditioned",
+             "deterministic", "context it needs", "time", "padded batches", "defaults")
+
+
+def _row(name: str) -> dict[str, str]:
+    """capability_row(name) as reST cells, with the class linked and the defaults."""
+    row = {k: _cell(v) for k, v in capability_row(name).items()}
+    row["class"] = f":class:`{row['class']}`"
+    row["context it needs"] = ", ".join(f"``{r}``" for r in tc.get(name).requires) or "none"
+    row["time"] = f"``{row['time']}``" if tc.get(name).complexity else "undeclared"
+    row["padded batches"] = f"``{row['padded batches']}``"
+    row["defaults"] = _defaults(name)
+    return row
+
+
 def _table() -> str:
     lines = [
         ".. list-table:: Registered strategies (generated from the registry when the docs are built)",
@@ -35,47 +53,21 @@ def _table() -> str:
         "   :widths: 12 30 8 8 16 8 18",
         "",
         "   * - name",
-        "     - paper",
-        "     - stage",
-        "     - needs attention",
-        "     - FlashAttention / SDPA",
-        "     - text-conditioned",
-        "     - defaults",
+        *(f"     - {c}" for c in TABLE_COLUMNS),
     ]
     for name in tc.available():
-        cls = tc.get(name)
-        lines += [
-            f"   * - :doc:`{name} <generated/{name}>`",
-            f"     - {_cell(cls.paper or '(reference)')}",
-            f"     - {cls.stage}",
-            f"     - {'yes' if cls.needs_attention else 'no'}",
-            f"     - {_cell(cls.flash_attention())}",
-            f"     - {'yes' if cls.text_conditioned else 'no'}",
-            f"     - {_defaults(name)}",
-        ]
+        row = _row(name)
+        lines += [f"   * - :doc:`{name} <generated/{name}>`", *(f"     - {row[c]}" for c in TABLE_COLUMNS)]
     return "\n".join(lines) + "\n"
 
 
 def _page(name: str, index: bool = True) -> str:
     cls = tc.get(name)
     title = f"``{name}``"
-    rows = [
-        ("class", f":class:`{cls.__module__}.{cls.__qualname__}`"),
-        ("paper", _cell(cls.paper or "(reference strategy)")),
-        ("summary", _cell(cls.summary)),
-        ("stage", cls.stage),
-        ("needs attention", "yes" if cls.needs_attention else "no"),
-        ("FlashAttention / SDPA", _cell(cls.flash_attention())),
-        ("text-conditioned", "yes" if cls.text_conditioned else "no"),
-        ("deterministic", "yes" if cls.deterministic else "no (seeded)"),
-        ("context it needs", ", ".join(f"``{r}``" for r in cls.requires) or "none"),
-        ("time", f"``{cls.complexity}``" if cls.complexity else "undeclared"),
-        ("padded batches", f"``{cls.padding}``"),
-        ("defaults", _defaults(name)),
-    ]
+    row = _row(name)
     table = [".. list-table::", "   :widths: 25 75", ""]
-    for key, value in rows:
-        table += [f"   * - {key}", f"     - {value}"]
+    for key in ("class", *PAGE_ROWS):
+        table += [f"   * - {key}", f"     - {row[key]}"]
     return "\n".join([
         title, "=" * len(title), "",
         *table, "",
