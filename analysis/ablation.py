@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Container, Iterable, Optional
 
@@ -15,9 +14,10 @@ import torch
 import tokencomp as tc
 from tokencomp.base import Compressor
 from tokencomp.errors import InputError
-from tokencomp.features import FEATURES, EfficientNetTokens, HFVisionTokens, is_hf, pixel_patches
+from tokencomp.analysis.features import FEATURES, EfficientNetTokens, HFVisionTokens, is_hf, pixel_patches
 
 from .grid import DEFAULT_GRIDS, DEFAULT_VIEWS, VIEWS
+from .measure import timed
 from .position import kept_heatmap, position_bias
 from .prediction import pred_agreement
 from .results import cell_key, mean_ci
@@ -243,9 +243,7 @@ def measure_cell(ts: TokenSet, name: str, params: dict[str, Any], budget: int | 
     """
     comp = tc.create(name, **params)
     context = ts.context()
-    start = time.perf_counter()
-    result = comp.compress(ts.tokens, budget, context)
-    elapsed = (time.perf_counter() - start) * 1000
+    result, elapsed = timed(lambda: comp.compress(ts.tokens, budget, context))
     recon, lstsq = recon_error(ts.tokens, result), lstsq_error(ts.tokens, result)
     row: dict[str, Any] = {
         "features": ts.name, "strategy": name, "params": params, "budget": budget, "kept": result.kept,

@@ -27,7 +27,6 @@ import csv
 import math
 import re
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -38,7 +37,7 @@ from tokencomp.errors import InputError
 from tokencomp.testing import make_context
 
 from .authors_apet import authors_apet
-from .vlm import peak_memory
+from .measure import peak_bytes, time_ms
 
 FRAME_TOKENS = 576  # one LLaVA-1.5 image (24 x 24 patches) or one video frame
 SCALING_FRAMES = (1, 2, 4, 8, 16, 32)
@@ -83,49 +82,6 @@ class BenchShape:
             return (self.n // frame_tokens, side, side)
         root = math.isqrt(self.n)
         return (root, root) if root * root == self.n else None
-
-
-# ---------------------------------------------------------------------- timing and memory
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels on ``device`` (a no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(
-    fn: Callable[[], Any], repeats: int, device: torch.device = torch.device("cpu"), long_ms: float = 2000.0
-) -> float:
-    """Fastest wall time of ``fn`` in milliseconds over ``repeats`` calls, after one warm-up call.
-
-    The minimum, as ``timeit`` advises: other processes only ever add time, so the fastest call is
-    the one least disturbed, and a ratio of two minima compares the two computations themselves.
-    A call whose warm-up took longer than ``long_ms`` is timed once more only (seconds-long calls
-    are not disturbed by much in relative terms).
-    """
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    if (time.perf_counter() - start) * 1e3 > long_ms:
-        repeats = 1
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return min(times)
-
-
-def peak_bytes(fn: Callable[[], Any], device: torch.device = torch.device("cpu")) -> int:
-    """Largest number of bytes ``fn`` had allocated at once on ``device`` beyond what existed before."""
-    if device.type == "cuda":
-        synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    return peak_memory(fn)[1]
 
 
 def bench_tokens(shape: BenchShape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokencomp.features import FEATURES
+from tokencomp.analysis.features import FEATURES
 
 __all__ = [
     "DEFAULT_BUDGETS",

@@ -368,7 +368,7 @@ def plot_overlays(rows: list[dict[str, Any]], features: str, image: np.ndarray, 
     """The example image with the tokens each strategy keeps shown and the rest dimmed."""
     import torch
 
-    from tokencomp.features import square_image
+    from tokencomp.analysis.features import square_image
 
     reps = [r for r in _representatives(rows, features) if r.get("example_kept") is not None and r.get("grid")]
     if not reps:

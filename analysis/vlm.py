@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -33,9 +32,10 @@ import torch
 import tokencomp as tc
 from tokencomp.base import Compressor
 from tokencomp.errors import AttentionUnavailableError, InputError
-from tokencomp.features import CLIP_MEAN, CLIP_STD, normalised_images
+from tokencomp.analysis.features import CLIP_MEAN, CLIP_STD, normalised_images
 from tokencomp.types import CompressionResult
 
+from .measure import peak_memory, time_ms, timed
 from .position import kept_heatmap, uniform_distance
 from .results import mean_ci
 
@@ -48,7 +48,6 @@ __all__ = [
     "llava_inputs",
     "model_shape",
     "next_token_logprobs",
-    "peak_memory",
     "record_kept",
     "run_vlm",
     "shuffle_patches",
@@ -144,21 +143,6 @@ class AttentionShape:
     causal: bool = True
 
 
-def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """Run ``fn`` under the PyTorch profiler; return its output and the peak of the bytes it had allocated
-    on the CPU at any moment (allocations minus frees, in time order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    current = peak = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    return out, peak
-
-
 class _AttentionModule(torch.nn.Module):
     """The attributes transformers' attention functions read from their module."""
 
@@ -202,14 +186,8 @@ def attention_cost(shape: AttentionShape, repeats: int = 3, seed: int = 0) -> di
     outputs = {}
     with torch.no_grad():
         for name, fn in (("eager", eager), ("sdpa", sdpa)):
-            fn()  # warm-up
-            best = math.inf
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - start)
+            result[f"{name}_ms"] = time_ms(fn, repeats, long_ms=math.inf)
             outputs[name], peak = peak_memory(fn)
-            result[f"{name}_ms"] = best * 1000
             result[f"{name}_peak_mib"] = peak / 2**20
     if not torch.allclose(outputs["eager"], outputs["sdpa"], atol=1e-4, rtol=1e-3):
         raise RuntimeError("attention_cost: eager and SDPA attention disagree; the comparison would be meaningless")
@@ -382,9 +360,7 @@ def run_vlm(
             def run(batch: dict, fallback: bool) -> tuple[torch.Tensor, KeptLog, float]:
                 with record_kept([comp]) as log, sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     with tc.apply(model, comp, budget=budget, point=point, allow_eager_fallback=fallback):
-                        start = time.perf_counter()
-                        logprobs = next_token_logprobs(model, batch)
-                        elapsed = (time.perf_counter() - start) * 1000
+                        logprobs, elapsed = timed(lambda: next_token_logprobs(model, batch))
                 return logprobs, log, elapsed
 
             try:

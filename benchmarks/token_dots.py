@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from tokencomp.analysis.bench import time_ms
+from tokencomp.analysis.measure import time_ms
 from tokencomp.kernels import column_dots, column_pieces, padded_columns, padded_rows, token_dots
 
 

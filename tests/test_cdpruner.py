@@ -132,7 +132,7 @@ def test_peak_memory_is_bounded(monkeypatch):
     # The normalised tokens (1x) and k directions of length D; no k vectors of length N (the literal
     # update's k / D = 1.1x the input here, 2.25x at video scale), no N x N kernel.
     import tokencomp.kernels.blocks as blocks
-    from tokencomp.analysis.vlm import peak_memory
+    from tokencomp.analysis.measure import peak_memory
 
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 15)
     x, img, txt = inputs(1, 2304, 256, 32, 3, 0)

@@ -136,7 +136,7 @@ def test_peak_memory_is_bounded(monkeypatch):
     # 4608 tokens (8 frames), 12.5 % kept, blocks of 64 Ki elements: no normalised or absolute-valued
     # copy of the tokens, no gathered [B, N, D] image states (the previous kernels peaked at 1x / 2x).
     import tokencomp.kernels.blocks as blocks
-    from tokencomp.analysis.vlm import peak_memory
+    from tokencomp.analysis.measure import peak_memory
 
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 16)
     n = 4608

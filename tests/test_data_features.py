@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tokencomp.data import BUNDLED_IMAGES, bundled_images, load_image_folder, to_rgb
-from tokencomp.features import EfficientNetTokens, pixel_patches, square_image
+from tokencomp.analysis.data import BUNDLED_IMAGES, bundled_images, load_image_folder, to_rgb
+from tokencomp.analysis.features import EfficientNetTokens, pixel_patches, square_image
 
 
 def test_bundled_images_load_offline_as_rgb():

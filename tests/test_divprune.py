@@ -125,7 +125,7 @@ def test_peak_memory_is_bounded(monkeypatch):
     # Beyond the float32 normalised tokens (1x), only tiles of BLOCK_ELEMENTS and [B, N] vectors:
     # no column block of all N rows, no [N, N] matrix (the authors' 12x the input here).
     import tokencomp.kernels.blocks as blocks
-    from tokencomp.analysis.vlm import peak_memory
+    from tokencomp.analysis.measure import peak_memory
 
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 15)
     x = tokens(1, 1536, 128, 0)

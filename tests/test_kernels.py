@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import tokencomp as tc
 import tokencomp.kernels.blocks as blocks
 from reference_apet import literal_fps
-from tokencomp.analysis.vlm import peak_memory
+from tokencomp.analysis.measure import peak_memory
 from tokencomp.kernels import (
     batched_gather,
     cosine_match,

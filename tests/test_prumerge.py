@@ -175,7 +175,7 @@ def test_peak_memory_is_bounded(monkeypatch):
     # tokens, the output), only blocks are allocated (no normalised copy of the tokens, no dense [K, N]
     # weights, no [K, knn, D] neighbour rows).
     import tokencomp.kernels.blocks as blocks
-    from tokencomp.analysis.vlm import peak_memory
+    from tokencomp.analysis.measure import peak_memory
 
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 16)
     x, a = tokens(1, 2304, 256, 0), attention(1, 2304, 0)

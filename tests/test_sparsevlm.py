@@ -330,7 +330,7 @@ def test_peak_memory_is_bounded(monkeypatch):
     # [r, r] distances are never held whole: with blocks of 512 Ki elements the peak stays below half an
     # [r, r] float32 matrix (the previous kernel held the distances, a mask and a masked copy: 2.3 of them).
     import tokencomp.kernels.blocks as blocks
-    from tokencomp.analysis.vlm import peak_memory
+    from tokencomp.analysis.measure import peak_memory
     from tokencomp.strategies.sparsevlm import recycled_count
 
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 19)

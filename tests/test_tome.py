@@ -110,7 +110,7 @@ def test_peak_memory_is_bounded(monkeypatch):
     forms the size-weighted sums in its output: about N D floats in all. The earlier code also made a
     weighted copy of all tokens and held a whole 2048-row chunk of similarities, and fails this."""
     import tokencomp.kernels.blocks as blocks
-    from tokencomp.analysis.vlm import peak_memory
+    from tokencomp.analysis.measure import peak_memory
 
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 15)
     n, d = 2304, 128

@@ -164,7 +164,7 @@ def test_peak_memory_is_bounded(monkeypatch):
     # 4608 tokens (8 frames), 12.5 % kept, blocks of 64 Ki elements: the ~88 % merged tokens are never
     # gathered whole (the previous kernel did, peaking at 1.2x the input here).
     import tokencomp.kernels.blocks as blocks
-    from tokencomp.analysis.vlm import peak_memory
+    from tokencomp.analysis.measure import peak_memory
 
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 16)
     x, a = tokens(1, 4608, 128, 0), attention(1, 4608, 0)

@@ -217,7 +217,7 @@ def test_peak_memory_is_bounded(monkeypatch, cache):
     held a whole chunk of similarities, and fails this."""
     import tokencomp.kernels.blocks as blocks
     import tokencomp.strategies.vispruner as mod
-    from tokencomp.analysis.vlm import peak_memory
+    from tokencomp.analysis.measure import peak_memory
 
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1 << 15)
     n, d, k = 576, 384, 72

@@ -9,18 +9,18 @@ import pytest
 import torch
 
 import tokencomp as tc
+from tokencomp.analysis.measure import peak_memory
 from tokencomp.analysis.tiny_vlm import tiny_llava
 from tokencomp.analysis.vlm import (
     AttentionShape,
     attention_cost,
     budget_runs,
     llava_inputs,
-    peak_memory,
     record_kept,
     run_vlm,
     shuffle_patches,
 )
-from tokencomp.data import bundled_images
+from tokencomp.analysis.data import bundled_images
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ class AblateOptions:
 
 
 def _features(text: str) -> list[str]:
-    from tokencomp.features import FEATURES, is_hf
+    from tokencomp.analysis.features import FEATURES, is_hf
 
     names = _parse.comma_list(text, "--features")
     for f in names:

@@ -75,7 +75,7 @@ def _image_strategies(options: AblateOptions, names: list[str]) -> list[str]:
 def plan(options: AblateOptions) -> Plan:
     """The configurations ``options`` ask for, with the notes the report carries about them."""
     from tokencomp.analysis.ablation import CLS_PROXY_NOTE, configurations
-    from tokencomp.features import is_hf
+    from tokencomp.analysis.features import is_hf
 
     names = options.strategies if options.strategies is not None else list(tc.available())
     image_names = _image_strategies(options, names)
@@ -119,7 +119,7 @@ def _meta(options: AblateOptions, n_images: int, notes: list[str]) -> dict[str, 
 
 
 def _images(options: AblateOptions) -> list[tuple[str, Any]]:
-    from tokencomp.data import bundled_images, load_image_folder
+    from tokencomp.analysis.data import bundled_images, load_image_folder
 
     picked = load_image_folder(options.images) if options.images is not None else bundled_images()
     return picked if options.max_images is None else picked[: options.max_images]

@@ -43,7 +43,7 @@ def generate_command(
     ),
 ) -> None:
     """Answer with a real checkpoint, uncompressed and compressed, and show the token counts."""
-    from tokencomp.generate import build_inputs, compare_answers, load, load_image
+    from tokencomp.analysis.generate import build_inputs, compare_answers, load, load_image
 
     with user_errors():
         (budget_value,) = _parse.budgets(budget)

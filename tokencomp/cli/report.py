@@ -17,7 +17,7 @@ __all__ = ["report_command"]
 
 def _example_image(meta: dict[str, Any]) -> Any:
     """The first image of the run, for the kept-token overlays (``None`` when it cannot be found)."""
-    from tokencomp.data import BUNDLED_IMAGES, bundled_images, load_image_folder
+    from tokencomp.analysis.data import BUNDLED_IMAGES, bundled_images, load_image_folder
 
     try:
         if meta.get("images", "bundled") == "bundled":

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from .integrations import apply
+from tokencomp.integrations import apply
 
 
 @dataclass
