@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 import tokencomp as tc
+from tokencomp.analysis.features import FEATURES, EfficientNetTokens, HFVisionTokens, is_hf, pixel_patches
 from tokencomp.base import Compressor
 from tokencomp.errors import InputError
-from tokencomp.analysis.features import FEATURES, EfficientNetTokens, HFVisionTokens, is_hf, pixel_patches
 
 from .grid import DEFAULT_GRIDS, DEFAULT_VIEWS, VIEWS
 from .measure import timed

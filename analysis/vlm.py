@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 import tokencomp as tc
+from tokencomp.analysis.features import CLIP_MEAN, CLIP_STD, normalised_images
 from tokencomp.base import Compressor
 from tokencomp.errors import AttentionUnavailableError, InputError
-from tokencomp.analysis.features import CLIP_MEAN, CLIP_STD, normalised_images
 from tokencomp.types import CompressionResult
 
 from .measure import peak_memory, time_ms, timed

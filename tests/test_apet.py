@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import tokencomp as tc
 import tokencomp.strategies.apet as apet_module
-from tokencomp.kernels import qr_pivot_indices
 from reference_apet import literal_apet, literal_fps
+from tokencomp.kernels import qr_pivot_indices
 
 
 def _tokens(b, n, d, seed):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import spread_weights
 
+from tiny_models import spread_weights
 from tokencomp.analysis.features import HFVisionTokens, is_hf, square_image
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -273,7 +273,8 @@ def test_padded_rows_by_hand(n, padded):
 
 @given(n=st.integers(1, 100_000))
 def test_padded_rows_are_equal_aligned_pieces(n):
-    from tokencomp.kernels.matvec import PIECE_ALIGN, PIECE_GROUP, PIECE_ROWS, pieces as count
+    from tokencomp.kernels.matvec import PIECE_ALIGN, PIECE_GROUP, PIECE_ROWS
+    from tokencomp.kernels.matvec import pieces as count
 
     rows = tc.kernels.padded_rows(n)
     pieces = count(n)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import tokencomp as tc
-from tokencomp.testing import check_compressor
 from reference_prumerge import literal_outlier_count, literal_prumerge
 from tokencomp.strategies.prumerge import iqr_outlier_count
+from tokencomp.testing import check_compressor
 
 
 def tokens(b, n, d, seed):

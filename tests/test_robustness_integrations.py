@@ -8,7 +8,13 @@ import torch
 
 import tokencomp as tc
 from tiny_models import (
-    first_layer_lengths, left_pad_batch, llava_next_prompt, llava_prompt, qwen_prompt, tiny_llava, tiny_llava_next,
+    first_layer_lengths,
+    left_pad_batch,
+    llava_next_prompt,
+    llava_prompt,
+    qwen_prompt,
+    tiny_llava,
+    tiny_llava_next,
     tiny_qwen2_vl,
 )
 from tokencomp.integrations import SUPPORTED

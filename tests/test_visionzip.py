@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import tokencomp as tc
-from tokencomp.testing import check_compressor
 from reference_visionzip import literal_visionzip
 from tokencomp.strategies.visionzip import default_contextual
+from tokencomp.testing import check_compressor
 
 
 def tokens(b, n, d, seed):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tokencomp as tc
-from tokencomp.testing import check_compressor
 from reference_vispruner import literal_vispruner
+from tokencomp.testing import check_compressor
 
 
 def tokens(b, n, d, seed):

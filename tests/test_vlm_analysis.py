@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tokencomp as tc
+from tokencomp.analysis.data import bundled_images
 from tokencomp.analysis.measure import peak_memory
 from tokencomp.analysis.tiny_vlm import tiny_llava
 from tokencomp.analysis.vlm import (
@@ -20,7 +21,6 @@ from tokencomp.analysis.vlm import (
     run_vlm,
     shuffle_patches,
 )
-from tokencomp.analysis.data import bundled_images
 
 
 @pytest.fixture(scope="module")
