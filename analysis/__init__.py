@@ -5,8 +5,11 @@
 - Positional bias: :func:`position_bias` (content shuffled over positions) and :func:`kept_heatmap`.
 - FlashAttention compatibility, measured: :func:`run_vlm` runs each strategy under a forced
   FLASH_ATTENTION backend; :func:`attention_cost` times eager attention against SDPA.
-- The grid behind ``tokencomp ablate`` (:mod:`.ablation`, its defaults in :mod:`.grid`), its saved
-  results (:mod:`.results`) and ``report.md`` with plots (:func:`write_report`).
+- The modules, one job each: inputs (:mod:`.data` images, :mod:`.features` visual tokens, :mod:`.grid`
+  the ablation's defaults), metrics (:mod:`.retention`, :mod:`.prediction`, :mod:`.position`), measuring
+  (:mod:`.measure`), the image-token grid (:mod:`.ablation`), the in-model runner (:mod:`.vlm` on
+  :mod:`.tiny_vlm`; :mod:`.generate` on a real checkpoint), the kernel bench (:mod:`.bench`), saved rows
+  (:mod:`.results`) and the report (:mod:`.tables`, :mod:`.plots`, :mod:`.report`).
 
 The names below are imported on first use, so that ``import tokencomp.analysis.grid`` (the command
 line's defaults) does not load scipy, matplotlib or the models.
@@ -20,7 +23,7 @@ from typing import Any
 # Each public name and the submodule that defines it.
 _HOME = {
     "attention_cost": "vlm",
-    "compare": "report",
+    "compare": "tables",
     "kept_heatmap": "position",
     "load_results": "results",
     "lstsq_error": "retention",

@@ -321,8 +321,6 @@ def run_vlm(
     list of VLMCell
         In the order of ``configs`` x ``budgets``; a configuration the model cannot run has ``skipped`` set.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     if type(model).__name__ != "LlavaForConditionalGeneration":
         raise TypeError(
             f"run_vlm: builds LLaVA-1.5 prompts (one image per row); got a {type(model).__name__}. "
@@ -330,70 +328,86 @@ def run_vlm(
             "from_pretrained), or call tokencomp.apply on your own model and inputs."
         )
     budgets = list(budgets)
-    real_shapes = LLAVA_7B_SHAPES if real_shapes is None else real_shapes
-    inputs = llava_inputs(model, images, seed=seed)
-    patch = model.config.vision_config.patch_size
-    shuffled = dict(inputs, pixel_values=shuffle_patches(inputs["pixel_values"], patch, torch.Generator().manual_seed(seed)))
-    n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-    length = inputs["input_ids"].shape[1]
-    full = next_token_logprobs(model, inputs)
-    costs: dict[AttentionShape, dict[str, float]] = {}
+    bench = _Bench(model, images, seed, LLAVA_7B_SHAPES if real_shapes is None else real_shapes)
     cells: list[VLMCell] = []
-
-    def emit(cell: VLMCell) -> None:
-        cells.append(cell)
-        if on_cell is not None:
-            on_cell(cell)
     for name, base_params in configs:
         for params, budget, row_budget, reason in budget_runs(name, base_params, budgets):
             if skip is not None and skip(name, params, row_budget):
                 continue
-            if reason:
-                emit(VLMCell(strategy=name, params=params, budget=row_budget, n_images=len(images), skipped=reason))
-                continue
-            comp = tc.create(name, **params)
-            # Text-conditioned pre-LLM strategies score the tokens against the instruction's embeddings,
-            # which live in the language model's space: they act after the projector.
-            point = "post_projector" if comp.stage == "pre_llm" and "text_embeddings" in comp.requires else None
-            cell = VLMCell(strategy=name, params=params, budget=row_budget, n_images=len(images))
-
-            def run(batch: dict, fallback: bool) -> tuple[torch.Tensor, KeptLog, float]:
-                with record_kept([comp]) as log, sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    with tc.apply(model, comp, budget=budget, point=point, allow_eager_fallback=fallback):
-                        logprobs, elapsed = timed(lambda: next_token_logprobs(model, batch))
-                return logprobs, log, elapsed
-
-            try:
-                try:
-                    logprobs, log, elapsed = run(inputs, fallback=False)
-                    cell.flash_compatible = True
-                except AttentionUnavailableError as exc:  # any other error is a bug: it propagates
-                    cell.flash_compatible, cell.flash_error = False, str(exc).split("\n")[0]
-                    logprobs, log, elapsed = run(inputs, fallback=True)
-                shuffled_log = run(shuffled, fallback=not cell.flash_compatible)[1]
-            except InputError as exc:  # the strategy refuses this input (it says why); a bug propagates
-                cell.skipped = str(exc).split("\n")[0]
-                emit(cell)
-                continue
-            cell.time_ms = elapsed
-            kept = log.positions
-            cell.kept = float(kept.shape[1]) if kept is not None else float(n_visual)
-            agree = (logprobs.argmax(-1) == full.argmax(-1)).float()
-            kl = (full.exp() * (full - logprobs)).sum(-1).clamp(min=0)
-            cell.next_token_agreement, cell.next_token_agreement_ci = mean_ci(agree)
-            cell.logit_kl, cell.logit_kl_ci = mean_ci(kl)
-            cell.per_image = {"next_token_agreement": agree.tolist(), "logit_kl": kl.tolist()}
-            if kept is not None:
-                cell.heatmap = kept_heatmap(kept, n_visual)
-                cell.example_kept = kept[0].tolist()
-            if shuffled_log.positions is not None:
-                cell.position_bias = uniform_distance(shuffled_log.positions, n_visual)
-            if not cell.flash_compatible:
-                kind = eager_kind(type(comp))
-                shapes = [model_shape(kind, model, length)] + ([real_shapes[kind]] if kind in real_shapes else [])
-                for shape in shapes:
-                    if shape not in costs:
-                        costs[shape] = attention_cost(shape)
-                cell.eager_cost = {s.label: {"length": s.length, "heads": s.heads, "head_dim": s.head_dim, **costs[s]} for s in shapes}
-            emit(cell)
+            cell = VLMCell(strategy=name, params=params, budget=row_budget, n_images=len(images), skipped=reason)
+            if not reason:
+                bench.measure(cell, tc.create(name, **params), budget)
+            cells.append(cell)
+            if on_cell is not None:
+                on_cell(cell)
     return cells
+
+
+class _Bench:
+    """One model on one set of images: its uncompressed next-token distribution, the patch-shuffled
+    images for the position bias, and the eager / SDPA costs measured so far (each shape once)."""
+
+    def __init__(self, model: Any, images: list[np.ndarray], seed: int, real_shapes: dict[str, AttentionShape]) -> None:
+        self.model, self.real_shapes = model, real_shapes
+        self.inputs = llava_inputs(model, images, seed=seed)
+        pixels = shuffle_patches(self.inputs["pixel_values"], model.config.vision_config.patch_size,
+                                 torch.Generator().manual_seed(seed))
+        self.shuffled = dict(self.inputs, pixel_values=pixels)
+        self.n_visual = int((self.inputs["input_ids"][0] == model.config.image_token_id).sum())
+        self.length = self.inputs["input_ids"].shape[1]
+        self.full = next_token_logprobs(model, self.inputs)
+        self.costs: dict[AttentionShape, dict[str, float]] = {}
+
+    def _run(self, comp: Compressor, budget: Any, batch: dict, fallback: bool) -> tuple[torch.Tensor, KeptLog, float]:
+        """Next-token log-probabilities of ``batch`` with ``comp`` applied under a forced FLASH_ATTENTION
+        backend, the kept positions and the prefill's time."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # Text-conditioned pre-LLM strategies score the tokens against the instruction's embeddings,
+        # which live in the language model's space: they act after the projector.
+        point = "post_projector" if comp.stage == "pre_llm" and "text_embeddings" in comp.requires else None
+        with record_kept([comp]) as log, sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            with tc.apply(self.model, comp, budget=budget, point=point, allow_eager_fallback=fallback):
+                logprobs, elapsed = timed(lambda: next_token_logprobs(self.model, batch))
+        return logprobs, log, elapsed
+
+    def measure(self, cell: VLMCell, comp: Compressor, budget: Any) -> None:
+        """Fill ``cell`` with ``comp``'s measurements at ``budget`` (or why the strategy refused)."""
+        try:
+            try:
+                logprobs, log, elapsed = self._run(comp, budget, self.inputs, fallback=False)
+                cell.flash_compatible = True
+            except AttentionUnavailableError as exc:  # any other error is a bug: it propagates
+                cell.flash_compatible, cell.flash_error = False, str(exc).split("\n")[0]
+                logprobs, log, elapsed = self._run(comp, budget, self.inputs, fallback=True)
+            shuffled_log = self._run(comp, budget, self.shuffled, fallback=not cell.flash_compatible)[1]
+        except InputError as exc:  # the strategy refuses this input (it says why); a bug propagates
+            cell.skipped = str(exc).split("\n")[0]
+            return
+        cell.time_ms = elapsed
+        self._agreement(cell, logprobs, log.positions)
+        if shuffled_log.positions is not None:
+            cell.position_bias = uniform_distance(shuffled_log.positions, self.n_visual)
+        if not cell.flash_compatible:
+            self._eager_cost(cell, eager_kind(type(comp)))
+
+    def _agreement(self, cell: VLMCell, logprobs: torch.Tensor, kept: Optional[torch.Tensor]) -> None:
+        """Next-token agreement and KL against the uncompressed model, and where the kept tokens lie."""
+        cell.kept = float(kept.shape[1]) if kept is not None else float(self.n_visual)
+        agree = (logprobs.argmax(-1) == self.full.argmax(-1)).float()
+        kl = (self.full.exp() * (self.full - logprobs)).sum(-1).clamp(min=0)
+        cell.next_token_agreement, cell.next_token_agreement_ci = mean_ci(agree)
+        cell.logit_kl, cell.logit_kl_ci = mean_ci(kl)
+        cell.per_image = {"next_token_agreement": agree.tolist(), "logit_kl": kl.tolist()}
+        if kept is not None:
+            cell.heatmap = kept_heatmap(kept, self.n_visual)
+            cell.example_kept = kept[0].tolist()
+
+    def _eager_cost(self, cell: VLMCell, kind: str) -> None:
+        """Eager against SDPA at this model's shape and the real one for ``kind``, each shape timed once."""
+        shapes = [model_shape(kind, self.model, self.length)] + ([self.real_shapes[kind]] if kind in self.real_shapes else [])
+        for shape in shapes:
+            if shape not in self.costs:
+                self.costs[shape] = attention_cost(shape)
+        cell.eager_cost = {s.label: {"length": s.length, "heads": s.heads, "head_dim": s.head_dim, **self.costs[s]}
+                           for s in shapes}

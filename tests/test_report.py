@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from tokencomp.analysis.ablation import TokenSet, image_views, measure_cell
-from tokencomp.analysis.report import compare, metric_table, render_markdown
+from tokencomp.analysis.report import render_markdown
 from tokencomp.analysis.results import COLUMNS, join_flash, load_results, row_key, save_results
+from tokencomp.analysis.tables import compare, metric_table
 
 
 def _row(strategy, budget, recon, features="pixels", params=None, **extra):

@@ -77,7 +77,7 @@ def _mean_ci(cell: Any) -> str:
 
 def ablation_tables(rows: list[dict[str, Any]]) -> None:
     """One table per feature set and metric (mean ± 95 % CI), then the FlashAttention measurements."""
-    from tokencomp.analysis.report import METRICS, metric_table
+    from tokencomp.analysis.tables import METRICS, metric_table
 
     for features in dict.fromkeys(r["features"] for r in rows):
         for metric in METRICS:
@@ -95,8 +95,8 @@ def ablation_tables(rows: list[dict[str, Any]]) -> None:
 
 
 def _flash_table(rows: list[dict[str, Any]]) -> None:
-    from tokencomp.analysis.report import eager_ratios
     from tokencomp.analysis.results import flash_measurements
+    from tokencomp.analysis.tables import eager_ratios
 
     shown = []
     for name, (measured, failed) in flash_measurements(rows).items():

@@ -1,0 +1,252 @@
+"""The ablation's metrics and the tables built from result rows: one value (mean, 95 % CI, best) per
+strategy configuration and budget, and the focus strategy compared with the references image by image."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+import tokencomp as tc
+from tokencomp.errors import InputError
+
+from .grid import DEFAULT_FOCUS
+from .results import mean_ci
+
+__all__ = [
+    "METRICS",
+    "METRIC_BY_KEY",
+    "Metric",
+    "MetricTable",
+    "as_float",
+    "budget_name",
+    "compare",
+    "eager_ratios",
+    "is_default",
+    "label",
+    "metric_table",
+]
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    ci: Optional[str]
+    title: str
+    higher_is_better: bool
+    uncompressed: float
+
+
+METRICS = (
+    Metric(
+        "recon_error",
+        "recon_error_ci95",
+        "Reconstruction error (relative Frobenius; every input token rebuilt "
+        "from the output standing for it, nearest output if dropped)",
+        False,
+        0.0,
+    ),
+    Metric(
+        "lstsq_error",
+        "lstsq_error_ci95",
+        "Least-squares error (inputs projected on the span of the outputs)",
+        False,
+        0.0,
+    ),
+    Metric(
+        "pred_agreement",
+        "pred_agreement_ci95",
+        "Top-1 agreement of the ImageNet head on the pooled tokens "
+        "(outputs weighted by the inputs they stand for) with the uncompressed tokens",
+        True,
+        1.0,
+    ),
+    Metric(
+        "pred_kl", "pred_kl_ci95", "KL(uncompressed || compressed) of the ImageNet head's prediction, nats", False, 0.0
+    ),
+    Metric(
+        "next_token_agreement",
+        "next_token_agreement_ci95",
+        "Next-token top-1 agreement with the uncompressed VLM",
+        True,
+        1.0,
+    ),
+    Metric(
+        "logit_kl",
+        "logit_kl_ci95",
+        "KL(uncompressed || compressed) of the VLM's next-token distribution, nats",
+        False,
+        0.0,
+    ),
+    Metric(
+        "position_bias",
+        None,
+        "Position bias: Wasserstein distance of the kept positions from uniform after "
+        "shuffling the contents over the grid (0 = position-blind)",
+        False,
+        0.0,
+    ),
+    Metric(
+        "time_ms",
+        None,
+        "Compression time per batch of images (ms; VLM rows: the whole compressed prefill)",
+        False,
+        math.nan,
+    ),
+)
+METRIC_BY_KEY = {m.key: m for m in METRICS}
+
+
+def as_float(value: Any) -> float:
+    return math.nan if value is None or value == "" else float(value)
+
+
+def _params(row: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(row["params"]) if isinstance(row["params"], str) else dict(row["params"])
+
+
+def label(row: dict[str, Any]) -> str:
+    """``strategy`` and its parameters (the seed left out)."""
+    shown = {k: v for k, v in _params(row).items() if k != "seed"}
+    return row["strategy"] + "".join(f" {k}={v}" for k, v in shown.items())
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(strategy: str) -> Optional[dict[str, str]]:
+    """A strategy's default parameters, each as JSON (tuples and lists alike); ``None`` if unknown."""
+    try:
+        return {k: json.dumps(v, sort_keys=True) for k, v in tc.create(strategy).get_params().items()}
+    except InputError:  # a strategy this version does not have, or no longer accepts its defaults
+        return None
+
+
+def is_default(row: dict[str, Any]) -> bool:
+    defaults = _defaults(row["strategy"])
+    if defaults is None:
+        return False
+    params = {k: v for k, v in _params(row).items() if k != "seed"}
+    return all(k in defaults and defaults[k] == json.dumps(v, sort_keys=True) for k, v in params.items())
+
+
+def eager_ratios(row: dict[str, Any]) -> Optional[tuple[float, float]]:
+    """Eager over SDPA attention (time, peak memory) of a row, at its largest measured shape; ``None``
+    when the row needed no eager attention."""
+    if row.get("eager_ms") is None:
+        return None
+    return row["eager_ms"] / row["sdpa_ms"], row["eager_peak_mib"] / max(row["sdpa_peak_mib"], 1e-9)
+
+
+def budget_name(budget: Any) -> str:
+    return "own schedule" if budget is None else f"budget {budget}"
+
+
+@dataclass
+class MetricTable:
+    """A metric of one feature set: ``columns`` (budgets), and per configuration a label and cells
+    ``(value, ci, best)`` (``None`` where the configuration did not run at that budget)."""
+
+    features: str
+    metric: Metric
+    columns: list[Any]
+    kept: dict[Any, str]
+    rows: list[tuple[str, list[Optional[tuple[float, float, bool]]]]]
+    n_images: int
+
+
+def metric_table(rows: list[dict[str, Any]], features: str, key: str) -> Optional[MetricTable]:
+    """The table of metric ``key`` over the rows of ``features`` (``None`` when no row has it)."""
+    metric = METRIC_BY_KEY[key]
+    subset = [r for r in rows if r["features"] == features and not r.get("skipped")]
+    if not any(not math.isnan(as_float(r.get(key))) for r in subset):
+        return None
+    columns = list(dict.fromkeys(r["budget"] for r in subset))
+    columns.sort(key=lambda b: (b is None, b if b is not None else 0))
+    kept = {}
+    for b in columns:
+        ks = sorted({as_float(r["kept"]) for r in subset if r["budget"] == b})
+        kept[b] = (
+            "kept " + "/".join(f"{k:g}" for k in ks)
+            if b is None
+            else f"keep {ks[0]:g}"
+            if len(ks) == 1
+            else f"budget {b}"
+        )
+    pick = max if metric.higher_is_better else min
+    best = {}
+    for b in columns:
+        values = [as_float(r.get(key)) for r in subset if r["budget"] == b and not math.isnan(as_float(r.get(key)))]
+        best[b] = pick(values) if values else math.nan
+    body = []
+    for name in dict.fromkeys(label(r) for r in subset):
+        mine = {r["budget"]: r for r in subset if label(r) == name}
+        cells: list[Optional[tuple[float, float, bool]]] = []
+        for b in columns:
+            r = mine.get(b)
+            if r is None or math.isnan(as_float(r.get(key))):
+                cells.append(None)
+                continue
+            value = as_float(r.get(key))
+            cells.append((value, as_float(r.get(metric.ci)) if metric.ci else math.nan, value == best[b]))
+        body.append((name, cells))
+    return MetricTable(features, metric, columns, kept, body, int(max(as_float(r["n_images"]) for r in subset)))
+
+
+def compare(rows: list[dict[str, Any]], focus: str = DEFAULT_FOCUS) -> list[dict[str, Any]]:
+    """The focus strategy (default parameters) against each reference, per feature set, budget and metric.
+
+    The references are the registered strategies without a paper (``random``, ``pooling``). For each
+    metric with per-image values the paired difference ``focus - reference`` is averaged with a 95 %
+    confidence half-width; ``verdict`` says whether the focus keeps more information, less, or neither
+    measurably.
+    """
+    references = [n for n in tc.available() if not tc.get(n).paper]
+    out = []
+    focus_rows = [r for r in rows if r["strategy"] == focus and is_default(r) and not r.get("skipped")]
+    for fr in focus_rows:
+        for ref in references:
+            match = [
+                r
+                for r in rows
+                if r["strategy"] == ref
+                and r["features"] == fr["features"]
+                and r["budget"] == fr["budget"]
+                and not r.get("skipped")
+                and is_default(r)
+            ]
+            if not match:
+                continue
+            rr = match[0]
+            for key, values in (fr.get("per_image") or {}).items():
+                other = (rr.get("per_image") or {}).get(key)
+                if other is None or len(other) != len(values):
+                    continue
+                diff = np.asarray(values, dtype=float) - np.asarray(other, dtype=float)
+                mean, ci = mean_ci(diff)
+                better = mean > 0 if METRIC_BY_KEY[key].higher_is_better else mean < 0
+                if math.isnan(ci) or abs(mean) <= ci:
+                    verdict = "no measurable difference"
+                else:
+                    verdict = f"{focus} keeps more" if better else f"{focus} keeps less"
+                out.append(
+                    {
+                        "features": fr["features"],
+                        "budget": fr["budget"],
+                        "kept": fr["kept"],
+                        "metric": key,
+                        "focus": float(np.mean(values)),
+                        "reference": ref,
+                        "reference_value": float(np.mean(other)),
+                        "difference": mean,
+                        "ci95": ci,
+                        "n": len(diff),
+                        "verdict": verdict,
+                    }
+                )
+    return out
+
+
+# ---------------------------------------------------------------- markdown
