@@ -1,25 +1,21 @@
 """A literal, loop-based re-statement of the ApET authors' stage-1 procedure, one image at a time.
 
 Written from ``apet-reference.md`` (the authors' ``llava_arch.py`` / ``qwen2_5_vl_custom.py``), with
-no vectorisation, so that the batched strategy can be compared against it.
+no vectorisation, so that the batched strategy can be compared against it. Farthest-point sampling is
+not restated here: the authors' ``fps`` is :func:`tokencomp.analysis.authors_apet.authors_fps` (the speed
+reference of ``tokencomp bench``), and :func:`literal_fps` calls it on one image.
 """
 
 from __future__ import annotations
 
 import torch
 
+from tokencomp.analysis.authors_apet import authors_fps
+
 
 def literal_fps(x: torch.Tensor, m: int, start: int) -> list[int]:
-    n = x.shape[0]
-    dist = torch.full((n,), float("inf"))
-    cur = start
-    picked = []
-    for _ in range(m):
-        picked.append(cur)
-        d = ((x - x[cur]) ** 2).sum(-1)
-        dist = torch.minimum(dist, d)
-        cur = int(torch.argmax(dist))
-    return picked
+    """The authors' ``fps`` on one image ``x`` ``[N, D]`` from ``start``: the ``m`` picked positions."""
+    return authors_fps(x.unsqueeze(0), m, torch.tensor([start]))[0].tolist()
 
 
 def literal_apet(
