@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from contextvars import ContextVar
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
@@ -14,6 +14,12 @@ from tokencomp.errors import InputError
 from .padding import check_padding, compress_padded
 from .types import CompressionResult, Context
 from .validation import all_finite, check_finite, check_tokens, resolve_budget
+
+# The values of the string capabilities. tc.register checks every class against these and against
+# bool for the flags (tokencomp.registry.CAPABILITY_VALUES reads them from the annotations below).
+Stage = Literal["pre_llm", "in_llm"]
+InLLMPositions = Literal["keep", "renumber"]
+PaddingMode = Literal["rows", "native", "unsupported"]
 
 __all__ = ["Compressor"]
 
@@ -113,18 +119,18 @@ class Compressor(ABC):
     """
 
     name: ClassVar[str] = ""
-    stage: ClassVar[str] = "pre_llm"
+    stage: ClassVar[Stage] = "pre_llm"
     needs_attention: ClassVar[bool] = False
     text_conditioned: ClassVar[bool] = False
     deterministic: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    in_llm_positions: ClassVar[str] = "keep"
+    in_llm_positions: ClassVar[InLLMPositions] = "keep"
     budget_param: ClassVar[str] = ""
     complexity: ClassVar[str] = ""
     cost_regimes: ClassVar[dict[str, dict[str, Any]]] = {}
-    padding: ClassVar[str] = "rows"
+    padding: ClassVar[PaddingMode] = "rows"
     info_layout: ClassVar[dict[str, str]] = {}
     scale_invariant: ClassVar[bool] = False
     convex_outputs: ClassVar[bool] = True

@@ -10,6 +10,7 @@ import difflib
 import importlib
 import pkgutil
 import re
+import typing
 from importlib.metadata import entry_points
 from typing import Any, Callable, TypeVar
 
@@ -28,18 +29,24 @@ _loading = False
 C = TypeVar("C", bound=type[Compressor])
 
 
+def _capability_values() -> dict[str, tuple[Any, ...]]:
+    """Each capability attribute of :class:`Compressor` and the values it may take, read from its
+    annotations: a ``ClassVar[Literal[...]]`` takes those values, a ``ClassVar[bool]`` ``False`` or ``True``."""
+    found: dict[str, tuple[Any, ...]] = {}
+    for attribute, hint in typing.get_type_hints(Compressor).items():
+        if typing.get_origin(hint) is not typing.ClassVar:
+            continue
+        (inner,) = typing.get_args(hint)
+        if typing.get_origin(inner) is typing.Literal:
+            found[attribute] = typing.get_args(inner)
+        elif inner is bool:
+            found[attribute] = (False, True)
+    return found
+
+
 # The values each capability attribute of a Compressor may take (read by the integrations, the
 # analysis, the CLI and the docs, so a misspelled one must fail here rather than be ignored there).
-CAPABILITY_VALUES: dict[str, tuple[Any, ...]] = {
-    "stage": ("pre_llm", "in_llm"),
-    "in_llm_positions": ("keep", "renumber"),
-    "padding": ("rows", "native", "unsupported"),
-    "needs_attention": (False, True),
-    "text_conditioned": (False, True),
-    "deterministic": (False, True),
-    "scale_invariant": (False, True),
-    "convex_outputs": (False, True),
-}
+CAPABILITY_VALUES: dict[str, tuple[Any, ...]] = _capability_values()
 
 
 def _check_declarations(name: str, cls: type) -> None:
