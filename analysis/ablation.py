@@ -20,7 +20,7 @@ from .grid import DEFAULT_GRIDS, DEFAULT_VIEWS, VIEWS
 from .measure import timed
 from .position import kept_heatmap, position_bias
 from .prediction import pred_agreement
-from .results import cell_key, mean_ci
+from .results import Row, cell_key, mean_ci
 from .retention import lstsq_error, recon_error
 
 __all__ = [
@@ -231,7 +231,7 @@ def configurations(
     return configs
 
 
-def measure_cell(ts: TokenSet, name: str, params: dict[str, Any], budget: int | float) -> dict[str, Any]:
+def measure_cell(ts: TokenSet, name: str, params: dict[str, Any], budget: int | float) -> Row:
     """One strategy configuration at one budget on a token set: a results row (see
     :mod:`tokencomp.analysis.results`).
 
@@ -245,7 +245,7 @@ def measure_cell(ts: TokenSet, name: str, params: dict[str, Any], budget: int | 
     context = ts.context()
     result, elapsed = timed(lambda: comp.compress(ts.tokens, budget, context))
     recon, lstsq = recon_error(ts.tokens, result), lstsq_error(ts.tokens, result)
-    row: dict[str, Any] = {
+    row: Row = {
         "features": ts.name, "strategy": name, "params": params, "budget": budget, "kept": result.kept,
         "n_images": ts.tokens.shape[0], "time_ms": elapsed, "grid": list(ts.grid), "flash_measured": False,
     }
@@ -275,9 +275,9 @@ def run_ablation(
     token_sets: list[TokenSet],
     configs: list[tuple[str, dict[str, Any]]],
     budgets: Iterable[int | float],
-    on_cell: Optional[Callable[[dict[str, Any]], None]] = None,
+    on_cell: Optional[Callable[[Row], None]] = None,
     done: Container = (),
-) -> list[dict[str, Any]]:
+) -> list[Row]:
     """Every token set x configuration x budget through :func:`measure_cell`; cells whose
     :func:`~tokencomp.analysis.results.cell_key` is in ``done`` are skipped (``--resume``).
 

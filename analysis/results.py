@@ -9,29 +9,70 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, TypedDict
 
 import torch
 
 from tokencomp.errors import InputError
 
 __all__ = [
-    "COLUMNS", "REQUIRED_KEYS", "cell_key", "flash_measurements", "join_flash", "load_results", "mean_ci", "row_key",
+    "COLUMNS", "EAGER_KEYS", "REQUIRED_KEYS", "Row", "cell_key", "flash_measurements", "join_flash", "load_results", "mean_ci", "row_key",
     "save_results", "write_atomic",
 ]
 
-# results.csv columns, in order; results.json rows hold these and the per-image values, kept-token
-# heatmaps, the example image's kept positions and the eager-attention costs.
-COLUMNS = (
-    "features", "strategy", "params", "budget", "kept", "n_images",
-    "recon_error", "recon_error_ci95", "lstsq_error", "lstsq_error_ci95",
-    "pred_agreement", "pred_agreement_ci95", "pred_kl", "pred_kl_ci95",
-    "pred_agreement_unweighted", "pred_kl_unweighted",
-    "next_token_agreement", "next_token_agreement_ci95", "logit_kl", "logit_kl_ci95",
-    "position_bias", "flash_compatible", "flash_error",
-    "eager_ms", "sdpa_ms", "eager_peak_mib", "sdpa_peak_mib",
-    "time_ms", "skipped",
-)
+# What eager attention cost against SDPA for a strategy that needs it (a row's largest measured shape).
+EAGER_KEYS = ("eager_ms", "sdpa_ms", "eager_peak_mib", "sdpa_peak_mib")
+
+
+class Row(TypedDict, total=False):
+    """One cell of the grid as saved: the one row type of the image ablation and the in-model runner.
+
+    ``features``, ``strategy``, ``params``, ``budget``, ``kept`` and ``n_images`` are in every row
+    (:data:`REQUIRED_KEYS`); the metrics a producer does not measure are absent. ``results.csv`` holds the
+    flat fields in this order (:data:`COLUMNS`), ``results.json`` every field.
+    """
+
+    features: str
+    strategy: str
+    params: dict[str, Any] | str  # a JSON object, as a string once saved
+    budget: int | float | None  # None: the strategy's own per-layer schedule
+    kept: float
+    n_images: int
+    recon_error: float
+    recon_error_ci95: float
+    lstsq_error: float
+    lstsq_error_ci95: float
+    pred_agreement: float
+    pred_agreement_ci95: float
+    pred_kl: float
+    pred_kl_ci95: float
+    pred_agreement_unweighted: float
+    pred_kl_unweighted: float
+    next_token_agreement: float
+    next_token_agreement_ci95: float
+    logit_kl: float
+    logit_kl_ci95: float
+    position_bias: float
+    flash_compatible: Optional[bool]
+    flash_error: str
+    eager_ms: Optional[float]
+    sdpa_ms: Optional[float]
+    eager_peak_mib: Optional[float]
+    sdpa_peak_mib: Optional[float]
+    time_ms: float
+    skipped: str
+    # results.json only
+    grid: Optional[list[int]]
+    flash_measured: bool  # measured inside a VLM (the others take that strategy's measurement)
+    heatmap: Optional[list[float]]  # share of images keeping each position
+    example_kept: Optional[list[int]]  # the first image's kept positions
+    per_image: dict[str, list[float]]
+    eager_cost: dict[str, dict[str, Any]]  # per attention shape measured
+
+
+_JSON_ONLY = ("grid", "flash_measured", "heatmap", "example_kept", "per_image", "eager_cost")
+# results.csv columns, in order.
+COLUMNS = tuple(k for k in Row.__annotations__ if k not in _JSON_ONLY)
 
 
 def mean_ci(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
@@ -78,7 +119,7 @@ def join_flash(rows: list[dict[str, Any]]) -> None:
         if runs and not r.get("flash_measured"):
             r["flash_compatible"] = failed is None
             r["flash_error"] = failed["flash_error"] if failed else ""
-            for k in ("eager_ms", "sdpa_ms", "eager_peak_mib", "sdpa_peak_mib"):
+            for k in EAGER_KEYS:
                 r[k] = failed[k] if failed else None
 
 

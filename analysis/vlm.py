@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, cast
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from tokencomp.types import CompressionResult
 
 from .measure import peak_memory, time_ms, timed
 from .position import kept_heatmap, uniform_distance
-from .results import mean_ci
+from .results import EAGER_KEYS, Row, mean_ci
 
 __all__ = [
     "AttentionShape",
@@ -218,9 +218,9 @@ class VLMCell:
     n_images: int = 0
     skipped: str = ""
 
-    def row(self, features: str) -> dict[str, Any]:
+    def row(self, features: str) -> Row:
         """A results row (see :mod:`tokencomp.analysis.results`); eager costs at the largest measured shape."""
-        row: dict[str, Any] = {
+        row: Row = {
             "features": features, "strategy": self.strategy, "params": self.params, "budget": self.budget,
             "kept": self.kept, "n_images": self.n_images, "time_ms": self.time_ms, "skipped": self.skipped,
             "next_token_agreement": self.next_token_agreement, "next_token_agreement_ci95": self.next_token_agreement_ci,
@@ -234,8 +234,7 @@ class VLMCell:
             row["grid"] = [side, side] if side * side == self.heatmap.numel() else None
         if self.eager_cost:
             largest = max(self.eager_cost.values(), key=lambda c: c["heads"] * c["head_dim"] * c["length"])
-            for k in ("eager_ms", "sdpa_ms", "eager_peak_mib", "sdpa_peak_mib"):
-                row[k] = largest[k]
+            cast(dict, row).update({k: largest[k] for k in EAGER_KEYS})
         return row
 
 
