@@ -9,8 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .results import flash_measurements
-from .tables import METRIC_BY_KEY, as_float, eager_ratios, is_default, label, metric_table
+from .tables import METRIC_BY_KEY, as_float, flash_table, is_default, label, metric_table
 
 __all__ = ["plot_flash", "plot_heatmaps", "plot_overlays", "plot_retention", "render_plots"]
 
@@ -137,21 +136,19 @@ def plot_overlays(rows: list[dict[str, Any]], features: str, image: np.ndarray, 
 
 def plot_flash(rows: list[dict[str, Any]], path: Path) -> bool:
     """The measured FlashAttention compatibility as a table figure."""
-    measured = {name: m for name, m in flash_measurements(rows).items() if m[0]}
+    measured = [f for f in flash_table(rows) if f.ran]
     if not measured:
         return False
     plt = _plt()
     cells, colours = [], []
-    for name, (_, failed) in measured.items():
-        if failed is None:
-            cells.append([name, "yes", "", "", ""])
+    for f in measured:
+        if not f.failed:
+            cells.append([f.strategy, "yes", "", "", ""])
             colours.append(["white", "#c8e6c9", "white", "white", "white"])
             continue
-        costs = failed.get("eager_cost") or {}
-        kind = next(iter(costs)).replace("this model's ", "") if costs else ""
-        ratios = eager_ratios(failed)
+        kind = next(iter(f.costs)).replace("this model's ", "") if f.costs else ""
         cells.append(
-            [name, "no: needs eager", kind] + ([f"{ratios[0]:.1f}x", f"{ratios[1]:.1f}x"] if ratios else ["", ""])
+            [f.strategy, "no: needs eager", kind] + ([f"{f.ratios[0]:.1f}x", f"{f.ratios[1]:.1f}x"] if f.ratios else ["", ""])
         )
         colours.append(["white", "#ffcdd2", "white", "white", "white"])
     fig, ax = plt.subplots(figsize=(9, 0.38 * len(cells) + 1.0))

@@ -18,8 +18,8 @@ import numpy as np
 
 from .grid import DEFAULT_FOCUS
 from .plots import render_plots
-from .results import flash_measurements, write_atomic
-from .tables import METRICS, MetricTable, budget_name, compare, label, metric_table
+from .results import write_atomic
+from .tables import METRICS, MetricTable, budget_name, compare, flash_table, label, metric_table
 
 __all__ = ["render_markdown", "write_report"]
 
@@ -45,33 +45,31 @@ def _md_table(table: MetricTable) -> list[str]:
 
 
 def _flash_lines(rows: list[dict[str, Any]]) -> list[str]:
-    measured = flash_measurements(rows)
-    if not measured:
+    table = flash_table(rows)
+    if not table:
         return ["No strategy was run inside a VLM (`--no-vlm`), so FlashAttention compatibility was not measured."]
     lines = [
         "| strategy | runs under forced FLASH_ATTENTION | what fails | eager attention layer | eager / SDPA time | eager / SDPA peak memory |",
         "|---|---|---|---|---|---|",
     ]
-    for name, (ran, failed) in measured.items():
-        if not ran:
-            reason = next(r["skipped"] for r in rows if r.get("flash_measured") and r["strategy"] == name)
-            lines.append(f"| {name} | not run | {reason} | | | |")
+    for f in table:
+        if not f.ran:
+            lines.append(f"| {f.strategy} | not run | {f.reason} | | | |")
             continue
-        if failed is None:
-            lines.append(f"| {name} | yes | | | | |")
+        if not f.failed:
+            lines.append(f"| {f.strategy} | yes | | | | |")
             continue
-        costs = failed.get("eager_cost") or {}
-        where = "; ".join(f"{k} (L={c['length']}, {c['heads']}x{c['head_dim']})" for k, c in costs.items())
+        where = "; ".join(f"{k} (L={c['length']}, {c['heads']}x{c['head_dim']})" for k, c in f.costs.items())
         times = "; ".join(
-            f"{c['eager_ms']:.2f} / {c['sdpa_ms']:.2f} ms ({c['eager_ms'] / c['sdpa_ms']:.1f}x)" for c in costs.values()
+            f"{c['eager_ms']:.2f} / {c['sdpa_ms']:.2f} ms ({c['eager_ms'] / c['sdpa_ms']:.1f}x)" for c in f.costs.values()
         )
         mems = "; ".join(
             f"{c['eager_peak_mib']:.1f} / {c['sdpa_peak_mib']:.1f} MiB"
             + (f" ({c['eager_peak_mib'] / c['sdpa_peak_mib']:.1f}x)" if c["sdpa_peak_mib"] > 0 else "")
-            for c in costs.values()
+            for c in f.costs.values()
         )
-        error = failed["flash_error"].replace("|", "/")
-        lines.append(f"| {name} | **no** (needs eager) | {error[:160]} | {where} | {times} | {mems} |")
+        error = f.reason.replace("|", "/")
+        lines.append(f"| {f.strategy} | **no** (needs eager) | {error[:160]} | {where} | {times} | {mems} |")
     return lines
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -15,7 +15,7 @@ import tokencomp as tc
 from tokencomp.errors import InputError
 
 from .grid import DEFAULT_FOCUS
-from .results import mean_ci
+from .results import flash_measurements, mean_ci
 
 __all__ = [
     "METRICS",
@@ -138,6 +138,39 @@ def eager_ratios(row: dict[str, Any]) -> Optional[tuple[float, float]]:
     if row.get("eager_ms") is None:
         return None
     return row["eager_ms"] / row["sdpa_ms"], row["eager_peak_mib"] / max(row["sdpa_peak_mib"], 1e-9)
+
+
+@dataclass(frozen=True)
+class FlashRow:
+    """What the in-model runs say about one strategy under a forced FLASH_ATTENTION backend.
+
+    ``ran`` is false when every run was skipped (``reason`` says why); ``failed`` when a run needed eager
+    attention (``reason``: the first line of its error; ``costs``: eager against SDPA per attention
+    shape measured; ``ratios``: eager over SDPA time and memory at the largest of them).
+    """
+
+    strategy: str
+    ran: bool
+    failed: bool = False
+    reason: str = ""
+    costs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ratios: Optional[tuple[float, float]] = None
+
+
+def flash_table(rows: list[dict[str, Any]]) -> list[FlashRow]:
+    """One :class:`FlashRow` per strategy measured inside a VLM, sorted by name (the terminal's, the
+    report's and the plot's FlashAttention tables)."""
+    table = []
+    for name, (ran, failed) in flash_measurements(rows).items():
+        if not ran:
+            reason = next(r["skipped"] for r in rows if r.get("flash_measured") and r["strategy"] == name)
+            table.append(FlashRow(name, ran=False, reason=reason))
+        elif failed is None:
+            table.append(FlashRow(name, ran=True))
+        else:
+            table.append(FlashRow(name, ran=True, failed=True, reason=failed["flash_error"],
+                                  costs=failed.get("eager_cost") or {}, ratios=eager_ratios(failed)))
+    return table
 
 
 def budget_name(budget: Any) -> str:

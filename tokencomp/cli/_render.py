@@ -95,16 +95,14 @@ def ablation_tables(rows: list[dict[str, Any]]) -> None:
 
 
 def _flash_table(rows: list[dict[str, Any]]) -> None:
-    from tokencomp.analysis.results import flash_measurements
-    from tokencomp.analysis.tables import eager_ratios
+    from tokencomp.analysis.tables import flash_table
 
     shown = []
-    for name, (measured, failed) in flash_measurements(rows).items():
-        if not measured:
+    for f in flash_table(rows):
+        if not f.ran:
             continue
-        ratios = None if failed is None else eager_ratios(failed)
-        cost = "" if ratios is None else f"{ratios[0]:.1f}x time, {ratios[1]:.1f}x memory"
-        shown.append([name, "[green]yes[/]" if failed is None else "[red]no: needs eager[/]", cost])
+        cost = "" if f.ratios is None else f"{f.ratios[0]:.1f}x time, {f.ratios[1]:.1f}x memory"
+        shown.append([f.strategy, "[red]no: needs eager[/]" if f.failed else "[green]yes[/]", cost])
     if shown:
         _table(
             "FlashAttention compatibility, measured inside the VLM (forced FLASH_ATTENTION backend)",
