@@ -49,7 +49,7 @@ def _capability_values() -> dict[str, tuple[Any, ...]]:
 CAPABILITY_VALUES: dict[str, tuple[Any, ...]] = _capability_values()
 
 
-def _check_declarations(name: str, cls: type) -> None:
+def _check_declarations(name: str, cls: type[Compressor]) -> None:
     """Raise ``ValueError`` if a capability, ``requires`` or ``info_layout`` declaration is malformed."""
     from .padding import INFO_KINDS
     from .types import Context
@@ -128,7 +128,7 @@ def _load() -> None:
         return
     _loading = True
     try:
-        from . import strategies as package
+        package = importlib.import_module(f"{__package__}.strategies")  # strategies/, mapped in pyproject.toml
 
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
             if not info.name.startswith("_"):

@@ -212,7 +212,7 @@ def qr_pivots(
         torch.index_select(rows, 0, flat, out=pivot)  # x_p f (in place: x_p)
         dots()  # x f . x_p f (x . x_p)
         # - L L_p^T over all m columns of L (those after j are still zero)
-        lp = factor.gather(2, index.copy_(p.unsqueeze(1))) if batched else factor.index_select(2, p)
+        lp = factor.gather(2, index.copy_(p.unsqueeze(1))) if index is not None else factor.index_select(2, p)
         col_t.baddbmm_(factor_t, lp, alpha=-1.0)
         # L_j = that / r_p (a residual below the floor is rounding: dividing by the floor keeps L tiny)
         lj = torch.mul(col, top.clamp_min_(floor).rsqrt_(), out=columns[j])
