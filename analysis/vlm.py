@@ -269,8 +269,7 @@ def budget_runs(name: str, params: dict[str, Any], budgets: list[int | float]) -
     with their own schedule (row budget ``None``).
     """
     cls = tc.get(name)
-    comp = tc.create(name, **params)
-    if not hasattr(comp, "stage_budgets"):
+    if not tc.create(name, **params).sets_own_budgets():
         return [(params, b, b, "") for b in budgets]
     key = cls.budget_param
     if not key or key in params:

@@ -333,3 +333,6 @@ class ApETLLM(ApET):
             seed=seed,
         )
         self.layer = check_int("apet-llm", "layer", layer, low=0)
+
+    def llm_layers(self) -> tuple[int, ...]:
+        return (self.layer,)

@@ -201,6 +201,9 @@ class DARTLLM(DART):
         self.layer = check_int(self.display_name(), "layer", layer, low=1)
         self.pivot_text_tokens = check_int(self.display_name(), "pivot_text_tokens", pivot_text_tokens, low=0)
 
+    def llm_layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
     @staticmethod
     def _after_image(length: int, positions: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """``[B, L]`` bool: the text tokens, i.e. the valid positions after the last image token."""

@@ -60,6 +60,9 @@ class FastV(Compressor):
     def __init__(self, *, layer: int = 2) -> None:
         self.layer = check_int("fastv", "layer", layer, low=1)
 
+    def llm_layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         scores = attention_scores(context, "text_attention")
         top = rank_descending(scores)[:, :k]

@@ -75,6 +75,9 @@ class PyramidDrop(Compressor):
         self.layers = checked
         self.ratio = check_float("pdrop", "ratio", ratio, low=0.0, high=1.0, low_inclusive=False)
 
+    def llm_layers(self) -> tuple[int, ...]:
+        return tuple(self.layers)
+
     def stage_budgets(self, n: int) -> list[int]:
         """Image tokens kept after each boundary of ``layers``, starting from ``n`` (``int(n * ratio^s)``)."""
         return [int(n * self.ratio ** (s + 1)) for s in range(len(self.layers))]

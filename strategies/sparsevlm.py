@@ -227,6 +227,9 @@ class SparseVLM(Compressor):
     def _clusters(self, pruned: int) -> int:
         return cluster_count(pruned, self.recycle_ratio, self.cluster_divisor) if self.recycle else 0
 
+    def llm_layers(self) -> tuple[int, ...]:
+        return tuple(self.layers)
+
     def stage_counts(self, n: int, final_k: Optional[int] = None) -> list[int]:
         """Top-k counts per layer for ``n`` visual tokens entering the first stage.
 
@@ -252,7 +255,7 @@ class SparseVLM(Compressor):
             return list(counts)
         return [max(1, (2 * c * n + AUTHORS_N) // (2 * AUTHORS_N)) for c in counts]
 
-    def stage_budgets(self, n: int, final_k: Optional[int] = None) -> list[int]:
+    def stage_budgets(self, n: int) -> list[int]:
         """Visual tokens leaving each stage (kept plus merged), starting from ``n``: the budgets of the calls.
 
         At each stage ``keep = min(count, n_s - 1)`` of the ``n_s`` entering tokens (the authors' rule;
@@ -261,7 +264,7 @@ class SparseVLM(Compressor):
         ``[82, 32, 18]`` (64).
         """
         out, m = [], n
-        for count in self.stage_counts(n, final_k):
+        for count in self.stage_counts(n):
             keep = min(count, m - 1) if m > 1 else 1
             m = keep + self._clusters(m - keep)
             out.append(m)

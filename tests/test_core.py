@@ -236,6 +236,26 @@ def test_misspelled_capability_fails_at_registration(attribute, value, allowed):
     assert name not in registry._registry
 
 
+def test_an_in_llm_strategy_must_declare_its_layers():
+    cls = type("Nowhere", (tc.Compressor,), {"stage": "in_llm", "layer": 2, "_compress": lambda s, t, k, c: None})
+    with pytest.raises(ValueError, match=r"register\('nowhere'\): an in-LLM strategy must say where it acts; override "
+                       r"Nowhere.llm_layers\(\)"):
+        tc.register("nowhere")(cls)
+    assert "nowhere" not in registry._registry
+
+
+def test_every_in_llm_strategy_declares_layers_and_one_schedule_signature():
+    for name in tc.available():
+        comp = tc.create(name)
+        layers = comp.llm_layers()
+        assert (comp.stage == "in_llm") == bool(layers), name
+        assert all(isinstance(v, int) for v in layers) and list(layers) == sorted(set(layers)), name
+        schedule = comp.stage_budgets(576)
+        assert (schedule is not None) == comp.sets_own_budgets(), name
+        if schedule is not None:
+            assert len(schedule) == len(layers) and all(1 <= k <= 576 for k in schedule), name
+
+
 def test_requires_must_name_context_fields():
     cls = type("NeedsNothingReal", (tc.Compressor,), {"requires": ("cls_attn",), "_compress": lambda s, t, k, c: None})
     with pytest.raises(ValueError, match=r"requires names 'cls_attn', which are not tokencomp.Context fields"):

@@ -7,6 +7,7 @@ import torch
 
 import tokencomp as tc
 from tiny_models import llava_prompt, pre_hooks, tiny_llava
+from tokencomp.errors import InputError
 
 N = 36
 IMAGE = 119
@@ -51,15 +52,19 @@ class Replay(tc.Compressor):
         self.picks = []
         self.calls = 0
 
-    def __getattr__(self, name):
-        if name in ("layer", "layers", "stage_budgets"):
-            return getattr(self.__dict__["inner"], name)
-        raise AttributeError(name)
+    def llm_layers(self):
+        return self.inner.llm_layers()
+
+    def stage_budgets(self, n):
+        return self.inner.stage_budgets(n)
+
+    def sets_own_budgets(self):
+        return self.inner.sets_own_budgets()
 
     def _compress(self, tokens, k, context):
         # The visual tokens precede every generated token, so causality makes their hidden states the
         # same in every recomputation: the prefill's whole result (merged values included) replays exactly.
-        stages = len(getattr(self.inner, "layers", [0]))
+        stages = len(self.inner.llm_layers())
         if len(self.picks) < stages:
             self.picks.append(self.inner.compress(tokens, k, context))
         result = self.picks[self.calls % stages]
@@ -180,6 +185,18 @@ def test_pdrop_needs_no_attention_weights_under_sdpa(sdpa, eager):
     torch.testing.assert_close(fast[:, 2:], slow[:, 2:], rtol=1e-4, atol=1e-4)
 
 
+def test_an_unregistered_in_llm_strategy_without_layers_is_refused(eager):
+    class Nowhere(tc.Compressor):  # unregistered, so register's check never saw it
+        stage, deterministic = "in_llm", True
+        layer = 2  # an attribute tokencomp does not read: llm_layers() says where
+
+        def _compress(self, tokens, k, context):
+            return tc.selection_result(tokens, torch.arange(k).expand(tokens.shape[0], k))
+
+    with pytest.raises(InputError, match=r"says at no decoder layer where it acts; override Nowhere.llm_layers\(\)"):
+        tc.apply(eager, Nowhere(), budget=5)
+
+
 def test_fastv_row_is_the_last_tokens_attention(eager):
     inputs = llava_prompt(eager, seed=10)
     captured = {}
@@ -187,7 +204,9 @@ def test_fastv_row_is_the_last_tokens_attention(eager):
     class Spy(tc.Compressor):
         stage, needs_attention, deterministic = "in_llm", True, True
         requires = ("text_attention", "visual_positions")
-        layer = 2
+
+        def llm_layers(self):
+            return (2,)
 
         def _compress(self, tokens, k, context):
             captured.update(row=context.text_attention, pos=context.visual_positions)
@@ -210,7 +229,9 @@ def test_cross_attention_is_the_instruction_rows(eager):
     class Spy(tc.Compressor):
         stage, needs_attention, deterministic = "in_llm", True, True
         requires = ("cross_attention",)
-        layer = 2
+
+        def llm_layers(self):
+            return (2,)
 
         def _compress(self, tokens, k, context):
             captured["cross"] = context.cross_attention

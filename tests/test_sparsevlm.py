@@ -105,7 +105,6 @@ def test_authors_schedule_and_split():
     assert comp.layers == [3, 7, 16]  # the authors' pruning_loc [2, 6, 15], one later in our convention
     expected = {192: [309, 204, 113], 128: [312, 117, 39], 96: [249, 55, 27], 64: [82, 32, 18]}
     for retained, budgets in expected.items():
-        assert comp.stage_budgets(576, retained) == budgets
         assert tc.create("sparsevlm", retained=retained).stage_budgets(576) == budgets
         n = 576
         for count, k in zip(AUTHORS_KEEP[retained], budgets):
@@ -275,9 +274,9 @@ def test_bad_parameters_raise_on_construction(params, fragment):
 
 def test_bad_schedule_arguments():
     with pytest.raises(ValueError, match=r"final_k must be one of \[192, 128, 96, 64\]"):
-        tc.create("sparsevlm").stage_budgets(576, 100)
+        tc.create("sparsevlm").stage_counts(576, 100)
     with pytest.raises(ValueError, match="explicit keep_counts"):
-        tc.create("sparsevlm", keep_counts=[1, 2, 3]).stage_budgets(576, 192)
+        tc.create("sparsevlm", keep_counts=[1, 2, 3]).stage_counts(576, 192)
 
 
 @pytest.mark.parametrize(

@@ -167,6 +167,27 @@ class Compressor(ABC):
             return "LLM yes; [CLS] row needs one eager ViT layer"
         return "no: reads LLM attention weights"
 
+    # ------------------------------------------------------------------ placement inside the LLM
+    def llm_layers(self) -> tuple[int, ...]:
+        """The decoder layers an in-LLM strategy acts at, in order: one per stage.
+
+        Every ``stage = "in_llm"`` strategy declares them (``tc.register`` refuses one that does not):
+        FastV, DART and ApET's stage 2 at their ``layer``, PyramidDrop and SparseVLM at each of their
+        ``layers``. A pre-LLM strategy has none.
+        """
+        return ()
+
+    def stage_budgets(self, n: int) -> Optional[list[int]]:
+        """Visual tokens kept at each of :meth:`llm_layers` from ``n`` entering the first, for a
+        strategy that sets its own per-layer schedule (PyramidDrop, SparseVLM); ``None`` (the default)
+        when the caller's budget applies."""
+        return None
+
+    def sets_own_budgets(self) -> bool:
+        """Whether the strategy sets its own per-layer budgets: by default, whether its class overrides
+        :meth:`stage_budgets` (a wrapper around another strategy delegates all three hooks)."""
+        return type(self).stage_budgets is not Compressor.stage_budgets
+
     @classmethod
     def display_name(cls) -> str:
         """Registry name, or the class name for an unregistered subclass."""

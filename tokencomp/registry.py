@@ -63,6 +63,11 @@ def _check_declarations(name: str, cls: type[Compressor]) -> None:
                 f"register({name!r}): {attribute} must be one of {', '.join(repr(a) for a in allowed)}; "
                 f"got {value!r}. Fix the class attribute {cls.__qualname__}.{attribute}."
             )
+    if cls.stage == "in_llm" and cls.llm_layers is Compressor.llm_layers:
+        raise ValueError(
+            f"register({name!r}): an in-LLM strategy must say where it acts; override "
+            f"{cls.__qualname__}.llm_layers() to return its decoder layers (one per stage)."
+        )
     unknown = [f for f in cls.requires if f not in Context.field_names()]
     if unknown:
         raise ValueError(

@@ -66,29 +66,34 @@ def _check_budget(name: str, budget: Any) -> None:
 
 
 def _in_llm_stages(compressor: Compressor, budget: Any) -> list[Stage]:
-    """A strategy's stages: one at its ``layer``, or one per ``layers`` entry with ``stage_budgets``."""
+    """A strategy's stages, one per :meth:`~tokencomp.Compressor.llm_layers` entry: at the caller's
+    budget, or at the strategy's own :meth:`~tokencomp.Compressor.stage_budgets`."""
     name = compressor.display_name()
-    if hasattr(compressor, "layers") and hasattr(compressor, "stage_budgets"):
-        if budget is not None:
-            raise InputError(
-                f"tokencomp.apply: {name!r} sets its own budget at each of its layers {list(compressor.layers)} "
-                "(stage_budgets); pass budget=None."
-            )
-        first: dict[str, int] = {}
+    layers = compressor.llm_layers()
+    if not layers:
+        raise InputError(
+            f"tokencomp.apply: in-LLM strategy {name!r} says at no decoder layer where it acts; override "
+            f"{type(compressor).__name__}.llm_layers() to return its layers (one per stage)."
+        )
+    if not compressor.sets_own_budgets():
+        _check_budget(name, budget)
+        return [Stage(compressor, budget, layer) for layer in layers]
+    if budget is not None:
+        raise InputError(
+            f"tokencomp.apply: {name!r} sets its own budget at each of its layers {list(layers)} "
+            "(stage_budgets); pass budget=None."
+        )
+    first: dict[str, int] = {}
 
-        def budget_of(s: int):
-            def resolve(n: int) -> int:
-                if s == 0:
-                    first["n"] = n
-                return compressor.stage_budgets(first["n"])[s]
+    def budget_of(s: int):
+        def resolve(n: int) -> int:
+            if s == 0:
+                first["n"] = n
+            return compressor.stage_budgets(first["n"])[s]
 
-            return resolve
+        return resolve
 
-        return [Stage(compressor, budget_of(s), layer) for s, layer in enumerate(compressor.layers)]
-    if not hasattr(compressor, "layer"):
-        raise InputError(f"tokencomp.apply: in-LLM strategy {name!r} declares no `layer` to run at.")
-    _check_budget(name, budget)
-    return [Stage(compressor, budget, compressor.layer)]
+    return [Stage(compressor, budget_of(s), layer) for s, layer in enumerate(layers)]
 
 
 def apply(
