@@ -332,7 +332,7 @@ class ApETLLM(ApET):
             merge=merge,
             seed=seed,
         )
-        self.layer = check_int("apet-llm", "layer", layer, low=0)
+        self.layer = check_int(self.display_name(), "layer", layer, low=0)
 
     def llm_layers(self) -> tuple[int, ...]:
         return (self.layer,)

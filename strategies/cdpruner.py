@@ -170,14 +170,14 @@ class CDPruner(Compressor):
 
     def __init__(self, *, theta: Optional[float] = None) -> None:
         if theta is not None:
-            theta = check_float("cdpruner", "theta", theta, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+            theta = check_float(self.display_name(), "theta", theta, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
         self.theta = theta
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         image = context.image_embeddings if context.image_embeddings is not None else tokens
         if context.text_embeddings.shape[2] != image.shape[2]:
             raise InputError(
-                f"cdpruner: context.text_embeddings has dimension {context.text_embeddings.shape[2]} but the "
+                f"{self.display_name()}: context.text_embeddings has dimension {context.text_embeddings.shape[2]} but the "
                 f"tokens have {image.shape[2]}; pass context.image_embeddings [B, N, "
                 f"{context.text_embeddings.shape[2]}] (the tokens in the text embeddings' space)."
             )

@@ -136,7 +136,7 @@ class DivPrune(Compressor):
     paper = "Alvar et al., DivPrune, CVPR 2025 (arXiv 2503.02175)"
 
     def __init__(self, *, chunk: int = 1024) -> None:
-        self.chunk = check_int("divprune", "chunk", chunk, low=1)
+        self.chunk = check_int(self.display_name(), "chunk", chunk, low=1)
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         b, n, _ = tokens.shape

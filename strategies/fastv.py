@@ -58,7 +58,7 @@ class FastV(Compressor):
     paper = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024 (arXiv 2403.06764)"
 
     def __init__(self, *, layer: int = 2) -> None:
-        self.layer = check_int("fastv", "layer", layer, low=1)
+        self.layer = check_int(self.display_name(), "layer", layer, low=1)
 
     def llm_layers(self) -> tuple[int, ...]:
         return (self.layer,)

@@ -66,14 +66,14 @@ class PyramidDrop(Compressor):
 
     def __init__(self, *, layers: list[int] = (8, 16, 24), ratio: float = 0.5) -> None:  # type: ignore[assignment]
         if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-            raise InvalidParameterError(f"pdrop: parameter 'layers' must be a list of layer indices; got {layers!r}.")
-        checked = [check_int("pdrop", "layers", v, low=1) for v in layers]
+            raise InvalidParameterError(f"{self.display_name()}: parameter 'layers' must be a list of layer indices; got {layers!r}.")
+        checked = [check_int(self.display_name(), "layers", v, low=1) for v in layers]
         if not checked or any(b <= a for a, b in zip(checked, checked[1:])):
             raise InvalidParameterError(
-                f"pdrop: parameter 'layers' must be a non-empty, strictly increasing list; got {list(layers)!r}."
+                f"{self.display_name()}: parameter 'layers' must be a non-empty, strictly increasing list; got {list(layers)!r}."
             )
         self.layers = checked
-        self.ratio = check_float("pdrop", "ratio", ratio, low=0.0, high=1.0, low_inclusive=False)
+        self.ratio = check_float(self.display_name(), "ratio", ratio, low=0.0, high=1.0, low_inclusive=False)
 
     def llm_layers(self) -> tuple[int, ...]:
         return tuple(self.layers)

@@ -62,7 +62,7 @@ class GridPooling(Compressor):
         side = math.isqrt(n)
         if side * side != n:
             raise InputError(
-                f"pooling: needs the token grid; N={n} is not a square number, so pass "
+                f"{self.display_name()}: needs the token grid; N={n} is not a square number, so pass "
                 "tokencomp.Context(grid=(h, w)) or (t, h, w)."
             )
         return (1, side, side)
@@ -74,7 +74,7 @@ class GridPooling(Compressor):
             valid = sorted({t * a * bb for a in range(1, h + 1) for bb in range(1, w + 1)})
             near = sorted(valid, key=lambda v: (abs(v - k), v))[:2]
             raise InputError(
-                f"pooling: budget K={k} cannot be laid out as a grid of cells on the {t}x{h}x{w} token "
+                f"{self.display_name()}: budget K={k} cannot be laid out as a grid of cells on the {t}x{h}x{w} token "
                 f"grid (K must be t * h' * w' with h' <= {h}, w' <= {w}); nearest valid budgets: "
                 f"{', '.join(map(str, sorted(near)))}."
             )

@@ -31,7 +31,7 @@ class RandomSubset(Compressor):
     scale_invariant = True
 
     def __init__(self, *, seed: Optional[int] = 0) -> None:
-        self.seed = check_seed("random", "seed", seed)
+        self.seed = check_seed(self.display_name(), "seed", seed)
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         b, n, _ = tokens.shape

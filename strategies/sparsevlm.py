@@ -117,7 +117,6 @@ AUTHORS_KEEP = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64
 #: Number of visual tokens the authors' counts are for (LLaVA-1.5).
 AUTHORS_N = 576
 RATERS = ("auto", "attention", "embeddings")
-_NAME = "sparsevlm"
 
 
 def recycled_count(pruned: int, recycle_ratio: float = 0.3) -> int:
@@ -135,7 +134,7 @@ def cluster_count(pruned: int, recycle_ratio: float = 0.3, cluster_divisor: int 
     return min(r, r // cluster_divisor + 1)
 
 
-@register(_NAME)
+@register("sparsevlm")
 class SparseVLM(Compressor):
     """Keep the visual tokens the text raters attend to most; recycle the best pruned ones into clusters.
 
@@ -203,25 +202,25 @@ class SparseVLM(Compressor):
         cluster_divisor: int = 10,
         raters: str = "auto",
     ) -> None:
-        self.layers = _int_list("layers", layers, low=1, increasing=True)
-        self.retained = check_int(_NAME, "retained", retained)
+        self.layers = _int_list(self.display_name(), "layers", layers, low=1, increasing=True)
+        self.retained = check_int(self.display_name(), "retained", retained)
         if self.retained not in AUTHORS_KEEP:
             raise InvalidParameterError(
-                f"{_NAME}: parameter 'retained' must be one of {sorted(AUTHORS_KEEP, reverse=True)} (the authors' "
+                f"{self.display_name()}: parameter 'retained' must be one of {sorted(AUTHORS_KEEP, reverse=True)} (the authors' "
                 f"settings); got {retained!r}. For other schedules pass keep_counts=[...] (one count per layer)."
             )
-        self.keep_counts = None if keep_counts is None else _int_list("keep_counts", keep_counts, low=1)
+        self.keep_counts = None if keep_counts is None else _int_list(self.display_name(), "keep_counts", keep_counts, low=1)
         expected = len(AUTHORS_KEEP[self.retained]) if self.keep_counts is None else len(self.keep_counts)
         if len(self.layers) != expected:
             what = "keep_counts" if self.keep_counts is not None else f"the authors' table (retained={self.retained})"
             raise InvalidParameterError(
-                f"{_NAME}: parameter 'layers' has {len(self.layers)} entries ({self.layers}) but {what} has "
+                f"{self.display_name()}: parameter 'layers' has {len(self.layers)} entries ({self.layers}) but {what} has "
                 f"{expected} per-layer counts; give one count per layer with keep_counts=[...]."
             )
-        self.recycle = check_bool(_NAME, "recycle", recycle)
-        self.recycle_ratio = check_float(_NAME, "recycle_ratio", recycle_ratio, low=0.0, high=1.0)
-        self.cluster_divisor = check_int(_NAME, "cluster_divisor", cluster_divisor, low=1)
-        self.raters = check_choice(_NAME, "raters", raters, RATERS)
+        self.recycle = check_bool(self.display_name(), "recycle", recycle)
+        self.recycle_ratio = check_float(self.display_name(), "recycle_ratio", recycle_ratio, low=0.0, high=1.0)
+        self.cluster_divisor = check_int(self.display_name(), "cluster_divisor", cluster_divisor, low=1)
+        self.raters = check_choice(self.display_name(), "raters", raters, RATERS)
 
     # ------------------------------------------------------------------ the schedule
     def _clusters(self, pruned: int) -> int:
@@ -236,18 +235,18 @@ class SparseVLM(Compressor):
         The authors' row ``AUTHORS_KEEP[final_k]`` (``final_k`` defaults to ``retained``), scaled by
         ``n / 576`` when ``n != 576``; or ``keep_counts`` as given.
         """
-        n = check_int(_NAME, "n", n, low=1)
+        n = check_int(self.display_name(), "n", n, low=1)
         if self.keep_counts is not None:
             if final_k is not None:
                 raise InputError(
-                    f"{_NAME}: final_k={final_k!r} selects a row of the authors' table, but this instance has "
+                    f"{self.display_name()}: final_k={final_k!r} selects a row of the authors' table, but this instance has "
                     f"explicit keep_counts={self.keep_counts}; drop final_k."
                 )
             return list(self.keep_counts)
         key = self.retained if final_k is None else final_k
         if key not in AUTHORS_KEEP or isinstance(key, bool):
             raise InputError(
-                f"{_NAME}: final_k must be one of {sorted(AUTHORS_KEEP, reverse=True)} (the authors' settings); "
+                f"{self.display_name()}: final_k must be one of {sorted(AUTHORS_KEEP, reverse=True)} (the authors' settings); "
                 f"got {final_k!r}. Use keep_counts=[...] for other schedules."
             )
         counts = AUTHORS_KEEP[key]
@@ -286,7 +285,7 @@ class SparseVLM(Compressor):
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         if self.recycle and k < self._clusters(n):
             raise InputError(
-                f"{_NAME}: budget K={k} is below the minimum {self._clusters(n)} for N={n} with recycling: even "
+                f"{self.display_name()}: budget K={k} is below the minimum {self._clusters(n)} for N={n} with recycling: even "
                 f"keeping no token, the N pruned tokens are recycled into {self._clusters(n)} merged tokens "
                 f"(recycle_ratio={self.recycle_ratio}, cluster_divisor={self.cluster_divisor}). The budget must "
                 f"be in [{self._clusters(n)}, {n}]; raise it or pass recycle=False."
@@ -300,7 +299,7 @@ class SparseVLM(Compressor):
         dev = tokens.device
         attn = context.cross_attention.float()  # [B, T, N]; finite, as checked by compress()
         if attn.shape[1] < 1:
-            raise InputError(f"{_NAME}: context.cross_attention has T=0 text tokens; it needs at least one row.")
+            raise InputError(f"{self.display_name()}: context.cross_attention has T=0 text tokens; it needs at least one row.")
 
         # 1. Raters, 2. scores: the raters' mean attention to each visual token.
         raters = self._raters(tokens, attn, context)  # [B, T] bool
@@ -350,13 +349,13 @@ class SparseVLM(Compressor):
             text = context.text_embeddings
             if text is None:
                 raise InputError(
-                    f"{_NAME}: raters='embeddings' needs context.text_embeddings [B, T, D], which is missing. "
+                    f"{self.display_name()}: raters='embeddings' needs context.text_embeddings [B, T, D], which is missing. "
                     "Pass tokencomp.Context(text_embeddings=...) or use raters='attention'."
                 )
             visual = x if context.image_embeddings is None else context.image_embeddings
             if text.shape[1] != t or text.shape[2] != visual.shape[2]:
                 raise InputError(
-                    f"{_NAME}: context.text_embeddings must be [B, T, D] with the T={t} text tokens of "
+                    f"{self.display_name()}: context.text_embeddings must be [B, T, D] with the T={t} text tokens of "
                     f"context.cross_attention and the visual tokens' D={visual.shape[2]}; got {tuple(text.shape)}."
                 )
             m = rows_matmul(visual, text.float().transpose(1, 2)).softmax(dim=2).mean(dim=1)  # [B, T]
@@ -473,11 +472,11 @@ def _dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return centres, owner
 
 
-def _int_list(name: str, value, *, low: int, increasing: bool = False) -> list[int]:
+def _int_list(owner: str, name: str, value, *, low: int, increasing: bool = False) -> list[int]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise InvalidParameterError(f"{_NAME}: parameter {name!r} must be a list of integers; got {value!r}.")
-    checked = [check_int(_NAME, name, v, low=low) for v in value]
+        raise InvalidParameterError(f"{owner}: parameter {name!r} must be a list of integers; got {value!r}.")
+    checked = [check_int(owner, name, v, low=low) for v in value]
     if not checked or (increasing and any(bb <= a for a, bb in zip(checked, checked[1:]))):
         rule = "a non-empty, strictly increasing list" if increasing else "a non-empty list"
-        raise InvalidParameterError(f"{_NAME}: parameter {name!r} must be {rule}; got {list(value)!r}.")
+        raise InvalidParameterError(f"{owner}: parameter {name!r} must be {rule}; got {list(value)!r}.")
     return checked

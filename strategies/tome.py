@@ -91,13 +91,13 @@ class ToMe(Compressor):
     paper = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (arXiv 2210.09461)"
 
     def __init__(self, *, protect_first: bool = False, chunk: int = 2048) -> None:
-        self.protect_first = check_bool("tome", "protect_first", protect_first)
-        self.chunk = check_int("tome", "chunk", chunk, low=1)
+        self.protect_first = check_bool(self.display_name(), "protect_first", protect_first)
+        self.chunk = check_int(self.display_name(), "chunk", chunk, low=1)
 
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         if self.protect_first and k < min(n, 2):
             raise InvalidParameterError(
-                f"tome: with protect_first=True the first token never merges and the last pair needs a partner, "
+                f"{self.display_name()}: with protect_first=True the first token never merges and the last pair needs a partner, "
                 f"so the budget must be at least 2 (N={n}); got K={k}. Raise the budget or set protect_first=False."
             )
 

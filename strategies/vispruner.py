@@ -175,8 +175,8 @@ class VisPruner(Compressor):
     cost_regimes = {"cached": {"cache": "always"}, "recomputed": {"cache": "never"}}
 
     def __init__(self, *, important_ratio: float = 0.5, cache: str = "auto") -> None:
-        self.important_ratio = check_float("vispruner", "important_ratio", important_ratio, low=0.0, high=1.0)
-        self.cache = check_choice("vispruner", "cache", cache, ("auto", "always", "never"))
+        self.important_ratio = check_float(self.display_name(), "important_ratio", important_ratio, low=0.0, high=1.0)
+        self.cache = check_choice(self.display_name(), "cache", cache, ("auto", "always", "never"))
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         b, n, d = tokens.shape

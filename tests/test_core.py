@@ -269,3 +269,12 @@ def test_capabilities_are_class_attributes():
         for flag in ("needs_attention", "text_conditioned", "deterministic"):
             assert isinstance(getattr(cls, flag), bool)
         assert cls.summary
+
+
+@pytest.mark.parametrize("parent, params", [("pdrop", {"ratio": 2.0}), ("sparsevlm", {"recycle": "yes"}),
+                                            ("fastv", {"layer": 0}), ("tome", {"chunk": 0})])
+def test_a_subclass_registered_under_another_name_reports_its_own_name(parent, params, monkeypatch):
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    child = tc.register(f"my-{parent}")(type(f"My{parent}", (tc.get(parent),), {}))
+    with pytest.raises(tc.InvalidParameterError, match=rf"^my-{parent}: "):
+        child(**params)
