@@ -15,6 +15,7 @@ from typing import Any, Callable, TypeVar
 
 from .base import Compressor
 from .errors import InvalidParameterError, UnknownStrategyError
+from .padding import INFO_KINDS, PADDING_MODES
 
 __all__ = ["ENTRY_POINT_GROUP", "available", "create", "get", "register"]
 
@@ -33,7 +34,7 @@ C = TypeVar("C", bound=type[Compressor])
 CAPABILITY_VALUES: dict[str, tuple[Any, ...]] = {
     "stage": ("pre_llm", "in_llm"),
     "in_llm_positions": ("keep", "renumber"),
-    "padding": ("rows", "native", "unsupported"),
+    "padding": PADDING_MODES,
     "needs_attention": (False, True),
     "text_conditioned": (False, True),
     "deterministic": (False, True),
@@ -44,7 +45,6 @@ CAPABILITY_VALUES: dict[str, tuple[Any, ...]] = {
 
 def _check_declarations(name: str, cls: type) -> None:
     """Raise ``ValueError`` if a capability, ``requires`` or ``info_layout`` declaration is malformed."""
-    from .padding import INFO_KINDS
     from .types import Context
 
     for attribute, allowed in CAPABILITY_VALUES.items():
