@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokencomp as tc
-from tokencomp.testing import SkipCheck, all_checks, check_compressor
+from tokencomp.testing import SkipCheck, all_checks, check_compressor, parametrize_with_checks
 
 STRATEGIES = tc.available()
 CHECKS = list(all_checks())
@@ -23,13 +23,9 @@ EXPECTED_SKIPS = {
 }
 
 
-@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("name", STRATEGIES)
-def test_registered_strategy_conforms(name, check):
-    try:
-        check(tc.create(name))
-    except SkipCheck as exc:
-        pytest.skip(str(exc))
+@parametrize_with_checks([tc.create(name) for name in STRATEGIES])
+def test_registered_strategy_conforms(compressor, check):
+    check(compressor)
 
 
 def test_registry_skips_exactly_the_expected_checks():
@@ -41,6 +37,32 @@ def test_registry_skips_exactly_the_expected_checks():
             except SkipCheck as exc:
                 skips.add((name, check.__name__, str(exc)))
     assert skips == EXPECTED_SKIPS
+
+
+def _params(compressors):
+    """The ``(id, compressor, check)`` of every case :func:`parametrize_with_checks` generates."""
+    mark = parametrize_with_checks(compressors)
+    return [(p.id, *p.values) for p in mark.args[1]]
+
+
+def test_parametrize_with_checks_names_every_pair():
+    ids = [case[0] for case in _params([tc.create("random"), tc.create("apet", basis="qr")])]
+    names = [c.__name__ for c in CHECKS]
+    assert ids == [f"random-{n}" for n in names] + [f"apet[basis=qr]-{n}" for n in names]
+
+
+def test_parametrize_with_checks_turns_skipcheck_into_a_skip():
+    cases = {case[0]: case[1:] for case in _params([tc.create("random")])}
+    compressor, check = cases["random-check_batch_rows_independent"]
+    with pytest.raises(pytest.skip.Exception, match="randomised"):
+        check(compressor)  # a skip with its reason, never a pass
+    compressor, check = cases["random-check_keep_all"]
+    check(compressor)  # an applicable check runs as it is
+
+
+def test_parametrize_with_checks_refuses_what_is_no_compressor():
+    with pytest.raises(TypeError, match="Compressor instances"):
+        parametrize_with_checks(["random"])
 
 
 @pytest.mark.parametrize("name", ["random", "apet"])

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import tokencomp as tc
-from tokencomp.testing import make_context, valid_budgets
+from tokencomp.testing import assert_result_valid, make_context, valid_budgets
 
 # ~20 examples per strategy and property, reproducible (CI runs the same examples every time), no
 # example database written into the working tree.
@@ -167,71 +167,33 @@ def _draw_case(data, compressor: tc.Compressor, *, dtypes=DTYPES, min_d: int = 1
         x = x.expand(b, n, d).contiguous()
     ctx = make_context(compressor, x, grid=(h, w))
     if same_rows:
-        ctx = _rows_like_first(ctx)
+        ctx = ctx.select_rows(torch.zeros(b, dtype=torch.int64))  # every row of the context equal to row 0
     budgets = valid_budgets(compressor, n, ctx)
     assume(budgets)
     k = data.draw(st.sampled_from(budgets), label="K")
     return x, ctx, k
 
 
-def _context_fields(ctx: tc.Context) -> dict:
-    return {f: getattr(ctx, f) for f in tc.Context.field_names()}
-
-
-def _rows_like_first(ctx: tc.Context) -> tc.Context:
-    """Every batched tensor field of ``ctx`` with all rows equal to row 0."""
-    fields = _context_fields(ctx)
-    for name, value in fields.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            fields[name] = value[:1].expand_as(value).contiguous()
-    return tc.Context(**fields)
-
-
 def _permute_context(ctx: tc.Context, perm: torch.Tensor) -> tc.Context:
     """``ctx`` for the tokens ``x[b, perm[b]]``: every per-token field follows its token.
 
-    ``[B, N]`` fields (attention rows, ``valid``, ``visual_positions``) and the ``N`` axes of
-    ``image_embeddings`` ``[B, N, E]`` and ``cross_attention`` ``[B, T, N]`` are permuted. The prompt-wide
-    fields (``keys``, ``query``, ``key_mask``, ``hidden_states`` over the whole prompt, the text fields)
-    stay: the visual tokens reach them through ``visual_positions``, which moves with the tokens.
+    The per-token fields (:meth:`tokencomp.Context.per_token_fields`: attention rows, ``valid``,
+    ``visual_positions``, the ``N`` axes of ``image_embeddings`` and ``cross_attention``) are permuted.
+    The prompt-wide fields (``keys``, ``query``, ``key_mask``, ``hidden_states`` over the whole prompt,
+    the text fields) stay: the visual tokens reach them through ``visual_positions``, which moves with
+    the tokens.
     """
-    fields = _context_fields(ctx)
     b, n = perm.shape
-    for name in ("cls_attention", "text_attention", "valid", "visual_positions"):
-        if fields[name] is not None:
-            fields[name] = torch.gather(fields[name], 1, perm)
-    if fields["image_embeddings"] is not None:
-        e = fields["image_embeddings"]
-        fields["image_embeddings"] = torch.gather(e, 1, perm.unsqueeze(-1).expand(b, n, e.shape[2]))
-    if fields["cross_attention"] is not None:
-        c = fields["cross_attention"]
-        fields["cross_attention"] = torch.gather(c, 2, perm.unsqueeze(1).expand(b, c.shape[1], n))
-    hs = fields["hidden_states"]
-    if hs is not None and fields["visual_positions"] is None:
+    out = ctx.take_tokens(perm)
+    hs = ctx.hidden_states
+    if hs is not None and ctx.visual_positions is None:
         if hs.shape[1] != n:
             raise AssertionError("hidden_states without visual_positions must be the N tokens themselves")
-        fields["hidden_states"] = torch.gather(hs, 1, perm.unsqueeze(-1).expand(b, n, hs.shape[2]))
-    return tc.Context(**fields)
+        out = out.replace(hidden_states=torch.gather(hs, 1, perm.unsqueeze(-1).expand(b, n, hs.shape[2])))
+    return out
 
 
 # ------------------------------------------------------------------------------ assertions
-def _assert_layout(who: str, x: torch.Tensor, result, k: int) -> None:
-    """Properties 1-4 on one result."""
-    b, n, d = x.shape
-    assert tuple(result.tokens.shape) == (b, k, d), f"{who}: tokens {tuple(result.tokens.shape)} != {(b, k, d)}"
-    idx, a = result.indices, result.assignment
-    assert idx.dtype == torch.int64 and tuple(idx.shape) == (b, k), f"{who}: indices {idx.dtype} {tuple(idx.shape)}"
-    assert bool(((idx >= 0) & (idx < n)).all()), f"{who}: indices outside [0, {n}): {idx}"
-    assert bool((idx[:, 1:] > idx[:, :-1]).all()), f"{who}: indices not strictly ascending: {idx}"
-    assert a.dtype == torch.int64 and tuple(a.shape) == (b, n), f"{who}: assignment {a.dtype} {tuple(a.shape)}"
-    assert bool(((a >= -1) & (a < k)).all()), f"{who}: assignment outside [-1, {k}): {a}"
-    assert torch.equal(torch.gather(a, 1, idx), torch.arange(k).expand(b, k)), (
-        f"{who}: assignment[indices[k]] != k: {torch.gather(a, 1, idx)}"
-    )
-    assert result.tokens.dtype == x.dtype, f"{who}: {x.dtype} input gave {result.tokens.dtype} output"
-    assert bool(torch.isfinite(result.tokens).all()), f"{who}: output tokens not finite: {result.tokens}"
-
-
 def _assert_same(who: str, first, second) -> None:
     assert torch.equal(first.indices, second.indices), f"{who}: indices differ: {first.indices} vs {second.indices}"
     assert torch.equal(first.assignment, second.assignment), f"{who}: assignment differs"
@@ -276,7 +238,7 @@ def _random_perm(b: int, n: int, seed: int) -> torch.Tensor:
 def test_int_budget_result_layout(key, data):
     compressor = _build(key)
     x, ctx, k = _draw_case(data, compressor)
-    _assert_layout(_key_id(key), x, compressor.compress(x, k, ctx), k)
+    assert_result_valid(_key_id(key), compressor.compress(x, k, ctx), x, k)
 
 
 @pytest.mark.parametrize("key", CONFIGS, ids=_key_id)
@@ -289,7 +251,7 @@ def test_float_budget_keeps_rounded_fraction(key, data):
     f = k / n
     assert max(1, round(f * n)) == k
     by_fraction = compressor.compress(x, f, ctx)
-    _assert_layout(_key_id(key), x, by_fraction, k)
+    assert_result_valid(_key_id(key), by_fraction, x, k)
     if compressor.deterministic or "seed" in compressor.get_params():
         _assert_same(f"{_key_id(key)} budget {f} vs {k}", by_fraction, compressor.compress(x, k, ctx))
 

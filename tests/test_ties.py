@@ -18,7 +18,8 @@ N, K = 16, 4
 def _tied(name: str, params: dict) -> tc.CompressionResult:
     x = torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(0)).expand(2, N, 8).contiguous()
     comp = tc.create(name, **params)
-    fields = {f: getattr(make_context(comp, x), f) for f in tc.Context.field_names()}
+    ctx = make_context(comp, x)
+    fields = {f: getattr(ctx, f) for f in ("cls_attention", "text_attention", "cross_attention", "query", "keys")}
     for f in ("cls_attention", "text_attention", "cross_attention"):
         if fields[f] is not None:
             fields[f] = torch.full_like(fields[f], 1 / N)
@@ -26,7 +27,7 @@ def _tied(name: str, params: dict) -> tc.CompressionResult:
         fields["query"] = torch.zeros_like(fields["query"])  # a zero query attends uniformly
     if fields["keys"] is not None:
         fields["keys"] = torch.ones_like(fields["keys"])  # equal key norms (DART's pivots)
-    return comp.compress(x, K, tc.Context(**fields))
+    return comp.compress(x, K, ctx.replace(**fields))
 
 
 LOWEST_FIRST = [

@@ -11,33 +11,20 @@ import torch
 
 from tokencomp.errors import InputError
 
-from .padding import check_padding, compress_padded
-from .types import CompressionResult, Context
+from .padding import PaddingMode, compress_padded
+from .types import CompressionResult, Context, FieldLayout
 from .validation import all_finite, check_finite, check_tokens, resolve_budget
 
 # The values of the string capabilities. tc.register checks every class against these and against
-# bool for the flags (tokencomp.registry.CAPABILITY_VALUES reads them from the annotations below).
+# bool for the flags (tokencomp.registry.CAPABILITY_VALUES reads them from the annotations below);
+# PaddingMode is tokencomp.padding's.
 Stage = Literal["pre_llm", "in_llm"]
 InLLMPositions = Literal["keep", "renumber"]
-PaddingMode = Literal["rows", "native", "unsupported"]
 
 __all__ = ["Compressor"]
 
 # (tokens, what Compressor._inspect computed from them) during a compress() call
 _INSPECTED: ContextVar[Optional[tuple[torch.Tensor, Any]]] = ContextVar("tokencomp_inspected", default=None)
-
-# Context fields that are per-token tensors of shape [B, N].
-_PER_TOKEN_FIELDS = ("cls_attention", "text_attention", "valid", "visual_positions")
-# Other batched tensor fields and their number of dimensions (with the batch dimension).
-_BATCHED_FIELDS = {
-    "text_embeddings": 3,
-    "hidden_states": 3,
-    "cross_attention": 3,
-    "query": 3,
-    "keys": 4,
-    "key_mask": 2,
-    "image_embeddings": 3,
-}
 
 
 class Compressor(ABC):
@@ -233,7 +220,10 @@ class Compressor(ABC):
         k = resolve_budget(owner, budget, n)
         self._check_budget(k, n, context)
         if context.valid is not None and not bool(context.valid.all()):
-            result = self._compress_padded(x, k, context)
+            result = compress_padded(
+                x, k, context, compress=self._compress_checked, mode=self.padding, owner=owner,
+                info_layout=self.info_layout,
+            )
         else:
             handle = _INSPECTED.set((x, inspected))
             try:
@@ -252,19 +242,14 @@ class Compressor(ABC):
         result.tokens = out_tokens
         return result
 
-    def _compress_padded(self, x: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        """Compress a batch with padding (``context.valid`` not all ``True``), as :attr:`padding` says."""
-        owner = self.display_name()
-        if self.padding == "unsupported":
-            raise InputError(
-                f"{owner}: padded batches (context.valid with False entries) are not supported, as "
-                f"{owner} needs every row's tokens to form the token grid; compress rows of different "
-                "lengths in separate calls, or pass context.valid=None when there is no padding."
-            )
-        if self.padding == "native":
-            check_padding(owner, context.valid, k)
-            return self._compress(x, k, context)
-        return compress_padded(self, x, k, context)
+    def _compress_checked(self, x: torch.Tensor, k: int, context: Context) -> CompressionResult:
+        """:meth:`_compress` on ``x`` ``[B, N, D]`` with the budget checked for this ``N`` and the result's
+        shapes checked (how :func:`~tokencomp.padding.compress_padded` runs the strategy on a sub-batch)."""
+        b, n, d = x.shape
+        self._check_budget(k, n, context)
+        result = self._compress(x, k, context)
+        self._check_result(result, b, n, k, d)
+        return result
 
     def _inspect(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """One pass over the validated tokens ``[B, N, D]`` that tells whether they are finite, before
@@ -302,6 +287,11 @@ class Compressor(ABC):
         return torch.Generator(device=device).manual_seed(seed)
 
     def _batched_context(self, context: Optional[Context], x: torch.Tensor, unbatched: bool) -> Context:
+        """``context`` checked against the tokens ``x`` ``[B, N, D]``, its tensor fields batched.
+
+        Every tensor field must have the shape its :class:`~tokencomp.types.FieldLayout` declares (for
+        ``unbatched`` tokens it may omit the batch dimension, which is added).
+        """
         owner = self.display_name()
         if context is None:
             context = Context()
@@ -314,52 +304,20 @@ class Compressor(ABC):
                     f"Pass tokencomp.Context({name}=...) to compress()."
                 )
         b, n, _ = x.shape
-        updates: dict[str, Any] = {}
-        for name in _PER_TOKEN_FIELDS:
-            value = getattr(context, name)
-            if value is None:
-                continue
-            if not isinstance(value, torch.Tensor):
-                raise InputError(f"{owner}: context.{name} must be a tensor of shape [B, N]; got {type(value).__name__}.")
-            if unbatched and value.dim() == 1:
-                value = value.unsqueeze(0)
-            if tuple(value.shape) != (b, n):
-                raise InputError(
-                    f"{owner}: context.{name} must have shape [B, N] = [{b}, {n}] to match the tokens; "
-                    f"got {tuple(value.shape)}."
-                )
-            updates[name] = value
+        updates: dict[str, Any] = {
+            name: _batched_field(owner, name, layout, getattr(context, name), b, n, unbatched)
+            for name, layout in Context.layout().items()
+            if getattr(context, name) is not None
+        }
         if context.valid is not None and context.valid.dtype != torch.bool:
             raise InputError(f"{owner}: context.valid must be a bool tensor; got {context.valid.dtype}.")
         if context.grid is not None:
-            grid = tuple(context.grid)
-            if len(grid) not in (2, 3) or not all(isinstance(g, int) and g >= 1 for g in grid):
-                raise InputError(f"{owner}: context.grid must be (h, w) or (t, h, w) of positive ints; got {context.grid!r}.")
-            if _prod(grid) != n:
-                raise InputError(
-                    f"{owner}: context.grid={grid} holds {_prod(grid)} tokens but the tokens have N={n}."
-                )
-            updates["grid"] = grid
-        # Fields with extra dimensions: add the batch dimension for unbatched tokens, check it.
-        for name, rank in _BATCHED_FIELDS.items():
-            value = getattr(context, name)
-            if value is None:
-                continue
-            if not isinstance(value, torch.Tensor):
-                raise InputError(f"{owner}: context.{name} must be a tensor; got {type(value).__name__}.")
-            if unbatched and value.dim() == rank - 1:
-                value = value.unsqueeze(0)
-            if value.dim() != rank or value.shape[0] != b:
-                raise InputError(
-                    f"{owner}: context.{name} must have {rank} dimensions with batch size B={b}; "
-                    f"got shape {tuple(value.shape)}."
-                )
-            updates[name] = value
+            updates["grid"] = _checked_grid(owner, context.grid, n)
         self._check_attention_inputs(updates, context, b, n)
         self._check_finite_requirements(updates, context)
         if not updates:
             return context
-        return Context(**{**{f: getattr(context, f) for f in Context.field_names()}, **updates})
+        return context.replace(**updates)
 
     def _check_finite_requirements(self, updates: dict, context: Context) -> None:
         """Raise if a required floating-point context field holds NaN or infinite values.
@@ -377,12 +335,7 @@ class Compressor(ABC):
     def _check_attention_inputs(self, updates: dict, context: Context, b: int, n: int) -> None:
         owner = self.display_name()
         get = lambda name: updates.get(name, getattr(context, name))  # noqa: E731
-        cross = get("cross_attention")
-        if cross is not None and cross.shape[2] != n:
-            raise InputError(f"{owner}: context.cross_attention must be [B, T, N] with N={n}; got {tuple(cross.shape)}.")
         image = get("image_embeddings")
-        if image is not None and image.shape[1] != n:
-            raise InputError(f"{owner}: context.image_embeddings must be [B, N, E] with N={n}; got {tuple(image.shape)}.")
         text, joint_dim = get("text_embeddings"), (image.shape[2] if image is not None else None)
         if text is not None and joint_dim is not None and text.shape[2] != joint_dim:
             raise InputError(
@@ -397,11 +350,8 @@ class Compressor(ABC):
                     f"context.query [B, H, Dh] = {tuple(query.shape)}."
                 )
         if pos is not None:
-            if pos.dtype != torch.int64 or tuple(pos.shape) != (b, n):
-                raise InputError(
-                    f"{owner}: context.visual_positions must be int64 of shape [B, N] = [{b}, {n}]; "
-                    f"got {pos.dtype} {tuple(pos.shape)}."
-                )
+            if pos.dtype != torch.int64:
+                raise InputError(f"{owner}: context.visual_positions must be int64; got {pos.dtype}.")
             if keys is not None and bool(((pos < 0) | (pos >= keys.shape[2])).any()):
                 raise InputError(f"{owner}: context.visual_positions must index the L={keys.shape[2]} keys.")
         if mask is not None and keys is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, keys.shape[2])):
@@ -423,6 +373,35 @@ class Compressor(ABC):
             problems.append(f"assignment {tuple(result.assignment.shape)} {result.assignment.dtype} != {(b, n)} int64")
         if problems:
             raise RuntimeError(f"{owner}._compress returned a malformed result: " + "; ".join(problems))
+
+
+def _batched_field(
+    owner: str, name: str, layout: FieldLayout, value: Any, b: int, n: int, unbatched: bool
+) -> torch.Tensor:
+    """The tensor field ``name`` checked against its ``layout`` for ``B = b``, ``N = n``, batched."""
+    if not isinstance(value, torch.Tensor):
+        raise InputError(
+            f"{owner}: context.{name} must be a tensor of shape {layout.shape}; got {type(value).__name__}."
+        )
+    if unbatched and value.dim() == layout.rank - 1:
+        value = value.unsqueeze(0)
+    token_dim = layout.token_dim
+    if value.dim() != layout.rank or value.shape[0] != b or (token_dim is not None and value.shape[token_dim] != n):
+        raise InputError(
+            f"{owner}: context.{name} must have shape {layout.shape} = {layout.expected(b, n)} to match the tokens; "
+            f"got {tuple(value.shape)}."
+        )
+    return value
+
+
+def _checked_grid(owner: str, grid: Any, n: int) -> tuple[int, ...]:
+    """``grid`` as a tuple, checked to be ``(h, w)`` or ``(t, h, w)`` of positive ints holding ``n`` tokens."""
+    given, grid = grid, tuple(grid)
+    if len(grid) not in (2, 3) or not all(isinstance(g, int) and g >= 1 for g in grid):
+        raise InputError(f"{owner}: context.grid must be (h, w) or (t, h, w) of positive ints; got {given!r}.")
+    if _prod(grid) != n:
+        raise InputError(f"{owner}: context.grid={grid} holds {_prod(grid)} tokens but the tokens have N={n}.")
+    return grid
 
 
 def _prod(values: tuple[int, ...]) -> int:

@@ -7,10 +7,13 @@ are compressed as an ordinary ``[rows, n_b, D]`` batch, and the results are mapp
 positions. So padding is never kept, never merged into and never influences the other tokens, and
 each row's result equals compressing its valid tokens alone (for deterministic strategies).
 
-The context follows the tokens: per-token fields (``[B, N]`` and the ``N`` axis of
-``cross_attention`` ``[B, T, N]`` and ``image_embeddings`` ``[B, N, E]``) are gathered at the valid
-positions, the other batched fields are sliced to the group's rows, and ``grid`` is dropped (the
-valid tokens of a padded row do not form the grid).
+The context follows the tokens (:meth:`Context.take_tokens <tokencomp.Context.take_tokens>`): the
+per-token fields (their ``N`` axis, as :meth:`Context.layout <tokencomp.Context.layout>` declares it)
+are gathered at the valid positions, the other tensor fields are sliced to the group's rows, and
+``grid`` is dropped (the valid tokens of a padded row do not form the grid).
+
+This module knows nothing of :class:`~tokencomp.Compressor`: the base class hands
+:func:`compress_padded` the strategy's checked compress call, its padding mode and its info layout.
 
 Entries of :attr:`~tokencomp.CompressionResult.info` are mapped back by the kind the strategy declares
 in :attr:`~tokencomp.Compressor.info_layout`: ``"position"`` (values are token positions, ``-1`` for
@@ -21,7 +24,7 @@ a padded batch's result, as their meaning is unknown.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Literal, Mapping, get_args
 
 import torch
 
@@ -29,15 +32,15 @@ from tokencomp.errors import InputError
 
 from .types import CompressionResult, Context
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .base import Compressor
-
-__all__ = ["INFO_KINDS", "compress_padded"]
+__all__ = ["INFO_KINDS", "PADDING_MODES", "PaddingMode", "check_padding", "compress_padded"]
 
 INFO_KINDS = ("position", "token", "row")
+# How a strategy takes a padded batch (Compressor.padding).
+PaddingMode = Literal["rows", "native", "unsupported"]
+PADDING_MODES: tuple[str, ...] = get_args(PaddingMode)
 
-# Context fields with a token axis, and which dimension it is.
-_TOKEN_AXIS = {"cls_attention": 1, "text_attention": 1, "visual_positions": 1, "cross_attention": 2, "image_embeddings": 1}
+# compress(tokens [B, N, D], k, context) -> CompressionResult, checked for that N
+CompressFn = Callable[[torch.Tensor, int, Context], CompressionResult]
 
 
 def check_padding(owner: str, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -54,62 +57,67 @@ def check_padding(owner: str, valid: torch.Tensor, k: int) -> torch.Tensor:
     return counts
 
 
-def compress_padded(compressor: "Compressor", x: torch.Tensor, k: int, context: Context) -> CompressionResult:
-    """Compress a padded batch ``x`` ``[B, N, D]`` group by group of equal valid counts.
+def compress_padded(
+    x: torch.Tensor,
+    k: int,
+    context: Context,
+    *,
+    compress: CompressFn,
+    mode: str,
+    owner: str,
+    info_layout: Mapping[str, str],
+) -> CompressionResult:
+    """Compress a padded batch ``x`` ``[B, N, D]`` (``context.valid`` not all ``True``) as ``mode`` says.
 
-    ``context.valid`` must be batched ``[B, N]`` bool with at least ``k`` valid tokens per row (see
-    :func:`check_padding`).
+    Parameters
+    ----------
+    x : torch.Tensor
+        Validated batched tokens ``[B, N, D]``.
+    k : int
+        Tokens kept per row.
+    context : Context
+        Batched context; ``context.valid`` is ``[B, N]`` bool with at least ``k`` valid tokens per row
+        (else :func:`check_padding` raises).
+    compress : callable
+        ``compress(tokens, k, context)``: the strategy on an unpadded batch ``[r, n, D]``, with its budget
+        and result checked for that ``n``.
+    mode : {"rows", "native", "unsupported"}
+        The strategy's :attr:`~tokencomp.Compressor.padding`: compress each group of rows of equal valid
+        count on its valid tokens, hand the padded batch to ``compress`` as it is, or raise.
+    owner : str
+        The strategy's name, for messages.
+    info_layout : mapping of str to {"position", "token", "row"}
+        The strategy's :attr:`~tokencomp.Compressor.info_layout`, how each ``info`` entry is mapped back.
     """
-    owner = compressor.display_name()
-    b, n, d = x.shape
-    valid = context.valid
-    counts = check_padding(owner, valid, k)
+    if mode == "unsupported":
+        raise InputError(
+            f"{owner}: padded batches (context.valid with False entries) are not supported, as "
+            f"{owner} needs every row's tokens to form the token grid; compress rows of different "
+            "lengths in separate calls, or pass context.valid=None when there is no padding."
+        )
+    counts = check_padding(owner, context.valid, k)
+    if mode == "native":
+        return compress(x, k, context)
     # the valid positions of every row first, in position order (a stable sort of the padding flags)
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    order = torch.sort((~context.valid).to(torch.int8), dim=1, stable=True).indices
     parts: list[tuple[torch.Tensor, torch.Tensor, CompressionResult]] = []
     for count in sorted(set(counts.tolist())):
         rows = (counts == count).nonzero().flatten().to(x.device)
         positions = order.index_select(0, rows)[:, :count]  # [r, count] original positions, ascending
-        sub_x = _take(x, rows, positions, 1)
-        sub_context = _sub_context(context, rows, positions)
-        compressor._check_budget(k, count, sub_context)
-        result = compressor._compress(sub_x, k, sub_context)
-        compressor._check_result(result, rows.numel(), count, k, d)
-        parts.append((rows, positions, result))
-    return _assemble(compressor, parts, b, n, k, d, x)
+        sub_x = torch.gather(x.index_select(0, rows), 1, positions.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        # the valid tokens of a padded row do not form the grid
+        sub_context = context.take_tokens(positions, rows).replace(valid=None, grid=None)
+        parts.append((rows, positions, compress(sub_x, k, sub_context)))
+    return _assemble(owner, info_layout, parts, x, k)
 
 
-def _take(value: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, axis: int) -> torch.Tensor:
-    """``value`` at ``rows`` with its token ``axis`` gathered at ``positions`` ``[r, count]``."""
-    value = value.index_select(0, rows)
-    shape = [positions.shape[0]] + [1] * (value.dim() - 1)
-    shape[axis] = positions.shape[1]
-    index = positions.view(shape).expand(*[s if i == axis else value.shape[i] for i, s in enumerate(shape)])
-    return torch.gather(value, axis, index)
-
-
-def _sub_context(context: Context, rows: torch.Tensor, positions: torch.Tensor) -> Context:
-    fields: dict[str, Any] = {}
-    for name in Context.field_names():
-        value = getattr(context, name)
-        if name in ("valid", "grid"):
-            value = None
-        elif isinstance(value, torch.Tensor) and name in _TOKEN_AXIS:
-            value = _take(value, rows.to(value.device), positions.to(value.device), _TOKEN_AXIS[name])
-        elif isinstance(value, torch.Tensor) and value.dim() >= 1:
-            value = value.index_select(0, rows.to(value.device))
-        fields[name] = value
-    return Context(**fields)
-
-
-def _assemble(
-    compressor: "Compressor", parts: list, b: int, n: int, k: int, d: int, x: torch.Tensor
-) -> CompressionResult:
+def _assemble(owner: str, layout: Mapping[str, str], parts: list, x: torch.Tensor, k: int) -> CompressionResult:
+    """The padded batch's result from each group's ``(rows, positions, result)``."""
+    b, n, d = x.shape
     first = parts[0][2]
     tokens = torch.empty(b, k, d, dtype=first.tokens.dtype, device=x.device)
     indices = torch.empty(b, k, dtype=torch.int64, device=x.device)
     assignment = torch.full((b, n), -1, dtype=torch.int64, device=x.device)
-    layout = compressor.info_layout
     info: dict[str, torch.Tensor] = {}
     for rows, positions, result in parts:
         tokens[rows] = result.tokens.to(tokens.dtype)
@@ -124,7 +132,7 @@ def _assemble(
                 info[key] = torch.full((b, *mapped.shape[1:]), _fill(mapped.dtype), dtype=mapped.dtype, device=mapped.device)
             elif info[key].shape[1:] != mapped.shape[1:]:
                 raise RuntimeError(
-                    f"{compressor.display_name()}: info[{key!r}] has shape {tuple(mapped.shape[1:])} per row in one "
+                    f"{owner}: info[{key!r}] has shape {tuple(mapped.shape[1:])} per row in one "
                     f"group of the padded batch and {tuple(info[key].shape[1:])} in another."
                 )
             info[key][rows] = mapped

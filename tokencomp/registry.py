@@ -16,6 +16,7 @@ from typing import Any, Callable, TypeVar
 
 from .base import Compressor
 from .errors import InvalidParameterError, UnknownStrategyError
+from .padding import INFO_KINDS
 
 __all__ = ["ENTRY_POINT_GROUP", "available", "capability_row", "create", "get", "register"]
 
@@ -51,7 +52,6 @@ CAPABILITY_VALUES: dict[str, tuple[Any, ...]] = _capability_values()
 
 def _check_declarations(name: str, cls: type[Compressor]) -> None:
     """Raise ``ValueError`` if a capability, ``requires`` or ``info_layout`` declaration is malformed."""
-    from .padding import INFO_KINDS
     from .types import Context
 
     for attribute, allowed in CAPABILITY_VALUES.items():

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, NamedTuple, Optional
 
 import torch
 
-__all__ = ["CompressionResult", "Context"]
+__all__ = ["CompressionResult", "Context", "FieldLayout"]
 
 
 @dataclass
@@ -40,13 +40,44 @@ class CompressionResult:
         return self.indices.shape[-1]
 
 
+class FieldLayout(NamedTuple):
+    """How a tensor field of :class:`Context` is laid out.
+
+    Attributes
+    ----------
+    shape : str
+        Its shape in symbols, batch first, e.g. ``"[B, T, N]"``; ``N`` is the visual tokens' axis.
+    rank : int
+        Its number of dimensions, batch included.
+    token_dim : int or None
+        The dimension of its token axis ``N`` (the field holds one entry per visual token), else ``None``.
+    """
+
+    shape: str
+    rank: int
+    token_dim: Optional[int]
+
+    def expected(self, b: int, n: int) -> str:
+        """The shape with the batch size ``b`` and the token count ``n`` filled in, e.g. ``"[2, T, 16]"``."""
+        dims = self.shape.strip("[]").split(", ")
+        return "[" + ", ".join(str(b) if s == "B" else str(n) if s == "N" else s for s in dims) + "]"
+
+
+def _tensor(shape: str) -> Any:
+    """An optional tensor field of :class:`Context` of the given ``shape`` (batch first, e.g. ``"[B, N]"``)."""
+    dims = shape.strip("[]").split(", ")
+    token_dim = dims.index("N") if "N" in dims else None
+    return field(default=None, metadata={"layout": FieldLayout(shape, len(dims), token_dim)})
+
+
 @dataclass
 class Context:
     """Optional side information for :meth:`Compressor.compress`.
 
     Every field is optional. A strategy that needs a field that is missing raises a ``ValueError``
     naming the field. Tensor fields are batched like the tokens (a leading ``B`` dimension) or, for
-    unbatched tokens, may omit it.
+    unbatched tokens, may omit it. Each tensor field's shape is declared once, with the field
+    (:meth:`layout`); validation, padded batches and the conformance kit read it from there.
 
     Attributes
     ----------
@@ -86,21 +117,87 @@ class Context:
     """
 
     grid: Optional[tuple[int, ...]] = None
-    cls_attention: Optional[torch.Tensor] = None
-    text_embeddings: Optional[torch.Tensor] = None
-    text_attention: Optional[torch.Tensor] = None
-    hidden_states: Optional[torch.Tensor] = None
+    cls_attention: Optional[torch.Tensor] = _tensor("[B, N]")
+    text_embeddings: Optional[torch.Tensor] = _tensor("[B, T, D]")
+    text_attention: Optional[torch.Tensor] = _tensor("[B, N]")
+    hidden_states: Optional[torch.Tensor] = _tensor("[B, L, H]")
     layer: Optional[int] = None
-    valid: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = _tensor("[B, N]")
     generator: Optional[torch.Generator] = None
-    cross_attention: Optional[torch.Tensor] = None
-    query: Optional[torch.Tensor] = None
-    keys: Optional[torch.Tensor] = None
-    visual_positions: Optional[torch.Tensor] = None
-    key_mask: Optional[torch.Tensor] = None
-    image_embeddings: Optional[torch.Tensor] = None
+    cross_attention: Optional[torch.Tensor] = _tensor("[B, T, N]")
+    query: Optional[torch.Tensor] = _tensor("[B, H, Dh]")
+    keys: Optional[torch.Tensor] = _tensor("[B, H, L, Dh]")
+    visual_positions: Optional[torch.Tensor] = _tensor("[B, N]")
+    key_mask: Optional[torch.Tensor] = _tensor("[B, L]")
+    image_embeddings: Optional[torch.Tensor] = _tensor("[B, N, E]")
 
+    # ------------------------------------------------------------------ the fields' layout
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """Names of all context fields."""
         return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def layout(cls) -> dict[str, FieldLayout]:
+        """The tensor fields, each batched along dimension 0, and their :class:`FieldLayout`."""
+        return {f.name: f.metadata["layout"] for f in fields(cls) if "layout" in f.metadata}
+
+    @classmethod
+    def batched_fields(cls) -> dict[str, int]:
+        """Every tensor field (batched along dimension 0) and its number of dimensions, batch included."""
+        return {name: layout.rank for name, layout in cls.layout().items()}
+
+    @classmethod
+    def per_token_fields(cls) -> dict[str, int]:
+        """The fields with one entry per visual token, and the dimension of their token axis ``N``."""
+        return {name: layout.token_dim for name, layout in cls.layout().items() if layout.token_dim is not None}
+
+    # ------------------------------------------------------------------ derived contexts
+    def replace(self, **changes: Any) -> "Context":
+        """A copy with the fields ``changes`` set."""
+        return replace(self, **changes)
+
+    def select_rows(self, rows: torch.Tensor) -> "Context":
+        """The context of the batch rows ``rows`` (int64 ``[r]``): every tensor field indexed along dimension 0.
+
+        The context must be batched (as :meth:`~tokencomp.Compressor.compress` hands it to ``_compress``).
+        """
+        return self.replace(**{
+            name: value.index_select(0, rows.to(value.device))
+            for name, value in self._tensors().items()
+        })
+
+    def row(self, i: int) -> "Context":
+        """The context of batch row ``i`` alone (every tensor field sliced to ``[i : i + 1]``)."""
+        return self.replace(**{name: value[i : i + 1] for name, value in self._tensors().items()})
+
+    def take_tokens(self, positions: torch.Tensor, rows: Optional[torch.Tensor] = None) -> "Context":
+        """The context of the tokens at ``positions`` ``[r, M]`` (int64) of the batch rows ``rows`` ``[r]``.
+
+        Per-token fields are gathered at ``positions`` along their token axis; the other tensor fields are
+        indexed at ``rows``. ``rows`` defaults to every row (then ``r = B``). ``grid`` is kept as it is:
+        a caller that takes a subset of the tokens drops it.
+        """
+        out = self if rows is None else self.select_rows(rows)
+        token_dims = self.per_token_fields()
+        return out.replace(**{
+            name: _gather_axis(value, positions.to(value.device), token_dims[name])
+            for name, value in out._tensors().items()
+            if name in token_dims
+        })
+
+    def to(self, device: torch.device | str) -> "Context":
+        """A copy with every tensor field on ``device``."""
+        return self.replace(**{name: value.to(device) for name, value in self._tensors().items()})
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor fields that are set."""
+        return {name: getattr(self, name) for name in self.layout() if isinstance(getattr(self, name), torch.Tensor)}
+
+
+def _gather_axis(value: torch.Tensor, positions: torch.Tensor, axis: int) -> torch.Tensor:
+    """``value`` ``[r, ...]`` with its dimension ``axis`` gathered at ``positions`` ``[r, M]``."""
+    shape = [positions.shape[0]] + [1] * (value.dim() - 1)
+    shape[axis] = positions.shape[1]
+    index = positions.view(shape).expand(*[s if i == axis else value.shape[i] for i, s in enumerate(shape)])
+    return torch.gather(value, axis, index)
