@@ -287,13 +287,13 @@ LLAVA_7B_SHAPES = {
 def budget_runs(name: str, params: dict[str, Any], budgets: list[int | float]) -> list[tuple[dict[str, Any], Any, Any, str]]:
     """``(params, budget for apply, budget of the row, why it cannot run or "")`` per requested budget.
 
-    Strategies that set their own per-layer budgets (``stage_budgets``) take the budget through their
+    Strategies that set their own per-layer budgets (``per_layer_budgets``) take the budget through their
     ``budget_param`` when they declare one and accept that value (SparseVLM's ``retained``), else run once
     with their own schedule (row budget ``None``).
     """
     cls = tc.get(name)
     comp = tc.create(name, **params)
-    if not hasattr(comp, "stage_budgets"):
+    if not comp.per_layer_budgets:
         return [(params, b, b, "") for b in budgets]
     key = cls.budget_param
     if not key or key in params:

@@ -58,6 +58,7 @@ class PyramidDrop(Compressor):
     text_conditioned = True
     deterministic = True
     requires = ("query", "keys", "visual_positions")
+    per_layer_budgets = True
     summary = "Pyramid of cuts at LLM layers 8/16/24, ranking by the last instruction token's q/k attention."
     complexity = "O(L H Dh + N log N)"
     scale_invariant = True
@@ -74,6 +75,10 @@ class PyramidDrop(Compressor):
             )
         self.layers = checked
         self.ratio = check_float("pdrop", "ratio", ratio, low=0.0, high=1.0, low_inclusive=False)
+
+    def llm_layers(self) -> tuple[int, ...]:
+        """The stage boundaries, ``layers``."""
+        return tuple(self.layers)
 
     def stage_budgets(self, n: int) -> list[int]:
         """Image tokens kept after each boundary of ``layers``, starting from ``n`` (``int(n * ratio^s)``)."""

@@ -183,6 +183,7 @@ class SparseVLM(Compressor):
     requires = ("cross_attention",)
     in_llm_positions = "renumber"
     budget_param = "retained"
+    per_layer_budgets = True
     scale_invariant = False  # DPC-KNN's density exp(-d^2) is absolute (see Notes)
     summary = "Text raters' attention keeps visual tokens after LLM layers 2/6/15; best pruned ones recycled by DPC-KNN."
     complexity = "O(T N + N^2 D)"
@@ -251,6 +252,10 @@ class SparseVLM(Compressor):
         if n == AUTHORS_N:
             return list(counts)
         return [max(1, (2 * c * n + AUTHORS_N) // (2 * AUTHORS_N)) for c in counts]
+
+    def llm_layers(self) -> tuple[int, ...]:
+        """The pruning layers, ``layers``."""
+        return tuple(self.layers)
 
     def stage_budgets(self, n: int, final_k: Optional[int] = None) -> list[int]:
         """Visual tokens leaving each stage (kept plus merged), starting from ``n``: the budgets of the calls.

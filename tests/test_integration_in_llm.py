@@ -48,13 +48,15 @@ class Replay(tc.Compressor):
         self.inner = inner
         self.requires = inner.requires
         self.in_llm_positions = inner.in_llm_positions
+        self.per_layer_budgets = inner.per_layer_budgets
         self.picks = []
         self.calls = 0
 
-    def __getattr__(self, name):
-        if name in ("layer", "layers", "stage_budgets"):
-            return getattr(self.__dict__["inner"], name)
-        raise AttributeError(name)
+    def llm_layers(self):
+        return self.inner.llm_layers()
+
+    def stage_budgets(self, n):
+        return self.inner.stage_budgets(n)
 
     def _compress(self, tokens, k, context):
         # The visual tokens precede every generated token, so causality makes their hidden states the

@@ -64,6 +64,10 @@ class Compressor(ABC):
     in_llm_positions : {"keep", "renumber"}
         For in-LLM strategies: whether the kept tokens keep their original position ids in later layers
         and decoding (FastV, PyramidDrop, DART) or the shorter sequence is renumbered (ApET's stage 2).
+    per_layer_budgets : bool
+        For in-LLM strategies: it sets its own budget at each of its :meth:`llm_layers`
+        (:meth:`stage_budgets`), so :func:`tokencomp.apply` takes ``budget=None`` for it (PyramidDrop,
+        SparseVLM).
     budget_param : str
         For strategies that set their own per-layer budgets (``stage_budgets``): the parameter that
         sets the overall number of visual tokens kept (SparseVLM's ``retained``), so a comparison at a
@@ -121,6 +125,7 @@ class Compressor(ABC):
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     in_llm_positions: ClassVar[str] = "keep"
+    per_layer_budgets: ClassVar[bool] = False
     budget_param: ClassVar[str] = ""
     complexity: ClassVar[str] = ""
     cost_regimes: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -165,6 +170,37 @@ class Compressor(ABC):
     def display_name(cls) -> str:
         """Registry name, or the class name for an unregistered subclass."""
         return cls.name or cls.__name__
+
+    # ------------------------------------------------------------------ in-LLM placement
+    def llm_layers(self) -> tuple[int, ...]:
+        """The decoder layers an in-LLM strategy runs at, one stage each (read by :func:`tokencomp.apply`).
+
+        Returns
+        -------
+        tuple of int
+            By default the strategy's ``layer`` parameter; a strategy that cuts at several layers
+            overrides this (and, with ``per_layer_budgets``, :meth:`stage_budgets`).
+
+        Raises
+        ------
+        InputError
+            The strategy has no ``layer``.
+        """
+        layer = getattr(self, "layer", None)
+        if layer is None:
+            raise InputError(
+                f"tokencomp.apply: in-LLM strategy {self.display_name()!r} declares no `layer` to run at; give it "
+                "a `layer` parameter or override llm_layers()."
+            )
+        return (layer,)
+
+    def stage_budgets(self, n: int) -> list[int]:
+        """The visual tokens kept at each of :meth:`llm_layers`, from the ``n`` entering the first.
+
+        Implemented by strategies with ``per_layer_budgets``; the others take the budget given to
+        :func:`tokencomp.apply` at every layer.
+        """
+        raise NotImplementedError(f"{self.display_name()} declares per_layer_budgets but no stage_budgets(n).")
 
     # ------------------------------------------------------------------ the public call
     def compress(

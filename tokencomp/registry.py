@@ -33,6 +33,7 @@ C = TypeVar("C", bound=type[Compressor])
 CAPABILITY_VALUES: dict[str, tuple[Any, ...]] = {
     "stage": ("pre_llm", "in_llm"),
     "in_llm_positions": ("keep", "renumber"),
+    "per_layer_budgets": (False, True),
     "padding": ("rows", "native", "unsupported"),
     "needs_attention": (False, True),
     "text_conditioned": (False, True),

@@ -66,12 +66,14 @@ def _check_budget(name: str, budget: Any) -> None:
 
 
 def _in_llm_stages(compressor: Compressor, budget: Any) -> list[Stage]:
-    """A strategy's stages: one at its ``layer``, or one per ``layers`` entry with ``stage_budgets``."""
+    """A strategy's stages, one per entry of its ``llm_layers()``: at ``budget``, or, for strategies with
+    ``per_layer_budgets``, at their own ``stage_budgets``."""
     name = compressor.display_name()
-    if hasattr(compressor, "layers") and hasattr(compressor, "stage_budgets"):
+    layers = list(compressor.llm_layers())
+    if compressor.per_layer_budgets:
         if budget is not None:
             raise InputError(
-                f"tokencomp.apply: {name!r} sets its own budget at each of its layers {list(compressor.layers)} "
+                f"tokencomp.apply: {name!r} sets its own budget at each of its layers {layers} "
                 "(stage_budgets); pass budget=None."
             )
         first: dict[str, int] = {}
@@ -84,11 +86,9 @@ def _in_llm_stages(compressor: Compressor, budget: Any) -> list[Stage]:
 
             return resolve
 
-        return [Stage(compressor, budget_of(s), layer) for s, layer in enumerate(compressor.layers)]
-    if not hasattr(compressor, "layer"):
-        raise InputError(f"tokencomp.apply: in-LLM strategy {name!r} declares no `layer` to run at.")
+        return [Stage(compressor, budget_of(s), layer) for s, layer in enumerate(layers)]
     _check_budget(name, budget)
-    return [Stage(compressor, budget, compressor.layer)]
+    return [Stage(compressor, budget, layer) for layer in layers]
 
 
 def apply(
