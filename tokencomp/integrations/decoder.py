@@ -35,8 +35,8 @@ import torch
 from ..base import Compressor
 from ..errors import AttentionUnavailableError, InputError
 from ..types import Context
-from .budget import check_fits
-from .handle import Handle
+from .budget import check_fits, check_supplied
+from .handle import Handle, PrefillStats
 
 SUPPLIED = ("text_attention", "cross_attention", "query", "keys", "hidden_states", "visual_positions", "key_mask", "layer", "grid")
 
@@ -58,8 +58,6 @@ class _Prefill:
     length: int
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L_s] original positions
     renumber: dict[int, bool] = field(default_factory=dict)
-    start: float = 0.0
-    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
@@ -88,6 +86,7 @@ class DecoderStages:
         self.stages = sorted(stages, key=lambda s: s.layer)
         self.allow_eager_fallback = allow_eager_fallback
         self.handle = handle
+        self.stats = PrefillStats(handle)  # one record per stage of each prefill
         self.visual_mask, self.key_mask = visual_mask, key_mask
         self.renumber = renumber  # False for M-RoPE decoders: kept tokens always keep their positions
         self.prefill: Optional[_Prefill] = None
@@ -102,12 +101,7 @@ class DecoderStages:
                     f"tokencomp.apply: {stage.compressor.display_name()!r} at layer {stage.layer}, but the "
                     f"language model has {len(self.layers)} decoder layers; use a layer in [1, {len(self.layers) - 1}]."
                 )
-            missing = [f for f in stage.compressor.requires if f not in SUPPLIED]
-            if missing:
-                raise InputError(
-                    f"tokencomp.apply: {stage.compressor.display_name()!r} needs context {', '.join(missing)}, "
-                    f"which the in-LLM integration does not supply (it supplies {', '.join(SUPPLIED)})."
-                )
+            check_supplied(stage.compressor, SUPPLIED, "in-LLM integration")
         if len({s.layer for s in self.stages}) != len(self.stages):
             raise InputError("tokencomp.apply: two in-LLM stages at the same layer; give each stage its own layer.")
 
@@ -142,19 +136,17 @@ class DecoderStages:
         length = embeds.shape[1] if embeds is not None else None
         self._in_prefill = visual is not None and length is not None and visual.shape[1] == length
         if self._in_prefill:
-            self.prefill = _Prefill(visual=visual, length=length, start=time.perf_counter())
+            self.prefill = _Prefill(visual=visual, length=length)
+            self.stats.reset()
+            self.stats.begin()
             self._attention.clear()
             self._inputs.clear()
         elif visual is None:
             self.prefill = None  # a call without images: nothing to cut
 
     def _finish(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        p = self.prefill
-        if self._in_prefill and p is not None and p.records:
-            elapsed = time.perf_counter() - p.start
-            for record in p.records:
-                record["prefill_seconds"] = elapsed
-            self.handle.stats.extend(p.records)
+        if self._in_prefill and self.prefill is not None:
+            self.stats.flush()
 
     # ------------------------------------------------------------------ captures
     def _make_eager_switch(self, j: int) -> Callable:
@@ -247,7 +239,8 @@ class DecoderStages:
         if not callable(stage.budget):
             check_fits(stage.compressor, budget, n, f"every prompt row at decoder layer {stage.layer}", unit="prompt row")
         result = stage.compressor.compress(tokens, budget, context)
-        seconds = time.perf_counter() - start
+        self.stats.count(f"in_llm@{stage.layer}", stage.compressor, start, int(counts.sum()),
+                         int(result.tokens.shape[0] * result.tokens.shape[1]))
         # new sequence: every non-visual position plus the kept visual ones, in order
         keep = ~visual_now
         keep.scatter_(1, visual_idx.gather(1, result.indices), True)
@@ -257,15 +250,6 @@ class DecoderStages:
         new_hidden[slot] = result.tokens.to(new_hidden.dtype).reshape(-1, new_hidden.shape[-1])
         p.kept[stage.layer] = positions_now.gather(1, order)
         p.renumber[stage.layer] = self.renumber and getattr(stage.compressor, "in_llm_positions", "keep") == "renumber"
-        p.records.append(
-            {
-                "stage": f"in_llm@{stage.layer}",
-                "strategy": stage.compressor.display_name(),
-                "tokens_in": int(counts.sum()),
-                "tokens_out": int(result.tokens.shape[0] * result.tokens.shape[1]),
-                "compress_seconds": seconds,
-            }
-        )
         return new_hidden
 
     def _context(self, stage: Stage, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict,
