@@ -254,40 +254,44 @@ class DecoderStages:
 
     def _context(self, stage: Stage, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict,
                  visual_idx: torch.Tensor, positions_now: torch.Tensor) -> Context:
+        """The context ``stage``'s strategy requires, at the visual tokens ``visual_idx`` of ``hidden``."""
         need = set(stage.compressor.requires)
         fields: dict[str, Any] = {"layer": stage.layer, "visual_positions": visual_idx}
         key_mask = self.key_mask()
         if key_mask is not None:
             fields["key_mask"] = key_mask.bool().gather(1, positions_now)
         if "text_attention" in need:
-            row = self._attention.get(stage.layer)
-            if row is None:
-                raise RuntimeError(f"tokencomp: no attention weights were captured for layer {stage.layer - 1}.")
-            fields["text_attention"] = row[:, -1].gather(1, visual_idx)
+            fields["text_attention"] = self._captured(stage, RuntimeError)[:, -1].gather(1, visual_idx)
         if "cross_attention" in need:
-            weights = self._attention.get(stage.layer)
-            if weights is None:
-                raise AttentionUnavailableError(f"tokencomp: no attention weights were captured for layer {stage.layer - 1}.")
-            tail = int((weights.shape[1] - 1 - visual_idx[:, -1]).min())  # text tokens after the last visual one
-            if tail < 1:
-                raise InputError("tokencomp: cross_attention needs text tokens after the image; the prompt has none.")
-            rows = weights[:, -tail:, :]  # [B, T, L]
-            fields["cross_attention"] = rows.gather(2, visual_idx[:, None, :].expand(-1, tail, -1))
+            fields["cross_attention"] = _cross_attention(self._captured(stage, AttentionUnavailableError), visual_idx)
         if "hidden_states" in need:
             fields["hidden_states"] = self.lm.norm(hidden)
         if "query" in need or "keys" in need:
-            if "hidden_states" in need and "keys" in need:
-                source, embeddings = self._inputs.get(stage.layer - 1, (None, None))
-                if source is None:
-                    raise RuntimeError(f"tokencomp: layer {stage.layer - 1}'s input was not captured.")
-                source_layer = self.layers[stage.layer - 1]
-            else:
-                source, embeddings, source_layer = hidden, kwargs.get("position_embeddings"), layer
-            query, keys = _projections(source_layer, source, embeddings)
-            fields["keys"] = keys
-            if "query" in need:
-                fields["query"] = query[:, :, -1]
-        return Context(**{k: v for k, v in fields.items() if k in need or k in ("key_mask",) and "keys" in need})
+            fields.update(self._projected(stage, need, layer, hidden, kwargs))
+        return Context(**{k: v for k, v in fields.items() if k in need or k == "key_mask" and "keys" in need})
+
+    def _captured(self, stage: Stage, error: type[Exception]) -> torch.Tensor:
+        """The attention weights captured in layer ``stage.layer - 1`` (``error`` when there are none)."""
+        weights = self._attention.get(stage.layer)
+        if weights is None:
+            raise error(f"tokencomp: no attention weights were captured for layer {stage.layer - 1}.")
+        return weights
+
+    def _projected(self, stage: Stage, need: set, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> dict:
+        """``keys`` (and the last token's ``query``): layer ``stage.layer``'s own projections, or, for
+        strategies that also read ``hidden_states`` (DART), those of the layer before."""
+        if "hidden_states" in need and "keys" in need:
+            source, embeddings = self._inputs.get(stage.layer - 1, (None, None))
+            if source is None:
+                raise RuntimeError(f"tokencomp: layer {stage.layer - 1}'s input was not captured.")
+            source_layer = self.layers[stage.layer - 1]
+        else:
+            source, embeddings, source_layer = hidden, kwargs.get("position_embeddings"), layer
+        query, keys = _projections(source_layer, source, embeddings)
+        fields = {"keys": keys}
+        if "query" in need:
+            fields["query"] = query[:, :, -1]
+        return fields
 
     # ------------------------------------------------------------------ cutting masks and positions
     def _cut(self, j: int, kwargs: dict, prefill: bool) -> dict:
@@ -349,6 +353,16 @@ def _additive_causal(mask: Optional[torch.Tensor], hidden: torch.Tensor) -> torc
         return mask
     zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
     return torch.where(allowed, zero, torch.full((), low, dtype=hidden.dtype, device=hidden.device))
+
+
+def _cross_attention(weights: torch.Tensor, visual_idx: torch.Tensor) -> torch.Tensor:
+    """``[B, T, N]``: the attention of the instruction's last ``T`` tokens (those after the last visual token,
+    ``T`` the shortest such tail in the batch) to the visual tokens, from the ``[B, L, L]`` ``weights``."""
+    tail = int((weights.shape[1] - 1 - visual_idx[:, -1]).min())  # text tokens after the last visual one
+    if tail < 1:
+        raise InputError("tokencomp: cross_attention needs text tokens after the image; the prompt has none.")
+    rows = weights[:, -tail:, :]  # [B, T, L]
+    return rows.gather(2, visual_idx[:, None, :].expand(-1, tail, -1))
 
 
 def _positions(kwargs: dict, kept: torch.Tensor) -> torch.Tensor:
