@@ -76,6 +76,7 @@ class PyramidDrop(Compressor):
         self.ratio = check_float(self.display_name(), "ratio", ratio, low=0.0, high=1.0, low_inclusive=False)
 
     def llm_layers(self) -> tuple[int, ...]:
+        """The stage boundaries, ``layers``."""
         return tuple(self.layers)
 
     def stage_budgets(self, n: int) -> list[int]:

@@ -14,9 +14,11 @@ from tokencomp.errors import InputError
 
 from ..base import Compressor
 from ..registry import create
+from .base import Integration
 from .decoder import Stage
 from .handle import Handle
-from .llava import LlavaIntegration, LlavaNextIntegration
+from .llava import LlavaIntegration
+from .llava_next import LlavaNextIntegration
 from .qwen2_vl import QwenVLIntegration
 
 __all__ = ["Handle", "apply", "SUPPORTED"]
@@ -33,7 +35,7 @@ SUPPORTED = {
 }
 
 
-def _integration(model: Any) -> type:
+def _integration(model: Any) -> type[Integration]:
     for cls in type(model).__mro__:
         if cls.__name__ in SUPPORTED:
             return SUPPORTED[cls.__name__]
@@ -149,12 +151,7 @@ def apply(
         The model already has a compression applied.
     """
     integration = _integration(model)
-    point = integration.points[0] if point is None else point
-    if point not in integration.points:
-        raise InputError(
-            f"tokencomp.apply: point must be one of {', '.join(integration.points)} for {type(model).__name__}; "
-            f"got {point!r}."
-        )
+    point = integration.check_point(point, model)
     if video not in ("clip", "frame"):
         raise InputError(f"tokencomp.apply: video must be 'clip' or 'frame'; got {video!r}.")
     if isinstance(strategy, (list, tuple)):

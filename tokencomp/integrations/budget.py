@@ -1,4 +1,5 @@
-"""Checking an int budget against the visual tokens of one image, video, frame or prompt row."""
+"""Checks shared by the integrations: an int budget against the visual tokens of one image, video, frame
+or prompt row, and the context a strategy needs against the context an integration supplies."""
 
 from __future__ import annotations
 
@@ -39,3 +40,25 @@ def check_fits(compressor: Compressor, budget: Any, n: int, where: str, unit: st
         f"{n} here. Pass an int budget <= {n}, or a fraction in (0, 1] (e.g. budget=0.25) to keep a share of each "
         f"{unit}."
     )
+
+
+def check_supplied(compressor: Compressor, supplied: tuple[str, ...], by: str, note: str = "") -> None:
+    """Raise ``InputError`` when ``compressor`` requires context that ``by`` does not supply.
+
+    Parameters
+    ----------
+    compressor : Compressor
+        The strategy (its ``requires``).
+    supplied : tuple of str
+        The :class:`~tokencomp.Context` fields the integration computes.
+    by : str
+        The integration, for the message (e.g. ``"in-LLM integration"``).
+    note : str
+        Why a field is missing, appended to the list of supplied ones.
+    """
+    missing = [f for f in compressor.requires if f not in supplied]
+    if missing:
+        raise InputError(
+            f"tokencomp.apply: strategy {compressor.display_name()!r} needs context {', '.join(missing)}, which the "
+            f"{by} does not supply (it supplies {', '.join(supplied)}{note}); choose a strategy that needs only those."
+        )

@@ -35,8 +35,8 @@ import torch
 from ..base import Compressor
 from ..errors import AttentionUnavailableError, InputError
 from ..types import Context
-from .budget import check_fits
-from .handle import Handle
+from .budget import check_fits, check_supplied
+from .handle import Handle, PrefillStats
 
 SUPPLIED = ("text_attention", "cross_attention", "query", "keys", "hidden_states", "visual_positions", "key_mask", "layer", "grid")
 
@@ -58,8 +58,6 @@ class _Prefill:
     length: int
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L_s] original positions
     renumber: dict[int, bool] = field(default_factory=dict)
-    start: float = 0.0
-    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
@@ -88,6 +86,7 @@ class DecoderStages:
         self.stages = sorted(stages, key=lambda s: s.layer)
         self.allow_eager_fallback = allow_eager_fallback
         self.handle = handle
+        self.stats = PrefillStats(handle)  # one record per stage of each prefill
         self.visual_mask, self.key_mask = visual_mask, key_mask
         self.renumber = renumber  # False for M-RoPE decoders: kept tokens always keep their positions
         self.prefill: Optional[_Prefill] = None
@@ -102,12 +101,7 @@ class DecoderStages:
                     f"tokencomp.apply: {stage.compressor.display_name()!r} at layer {stage.layer}, but the "
                     f"language model has {len(self.layers)} decoder layers; use a layer in [1, {len(self.layers) - 1}]."
                 )
-            missing = [f for f in stage.compressor.requires if f not in SUPPLIED]
-            if missing:
-                raise InputError(
-                    f"tokencomp.apply: {stage.compressor.display_name()!r} needs context {', '.join(missing)}, "
-                    f"which the in-LLM integration does not supply (it supplies {', '.join(SUPPLIED)})."
-                )
+            check_supplied(stage.compressor, SUPPLIED, "in-LLM integration")
         if len({s.layer for s in self.stages}) != len(self.stages):
             raise InputError("tokencomp.apply: two in-LLM stages at the same layer; give each stage its own layer.")
 
@@ -142,19 +136,17 @@ class DecoderStages:
         length = embeds.shape[1] if embeds is not None else None
         self._in_prefill = visual is not None and length is not None and visual.shape[1] == length
         if self._in_prefill:
-            self.prefill = _Prefill(visual=visual, length=length, start=time.perf_counter())
+            self.prefill = _Prefill(visual=visual, length=length)
+            self.stats.reset()
+            self.stats.begin()
             self._attention.clear()
             self._inputs.clear()
         elif visual is None:
             self.prefill = None  # a call without images: nothing to cut
 
     def _finish(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        p = self.prefill
-        if self._in_prefill and p is not None and p.records:
-            elapsed = time.perf_counter() - p.start
-            for record in p.records:
-                record["prefill_seconds"] = elapsed
-            self.handle.stats.extend(p.records)
+        if self._in_prefill and self.prefill is not None:
+            self.stats.flush()
 
     # ------------------------------------------------------------------ captures
     def _make_eager_switch(self, j: int) -> Callable:
@@ -247,7 +239,8 @@ class DecoderStages:
         if not callable(stage.budget):
             check_fits(stage.compressor, budget, n, f"every prompt row at decoder layer {stage.layer}", unit="prompt row")
         result = stage.compressor.compress(tokens, budget, context)
-        seconds = time.perf_counter() - start
+        self.stats.count(f"in_llm@{stage.layer}", stage.compressor, start, int(counts.sum()),
+                         int(result.tokens.shape[0] * result.tokens.shape[1]))
         # new sequence: every non-visual position plus the kept visual ones, in order
         keep = ~visual_now
         keep.scatter_(1, visual_idx.gather(1, result.indices), True)
@@ -257,53 +250,48 @@ class DecoderStages:
         new_hidden[slot] = result.tokens.to(new_hidden.dtype).reshape(-1, new_hidden.shape[-1])
         p.kept[stage.layer] = positions_now.gather(1, order)
         p.renumber[stage.layer] = self.renumber and getattr(stage.compressor, "in_llm_positions", "keep") == "renumber"
-        p.records.append(
-            {
-                "stage": f"in_llm@{stage.layer}",
-                "strategy": stage.compressor.display_name(),
-                "tokens_in": int(counts.sum()),
-                "tokens_out": int(result.tokens.shape[0] * result.tokens.shape[1]),
-                "compress_seconds": seconds,
-            }
-        )
         return new_hidden
 
     def _context(self, stage: Stage, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict,
                  visual_idx: torch.Tensor, positions_now: torch.Tensor) -> Context:
+        """The context ``stage``'s strategy requires, at the visual tokens ``visual_idx`` of ``hidden``."""
         need = set(stage.compressor.requires)
         fields: dict[str, Any] = {"layer": stage.layer, "visual_positions": visual_idx}
         key_mask = self.key_mask()
         if key_mask is not None:
             fields["key_mask"] = key_mask.bool().gather(1, positions_now)
         if "text_attention" in need:
-            row = self._attention.get(stage.layer)
-            if row is None:
-                raise RuntimeError(f"tokencomp: no attention weights were captured for layer {stage.layer - 1}.")
-            fields["text_attention"] = row[:, -1].gather(1, visual_idx)
+            fields["text_attention"] = self._captured(stage, RuntimeError)[:, -1].gather(1, visual_idx)
         if "cross_attention" in need:
-            weights = self._attention.get(stage.layer)
-            if weights is None:
-                raise AttentionUnavailableError(f"tokencomp: no attention weights were captured for layer {stage.layer - 1}.")
-            tail = int((weights.shape[1] - 1 - visual_idx[:, -1]).min())  # text tokens after the last visual one
-            if tail < 1:
-                raise InputError("tokencomp: cross_attention needs text tokens after the image; the prompt has none.")
-            rows = weights[:, -tail:, :]  # [B, T, L]
-            fields["cross_attention"] = rows.gather(2, visual_idx[:, None, :].expand(-1, tail, -1))
+            fields["cross_attention"] = _cross_attention(self._captured(stage, AttentionUnavailableError), visual_idx)
         if "hidden_states" in need:
             fields["hidden_states"] = self.lm.norm(hidden)
         if "query" in need or "keys" in need:
-            if "hidden_states" in need and "keys" in need:
-                source, embeddings = self._inputs.get(stage.layer - 1, (None, None))
-                if source is None:
-                    raise RuntimeError(f"tokencomp: layer {stage.layer - 1}'s input was not captured.")
-                source_layer = self.layers[stage.layer - 1]
-            else:
-                source, embeddings, source_layer = hidden, kwargs.get("position_embeddings"), layer
-            query, keys = _projections(source_layer, source, embeddings)
-            fields["keys"] = keys
-            if "query" in need:
-                fields["query"] = query[:, :, -1]
-        return Context(**{k: v for k, v in fields.items() if k in need or k in ("key_mask",) and "keys" in need})
+            fields.update(self._projected(stage, need, layer, hidden, kwargs))
+        return Context(**{k: v for k, v in fields.items() if k in need or k == "key_mask" and "keys" in need})
+
+    def _captured(self, stage: Stage, error: type[Exception]) -> torch.Tensor:
+        """The attention weights captured in layer ``stage.layer - 1`` (``error`` when there are none)."""
+        weights = self._attention.get(stage.layer)
+        if weights is None:
+            raise error(f"tokencomp: no attention weights were captured for layer {stage.layer - 1}.")
+        return weights
+
+    def _projected(self, stage: Stage, need: set, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> dict:
+        """``keys`` (and the last token's ``query``): layer ``stage.layer``'s own projections, or, for
+        strategies that also read ``hidden_states`` (DART), those of the layer before."""
+        if "hidden_states" in need and "keys" in need:
+            source, embeddings = self._inputs.get(stage.layer - 1, (None, None))
+            if source is None:
+                raise RuntimeError(f"tokencomp: layer {stage.layer - 1}'s input was not captured.")
+            source_layer = self.layers[stage.layer - 1]
+        else:
+            source, embeddings, source_layer = hidden, kwargs.get("position_embeddings"), layer
+        query, keys = _projections(source_layer, source, embeddings)
+        fields = {"keys": keys}
+        if "query" in need:
+            fields["query"] = query[:, :, -1]
+        return fields
 
     # ------------------------------------------------------------------ cutting masks and positions
     def _cut(self, j: int, kwargs: dict, prefill: bool) -> dict:
@@ -365,6 +353,16 @@ def _additive_causal(mask: Optional[torch.Tensor], hidden: torch.Tensor) -> torc
         return mask
     zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
     return torch.where(allowed, zero, torch.full((), low, dtype=hidden.dtype, device=hidden.device))
+
+
+def _cross_attention(weights: torch.Tensor, visual_idx: torch.Tensor) -> torch.Tensor:
+    """``[B, T, N]``: the attention of the instruction's last ``T`` tokens (those after the last visual token,
+    ``T`` the shortest such tail in the batch) to the visual tokens, from the ``[B, L, L]`` ``weights``."""
+    tail = int((weights.shape[1] - 1 - visual_idx[:, -1]).min())  # text tokens after the last visual one
+    if tail < 1:
+        raise InputError("tokencomp: cross_attention needs text tokens after the image; the prompt has none.")
+    rows = weights[:, -tail:, :]  # [B, T, L]
+    return rows.gather(2, visual_idx[:, None, :].expand(-1, tail, -1))
 
 
 def _positions(kwargs: dict, kept: torch.Tensor) -> torch.Tensor:

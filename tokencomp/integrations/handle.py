@@ -1,8 +1,13 @@
-"""The handle :func:`tokencomp.apply` returns: statistics, removal, context manager."""
+"""The handle :func:`tokencomp.apply` returns (statistics, removal, context manager), and the one recorder
+of its statistics."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import time
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from ..base import Compressor
 
 _ATTRIBUTE = "_tokencomp_handle"
 
@@ -68,3 +73,47 @@ class Handle:
     def __repr__(self) -> str:
         state = "removed" if self._removed else "active"
         return f"<tokencomp.Handle {self.description} ({state}, {len(self.stats)} prefills)>"
+
+
+class PrefillStats:
+    """One way to record a prefill's statistics into ``handle.stats``: one record per stage.
+
+    Compression calls add up (:meth:`count`) until :meth:`flush` appends the records, each with the
+    time since :meth:`begin` as ``prefill_seconds``.
+    """
+
+    def __init__(self, handle: "Handle") -> None:
+        self.handle = handle
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the pending prefill (after it was recorded, or abandoned)."""
+        self.start: Optional[float] = None
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def begin(self) -> None:
+        """Start the prefill's clock, unless it is already running."""
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def count(self, stage: str, compressor: Compressor, start: float, tokens_in: int, tokens_out: int) -> None:
+        """Add one compression call of ``stage`` (started at ``start``, ``perf_counter``)."""
+        seconds = time.perf_counter() - start
+        record = self.records.setdefault(
+            stage,
+            {"stage": stage, "strategy": compressor.display_name(), "tokens_in": 0, "tokens_out": 0,
+             "compress_seconds": 0.0},
+        )
+        record["tokens_in"] += tokens_in
+        record["tokens_out"] += tokens_out
+        record["compress_seconds"] += seconds
+
+    def flush(self) -> None:
+        """Append the pending records (if any) to ``handle.stats`` and reset."""
+        if self.records:
+            now = time.perf_counter()
+            elapsed = now - (self.start if self.start is not None else now)
+            for record in self.records.values():
+                record["prefill_seconds"] = elapsed
+            self.handle.stats.extend(self.records.values())
+        self.reset()
