@@ -9,18 +9,25 @@ from ._data import N, make_context, make_tokens
 from ._skip import SkipCheck
 
 
+def _assert_refused(compressor: Compressor, what: str, call, *args, naming: str | None = None, **kwargs) -> None:
+    """``call(*args, **kwargs)`` must raise ``ValueError`` for ``what``, naming ``naming`` in its message
+    when given."""
+    try:
+        call(*args, **kwargs)
+    except ValueError as exc:
+        if naming is not None:
+            assert naming in str(exc), f"{compressor!r}: the error for {what} does not name {naming!r}: {exc}"
+    else:
+        raise AssertionError(f"{compressor!r}: {what} was accepted")
+
+
 def check_bad_budgets(compressor: Compressor) -> None:
     """Budgets that are 0, negative, above N, non-numeric or fractions outside (0, 1] raise ValueError."""
     x = make_tokens()
     ctx = make_context(compressor, x)
     owner = compressor.display_name()
     for bad in (0, -1, N + 1, 0.0, -0.5, 1.5, float("nan"), "8", None, True, [8]):
-        try:
-            compressor.compress(x, bad, ctx)
-        except ValueError as exc:
-            assert owner in str(exc), f"{compressor!r}: the error for budget {bad!r} does not name {owner!r}: {exc}"
-        else:
-            raise AssertionError(f"{compressor!r}: budget {bad!r} was accepted")
+        _assert_refused(compressor, f"budget {bad!r}", compressor.compress, x, bad, ctx, naming=owner)
 
 
 def check_bad_tokens(compressor: Compressor) -> None:
@@ -33,22 +40,14 @@ def check_bad_tokens(compressor: Compressor) -> None:
         bad[0, 0, 0] = value
         non_finite.append(bad)
     for bad in (x.long(), x[0, 0], x.unsqueeze(0), *non_finite, x.numpy()):
-        try:
-            compressor.compress(bad, 4, ctx)
-        except ValueError:
-            pass
-        else:
-            raise AssertionError(f"{compressor!r}: bad tokens of shape {getattr(bad, 'shape', None)} were accepted")
+        shape = getattr(bad, "shape", None)
+        _assert_refused(compressor, f"bad tokens of shape {shape}", compressor.compress, bad, 4, ctx)
 
 
 def _check_unknown_parameter(compressor: Compressor) -> None:
     """:func:`tokencomp.create` refuses a parameter the registered strategy does not take, naming it."""
-    try:
-        create(compressor.name, not_a_parameter=1)
-    except ValueError as exc:
-        assert "not_a_parameter" in str(exc), f"{compressor!r}: the unknown-parameter error does not name it: {exc}"
-    else:
-        raise AssertionError(f"{compressor!r}: create() accepted an unknown parameter")
+    _assert_refused(compressor, "an unknown parameter to create()", create, compressor.name, not_a_parameter=1,
+                    naming="not_a_parameter")
 
 
 def _bad_values(value) -> list:
@@ -98,9 +97,4 @@ def check_missing_context(compressor: Compressor) -> None:
     k = some_budgets(compressor)[-1]
     for name in compressor.requires:
         partial = full.replace(**{name: None})
-        try:
-            compressor.compress(x, k, partial)
-        except ValueError as exc:
-            assert name in str(exc), f"{compressor!r}: missing context.{name} error does not name it: {exc}"
-        else:
-            raise AssertionError(f"{compressor!r}: ran without its required context.{name}")
+        _assert_refused(compressor, f"missing context.{name}", compressor.compress, x, k, partial, naming=name)
