@@ -41,7 +41,8 @@ from typing import Any, Optional, Union
 import torch
 
 from tokencomp.base import Compressor
-from tokencomp.errors import InputError
+from tokencomp.constraints import Boolean, Interval, Options
+from tokencomp.errors import InputError, InvalidParameterError
 from tokencomp.kernels import (
     PivotedQR,
     batched_gather,
@@ -59,14 +60,7 @@ from tokencomp.kernels import (
 from tokencomp.kernels.lstsq import ERROR_NORMS
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import (
-    InvalidParameterError,
-    check_bool,
-    check_choice,
-    check_float,
-    check_int,
-    check_seed,
-)
+from tokencomp.validation import SEED
 
 BASES = ("fps", "random", "qr")
 INJECTIONS = ("replace", "mix", "none")
@@ -135,6 +129,17 @@ class ApET(Compressor):
     complexity = "O(M N D + (N - K) K D)"
     info_layout = {"basis_indices": "position", "errors": "token", "basis_slots": "row"}
     paper = "Ma et al., ApET: Approximation-Error Guided Token Compression, arXiv 2602.19870 (2026)"
+    parameter_constraints = {
+        "basis": (Options(BASES),),
+        "num_basis": (Interval(int, 1),),
+        "fps_start": (Options(("random",)), Interval(int, 0)),
+        "error_norm": (Options(ERROR_NORMS),),
+        "ridge": (Interval(float, 0.0, closed="right"),),
+        "basis_injection": (Options(INJECTIONS),),
+        "injection_order": (Options(INJECTION_ORDERS),),
+        "merge": (Boolean(),),
+        "seed": SEED,
+    }
 
     def __init__(
         self,
@@ -149,18 +154,15 @@ class ApET(Compressor):
         merge: bool = True,
         seed: Optional[int] = 0,
     ) -> None:
-        name = self.display_name()
-        self.basis = check_choice(name, "basis", basis, BASES)
-        self.num_basis = check_int(name, "num_basis", num_basis, low=1)
-        if fps_start != "random":
-            check_int(name, "fps_start", fps_start, low=0)
-        self.fps_start = fps_start if fps_start == "random" else int(fps_start)
-        self.error_norm = check_choice(name, "error_norm", error_norm, ERROR_NORMS)
-        self.ridge = check_float(name, "ridge", ridge, low=0.0, low_inclusive=False)
-        self.basis_injection = check_choice(name, "basis_injection", basis_injection, INJECTIONS)
-        self.injection_order = check_choice(name, "injection_order", injection_order, INJECTION_ORDERS)
-        self.merge = check_bool(name, "merge", merge)
-        self.seed = check_seed(name, "seed", seed)
+        self.basis = basis
+        self.num_basis = num_basis
+        self.fps_start = fps_start
+        self.error_norm = error_norm
+        self.ridge = ridge
+        self.basis_injection = basis_injection
+        self.injection_order = injection_order
+        self.merge = merge
+        self.seed = seed
 
     @property
     def _injects(self) -> bool:
@@ -306,6 +308,7 @@ class ApETLLM(ApET):
     in_llm_positions = "renumber"  # the authors renumber the position ids after their stage-2 cut
     summary = "ApET's stage 2 on LLM hidden states at a decoder layer (authors: after layer 16)."
     complexity = "O(M N D + (N - K) K D)"
+    parameter_constraints = {**ApET.parameter_constraints, "layer": (Interval(int, 0),)}
 
     def __init__(
         self,
@@ -332,7 +335,7 @@ class ApETLLM(ApET):
             merge=merge,
             seed=seed,
         )
-        self.layer = check_int(self.display_name(), "layer", layer, low=0)
+        self.layer = layer
 
     def llm_layers(self) -> tuple[int, ...]:
         return (self.layer,)

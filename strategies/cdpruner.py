@@ -59,13 +59,13 @@ from typing import Optional
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.constraints import Interval, IsNone
 from tokencomp.errors import InputError
 from tokencomp.kernels import selection_result
 from tokencomp.kernels.blocks import row_blocks, unit_rows, unit_vectors
 from tokencomp.kernels.matvec import column_dots, column_pieces, padded_columns
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import check_float
 
 _DEGENERATE = 1e-6
 
@@ -168,9 +168,9 @@ class CDPruner(Compressor):
     info_layout = {"order": "position", "relevance": "token"}
     paper = "Zhang et al., CDPruner, NeurIPS 2025 (arXiv 2506.10967)"
 
+    parameter_constraints = {"theta": (IsNone(), Interval(float, 0.0, 1.0, closed="neither"))}
+
     def __init__(self, *, theta: Optional[float] = None) -> None:
-        if theta is not None:
-            theta = check_float(self.display_name(), "theta", theta, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
         self.theta = theta
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:

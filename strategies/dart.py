@@ -44,13 +44,13 @@ from typing import Optional
 import torch
 
 from tokencomp.base import Compressor
-from tokencomp.errors import InputError
+from tokencomp.constraints import Interval
+from tokencomp.errors import InputError, InvalidParameterError
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, selection_result
 from tokencomp.kernels.attention import rank_descending
 from tokencomp.kernels.blocks import scaled_norms, unit_vectors
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import InvalidParameterError, check_int
 
 
 def claim_quotas(claims: int, pivots: int) -> list[int]:
@@ -150,8 +150,10 @@ class DART(Compressor):
     info_layout = {"pivots": "position"}
     paper = "Wen et al., DART, EMNLP 2025 (arXiv 2502.11494)"
 
+    parameter_constraints = {"pivot_image_tokens": (Interval(int, 1),)}
+
     def __init__(self, *, pivot_image_tokens: int = 4) -> None:
-        self.pivot_image_tokens = check_int(self.display_name(), "pivot_image_tokens", pivot_image_tokens, low=1)
+        self.pivot_image_tokens = pivot_image_tokens
 
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         if k < self.pivot_image_tokens:
@@ -196,10 +198,16 @@ class DARTLLM(DART):
     complexity = "O(L H Dh + P L D + N log N)"
     info_layout = {"pivots": "position", "text_pivots": "row"}
 
+    parameter_constraints = {
+        **DART.parameter_constraints,
+        "layer": (Interval(int, 1),),
+        "pivot_text_tokens": (Interval(int, 0),),
+    }
+
     def __init__(self, *, layer: int = 2, pivot_image_tokens: int = 4, pivot_text_tokens: int = 4) -> None:
         super().__init__(pivot_image_tokens=pivot_image_tokens)
-        self.layer = check_int(self.display_name(), "layer", layer, low=1)
-        self.pivot_text_tokens = check_int(self.display_name(), "pivot_text_tokens", pivot_text_tokens, low=0)
+        self.layer = layer
+        self.pivot_text_tokens = pivot_text_tokens
 
     def llm_layers(self) -> tuple[int, ...]:
         return (self.layer,)

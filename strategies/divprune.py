@@ -48,12 +48,12 @@ from __future__ import annotations
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.constraints import Interval
 from tokencomp.kernels import selection_result
 from tokencomp.kernels.blocks import row_blocks, unit_rows
 from tokencomp.kernels.matvec import padded_rows, token_dots
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import check_int
 
 
 def _top2(tile: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,8 +135,10 @@ class DivPrune(Compressor):
     info_layout = {"order": "position"}
     paper = "Alvar et al., DivPrune, CVPR 2025 (arXiv 2503.02175)"
 
+    parameter_constraints = {"chunk": (Interval(int, 1),)}
+
     def __init__(self, *, chunk: int = 1024) -> None:
-        self.chunk = check_int(self.display_name(), "chunk", chunk, low=1)
+        self.chunk = chunk
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         b, n, _ = tokens.shape

@@ -23,11 +23,11 @@ from __future__ import annotations
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.constraints import Interval
 from tokencomp.kernels import selection_result
 from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import check_int
 
 
 @register("fastv")
@@ -57,8 +57,10 @@ class FastV(Compressor):
     info_layout = {"scores": "token"}
     paper = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024 (arXiv 2403.06764)"
 
+    parameter_constraints = {"layer": (Interval(int, 1),)}
+
     def __init__(self, *, layer: int = 2) -> None:
-        self.layer = check_int(self.display_name(), "layer", layer, low=1)
+        self.layer = layer
 
     def llm_layers(self) -> tuple[int, ...]:
         return (self.layer,)

@@ -29,11 +29,11 @@ from __future__ import annotations
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.constraints import Interval, ListOf
 from tokencomp.kernels import selection_result
 from tokencomp.kernels.attention import attention_row, rank_descending
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import InvalidParameterError, check_float, check_int
 
 
 @register("pdrop")
@@ -64,16 +64,14 @@ class PyramidDrop(Compressor):
     info_layout = {"scores": "token"}
     paper = "Xing et al., PyramidDrop, CVPR 2025 (arXiv 2410.17247)"
 
+    parameter_constraints = {
+        "layers": (ListOf(Interval(int, 1), increasing=True),),
+        "ratio": (Interval(float, 0.0, 1.0, closed="right"),),
+    }
+
     def __init__(self, *, layers: list[int] = (8, 16, 24), ratio: float = 0.5) -> None:  # type: ignore[assignment]
-        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-            raise InvalidParameterError(f"{self.display_name()}: parameter 'layers' must be a list of layer indices; got {layers!r}.")
-        checked = [check_int(self.display_name(), "layers", v, low=1) for v in layers]
-        if not checked or any(b <= a for a, b in zip(checked, checked[1:])):
-            raise InvalidParameterError(
-                f"{self.display_name()}: parameter 'layers' must be a non-empty, strictly increasing list; got {list(layers)!r}."
-            )
-        self.layers = checked
-        self.ratio = check_float(self.display_name(), "ratio", ratio, low=0.0, high=1.0, low_inclusive=False)
+        self.layers = layers
+        self.ratio = ratio
 
     def llm_layers(self) -> tuple[int, ...]:
         """The stage boundaries, ``layers``."""

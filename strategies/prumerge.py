@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from tokencomp.base import Compressor
+from tokencomp.constraints import Boolean, Interval
 from tokencomp.errors import InputError
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, slots_of
 from tokencomp.kernels.attention import attention_scores, rank_descending
@@ -67,7 +68,6 @@ from tokencomp.kernels.blocks import scaled_norms, unit_vectors
 from tokencomp.kernels.gather import flat_index
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import check_bool, check_int
 
 
 def iqr_outlier_count(attn: torch.Tensor) -> torch.Tensor:
@@ -114,11 +114,12 @@ class PruMerge(Compressor):
         "arXiv 2403.15388 (2024)"
     )
 
+    parameter_constraints = {"plus": (Boolean(),), "knn": (Interval(int, 1),), "extra_token": (Boolean(),)}
+
     def __init__(self, *, plus: bool = False, knn: int = 32, extra_token: bool = True) -> None:
-        name = "prumerge"
-        self.plus = check_bool(name, "plus", plus)
-        self.knn = check_int(name, "knn", knn, low=1)
-        self.extra_token = check_bool(name, "extra_token", extra_token)
+        self.plus = plus
+        self.knn = knn
+        self.extra_token = extra_token
 
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         centres = k - 1 if self.extra_token else k

@@ -10,7 +10,7 @@ from tokencomp.base import Compressor
 from tokencomp.kernels import selection_result
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import check_seed
+from tokencomp.validation import SEED
 
 
 @register("random")
@@ -30,8 +30,10 @@ class RandomSubset(Compressor):
     complexity = "O(N log N + K D)"
     scale_invariant = True
 
+    parameter_constraints = {"seed": SEED}
+
     def __init__(self, *, seed: Optional[int] = 0) -> None:
-        self.seed = check_seed(self.display_name(), "seed", seed)
+        self.seed = seed
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         b, n, _ = tokens.shape

@@ -103,14 +103,15 @@ from typing import Optional
 import torch
 
 from tokencomp.base import Compressor
-from tokencomp.errors import InputError
+from tokencomp.constraints import Boolean, Interval, IsNone, ListOf, Options
+from tokencomp.errors import InputError, InvalidParameterError
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, slots_of
 from tokencomp.kernels import blocks as _blocks
 from tokencomp.kernels.attention import rank_descending
 from tokencomp.kernels.blocks import token_scale
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import InvalidParameterError, check_bool, check_choice, check_float, check_int
+from tokencomp.validation import check_int
 
 #: The authors' per-layer top-k counts at their three pruning layers, by ``RETAIN_TOKN`` (``N = 576``).
 AUTHORS_KEEP = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
@@ -190,6 +191,17 @@ class SparseVLM(Compressor):
         "Zhang et al., SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model "
         "Inference, ICML 2025 (arXiv 2410.04417)"
     )
+    parameter_constraints = {
+        "layers": (ListOf(Interval(int, 1), increasing=True),),
+        "retained": (
+            Options(tuple(AUTHORS_KEEP), hint="These are the authors' settings; for other schedules pass keep_counts=[...] (one per layer)."),
+        ),
+        "keep_counts": (IsNone(), ListOf(Interval(int, 1))),
+        "recycle": (Boolean(),),
+        "recycle_ratio": (Interval(float, 0.0, 1.0),),
+        "cluster_divisor": (Interval(int, 1),),
+        "raters": (Options(RATERS),),
+    }
 
     def __init__(
         self,
@@ -202,14 +214,9 @@ class SparseVLM(Compressor):
         cluster_divisor: int = 10,
         raters: str = "auto",
     ) -> None:
-        self.layers = _int_list(self.display_name(), "layers", layers, low=1, increasing=True)
-        self.retained = check_int(self.display_name(), "retained", retained)
-        if self.retained not in AUTHORS_KEEP:
-            raise InvalidParameterError(
-                f"{self.display_name()}: parameter 'retained' must be one of {sorted(AUTHORS_KEEP, reverse=True)} (the authors' "
-                f"settings); got {retained!r}. For other schedules pass keep_counts=[...] (one count per layer)."
-            )
-        self.keep_counts = None if keep_counts is None else _int_list(self.display_name(), "keep_counts", keep_counts, low=1)
+        self.layers = layers
+        self.retained = retained
+        self.keep_counts = keep_counts
         expected = len(AUTHORS_KEEP[self.retained]) if self.keep_counts is None else len(self.keep_counts)
         if len(self.layers) != expected:
             what = "keep_counts" if self.keep_counts is not None else f"the authors' table (retained={self.retained})"
@@ -217,10 +224,10 @@ class SparseVLM(Compressor):
                 f"{self.display_name()}: parameter 'layers' has {len(self.layers)} entries ({self.layers}) but {what} has "
                 f"{expected} per-layer counts; give one count per layer with keep_counts=[...]."
             )
-        self.recycle = check_bool(self.display_name(), "recycle", recycle)
-        self.recycle_ratio = check_float(self.display_name(), "recycle_ratio", recycle_ratio, low=0.0, high=1.0)
-        self.cluster_divisor = check_int(self.display_name(), "cluster_divisor", cluster_divisor, low=1)
-        self.raters = check_choice(self.display_name(), "raters", raters, RATERS)
+        self.recycle = recycle
+        self.recycle_ratio = recycle_ratio
+        self.cluster_divisor = cluster_divisor
+        self.raters = raters
 
     # ------------------------------------------------------------------ the schedule
     def _clusters(self, pruned: int) -> int:
@@ -471,12 +478,3 @@ def _dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     owner.scatter_(1, centres, torch.arange(c, device=dev).expand(b, c).contiguous())
     return centres, owner
 
-
-def _int_list(owner: str, name: str, value, *, low: int, increasing: bool = False) -> list[int]:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise InvalidParameterError(f"{owner}: parameter {name!r} must be a list of integers; got {value!r}.")
-    checked = [check_int(owner, name, v, low=low) for v in value]
-    if not checked or (increasing and any(bb <= a for a, bb in zip(checked, checked[1:]))):
-        rule = "a non-empty, strictly increasing list" if increasing else "a non-empty list"
-        raise InvalidParameterError(f"{owner}: parameter {name!r} must be {rule}; got {list(value)!r}.")
-    return checked

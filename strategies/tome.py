@@ -39,10 +39,11 @@ from __future__ import annotations
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.constraints import Boolean, Interval
+from tokencomp.errors import InvalidParameterError
 from tokencomp.kernels import batched_gather, gemm_pieces, row_blocks, unit_rows
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import InvalidParameterError, check_bool, check_int
 
 
 def best_match(a: torch.Tensor, b: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +91,11 @@ class ToMe(Compressor):
     info_layout = {"size": "row"}
     paper = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (arXiv 2210.09461)"
 
+    parameter_constraints = {"protect_first": (Boolean(),), "chunk": (Interval(int, 1),)}
+
     def __init__(self, *, protect_first: bool = False, chunk: int = 2048) -> None:
-        self.protect_first = check_bool(self.display_name(), "protect_first", protect_first)
-        self.chunk = check_int(self.display_name(), "chunk", chunk, low=1)
+        self.protect_first = protect_first
+        self.chunk = chunk
 
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         if self.protect_first and k < min(n, 2):

@@ -42,6 +42,7 @@ from typing import Optional
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.constraints import Interval, IsNone, Options
 from tokencomp.errors import InputError
 from tokencomp.kernels import (
     batched_gather,
@@ -55,7 +56,6 @@ from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.kernels.gather import flat_index
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import check_choice, check_int
 
 CONTEXTUAL_MERGES = ("target_plus_mean", "mean")
 
@@ -100,10 +100,14 @@ class VisionZip(Compressor):
         "CVPR 2025 (arXiv 2412.04467)"
     )
 
+    parameter_constraints = {
+        "contextual": (IsNone(), Interval(int, 0)),
+        "contextual_merge": (Options(CONTEXTUAL_MERGES),),
+    }
+
     def __init__(self, *, contextual: Optional[int] = None, contextual_merge: str = "target_plus_mean") -> None:
-        name = "visionzip"
-        self.contextual = None if contextual is None else check_int(name, "contextual", contextual, low=0)
-        self.contextual_merge = check_choice(name, "contextual_merge", contextual_merge, CONTEXTUAL_MERGES)
+        self.contextual = contextual
+        self.contextual_merge = contextual_merge
 
     @property
     def convex_outputs(self) -> bool:

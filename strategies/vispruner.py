@@ -58,6 +58,7 @@ from functools import partial
 import torch
 
 from tokencomp.base import Compressor
+from tokencomp.constraints import Interval, Options
 from tokencomp.kernels import GEMM_MIN, batched_gather, gemm_pieces, row_blocks, selection_result
 from tokencomp.kernels import blocks as _blocks
 from tokencomp.kernels.attention import attention_scores, rank_descending
@@ -65,7 +66,6 @@ from tokencomp.kernels.blocks import unit_vectors
 from tokencomp.kernels.gather import flat_index
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
-from tokencomp.validation import check_choice, check_float
 
 # Tokens the authors remove per round of duplicate removal (``min(8, R - K_div)``).
 _PER_ROUND = 8
@@ -174,9 +174,14 @@ class VisPruner(Compressor):
 
     cost_regimes = {"cached": {"cache": "always"}, "recomputed": {"cache": "never"}}
 
+    parameter_constraints = {
+        "important_ratio": (Interval(float, 0.0, 1.0),),
+        "cache": (Options(("auto", "always", "never")),),
+    }
+
     def __init__(self, *, important_ratio: float = 0.5, cache: str = "auto") -> None:
-        self.important_ratio = check_float(self.display_name(), "important_ratio", important_ratio, low=0.0, high=1.0)
-        self.cache = check_choice(self.display_name(), "cache", cache, ("auto", "always", "never"))
+        self.important_ratio = important_ratio
+        self.cache = cache
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         b, n, d = tokens.shape

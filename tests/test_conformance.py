@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tokencomp as tc
+from tokencomp.constraints import Interval
 from tokencomp.testing import SkipCheck, all_checks, check_compressor, parametrize_with_checks
 
 STRATEGIES = tc.available()
@@ -94,8 +95,10 @@ class TopNorm(tc.Compressor):
 
     deterministic = True
 
+    parameter_constraints = {"power": (Interval(int, 1),)}
+
     def __init__(self, *, power: int = 2) -> None:
-        self.power = tc.validation.check_int("top-norm", "power", power, low=1)
+        self.power = power
 
     def _compress(self, tokens, k, context):
         score = tokens.abs().pow(self.power).sum(-1)
@@ -132,7 +135,7 @@ def test_base_class_rejects_malformed_results():
 
 
 class AcceptsAnything(tc.Compressor):
-    """Stores its parameter unchecked: the conformance suite must say so."""
+    """Stores its parameter undeclared: the conformance suite must say so."""
 
     deterministic = True
 
@@ -143,8 +146,58 @@ class AcceptsAnything(tc.Compressor):
         return tc.selection_result(tokens, torch.arange(k).expand(tokens.shape[0], k))
 
 
+class BypassesConstraints(AcceptsAnything):
+    """Declares its parameter, but its ``__init__`` is replaced after the class exists, so never validated."""
+
+    parameter_constraints = {"power": (Interval(int, 1),)}
+
+
+def _unchecked_init(self, *, power: int = 2) -> None:
+    self.power = power
+
+
+BypassesConstraints.__init__ = _unchecked_init
+
+
+def test_conformance_catches_undeclared_parameters():
+    from tokencomp.testing import check_bad_parameters
+
+    with pytest.raises(AssertionError, match=r"'power' have no entry in AcceptsAnything.parameter_constraints"):
+        check_bad_parameters(AcceptsAnything())
+
+
 def test_conformance_catches_unchecked_parameters():
     from tokencomp.testing import check_bad_parameters
 
     with pytest.raises(AssertionError, match="accepted power=<object"):
-        check_bad_parameters(AcceptsAnything())
+        check_bad_parameters(BypassesConstraints())
+
+
+def test_declared_parameters_are_validated_and_converted_before_init():
+    import numpy as np
+
+    assert TopNorm(power=np.int64(3)).power == 3 and type(TopNorm(power=np.int64(3)).power) is int
+    message = r"^TopNorm: parameter 'power' must be an integer in \[1, inf\]; got 0\.$"
+    with pytest.raises(tc.InvalidParameterError, match=message):
+        TopNorm(power=0)
+
+
+def test_register_refuses_constraints_that_do_not_fit_init():
+    class Misnamed(TopNorm):
+        parameter_constraints = {"powr": (Interval(int, 1),)}
+
+    with pytest.raises(ValueError, match=r"names 'powr', which is no keyword-only parameter of .*\(power\)"):
+        tc.register("misnamed-demo")(Misnamed)
+
+    class BadDefault(TopNorm):
+        parameter_constraints = {"power": (Interval(int, 5),)}
+
+    with pytest.raises(ValueError, match=r"the default power=2 is not allowed .* \(an integer in \[5, inf\]\)"):
+        tc.register("bad-default-demo")(BadDefault)
+
+    class NotAConstraint(TopNorm):
+        parameter_constraints = {"power": (int,)}
+
+    with pytest.raises(ValueError, match=r"must be a non-empty tuple of tokencomp.constraints.Constraint"):
+        tc.register("not-a-constraint-demo")(NotAConstraint)
+    assert not {"misnamed-demo", "bad-default-demo", "not-a-constraint-demo"} & set(tc.available())

@@ -253,12 +253,12 @@ def test_context_errors():
 @pytest.mark.parametrize(
     "params,fragment",
     [
-        ({"layers": [3, 3, 16]}, "'layers' must be a non-empty, strictly increasing list"),
-        ({"layers": 3}, "'layers' must be a list of integers"),
-        ({"layers": [0, 7, 16]}, "'layers' must be an integer in [1, inf]"),
+        ({"layers": [3, 3, 16]}, "'layers' must be a non-empty, strictly increasing list of integers in [1, inf]; got [3, 3, 16]."),
+        ({"layers": 3}, "'layers' must be a non-empty, strictly increasing list of integers in [1, inf]; got 3."),
+        ({"layers": [0, 7, 16]}, "'layers' must be a non-empty, strictly increasing list of integers in [1, inf]; got [0, 7, 16]."),
         ({"layers": [3, 7]}, "'layers' has 2 entries"),
-        ({"retained": 100}, "'retained' must be one of [192, 128, 96, 64]"),
-        ({"keep_counts": [10, 0, 5]}, "'keep_counts' must be an integer in [1, inf]"),
+        ({"retained": 100}, "'retained' must be one of 192, 128, 96, 64; got 100. These are the authors' settings"),
+        ({"keep_counts": [10, 0, 5]}, "'keep_counts' must be None or a non-empty list of integers in [1, inf]; got [10, 0, 5]."),
         ({"keep_counts": [10, 5]}, "keep_counts has 2 per-layer counts"),
         ({"recycle": 1}, "'recycle' must be True or False"),
         ({"recycle_ratio": 1.5}, "'recycle_ratio' must be a finite number in [0.0, 1.0]"),

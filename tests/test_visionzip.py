@@ -108,7 +108,7 @@ def test_rows_are_independent_with_their_own_attention():
 @pytest.mark.parametrize(
     "params,fragment",
     [
-        ({"contextual": -1}, "'contextual' must be an integer in [0, inf]"),
+        ({"contextual": -1}, "'contextual' must be None or an integer in [0, inf]; got -1."),
         ({"contextual": 2.5}, "'contextual'"),
         ({"contextual": True}, "'contextual'"),
         ({"contextual_merge": "sum"}, "'contextual_merge' must be one of 'target_plus_mean', 'mean'"),

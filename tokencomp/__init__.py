@@ -10,11 +10,11 @@ The public API::
 """
 
 from .base import Compressor
+from .errors import InvalidParameterError
 from .integrations import Handle, apply
 from .kernels.gather import selection_result
 from .registry import available, create, get, register
 from .types import CompressionResult, Context
-from .validation import InvalidParameterError
 
 __version__ = "0.1.0"
 

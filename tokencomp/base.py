@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from contextvars import ContextVar
@@ -11,6 +12,7 @@ import torch
 
 from tokencomp.errors import InputError
 
+from .constraints import ParameterConstraints, validate
 from .padding import PaddingMode, compress_padded
 from .types import CompressionResult, Context, FieldLayout
 from .validation import all_finite, check_finite, check_tokens, resolve_budget
@@ -31,7 +33,8 @@ class Compressor(ABC):
     """Base class of visual-token compression strategies.
 
     A strategy subclasses this class, declares its capabilities as class attributes, takes its
-    parameters as keyword-only ``__init__`` arguments (validated there) and implements only
+    parameters as keyword-only ``__init__`` arguments, declares what each allows in
+    ``parameter_constraints`` (checked before ``__init__`` runs) and implements only
     :meth:`_compress`. :meth:`compress` does everything shared: input and budget checks, adding and
     removing the batch dimension, restoring the dtype, and checking the result's shapes.
 
@@ -57,6 +60,12 @@ class Compressor(ABC):
     in_llm_positions : {"keep", "renumber"}
         For in-LLM strategies: whether the kept tokens keep their original position ids in later layers
         and decoding (FastV, PyramidDrop, DART) or the shorter sequence is renumbered (ApET's stage 2).
+    parameter_constraints : dict of str to tuple of Constraint
+        What each ``__init__`` parameter allows (:mod:`tokencomp.constraints`), e.g.
+        ``{"num_basis": (Interval(int, 1),), "seed": (IsNone(), Interval(int, 0))}``. The declared
+        parameters are validated, with one message format, and converted before ``__init__`` runs;
+        ``tc.register`` refuses a name that is no parameter, and the conformance suite passes every
+        parameter the values its constraints refuse. Rules between parameters stay in ``__init__``.
     budget_param : str
         For strategies that set their own per-layer budgets (``stage_budgets``): the parameter that
         sets the overall number of visual tokens kept (SparseVLM's ``retained``), so a comparison at a
@@ -118,11 +127,17 @@ class Compressor(ABC):
     complexity: ClassVar[str] = ""
     cost_regimes: ClassVar[dict[str, dict[str, Any]]] = {}
     padding: ClassVar[PaddingMode] = "rows"
+    parameter_constraints: ClassVar[ParameterConstraints] = {}
     info_layout: ClassVar[dict[str, str]] = {}
     scale_invariant: ClassVar[bool] = False
     convex_outputs: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ parameters
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _validating(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
     @classmethod
     def _param_names(cls) -> list[str]:
         init = cls.__init__
@@ -373,6 +388,31 @@ class Compressor(ABC):
             problems.append(f"assignment {tuple(result.assignment.shape)} {result.assignment.dtype} != {(b, n)} int64")
         if problems:
             raise RuntimeError(f"{owner}._compress returned a malformed result: " + "; ".join(problems))
+
+
+def _validating(init: Any) -> Any:
+    """``init`` with its arguments first checked against ``type(self).parameter_constraints``."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self: Compressor, *args: Any, **kwargs: Any) -> None:
+        constraints = type(self).parameter_constraints
+        if constraints:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            owner = type(self).display_name()
+            for name, value in bound.arguments.items():
+                if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                    bound.arguments[name] = {
+                        key: validate(owner, key, v, constraints[key]) if key in constraints else v
+                        for key, v in value.items()
+                    }
+                elif name in constraints:
+                    bound.arguments[name] = validate(owner, name, value, constraints[name])
+            args, kwargs = bound.args[1:], bound.kwargs
+        init(self, *args, **kwargs)
+
+    return __init__
 
 
 def _batched_field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import pkgutil
 import re
 import typing
@@ -15,6 +16,7 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, TypeVar
 
 from .base import Compressor
+from .constraints import Constraint, describe
 from .errors import InvalidParameterError, UnknownStrategyError
 from .padding import INFO_KINDS
 
@@ -79,6 +81,30 @@ def _check_declarations(name: str, cls: type[Compressor]) -> None:
         raise ValueError(
             f"register({name!r}): info_layout kinds must be one of {', '.join(INFO_KINDS)}; got {bad!r}."
         )
+    _check_constraints(name, cls)
+
+
+def _check_constraints(name: str, cls: type[Compressor]) -> None:
+    """Raise ``ValueError`` unless ``parameter_constraints`` names parameters and allows their defaults."""
+    params = {p.name: p for p in inspect.signature(cls.__init__).parameters.values()}
+    where = f"{cls.__qualname__}.parameter_constraints"
+    for param, constraints in cls.parameter_constraints.items():
+        if param not in params or params[param].kind is not inspect.Parameter.KEYWORD_ONLY:
+            raise ValueError(
+                f"register({name!r}): {where} names {param!r}, which is no keyword-only parameter of "
+                f"{cls.__qualname__}.__init__ ({', '.join(cls._param_names()) or 'none'})."
+            )
+        if not isinstance(constraints, tuple) or not constraints or not all(isinstance(c, Constraint) for c in constraints):
+            raise ValueError(
+                f"register({name!r}): {where}[{param!r}] must be a non-empty tuple of "
+                f"tokencomp.constraints.Constraint instances; got {constraints!r}."
+            )
+        default = params[param].default
+        if default is not inspect.Parameter.empty and not any(c.accepts(default) for c in constraints):
+            raise ValueError(
+                f"register({name!r}): the default {param}={default!r} is not allowed by {where}[{param!r}] "
+                f"({describe(constraints)}); fix the default or the constraints."
+            )
 
 
 def register(name: str) -> Callable[[C], C]:

@@ -1,4 +1,7 @@
-"""Checks of user input that raise errors saying what was given, what is allowed and how to fix it."""
+"""Checks of user input that raise errors saying what was given, what is allowed and how to fix it.
+
+The parameter checks here are :func:`tokencomp.constraints.validate` on one constraint, for code that
+checks a value outside a strategy's ``parameter_constraints``."""
 
 from __future__ import annotations
 
@@ -8,9 +11,9 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from .errors import InputError, InvalidParameterError
+from .constraints import Boolean, Interval, IsNone, Options, validate
+from .errors import InputError
 
-# InputError and InvalidParameterError are imported for the callers here; they are documented in errors
 __all__ = [
     "check_bool",
     "check_choice",
@@ -23,33 +26,24 @@ __all__ = [
 ]
 
 
+# a seed: None (fresh randomness each call) or a non-negative integer
+SEED = (IsNone(), Interval(int, 0))
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> Any:
     """Return ``value`` if it is one of ``choices``, else raise :class:`InvalidParameterError`."""
-    choices = tuple(choices)
-    if isinstance(value, str) and value in choices:
-        return value
-    allowed = ", ".join(repr(c) for c in choices)
-    raise InvalidParameterError(
-        f"{owner}: parameter {name!r} must be one of {allowed}; got {value!r}. "
-        f"Pass one of the allowed values, e.g. {name}={choices[0]!r}."
-    )
+    return validate(owner, name, value, (Options(tuple(choices)),))
 
 
 def check_int(
     owner: str, name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None
 ) -> int:
     """Return ``value`` as ``int`` if it is an integer in ``[low, high]``."""
-    lo = "-inf" if low is None else str(low)
-    hi = "inf" if high is None else str(high)
-    if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
-        raise InvalidParameterError(
-            f"{owner}: parameter {name!r} must be an integer in [{lo}, {hi}]; got {value!r}."
-        )
-    return int(value)
+    return validate(owner, name, value, (Interval(int, low, high),))
 
 
 def check_float(
@@ -63,38 +57,18 @@ def check_float(
     high_inclusive: bool = True,
 ) -> float:
     """Return ``value`` as ``float`` if it is a finite real number in the given range."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value >= low if low_inclusive else value > low
-    if ok and high is not None:
-        ok = value <= high if high_inclusive else value < high
-    if not ok:
-        bracket = "[" if low_inclusive else "("
-        closing = "]" if high_inclusive else ")"
-        lo = "-inf" if low is None else repr(low)
-        hi = "inf" if high is None else repr(high)
-        raise InvalidParameterError(
-            f"{owner}: parameter {name!r} must be a finite number in {bracket}{lo}, {hi}{closing}; got {value!r}."
-        )
-    return float(value)
+    closed = {(True, True): "both", (True, False): "left", (False, True): "right", (False, False): "neither"}
+    return validate(owner, name, value, (Interval(float, low, high, closed[low_inclusive, high_inclusive]),))
 
 
 def check_bool(owner: str, name: str, value: Any) -> bool:
     """Return ``value`` if it is a ``bool``."""
-    if not isinstance(value, bool):
-        raise InvalidParameterError(f"{owner}: parameter {name!r} must be True or False; got {value!r}.")
-    return value
+    return validate(owner, name, value, (Boolean(),))
 
 
 def check_seed(owner: str, name: str, value: Any) -> Optional[int]:
     """Return ``value`` if it is ``None`` (fresh randomness each call) or an integer >= 0."""
-    if value is None:
-        return None
-    if not _is_int(value) or value < 0:
-        raise InvalidParameterError(
-            f"{owner}: parameter {name!r} must be None or an integer >= 0; got {value!r}."
-        )
-    return int(value)
+    return validate(owner, name, value, SEED)
 
 
 def all_finite(values: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ import typer
 
 import tokencomp as tc
 from tokencomp.cli import app
+from tokencomp.constraints import describe
 from tokencomp.registry import capability_row
 
 
@@ -46,6 +47,19 @@ def _row(name: str) -> dict[str, str]:
     return row
 
 
+def _parameters(name: str) -> list[str]:
+    """The parameters' defaults and what each allows (its ``parameter_constraints``), as a reST table."""
+    cls, params = tc.get(name), tc.create(name).get_params()
+    if not params:
+        return ["It takes no parameters.", ""]
+    lines = [".. list-table:: Parameters", "   :header-rows: 1", "   :widths: 20 20 60", "",
+             "   * - parameter", "     - default", "     - allowed"]
+    for param, value in params.items():
+        lines += [f"   * - ``{param}``", f"     - ``{value!r}``",
+                  f"     - {_cell(describe(cls.parameter_constraints[param]))}"]
+    return [*lines, ""]
+
+
 def _table() -> str:
     lines = [
         ".. list-table:: Registered strategies (generated from the registry when the docs are built)",
@@ -72,6 +86,7 @@ def _page(name: str, index: bool = True) -> str:
         title, "=" * len(title), "",
         *table, "",
         f"Create it with ``tc.create({name!r}, ...)``; the parameters are those of the class below.", "",
+        *_parameters(name),
         "Algorithm", "---------", "",
         f".. automodule:: {cls.__module__}", "   :no-members:", *([] if index else ["   :no-index:"]), "",
         "Class", "-----", "",

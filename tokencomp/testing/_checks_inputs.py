@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ..base import Compressor
+from ..constraints import describe, invalid_values
+from ..errors import InvalidParameterError
 from ..registry import create
 from ._calls import some_budgets
 from ._data import N, make_context, make_tokens
@@ -50,23 +52,14 @@ def _check_unknown_parameter(compressor: Compressor) -> None:
                     naming="not_a_parameter")
 
 
-def _bad_values(value) -> list:
-    """Values a parameter whose valid value is ``value`` must refuse."""
-    bad_values: list = [object(), float("nan")]
-    if isinstance(value, (str, list, tuple)):
-        bad_values.append("no-such-choice")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        bad_values.append(-1)  # every count, layer, ratio, ridge and seed here is non-negative
-    return bad_values
-
-
 def check_bad_parameters(compressor: Compressor) -> None:
-    """Unknown parameters and values of the wrong type or out of range raise ``ValueError`` naming them.
+    """Every parameter is declared in ``parameter_constraints`` and refuses what they do not allow.
 
     :func:`tokencomp.create` refuses a parameter the strategy does not take and lists those it takes.
-    Every parameter refuses an arbitrary object, NaN, ``-1`` when its value is a non-negative number,
-    and a string that is no valid choice when its value is a string or a list; the message names the
-    parameter.
+    Each parameter must have constraints (:mod:`tokencomp.constraints`); every value
+    :func:`~tokencomp.constraints.invalid_values` derives from them (just outside each range or set,
+    the wrong type, NaN, an arbitrary object) raises :class:`~tokencomp.InvalidParameterError` with
+    the one message, ``"<strategy>: parameter '<name>' must be <what is allowed>; got <value>."``.
     """
     cls, who = type(compressor), repr(compressor)
     params = compressor.get_params()
@@ -74,15 +67,24 @@ def check_bad_parameters(compressor: Compressor) -> None:
         raise SkipCheck("unregistered and takes no parameters")
     if compressor.name:
         _check_unknown_parameter(compressor)
+    undeclared = [name for name in params if name not in cls.parameter_constraints]
+    assert not undeclared, (
+        f"{who}: parameter(s) {', '.join(map(repr, undeclared))} have no entry in "
+        f"{cls.__qualname__}.parameter_constraints; declare what each allows, e.g. "
+        f"parameter_constraints = {{{undeclared[0]!r}: (Interval(int, 1),)}} (tokencomp.constraints)."
+    )
+    owner = compressor.display_name()
     for name, value in params.items():
-        for bad in _bad_values(value):
+        constraints = cls.parameter_constraints[name]
+        for bad in invalid_values(constraints):
+            expected = f"{owner}: parameter {name!r} must be {describe(constraints)}; got {bad!r}."
             try:
                 cls(**{**params, name: bad})
-            except ValueError as exc:
-                assert name in str(exc), f"{who}: the error for {name}={bad!r} does not name {name!r}: {exc}"
+            except InvalidParameterError as exc:
+                assert str(exc).startswith(expected), f"{who}: {name}={bad!r} raised {exc!s}; expected {expected}"
             except Exception as exc:  # noqa: BLE001 - any other exception type is the failure reported
                 raise AssertionError(
-                    f"{who}: {name}={bad!r} raised {type(exc).__name__} instead of ValueError: {exc}"
+                    f"{who}: {name}={bad!r} raised {type(exc).__name__} instead of InvalidParameterError: {exc}"
                 ) from exc
             else:
                 raise AssertionError(f"{who}: accepted {name}={bad!r}")
