@@ -34,7 +34,7 @@ import torch
 
 from tokencomp import create, get
 from tokencomp.errors import InputError
-from tokencomp.testing import make_context
+from tokencomp.synthetic import make_context
 
 from .authors_apet import authors_apet
 from .measure import peak_bytes, time_ms
