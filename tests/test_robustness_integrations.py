@@ -83,7 +83,7 @@ def test_llava_budget_above_the_images_tokens(llava):
     with tc.apply(llava, "divprune", budget=37), pytest.raises(ValueError) as info:
         logits(llava, inputs)
     message = str(info.value)
-    assert "'divprune' budget 37 is out of range for each of the 2 image(s) of this batch" in message
+    assert "tokencomp.apply: 'divprune': budget 37 is out of range for each of the 2 image(s) of this batch" in message
     assert "only 36 visual tokens" in message and "budget <= 36" in message and "fraction in (0, 1]" in message
     with tc.apply(llava, "divprune", budget=36) as handle:  # exactly the image's tokens: fits
         logits(llava, inputs)
@@ -133,7 +133,8 @@ def test_in_llm_budget_above_a_rows_visual_tokens(llava):
 
 @pytest.mark.parametrize("budget", [0, -3, 1.5, 0.0, float("nan"), True, "8"])
 def test_invalid_budget_is_refused_before_any_hook(llava, budget):
-    with pytest.raises(ValueError, match=r"budget of 'random' must be an int >= 1 or a fraction in \(0, 1\]"):
+    message = r"tokencomp.apply: 'random': budget must be an int >= 1 \(tokens kept\) or a float in \(0, 1\]"
+    with pytest.raises(ValueError, match=message):
         tc.apply(llava, "random", budget=budget)
     assert getattr(llava, "_tokencomp_handle", None) is None and not llava.model._forward_pre_hooks
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
@@ -16,8 +16,10 @@ from .errors import InputError
 
 __all__ = [
     "check_bool",
+    "check_budget",
     "check_choice",
     "check_finite",
+    "check_fits",
     "check_float",
     "check_int",
     "check_seed",
@@ -126,6 +128,56 @@ def check_finite(owner: str, tokens: torch.Tensor) -> None:
         )
 
 
+def check_budget(owner: str, budget: Any) -> Union[int, float]:
+    """Return ``budget`` as ``int`` (tokens kept, >= 1) or ``float`` (fraction kept, in ``(0, 1]``).
+
+    The form of a budget, checked before the number of tokens is known (by :func:`tokencomp.apply`
+    before it installs a hook, and by :func:`resolve_budget`).
+
+    Raises
+    ------
+    ValueError
+        For any other value: ``"<owner>: budget must be an int >= 1 (tokens kept) or a float in (0, 1]
+        (fraction kept); got <budget>."``.
+    """
+    if _is_int(budget) and budget >= 1:
+        return int(budget)
+    if isinstance(budget, numbers.Real) and not _is_int(budget) and not isinstance(budget, bool):
+        if math.isfinite(budget) and 0.0 < budget <= 1.0:
+            return float(budget)
+    raise InputError(
+        f"{owner}: budget must be an int >= 1 (tokens kept) or a float in (0, 1] (fraction kept); got {budget!r}"
+        + (f" of type {type(budget).__name__}." if not isinstance(budget, numbers.Real) else ".")
+    )
+
+
+def check_fits(owner: str, budget: Any, n: int, where: str = "the input", unit: str = "input") -> None:
+    """Raise ``ValueError`` when an int ``budget`` keeps more than the ``n`` visual tokens ``where`` has.
+
+    Fractions (and anything that is no int) always fit; their form is :func:`check_budget`'s.
+
+    Parameters
+    ----------
+    owner : str
+        Who asks, for the message (the strategy, or ``tokencomp.apply`` and the strategy).
+    budget : Any
+        The budget.
+    n : int
+        Visual tokens of the item.
+    where : str
+        Which item, e.g. ``"image 1 (batch row 0)"``.
+    unit : str
+        What an int budget counts tokens of (``"input"``, ``"image"``, ``"frame"``, ``"prompt row"``).
+    """
+    if not _is_int(budget) or int(budget) <= n:
+        return
+    raise InputError(
+        f"{owner}: budget {int(budget)} is out of range for {where}, which has only {n} visual tokens; an int "
+        f"budget is the number of tokens kept per {unit}, so it must be in [1, {n}] here. Pass an int budget <= "
+        f"{n}, or a fraction in (0, 1] (e.g. budget=0.25) to keep a share of each {unit}."
+    )
+
+
 def resolve_budget(owner: str, budget: Any, n: int) -> int:
     """Turn a budget into the number ``K`` of tokens kept out of ``n``.
 
@@ -142,25 +194,10 @@ def resolve_budget(owner: str, budget: Any, n: int) -> int:
     Raises
     ------
     ValueError
-        For any other value, or when ``K > n``.
+        For any other value (:func:`check_budget`), or when ``K > n`` (:func:`check_fits`).
     """
-    if _is_int(budget):
-        k = int(budget)
-        if k < 1 or k > n:
-            raise InputError(
-                f"{owner}: budget {budget!r} is out of range; an int budget must be in [1, {n}] "
-                f"(the number of input tokens N={n}), or pass a float fraction in (0, 1]."
-            )
-        return k
-    if isinstance(budget, numbers.Real) and not isinstance(budget, bool):
-        f = float(budget)
-        if not (math.isfinite(f) and 0.0 < f <= 1.0):
-            raise InputError(
-                f"{owner}: budget {budget!r} is out of range; a float budget is a fraction of the "
-                f"N={n} tokens and must be in (0, 1]; pass an int for a token count."
-            )
-        return max(1, round(f * n))
-    raise InputError(
-        f"{owner}: budget must be an int in [1, {n}] (tokens kept) or a float in (0, 1] (fraction kept); "
-        f"got {budget!r} of type {type(budget).__name__}."
-    )
+    value = check_budget(owner, budget)
+    if isinstance(value, float):
+        return max(1, round(value * n))
+    check_fits(owner, value, n)
+    return value

@@ -14,7 +14,9 @@ from tokencomp.errors import InputError
 
 from ..base import Compressor
 from ..registry import create
+from ..validation import check_budget
 from .base import Integration
+from .budget import apply_owner
 from .decoder import Stage
 from .handle import Handle
 from .llava import LlavaIntegration
@@ -60,13 +62,6 @@ def _compressor(strategy: Any, params: dict) -> Compressor:
     )
 
 
-def _check_budget(name: str, budget: Any) -> None:
-    """A budget is an int >= 1 (tokens kept) or a float fraction in (0, 1]; checked before any hook is installed."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
-            or (isinstance(budget, int) and budget < 1) or (isinstance(budget, float) and not 0.0 < budget <= 1.0):
-        raise InputError(f"tokencomp.apply: budget of {name!r} must be an int >= 1 or a fraction in (0, 1]; got {budget!r}.")
-
-
 def _in_llm_stages(compressor: Compressor, budget: Any) -> list[Stage]:
     """A strategy's stages, one per :meth:`~tokencomp.Compressor.llm_layers` entry: at the caller's
     budget, or at the strategy's own :meth:`~tokencomp.Compressor.stage_budgets`."""
@@ -78,7 +73,7 @@ def _in_llm_stages(compressor: Compressor, budget: Any) -> list[Stage]:
             f"{type(compressor).__name__}.llm_layers() to return its layers (one per stage)."
         )
     if not compressor.sets_own_budgets():
-        _check_budget(name, budget)
+        check_budget(apply_owner(compressor), budget)
         return [Stage(compressor, budget, layer) for layer in layers]
     if budget is not None:
         raise InputError(
@@ -170,7 +165,7 @@ def apply(
     if len(pre) > 1:
         raise InputError("tokencomp.apply: a schedule takes at most one pre-LLM stage.")
     for c, b in pre:
-        _check_budget(c.display_name(), b)
+        check_budget(apply_owner(c), b)
     stages = [s for c, b in entries if c.stage == "in_llm" for s in _in_llm_stages(c, b)]
     description = " -> ".join(f"{c.display_name()}({b})" for c, b in entries)
     handle = Handle(model, description)
