@@ -13,7 +13,7 @@ import torch
 from tokencomp.errors import InputError
 
 from .constraints import ParameterConstraints, validate
-from .padding import PaddingMode, compress_padded
+from .padding import PaddingMode, check_padding, compress_padded
 from .types import CompressionResult, Context, FieldLayout
 from .validation import all_finite, check_finite, check_tokens, resolve_budget
 
@@ -234,12 +234,15 @@ class Compressor(ABC):
         context = self._batched_context(context, x, unbatched)
         k = resolve_budget(owner, budget, n)
         self._check_budget(k, n, context)
-        if context.valid is not None and not bool(context.valid.all()):
+        padded = context.valid is not None and not bool(context.valid.all())
+        if padded and self.padding != "native":
             result = compress_padded(
                 x, k, context, compress=self._compress_checked, mode=self.padding, owner=owner,
                 info_layout=self.info_layout,
             )
         else:
+            if padded:  # a native strategy reads context.valid itself, checked once here
+                check_padding(owner, context.valid, k)
             handle = _INSPECTED.set((x, inspected))
             try:
                 result = self._compress(x, k, context)

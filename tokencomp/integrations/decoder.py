@@ -38,7 +38,8 @@ from ..types import Context
 from .budget import check_fits, check_supplied
 from .handle import Handle, PrefillStats
 
-SUPPLIED = ("text_attention", "cross_attention", "query", "keys", "hidden_states", "visual_positions", "key_mask", "layer", "grid")
+# the Context fields an in-LLM stage is given (no grid: after a pre-LLM cut the kept tokens form none)
+SUPPLIED = ("text_attention", "cross_attention", "query", "keys", "hidden_states", "visual_positions", "key_mask", "layer")
 
 
 @dataclass
