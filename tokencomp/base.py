@@ -242,6 +242,7 @@ class Compressor(ABC):
             )
         else:
             if padded:  # a native strategy reads context.valid itself, checked once here
+                assert context.valid is not None
                 check_padding(owner, context.valid, k)
             handle = _INSPECTED.set((x, inspected))
             try:

@@ -95,11 +95,13 @@ def compress_padded(
             f"{owner} needs every row's tokens to form the token grid; compress rows of different "
             "lengths in separate calls, or pass context.valid=None when there is no padding."
         )
-    counts = check_padding(owner, context.valid, k)
+    valid = context.valid
+    assert valid is not None  # the caller hands over padded batches only (context.valid not all True)
+    counts = check_padding(owner, valid, k)
     if mode == "native":
         return compress(x, k, context)
     # the valid positions of every row first, in position order (a stable sort of the padding flags)
-    order = torch.sort((~context.valid).to(torch.int8), dim=1, stable=True).indices
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
     parts: list[tuple[torch.Tensor, torch.Tensor, CompressionResult]] = []
     for count in sorted(set(counts.tolist())):
         rows = (counts == count).nonzero().flatten().to(x.device)
@@ -129,7 +131,8 @@ def _assemble(owner: str, layout: Mapping[str, str], parts: list, x: torch.Tenso
                 continue
             mapped = _map_info(kind, value, positions, n)
             if key not in info:
-                info[key] = torch.full((b, *mapped.shape[1:]), _fill(mapped.dtype), dtype=mapped.dtype, device=mapped.device)
+                fill = _fill(mapped.dtype)
+                info[key] = torch.full((b, *mapped.shape[1:]), fill, dtype=mapped.dtype, device=mapped.device)
             elif info[key].shape[1:] != mapped.shape[1:]:
                 raise RuntimeError(
                     f"{owner}: info[{key!r}] has shape {tuple(mapped.shape[1:])} per row in one "

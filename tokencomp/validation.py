@@ -143,8 +143,9 @@ def check_budget(owner: str, budget: Any) -> Union[int, float]:
     if _is_int(budget) and budget >= 1:
         return int(budget)
     if isinstance(budget, numbers.Real) and not _is_int(budget) and not isinstance(budget, bool):
-        if math.isfinite(budget) and 0.0 < budget <= 1.0:
-            return float(budget)
+        fraction = float(budget)
+        if math.isfinite(fraction) and 0.0 < fraction <= 1.0:
+            return fraction
     raise InputError(
         f"{owner}: budget must be an int >= 1 (tokens kept) or a float in (0, 1] (fraction kept); got {budget!r}"
         + (f" of type {type(budget).__name__}." if not isinstance(budget, numbers.Real) else ".")

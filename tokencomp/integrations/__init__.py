@@ -8,7 +8,7 @@ weights are never touched. A schedule of several stages is one argument:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from tokencomp.errors import InputError
 
@@ -82,11 +82,13 @@ def _in_llm_stages(compressor: Compressor, budget: Any) -> list[Stage]:
         )
     first: dict[str, int] = {}
 
-    def budget_of(s: int):
+    def budget_of(s: int) -> Callable[[int], int]:
         def resolve(n: int) -> int:
             if s == 0:
                 first["n"] = n
-            return compressor.stage_budgets(first["n"])[s]
+            budgets = compressor.stage_budgets(first["n"])
+            assert budgets is not None  # sets_own_budgets(): the strategy overrides stage_budgets
+            return budgets[s]
 
         return resolve
 

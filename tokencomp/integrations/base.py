@@ -91,6 +91,18 @@ class Integration:
             if stages else None
         )
 
+    @property
+    def _compressor(self) -> Compressor:
+        """``compressor``, in the code that runs only with a pre-LLM strategy (its checks, hooks and prefill)."""
+        assert self.compressor is not None, "tokencomp: the pre-LLM side ran without a pre-LLM strategy"
+        return self.compressor
+
+    @property
+    def _budget(self) -> int | float:
+        """``budget``, in the code that runs only with a pre-LLM strategy (``apply`` checked it is given)."""
+        assert self.budget is not None, "tokencomp: a pre-LLM strategy ran without a budget"
+        return self.budget
+
     @classmethod
     def check_point(cls, point: Optional[str], model: Any) -> str:
         """``point``, or the default one when ``None``; raise ``InputError`` if the family has no such point."""
@@ -106,7 +118,7 @@ class Integration:
     # ------------------------------------------------------------------ family hooks
     def check_context(self) -> None:
         """Raise ``InputError`` if the pre-LLM strategy needs context this family does not supply."""
-        check_supplied(self.compressor, self.supplied, f"{type(self.model).__name__} pre-LLM integration")
+        check_supplied(self._compressor, self.supplied, f"{type(self.model).__name__} pre-LLM integration")
 
     def check_stages(self, stages: list[Stage]) -> None:
         """Raise ``InputError`` for in-LLM stages the family cannot run (none by default)."""
@@ -121,12 +133,15 @@ class Integration:
             raise TypeError(f"tokencomp: call the {self.family} model with keyword arguments (input_ids=..., ...).")
         return args, kwargs
 
-    def prefill(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor) -> dict:
-        """Compress the prompt's visual items; return the model's ``kwargs`` for the shortened prompt."""
+    def prefill(self, module: Any, kwargs: dict, input_ids: torch.Tensor) -> dict:
+        """Compress the prompt's visual items; return the model's ``kwargs`` for the shortened prompt.
+
+        ``module`` is the inner model (``model.model``), whose family's methods the families call by name."""
         raise NotImplementedError
 
     def decode_step(self, kwargs: dict, past: int, new: int) -> dict:
         """A decoding step's mask and positions translated to the shortened prompt (1-D positions)."""
+        assert self.state is not None  # _before_model translates only after a shortened prefill
         mask, positions, matched = translate_decode(
             self.state, kwargs.get("attention_mask"), kwargs.get("position_ids"), past, new
         )
@@ -160,8 +175,8 @@ class Integration:
     def _before_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         args, kwargs = self.call_arguments(args, kwargs)
         input_ids = kwargs.get("input_ids")
-        visual_ids = self.visual_token_ids(input_ids.device) if input_ids is not None else None
-        if input_ids is not None and bool(torch.isin(input_ids, visual_ids).any()):
+        visual_ids = None if input_ids is None else self.visual_token_ids(input_ids.device)
+        if input_ids is not None and visual_ids is not None and bool(torch.isin(input_ids, visual_ids).any()):
             if self.compressor is not None:
                 self.stats.begin()
                 try:
@@ -238,24 +253,25 @@ class Integration:
         tuple of torch.Tensor
             ``(indices [K], tokens [K, D], assignment [N])`` in the item's token order.
         """
+        compressor, budget = self._compressor, self._budget
         n, d = tokens.shape
         by_frame = unit == "video clip" and self.video == "frame"
         if by_frame:
-            check_fits(self.compressor, self.budget, n // frames, f"each frame of {where}", unit="frame")
+            check_fits(compressor, budget, n // frames, f"each frame of {where}", unit="frame")
         else:
-            check_fits(self.compressor, self.budget, n, where, unit=unit)
+            check_fits(compressor, budget, n, where, unit=unit)
         start = time.perf_counter()
         if by_frame:
             texts = None if text is None else text.expand(frames, *text.shape)
-            result = self.compressor.compress(
-                tokens.view(frames, n // frames, d), self.budget, Context(grid=frame_grid, text_embeddings=texts)
+            result = compressor.compress(
+                tokens.view(frames, n // frames, d), budget, Context(grid=frame_grid, text_embeddings=texts)
             )
             frame = torch.arange(frames, device=tokens.device)[:, None]
             indices, values = (result.indices + frame * (n // frames)).reshape(-1), result.tokens.reshape(-1, d)
             slots = frame * result.indices.shape[1]
             assignment = torch.where(result.assignment >= 0, result.assignment + slots, -1).reshape(-1)
         else:
-            result = self.compressor.compress(tokens, self.budget, Context(grid=grid, text_embeddings=text))
+            result = compressor.compress(tokens, budget, Context(grid=grid, text_embeddings=text))
             indices, values, assignment = result.indices, result.tokens, result.assignment
-        self.stats.count("pre_llm", self.compressor, start, n, values.shape[0])
+        self.stats.count("pre_llm", compressor, start, n, values.shape[0])
         return indices, values, assignment

@@ -28,7 +28,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 
@@ -39,7 +39,9 @@ from .budget import check_fits, check_supplied
 from .handle import Handle, PrefillStats
 
 # the Context fields an in-LLM stage is given (no grid: after a pre-LLM cut the kept tokens form none)
-SUPPLIED = ("text_attention", "cross_attention", "query", "keys", "hidden_states", "visual_positions", "key_mask", "layer")
+SUPPLIED = (
+    "text_attention", "cross_attention", "query", "keys", "hidden_states", "visual_positions", "key_mask", "layer",
+)
 
 
 @dataclass
@@ -83,7 +85,7 @@ class DecoderStages:
         renumber: bool = True,
     ) -> None:
         self.lm = language_model
-        self.layers = language_model.layers
+        self.layers = cast(torch.nn.ModuleList, language_model.layers)  # nn.Module types it Tensor | Module
         self.stages = sorted(stages, key=lambda s: s.layer)
         self.allow_eager_fallback = allow_eager_fallback
         self.handle = handle
@@ -92,7 +94,7 @@ class DecoderStages:
         self.renumber = renumber  # False for M-RoPE decoders: kept tokens always keep their positions
         self.prefill: Optional[_Prefill] = None
         self._attention: dict[int, torch.Tensor] = {}
-        self._inputs: dict[int, torch.Tensor] = {}
+        self._inputs: dict[int, tuple[torch.Tensor, Any]] = {}  # layer -> (its input, position_embeddings)
         self._slices: dict[tuple, Any] = {}
         self._restore: dict[int, str] = {}
         self._in_prefill = False
@@ -116,15 +118,15 @@ class DecoderStages:
         for stage in self.stages:
             before = self.layers[stage.layer - 1]
             if {"text_attention", "cross_attention"} & set(stage.compressor.requires):
+                attention: Any = before.self_attn  # nn.Module types it Tensor | Module
                 hooks.append(
-                    before.self_attn.register_forward_pre_hook(self._make_eager_switch(stage.layer - 1), with_kwargs=True)
+                    attention.register_forward_pre_hook(self._make_eager_switch(stage.layer - 1), with_kwargs=True)
                 )
                 # always_call: the eager switch is undone even when the layer raises
-                hooks.append(
-                    before.self_attn.register_forward_hook(self._make_attention_capture(stage), always_call=True)
-                )
+                hooks.append(attention.register_forward_hook(self._make_attention_capture(stage), always_call=True))
             if "keys" in stage.compressor.requires and "hidden_states" in stage.compressor.requires:
-                hooks.append(before.register_forward_pre_hook(self._make_input_capture(stage.layer - 1), with_kwargs=True))
+                capture = self._make_input_capture(stage.layer - 1)
+                hooks.append(before.register_forward_pre_hook(capture, with_kwargs=True))
         hooks.append(self.lm.register_forward_hook(self._finish))
         for hook in hooks:
             self.handle.on_remove(hook.remove)
@@ -135,8 +137,9 @@ class DecoderStages:
         visual = self.visual_mask()
         embeds = kwargs.get("inputs_embeds")
         length = embeds.shape[1] if embeds is not None else None
-        self._in_prefill = visual is not None and length is not None and visual.shape[1] == length
-        if self._in_prefill:
+        self._in_prefill = False
+        if visual is not None and length is not None and visual.shape[1] == length:
+            self._in_prefill = True
             self.prefill = _Prefill(visual=visual, length=length)
             self.stats.reset()
             self.stats.begin()
@@ -154,11 +157,12 @@ class DecoderStages:
         def switch(module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
             if not self._in_prefill:
                 return None
-            implementation = module.config._attn_implementation
+            config: Any = module.config  # the model's PretrainedConfig (nn.Module types it Tensor | Module)
+            implementation = config._attn_implementation
             if implementation == "eager" or not self.allow_eager_fallback:
                 return None
             self._restore[j] = implementation
-            module.config._attn_implementation = "eager"
+            config._attn_implementation = "eager"
             # SDPA / FlashAttention masks are not eager's: None means "causal", bool means "may attend".
             hidden = args[0] if args else kwargs["hidden_states"]
             return args, {**kwargs, "attention_mask": _additive_causal(kwargs.get("attention_mask"), hidden)}
@@ -167,9 +171,10 @@ class DecoderStages:
 
     def _make_attention_capture(self, stage: Stage) -> Callable:
         def capture(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            config: Any = module.config  # the model's PretrainedConfig (nn.Module types it Tensor | Module)
             restore = self._restore.pop(stage.layer - 1, None)
             if restore is not None:
-                module.config._attn_implementation = restore
+                config._attn_implementation = restore
             if output is None or not self._is_prefill_call(module):  # None: the layer raised
                 return
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
@@ -177,7 +182,7 @@ class DecoderStages:
                 raise AttentionUnavailableError(
                     f"tokencomp: strategy {stage.compressor.display_name()!r} reads the language model's "
                     f"attention weights at layer {stage.layer - 1}, but the model runs "
-                    f"{module.config._attn_implementation!r} attention, which returns none. Load the model "
+                    f"{config._attn_implementation!r} attention, which returns none. Load the model "
                     "with attn_implementation='eager', or pass allow_eager_fallback=True to tokencomp.apply "
                     "to switch that one layer to eager attention during prefill."
                 )
@@ -223,10 +228,14 @@ class DecoderStages:
         layers = [s.layer for s in self.stages if s.layer <= j and p is not None and s.layer in p.kept]
         return max(layers) if layers else None
 
-    def _run_stage(self, stage: Stage, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict):
+    def _run_stage(self, stage: Stage, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         p = self.prefill
+        assert p is not None  # the layer hook runs a stage only in a prefill
         previous = [s.layer for s in self.stages if s.layer < stage.layer and s.layer in p.kept]
-        positions_now = p.kept[max(previous)] if previous else torch.arange(p.length, device=hidden.device).expand(hidden.shape[0], -1)
+        if previous:
+            positions_now = p.kept[max(previous)]
+        else:
+            positions_now = torch.arange(p.length, device=hidden.device).expand(hidden.shape[0], -1)
         visual_now = p.visual.gather(1, positions_now)  # [B, L_now]
         counts = visual_now.sum(dim=1)
         if bool((counts != counts[0]).any()):
@@ -238,14 +247,16 @@ class DecoderStages:
         start = time.perf_counter()
         budget = stage.budget(n) if callable(stage.budget) else stage.budget
         if not callable(stage.budget):
-            check_fits(stage.compressor, budget, n, f"every prompt row at decoder layer {stage.layer}", unit="prompt row")
+            where = f"every prompt row at decoder layer {stage.layer}"
+            check_fits(stage.compressor, budget, n, where, unit="prompt row")
         result = stage.compressor.compress(tokens, budget, context)
         self.stats.count(f"in_llm@{stage.layer}", stage.compressor, start, int(counts.sum()),
                          int(result.tokens.shape[0] * result.tokens.shape[1]))
         # new sequence: every non-visual position plus the kept visual ones, in order
         keep = ~visual_now
         keep.scatter_(1, visual_idx.gather(1, result.indices), True)
-        order = keep.float().argsort(dim=1, descending=True, stable=True)[:, : int(keep.sum(dim=1)[0])].sort(dim=1).values
+        n_keep = int(keep.sum(dim=1)[0])
+        order = keep.float().argsort(dim=1, descending=True, stable=True)[:, :n_keep].sort(dim=1).values
         new_hidden = _gather_rows(hidden, order, 1).clone()
         slot = _gather_rows(visual_now, order, 1)  # visual slots of the new sequence, in order
         new_hidden[slot] = result.tokens.to(new_hidden.dtype).reshape(-1, new_hidden.shape[-1])
@@ -266,7 +277,7 @@ class DecoderStages:
         if "cross_attention" in need:
             fields["cross_attention"] = _cross_attention(self._captured(stage, AttentionUnavailableError), visual_idx)
         if "hidden_states" in need:
-            fields["hidden_states"] = self.lm.norm(hidden)
+            fields["hidden_states"] = self.lm.norm(hidden)  # type: ignore[operator]  # norm: an nn.Module
         if "query" in need or "keys" in need:
             fields.update(self._projected(stage, need, layer, hidden, kwargs))
         return Context(**{k: v for k, v in fields.items() if k in need or k == "key_mask" and "keys" in need})
@@ -301,6 +312,7 @@ class DecoderStages:
         if active is None:
             return kwargs
         p = self.prefill
+        assert p is not None  # _active found a stage that ran in this prefill
         kept = p.kept[active]  # [B, L_s]
         key = (active, prefill)
         if key not in self._slices:
@@ -309,6 +321,7 @@ class DecoderStages:
 
     def _sliced(self, kwargs: dict, kept: torch.Tensor, prefill: bool, active: int) -> dict:
         p = self.prefill
+        assert p is not None  # called by _cut, for a stage that ran in this prefill
         out: dict[str, Any] = {}
         mask = kwargs.get("attention_mask")
         cos, sin = kwargs["position_embeddings"]
@@ -321,7 +334,7 @@ class DecoderStages:
                 removed_before = kept - torch.arange(kept.shape[1], device=kept.device)
                 positions = original - removed_before
                 out["position_ids"] = positions
-                out["position_embeddings"] = self.lm.rotary_emb(cos, positions)
+                out["position_embeddings"] = self.lm.rotary_emb(cos, positions)  # type: ignore[operator]  # an nn.Module
             else:
                 out["position_embeddings"] = (_gather_rows(cos, kept, 1), _gather_rows(sin, kept, 1))
                 if kwargs.get("position_ids") is not None:
@@ -338,7 +351,7 @@ class DecoderStages:
                     raise RuntimeError("tokencomp: renumbered positions need position_ids in decoding steps.")
                 positions = ids - shift
                 out["position_ids"] = positions
-                out["position_embeddings"] = self.lm.rotary_emb(cos, positions)
+                out["position_embeddings"] = self.lm.rotary_emb(cos, positions)  # type: ignore[operator]  # an nn.Module
         return out
 
 
@@ -376,9 +389,9 @@ def _positions(kwargs: dict, kept: torch.Tensor) -> torch.Tensor:
 
 def _projections(layer: torch.nn.Module, hidden: torch.Tensor, embeddings: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer's rotary-applied queries ``[B, H, L, Dh]`` and keys repeated to ``H`` heads ``[B, H, L, Dh]``."""
-    attention = layer.self_attn
+    attention: Any = layer.self_attn  # the layer's attention module (nn.Module types it Tensor | Module)
     rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
-    x = layer.input_layernorm(hidden)
+    x = layer.input_layernorm(hidden)  # type: ignore[operator]  # an nn.Module
     b, length, _ = x.shape
     q = attention.q_proj(x).view(b, length, -1, attention.head_dim).transpose(1, 2)
     k = attention.k_proj(x).view(b, length, -1, attention.head_dim).transpose(1, 2)

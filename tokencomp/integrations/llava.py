@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -34,7 +34,7 @@ from .sequence import Shortening, instruction_embeddings, placeholder_keep, posi
 class LlavaIntegration(Integration):
     """Hooks that run a pre-LLM ``compressor`` on LLaVA's image features and in-LLM ``stages`` in its decoder."""
 
-    points = ("pre_projector", "post_projector")
+    points: ClassVar[tuple[str, ...]] = ("pre_projector", "post_projector")
     supplied = ("grid", "cls_attention", "text_embeddings")
     family = "LLaVA"
 
@@ -52,19 +52,19 @@ class LlavaIntegration(Integration):
     # ------------------------------------------------------------------ checks
     def check_context(self) -> None:
         strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
-        if "cls_attention" in self.compressor.requires and strategy != "default":
+        if "cls_attention" in self._compressor.requires and strategy != "default":
             raise InputError(
-                f"tokencomp.apply: {self.compressor.display_name()!r} reads the vision tower's [CLS] attention, but "
+                f"tokencomp.apply: {self._compressor.display_name()!r} reads the vision tower's [CLS] attention, but "
                 f"this model's features keep every vision token (vision_feature_select_strategy={strategy!r}; "
                 "e.g. a SigLIP tower has no [CLS] token); choose a strategy without cls_attention."
             )
-        check_supplied(self.compressor, self.supplied, f"{type(self.model).__name__} pre-LLM integration")
+        check_supplied(self._compressor, self.supplied, f"{type(self.model).__name__} pre-LLM integration")
         self._check_late()
 
     def _check_late(self) -> None:
         if self._late and self.point != "post_projector":
             raise InputError(
-                f"tokencomp.apply: {self.compressor.display_name()!r} scores the tokens against the instruction's "
+                f"tokencomp.apply: {self._compressor.display_name()!r} scores the tokens against the instruction's "
                 "embeddings, which live in the language model's space; pass point='post_projector'."
             )
 
@@ -80,7 +80,7 @@ class LlavaIntegration(Integration):
             vision.register_forward_pre_hook(self._vision_start),
             vision.register_forward_hook(self._vision_end, always_call=True),  # also when it raises
         ]
-        if "cls_attention" in self.compressor.requires:
+        if "cls_attention" in self._compressor.requires:
             hooks.append(self._attention_layer().register_forward_hook(self._capture_attention))
         return hooks + self.feature_hooks()
 
@@ -112,22 +112,23 @@ class LlavaIntegration(Integration):
     def _vision_start(self, module: torch.nn.Module, args: tuple) -> None:
         self.stats.begin()  # counters add up until the prefill is recorded
         self._cls_attention = None
-        if "cls_attention" in self.compressor.requires and self.allow_eager_fallback:
-            config = module.config
+        if "cls_attention" in self._compressor.requires and self.allow_eager_fallback:
+            config: Any = module.config  # the tower's PretrainedConfig (nn.Module types it Tensor | Module)
             self._restore_attn = config._attn_implementation
             config._attn_implementation = "eager"
 
     def _vision_end(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         restore, self._restore_attn = self._restore_attn, None
         if restore is not None:
-            module.config._attn_implementation = restore
+            config: Any = module.config  # the tower's PretrainedConfig (nn.Module types it Tensor | Module)
+            config._attn_implementation = restore
 
     def _capture_attention(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if weights is None:
             implementation = self.inner.vision_tower.config._attn_implementation
             raise AttentionUnavailableError(
-                f"tokencomp: strategy {self.compressor.display_name()!r} reads the vision tower's [CLS] "
+                f"tokencomp: strategy {self._compressor.display_name()!r} reads the vision tower's [CLS] "
                 f"attention, but the vision tower runs {implementation!r} attention, which returns no weights. "
                 "Load the model with attn_implementation='eager', or pass allow_eager_fallback=True to "
                 "tokencomp.apply to switch the vision tower to eager attention for each call."
@@ -148,7 +149,7 @@ class LlavaIntegration(Integration):
         cls = self._cls_attention
         if cls is not None and cls.shape[1] != n:
             cls = None  # the feature selection kept the [CLS] token ("full"): no [CLS]-free row to give
-            if "cls_attention" in self.compressor.requires:
+            if "cls_attention" in self._compressor.requires:
                 raise InputError(
                     "tokencomp.apply: [CLS] attention needs vision_feature_select_strategy='default' "
                     "(features without the [CLS] token)."
@@ -157,10 +158,11 @@ class LlavaIntegration(Integration):
 
     def _compress(self, features: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
         where = f"each of the {features.shape[0]} image(s) of this batch (LLaVA-1.5 gives every image the same count)"
-        check_fits(self.compressor, self.budget, features.shape[1], where)
+        compressor = self._compressor
+        check_fits(compressor, self._budget, features.shape[1], where)
         start = time.perf_counter()
-        result = self.compressor.compress(features, self.budget, self._context(features.shape[1], text))
-        self.stats.count("pre_llm", self.compressor, start, features.shape[0] * features.shape[1],
+        result = compressor.compress(features, self._budget, self._context(features.shape[1], text))
+        self.stats.count("pre_llm", compressor, start, features.shape[0] * features.shape[1],
                          result.tokens.shape[0] * result.tokens.shape[1])
         return result.tokens
 
@@ -171,7 +173,7 @@ class LlavaIntegration(Integration):
         return self._compress(output)
 
     def place_images(
-        self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor, token_id: int, features: list
+        self, module: Any, kwargs: dict, input_ids: torch.Tensor, token_id: int, features: list
     ) -> torch.Tensor:
         """``[B, L]`` bool: the image placeholders kept for the (compressed) ``features`` of the images."""
         if self._late:
@@ -183,7 +185,7 @@ class LlavaIntegration(Integration):
         return placeholder_keep(input_ids, token_id, per_image, kept)
 
     def _compress_with_instruction(
-        self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor, token_id: int, features: list
+        self, module: Any, kwargs: dict, input_ids: torch.Tensor, token_id: int, features: list
     ) -> list:
         """Compress the projected features of every image against its row's instruction embeddings."""
         visual = input_ids == token_id
@@ -197,16 +199,16 @@ class LlavaIntegration(Integration):
         return tokens
 
     # ------------------------------------------------------------------ the prompt
-    def prefill(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor) -> dict:
+    def prefill(self, module: Any, kwargs: dict, input_ids: torch.Tensor) -> dict:
         self.own_outputs(kwargs)
         return self._shorten(kwargs, input_ids, self.visual_keep(module, kwargs, input_ids))
 
-    def visual_keep(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor) -> torch.Tensor:
+    def visual_keep(self, module: Any, kwargs: dict, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` bool: the prompt's columns kept (LLaVA-1.5: its images)."""
         return self._compress_images(module, kwargs, input_ids, self.model.config.image_token_id)
 
     def _compress_images(
-        self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor, token_id: int
+        self, module: Any, kwargs: dict, input_ids: torch.Tensor, token_id: int
     ) -> torch.Tensor:
         """``[B, L]`` bool: the image placeholders kept (every other column True)."""
         features = self.encoded(kwargs, "image", ("pixel_values",), lambda: module.get_image_features(

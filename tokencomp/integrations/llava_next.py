@@ -46,7 +46,7 @@ class LlavaNextIntegration(LlavaIntegration):
     def feature_hooks(self) -> list[Any]:
         """No projector hooks: the packed tokens are compressed in :meth:`prefill`; [CLS] strategies need
         each encoding's ``image_sizes``."""
-        if "cls_attention" in self.compressor.requires:
+        if "cls_attention" in self._compressor.requires:
             self._record_image_sizes()
         return []
 
@@ -66,7 +66,7 @@ class LlavaNextIntegration(LlavaIntegration):
         inner.get_image_features = get_image_features  # an instance attribute over the class's method
         self.handle.on_remove(lambda: delattr(inner, "get_image_features"))
 
-    def _packed_cls(self, module: torch.nn.Module, image: int, n: int) -> Optional[torch.Tensor]:
+    def _packed_cls(self, module: Any, image: int, n: int) -> Optional[torch.Tensor]:
         """Image ``image``'s [CLS] attention laid out like its packed tokens (``[1, n]``, newlines excluded)."""
         if self._image_cls is None:
             return None
@@ -88,32 +88,34 @@ class LlavaNextIntegration(LlavaIntegration):
 
     # ------------------------------------------------------------------ images
     def place_images(
-        self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor, token_id: int, features: list
+        self, module: Any, kwargs: dict, input_ids: torch.Tensor, token_id: int, features: list
     ) -> torch.Tensor:
         """Compress each image's packed tokens (base view plus unpadded crops), keeping its newline tokens;
         returns the ``[B, L]`` placeholders kept."""
         newline = getattr(module, "image_newline", None)
         visual = input_ids == token_id
+        compressor, budget = self._compressor, self._budget
         text = None
-        if "text_embeddings" in self.compressor.requires:
+        if "text_embeddings" in compressor.requires:
             text = instruction_embeddings(module.get_input_embeddings(), input_ids, visual)
         rows = item_rows(visual, [f.shape[0] for f in features])
-        flags, packed = [], []
+        flags: list[torch.Tensor] = []
+        packed: list[torch.Tensor] = []
         for i, (feature, row) in enumerate(zip(features, rows)):
             is_newline = _newlines(feature, newline)
             tokens = feature[~is_newline]
             n = tokens.shape[0]
-            check_fits(self.compressor, self.budget, n, f"image {i} (batch row {row}; newline tokens not counted)")
+            check_fits(compressor, budget, n, f"image {i} (batch row {row}; newline tokens not counted)")
             side = math.isqrt(n)
-            reads_cls = "cls_attention" in self.compressor.requires
+            reads_cls = "cls_attention" in compressor.requires
             context = Context(
                 grid=(side, side) if side * side == n else None,
                 text_embeddings=None if text is None else text[row : row + 1].to(tokens.dtype),
                 cls_attention=self._packed_cls(module, len(packed), n) if reads_cls else None,
             )
             start = time.perf_counter()
-            result = self.compressor.compress(tokens[None], self.budget, context)
-            self.stats.count("pre_llm", self.compressor, start, n, result.tokens.shape[1])
+            result = compressor.compress(tokens[None], budget, context)
+            self.stats.count("pre_llm", compressor, start, n, result.tokens.shape[1])
             keep, out = _splice(feature, is_newline, result.indices[0], result.tokens[0])
             flags.append(keep)
             packed.append(out)
@@ -123,7 +125,7 @@ class LlavaNextIntegration(LlavaIntegration):
         return keep_all
 
     # ------------------------------------------------------------------ videos
-    def visual_keep(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor) -> torch.Tensor:
+    def visual_keep(self, module: Any, kwargs: dict, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` bool: the prompt's columns kept, its images' and its videos'."""
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         token_id = self.model.config.image_token_id
@@ -134,7 +136,7 @@ class LlavaNextIntegration(LlavaIntegration):
             keep &= self._compress_videos(module, kwargs, input_ids, video_id)
         return keep
 
-    def _frame_tokens(self, module: torch.nn.Module) -> int:
+    def _frame_tokens(self, module: Any) -> int:
         """Tokens per video frame after the model's own pooling (OneVision: bilinear to ceil(s/2);
         NeXT-Video: its pooler's stride)."""
         side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
@@ -143,7 +145,7 @@ class LlavaNextIntegration(LlavaIntegration):
         return (side // self.model.config.spatial_pool_stride) ** 2
 
     def _compress_videos(
-        self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor, video_id: int
+        self, module: Any, kwargs: dict, input_ids: torch.Tensor, video_id: int
     ) -> torch.Tensor:
         """``[B, L]`` bool: the video placeholders kept; each clip compressed whole (``grid = (T, h, w)``) or
         frame by frame (``video="frame"``); OneVision's trailing newline token stays."""

@@ -23,7 +23,7 @@ DeepStack features of the inputs it stands for; in-LLM stages must come after th
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,7 +37,7 @@ from .sequence import Shortening, instruction_embeddings, item_rows, positions_f
 class QwenVLIntegration(Integration):
     """Hooks that run a pre-LLM ``compressor`` on Qwen2(.5)-VL image tokens, keeping their M-RoPE positions."""
 
-    points = ("post_merger",)
+    points: ClassVar[tuple[str, ...]] = ("post_merger",)
     supplied = ("grid", "text_embeddings")
     family = "Qwen-VL"
     renumber = False  # M-RoPE: kept tokens always keep their positions
@@ -49,7 +49,7 @@ class QwenVLIntegration(Integration):
     # ------------------------------------------------------------------ checks and hooks
     def check_context(self) -> None:
         check_supplied(
-            self.compressor, self.supplied, "Qwen-VL integration", note="; Qwen's vision tower has no [CLS] token"
+            self._compressor, self.supplied, "Qwen-VL integration", note="; Qwen's vision tower has no [CLS] token"
         )
 
     def check_stages(self, stages: list[Stage]) -> None:
@@ -86,6 +86,7 @@ class QwenVLIntegration(Integration):
     # ------------------------------------------------------------------ decoding
     def decode_step(self, kwargs: dict, past: int, new: int) -> dict:
         """The mask translated; generate's text row of the 3-D positions shifted (rows 1-3 are M-RoPE)."""
+        assert self.state is not None  # _before_model translates only after a shortened prefill
         mask, _, matched = translate_decode(self.state, kwargs.get("attention_mask"), None, past, new)
         if matched:
             kwargs["attention_mask"] = mask
@@ -97,7 +98,7 @@ class QwenVLIntegration(Integration):
         return kwargs
 
     # ------------------------------------------------------------------ the prefill
-    def _modalities(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor) -> list[tuple]:
+    def _modalities(self, module: Any, kwargs: dict, input_ids: torch.Tensor) -> list[tuple]:
         """``(name, placeholder mask, features, grid_thw)`` for the images and videos the prompt holds."""
         config, merge = self.model.config, module.visual.spatial_merge_size
         self.own_outputs(kwargs)
@@ -155,14 +156,14 @@ class QwenVLIntegration(Integration):
         self.replace_output(kwargs, name, **fields)
         return chosen
 
-    def prefill(self, module: torch.nn.Module, kwargs: dict, input_ids: torch.Tensor) -> dict:
+    def prefill(self, module: Any, kwargs: dict, input_ids: torch.Tensor) -> dict:
         merge = module.visual.spatial_merge_size
         # Step 1: compress each image and each video (clip or frame by frame); note the survivors.
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         grids: dict[str, torch.Tensor] = {}
         modalities = self._modalities(module, kwargs, input_ids)
         text = None
-        if "text_embeddings" in self.compressor.requires:
+        if "text_embeddings" in self._compressor.requires:
             visual = torch.stack([m[1] for m in modalities]).any(dim=0)
             text = instruction_embeddings(module.get_input_embeddings(), input_ids, visual)  # [B, T, D]
         for name, placeholders, features, grid in modalities:

@@ -11,7 +11,7 @@ shift down by the number of tokens removed from that row. Rows that lose differe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, overload
 
 import torch
 
@@ -49,6 +49,12 @@ class Shortening:
     @property
     def kept_length(self) -> int:
         return int(self.source.shape[1])
+
+    @overload
+    def apply(self, tensor: torch.Tensor, fill: int | float = 0) -> torch.Tensor: ...
+
+    @overload
+    def apply(self, tensor: None, fill: int | float = 0) -> None: ...
 
     def apply(self, tensor: Optional[torch.Tensor], fill: int | float = 0) -> Optional[torch.Tensor]:
         """``tensor`` ``[B, L, ...]`` in the shortened layout; added padding columns get ``fill``."""

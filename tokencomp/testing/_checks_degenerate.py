@@ -42,11 +42,11 @@ def check_identical_tokens(compressor: Compressor) -> None:
         if selection:
             pass
         elif compressor.convex_outputs:
+            def message(m: str, k: int = k) -> str:
+                return f"{compressor!r}: identical tokens, K={k}: the outputs are not the common vector. {m}"
+
             torch.testing.assert_close(
-                first.tokens, v.expand(B, k, D), rtol=1e-5, atol=1e-5 * float(v.abs().max()),
-                msg=lambda m, k=k: (
-                    f"{compressor!r}: identical tokens, K={k}: the outputs are not the common vector. {m}"
-                ),
+                first.tokens, v.expand(B, k, D), rtol=1e-5, atol=1e-5 * float(v.abs().max()), msg=message
             )
         else:
             coef, residual = span_fit(first.tokens, v.expand(B, 1, D))
@@ -185,9 +185,11 @@ def check_extreme_magnitudes(compressor: Compressor) -> None:
                 # outputs that are subnormal in the tokens' dtype (float16 below 6e-5) are rounded to its
                 # subnormal spacing: the one difference the output dtype allows
                 info = torch.finfo(base.dtype)
+
+                def message(m: str, what: str = what) -> str:
+                    return f"{compressor!r}: {what}: the outputs are not those at scale 1 times the scale. {m}"
+
                 torch.testing.assert_close(
                     result.tokens.double(), reference.tokens.double() * scale, rtol=1e-5, atol=info.tiny * info.eps,
-                    msg=lambda m, what=what: (
-                        f"{compressor!r}: {what}: the outputs are not those at scale 1 times the scale. {m}"
-                    ),
+                    msg=message,
                 )

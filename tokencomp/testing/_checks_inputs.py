@@ -38,9 +38,9 @@ def check_bad_tokens(compressor: Compressor) -> None:
     ctx = make_context(compressor, x)
     non_finite = []
     for value in (float("nan"), float("inf"), float("-inf")):
-        bad = x.clone()
-        bad[0, 0, 0] = value
-        non_finite.append(bad)
+        corrupt = x.clone()
+        corrupt[0, 0, 0] = value
+        non_finite.append(corrupt)
     for bad in (x.long(), x[0, 0], x.unsqueeze(0), *non_finite, x.numpy()):
         shape = getattr(bad, "shape", None)
         _assert_refused(compressor, f"bad tokens of shape {shape}", compressor.compress, bad, 4, ctx)
