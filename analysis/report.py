@@ -61,7 +61,8 @@ def _flash_lines(rows: list[dict[str, Any]]) -> list[str]:
             continue
         where = "; ".join(f"{k} (L={c['length']}, {c['heads']}x{c['head_dim']})" for k, c in f.costs.items())
         times = "; ".join(
-            f"{c['eager_ms']:.2f} / {c['sdpa_ms']:.2f} ms ({c['eager_ms'] / c['sdpa_ms']:.1f}x)" for c in f.costs.values()
+            f"{c['eager_ms']:.2f} / {c['sdpa_ms']:.2f} ms ({c['eager_ms'] / c['sdpa_ms']:.1f}x)"
+            for c in f.costs.values()
         )
         mems = "; ".join(
             f"{c['eager_peak_mib']:.1f} / {c['sdpa_peak_mib']:.1f} MiB"

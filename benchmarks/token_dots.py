@@ -38,8 +38,10 @@ def main() -> None:
         plain = time_ms(lambda: torch.bmm(rows, v.unsqueeze(-1), out=col), args.repeats)
         ours = time_ms(lambda: token_dots(x, v, out), args.repeats)
         gb = b * n * args.dim * 4 / 1e6  # GB read, over ms
-        line = (f"B={b:>2} N={n:>6}: bmm(x, v) {plain:8.3f} ms ({gb / plain:5.1f} GB/s)   "
-                f"token_dots {ours:8.3f} ms ({gb / ours:5.1f} GB/s, {ours / plain:.2f}x)")
+        line = (
+            f"B={b:>2} N={n:>6}: bmm(x, v) {plain:8.3f} ms ({gb / plain:5.1f} GB/s)   "
+            f"token_dots {ours:8.3f} ms ({gb / ours:5.1f} GB/s, {ours / plain:.2f}x)"
+        )
         pieces = column_pieces(b, x.device)
         cols = torch.zeros(b, args.dim, padded_columns(n, pieces))
         cols[:, :, :n] = rows.transpose(1, 2)

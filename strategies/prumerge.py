@@ -194,9 +194,7 @@ class PruMerge(Compressor):
             values[:, kc:] = _weighted_sum(rest_w, x)  # [B, 1, D]
             extra_pos = rank_descending(torch.where(sel, torch.full_like(attn, float("-inf")), attn))[:, :1]
             positions = torch.cat([positions, extra_pos], dim=1)
-            neighbours = torch.cat(
-                [neighbours, torch.full((b, 1, self.knn), -1, dtype=torch.int64, device=dev)], dim=1
-            )
+            neighbours = torch.cat([neighbours, torch.full((b, 1, self.knn), -1, dtype=torch.int64, device=dev)], dim=1)
 
         # 5. Output in ascending position; one representative slot per input token.
         indices, perm = positions.sort(dim=-1)

@@ -184,7 +184,9 @@ class SparseVLM(Compressor):
     in_llm_positions = "renumber"
     budget_param = "retained"
     scale_invariant = False  # DPC-KNN's density exp(-d^2) is absolute (see Notes)
-    summary = "Text raters' attention keeps visual tokens after LLM layers 2/6/15; best pruned ones recycled by DPC-KNN."
+    summary = (
+        "Text raters' attention keeps visual tokens after LLM layers 2/6/15; best pruned ones recycled by DPC-KNN."
+    )
     complexity = "O(T N + N^2 D)"
     info_layout = {"scores": "token", "raters": "row", "rater_rank": "row", "recycled": "row"}
     paper = (
@@ -194,7 +196,10 @@ class SparseVLM(Compressor):
     parameter_constraints = {
         "layers": (ListOf(Interval(int, 1), increasing=True),),
         "retained": (
-            Options(tuple(AUTHORS_KEEP), hint="These are the authors' settings; for other schedules pass keep_counts=[...] (one per layer)."),
+            Options(
+                tuple(AUTHORS_KEEP),
+                hint="These are the authors' settings; for other schedules pass keep_counts=[...] (one per layer).",
+            ),
         ),
         "keep_counts": (IsNone(), ListOf(Interval(int, 1))),
         "recycle": (Boolean(),),
@@ -306,7 +311,9 @@ class SparseVLM(Compressor):
         dev = tokens.device
         attn = context.cross_attention.float()  # [B, T, N]; finite, as checked by compress()
         if attn.shape[1] < 1:
-            raise InputError(f"{self.display_name()}: context.cross_attention has T=0 text tokens; it needs at least one row.")
+            raise InputError(
+                f"{self.display_name()}: context.cross_attention has T=0 text tokens; it needs at least one row."
+            )
 
         # 1. Raters, 2. scores: the raters' mean attention to each visual token.
         raters = self._raters(tokens, attn, context)  # [B, T] bool
@@ -477,4 +484,3 @@ def _dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     owner = torch.empty_like(owner_sorted).scatter_(1, by_density, owner_sorted)
     owner.scatter_(1, centres, torch.arange(c, device=dev).expand(b, c).contiguous())
     return centres, owner
-
