@@ -42,6 +42,7 @@ from .measure import peak_bytes, time_ms
 FRAME_TOKENS = 576  # one LLaVA-1.5 image (24 x 24 patches) or one video frame
 SCALING_FRAMES = (1, 2, 4, 8, 16, 32)
 DEFAULT_SHAPES = ("16x576x1024:64", "1x18432x1024:2304")
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def bench_strategy(
     *,
     repeats: int = 3,
     dtype: torch.dtype = torch.float32,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     frame_tokens: int = FRAME_TOKENS,
     memory: bool = True,
 ) -> dict[str, Any]:
@@ -345,7 +346,7 @@ def scaling(
     frame_tokens: int = FRAME_TOKENS,
     repeats: int = 1,
     dtype: torch.dtype = torch.float32,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     memory: bool = True,
     max_ms: float = 20_000.0,
     on_row: Optional[Callable[[dict[str, Any]], None]] = None,
