@@ -77,7 +77,8 @@ def main() -> None:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 336, 336)}
     base = prefill_seconds(model, inputs, args.repeats)
     print(
-        f"LLaVA random: {args.layers} layers, hidden {args.hidden}, 576 image tokens, prompt {ids.shape[1]} tokens, SDPA, "
+        f"LLaVA random: {args.layers} layers, hidden {args.hidden}, 576 image tokens, "
+        f"prompt {ids.shape[1]} tokens, SDPA, "
         f"{torch.get_num_threads()} threads; uncompressed prefill {base * 1000:.0f} ms (median of {args.repeats})"
     )
     print(f"{'strategy':<10} {'budget':>6} {'prefill ms':>11} {'speedup':>8} {'compress share':>15}")

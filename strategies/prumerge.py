@@ -125,7 +125,8 @@ class PruMerge(Compressor):
         centres = k - 1 if self.extra_token else k
         if centres > 0 and self.knn > n - 1:
             raise InputError(
-                f"{self.display_name()}: knn={self.knn} neighbours per kept token need at least knn + 1 = {self.knn + 1} "
+                f"{self.display_name()}: knn={self.knn} neighbours per kept token need at least "
+                f"knn + 1 = {self.knn + 1} "
                 f"tokens; got N={n} (budget K={k}). Lower knn to at most {n - 1}."
             )
 

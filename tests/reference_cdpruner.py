@@ -8,7 +8,8 @@ import torch
 def literal_cdpruner(
     features: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor, k: int
 ) -> list[int]:
-    """Picks in pick order for one sample: ``features`` ``[N, D]``, ``image_embeds`` ``[N, C]``, ``text_embeds`` ``[M, C]``."""
+    """Picks in pick order for one sample: ``features`` ``[N, D]``, ``image_embeds`` ``[N, C]``,
+    ``text_embeds`` ``[M, C]``."""
     image_features = features[None]  # (1, N, D)
     B, N, _ = image_features.shape
     image_normalized = image_features / image_features.norm(dim=-1, keepdim=True)
