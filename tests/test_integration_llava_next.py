@@ -35,7 +35,7 @@ def test_newlines_stay_and_the_budget_counts_the_other_tokens(model):
     newlines, lengths = newline_count(model, inputs)
     with tc.apply(model, "divprune", budget=10) as handle:
         seen = first_layer_lengths(model, lambda: model(**inputs))
-    visual = [n - l for n, l in zip(lengths, newlines)]
+    visual = [length - newline for length, newline in zip(lengths, newlines)]
     assert handle.stats[0]["tokens_in"] == sum(visual) and handle.stats[0]["tokens_out"] == 20
     assert seen == [inputs["input_ids"].shape[1] - sum(v - 10 for v in visual)]
 

@@ -22,7 +22,7 @@ def llava_prompt(model, images: int = 1, batch: int = 1, seed: int = 0, pad: lis
     cfg = model.config
     n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
     rows = []
-    for b in range(batch):
+    for _ in range(batch):
         row = [1] + torch.randint(2, 100, (3,), generator=g).tolist()
         for _ in range(images):
             row += [cfg.image_token_id] * n + torch.randint(2, 100, (2,), generator=g).tolist()
@@ -32,7 +32,7 @@ def llava_prompt(model, images: int = 1, batch: int = 1, seed: int = 0, pad: lis
     length = max(len(r) + p for r, p in zip(rows, pad))
     ids = torch.zeros(batch, length, dtype=torch.long)
     mask = torch.zeros(batch, length, dtype=torch.long)
-    for b, (r, p) in enumerate(zip(rows, pad)):
+    for b, (r, _) in enumerate(zip(rows, pad)):
         start = length - len(r)
         ids[b, start:] = torch.tensor(r)
         mask[b, start:] = 1
