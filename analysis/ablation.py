@@ -71,8 +71,12 @@ class TokenSet:
         first[1:] = self.view_of[1:] != self.view_of[:-1]
         return first.nonzero().flatten()
 
-    def context(self, tokens: Optional[torch.Tensor] = None, perm: Optional[torch.Tensor] = None,
-                rows: Optional[torch.Tensor] = None) -> tc.Context:
+    def context(
+        self,
+        tokens: Optional[torch.Tensor] = None,
+        perm: Optional[torch.Tensor] = None,
+        rows: Optional[torch.Tensor] = None,
+    ) -> tc.Context:
         """The context every strategy gets: the grid and a [CLS] row, for ``tokens`` (default the set's
         own), the rows ``rows`` of the set, their positions permuted by ``perm`` ``[B, N]`` when given."""
         tokens = self.tokens if tokens is None else tokens
@@ -95,8 +99,6 @@ def mean_token_attention(tokens: torch.Tensor) -> torch.Tensor:
     return ((x @ query.transpose(1, 2)).squeeze(-1) / math.sqrt(x.shape[-1])).softmax(dim=-1)
 
 
-
-
 def _crop(img: np.ndarray, where: str) -> np.ndarray:
     """80 % of each side of ``img``: centred (``crop``), at the top-left or the bottom-right corner."""
     h, w = img.shape[:2]
@@ -105,7 +107,9 @@ def _crop(img: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(img[top : top + ch, left : left + cw])
 
 
-def image_views(images: list[tuple[str, np.ndarray]], views: Iterable[str] = DEFAULT_VIEWS) -> list[tuple[str, np.ndarray, int]]:
+def image_views(
+    images: list[tuple[str, np.ndarray]], views: Iterable[str] = DEFAULT_VIEWS
+) -> list[tuple[str, np.ndarray, int]]:
     """Each image as several views ``(name/view, array, image index)``: ``full``; ``flip`` (mirrored left to
     right); ``crop`` / ``crop-tl`` / ``crop-br`` (80 % of each side, centred or at the top-left or
     bottom-right corner, i.e. zoomed in). Views of an image are consecutive.
@@ -144,8 +148,14 @@ def make_tokens(features: str, images: list[tuple[str, np.ndarray]], views: Iter
         extractor = EfficientNetTokens(image_size=768)
         viewed = image_views(images, views)
         tokens = extractor([a for _, a, _ in viewed])
-        return TokenSet(features, tokens, extractor.grid, [n for n, _, _ in viewed], head=extractor.head,
-                        view_of=torch.tensor([i for _, _, i in viewed]))
+        return TokenSet(
+            features,
+            tokens,
+            extractor.grid,
+            [n for n, _, _ in viewed],
+            head=extractor.head,
+            view_of=torch.tensor([i for _, _, i in viewed]),
+        )
     names = [n for n, _ in images]
     arrays = [img for _, img in images]
     if features == "pixels":
@@ -182,8 +192,7 @@ def parse_param(spec: str) -> tuple[str, str, list[Any]]:
     strategy, dot, param = head.partition(".")
     if not sep or not dot or not strategy.strip() or not param.strip() or not values.strip():
         raise InputError(
-            f"malformed parameter grid {spec!r}; expected STRATEGY.PARAM=V1,V2,... "
-            "e.g. apet.basis=fps,qr,random"
+            f"malformed parameter grid {spec!r}; expected STRATEGY.PARAM=V1,V2,... e.g. apet.basis=fps,qr,random"
         )
     return strategy.strip(), param.strip(), [parse_value(v) for v in values.split(",")]
 
@@ -246,8 +255,15 @@ def measure_cell(ts: TokenSet, name: str, params: dict[str, Any], budget: int | 
     result, elapsed = timed(lambda: comp.compress(ts.tokens, budget, context))
     recon, lstsq = recon_error(ts.tokens, result), lstsq_error(ts.tokens, result)
     row: Row = {
-        "features": ts.name, "strategy": name, "params": params, "budget": budget, "kept": result.kept,
-        "n_images": ts.tokens.shape[0], "time_ms": elapsed, "grid": list(ts.grid), "flash_measured": False,
+        "features": ts.name,
+        "strategy": name,
+        "params": params,
+        "budget": budget,
+        "kept": result.kept,
+        "n_images": ts.tokens.shape[0],
+        "time_ms": elapsed,
+        "grid": list(ts.grid),
+        "flash_measured": False,
     }
     row["recon_error"], row["recon_error_ci95"] = mean_ci(recon)
     row["lstsq_error"], row["lstsq_error_ci95"] = mean_ci(lstsq)

@@ -42,6 +42,7 @@ from .measure import peak_bytes, time_ms
 FRAME_TOKENS = 576  # one LLaVA-1.5 image (24 x 24 patches) or one video frame
 SCALING_FRAMES = (1, 2, 4, 8, 16, 32)
 DEFAULT_SHAPES = ("16x576x1024:64", "1x18432x1024:2304")
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def bench_strategy(
     *,
     repeats: int = 3,
     dtype: torch.dtype = torch.float32,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     frame_tokens: int = FRAME_TOKENS,
     memory: bool = True,
 ) -> dict[str, Any]:
@@ -186,8 +187,14 @@ def bench_strategy(
     run = _call(name, x, shape, frame_tokens)
     ms = time_ms(run, repeats, device)
     floor = time_ms(matmul_floor(x, shape.budget), repeats, device)
-    return {"strategy": name, "shape": shape.label(), "ms": ms, "matmul_ms": floor, "x_matmul": ms / floor,
-            **_peak(run, x, device, memory)}
+    return {
+        "strategy": name,
+        "shape": shape.label(),
+        "ms": ms,
+        "matmul_ms": floor,
+        "x_matmul": ms / floor,
+        **_peak(run, x, device, memory),
+    }
 
 
 def _peak(run: Callable[[], Any], x: torch.Tensor, device: torch.device, memory: bool) -> dict[str, float]:
@@ -231,8 +238,13 @@ def authors_reference(shape: BenchShape, repeats: int = 1) -> dict[str, Any]:
         raise RuntimeError("the batched ApET and the authors' per-image procedure disagree; not timing them")
     ours = time_ms(lambda: apet.compress(x, shape.budget), max(repeats, 3))
     theirs = time_ms(lambda: authors_apet(x, shape.budget, starts), repeats)
-    return {"reference": "authors' procedure, per image", "shape": shape.label(), "ours_ms": ours,
-            "reference_ms": theirs, "ratio": ours / theirs}
+    return {
+        "reference": "authors' procedure, per image",
+        "shape": shape.label(),
+        "ours_ms": ours,
+        "reference_ms": theirs,
+        "ratio": ours / theirs,
+    }
 
 
 def lapack_reference(shape: BenchShape, repeats: int = 3, mode: str = "r") -> dict[str, Any]:
@@ -255,8 +267,13 @@ def lapack_reference(shape: BenchShape, repeats: int = 3, mode: str = "r") -> di
     # machine's noise
     ours = time_ms(lambda: apet.compress(x, shape.budget), max(repeats, 200))
     theirs = time_ms(lambda: [scipy.linalg.qr(a, pivoting=True, mode=mode) for a in arrays], max(repeats, 20))
-    return {"reference": f"scipy.linalg.qr(pivoting=True, mode={mode!r})", "shape": shape.label(),
-            "ours_ms": ours, "reference_ms": theirs, "ratio": ours / theirs}
+    return {
+        "reference": f"scipy.linalg.qr(pivoting=True, mode={mode!r})",
+        "shape": shape.label(),
+        "ours_ms": ours,
+        "reference_ms": theirs,
+        "ratio": ours / theirs,
+    }
 
 
 def matmul_reference(shape: BenchShape, columns: int = FRAME_TOKENS, repeats: int = 3) -> dict[str, Any]:
@@ -266,9 +283,14 @@ def matmul_reference(shape: BenchShape, columns: int = FRAME_TOKENS, repeats: in
     ours = time_ms(lambda: apet.compress(x, shape.budget), repeats)
     theirs = time_ms(matmul_floor(x, columns), repeats)
     peak = peak_bytes(lambda: apet.compress(x, shape.budget))
-    return {"reference": f"one {shape.b * shape.n}x{shape.d}x{columns} matmul", "shape": shape.label(),
-            "ours_ms": ours, "reference_ms": theirs, "ratio": ours / theirs,
-            "peak_x_input": peak / (x.numel() * x.element_size())}
+    return {
+        "reference": f"one {shape.b * shape.n}x{shape.d}x{columns} matmul",
+        "shape": shape.label(),
+        "ours_ms": ours,
+        "reference_ms": theirs,
+        "ratio": ours / theirs,
+        "peak_x_input": peak / (x.numel() * x.element_size()),
+    }
 
 
 @dataclass(frozen=True)
@@ -284,8 +306,12 @@ class Goal:
         return self.ratio <= self.limit
 
 
-def goals(repeats: int = 3, *, image: BenchShape = BenchShape(16, 576, 1024, 64),
-          video: BenchShape = BenchShape(1, 18432, 1024, 2304)) -> tuple[list[dict[str, Any]], list[Goal]]:
+def goals(
+    repeats: int = 3,
+    *,
+    image: BenchShape = BenchShape(16, 576, 1024, 64),
+    video: BenchShape = BenchShape(1, 18432, 1024, 2304),
+) -> tuple[list[dict[str, Any]], list[Goal]]:
     """The references of the performance page and the goals they are held to.
 
     Returns the reference rows (for a table) and the goals: batched ApET at ``image`` <= 0.1x the
@@ -320,7 +346,7 @@ def scaling(
     frame_tokens: int = FRAME_TOKENS,
     repeats: int = 1,
     dtype: torch.dtype = torch.float32,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     memory: bool = True,
     max_ms: float = 20_000.0,
     on_row: Optional[Callable[[dict[str, Any]], None]] = None,
@@ -383,9 +409,17 @@ def scaling_summary(rows: Sequence[dict[str, Any]], tail: int = 4) -> list[dict[
         declared = get(strategy_of(name)).complexity
         power = complexity_exponent(declared)
         slope = loglog_slope([r["n"] for r in mine], [r["ms"] for r in mine]) if len(mine) >= 2 else math.nan
-        out.append({"strategy": name, "complexity": declared or "?", "power": power, "slope": slope,
-                    "ok": None if power is None or math.isnan(slope) else slope <= power + 0.25,
-                    "largest_n": mine[-1]["n"], "max_x_input": max(r["x_input"] for r in mine)})
+        out.append(
+            {
+                "strategy": name,
+                "complexity": declared or "?",
+                "power": power,
+                "slope": slope,
+                "ok": None if power is None or math.isnan(slope) else slope <= power + 0.25,
+                "largest_n": mine[-1]["n"],
+                "max_x_input": max(r["x_input"] for r in mine),
+            }
+        )
     return out
 
 
@@ -403,9 +437,15 @@ def plot_scaling(rows: Sequence[dict[str, Any]], path) -> None:
     for i, (name, info) in enumerate(summary.items()):
         mine = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["n"])
         style = "--" if strategy_of(name) != name else ("-" if i < len(colours) else "-.")  # regimes dashed
-        ax.plot([r["n"] for r in mine], [r["ms"] for r in mine], marker="os^Dv"[i % 5], ms=3,
-                color=colours[i % len(colours)], linestyle=style,
-                label=f"{name}: slope {info['slope']:.2f} ({info['complexity']})")
+        ax.plot(
+            [r["n"] for r in mine],
+            [r["ms"] for r in mine],
+            marker="os^Dv"[i % 5],
+            ms=3,
+            color=colours[i % len(colours)],
+            linestyle=style,
+            label=f"{name}: slope {info['slope']:.2f} ({info['complexity']})",
+        )
     if len(ns) >= 2:
         base = min(r["ms"] for r in rows if r["n"] == ns[0])
         for power, style in ((1, ":"), (2, "--")):

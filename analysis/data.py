@@ -12,9 +12,27 @@ __all__ = ["BUNDLED_IMAGES", "bundled_images", "load_image_folder", "to_rgb"]
 
 # scikit-image images that load offline (natural photographs, microscopy, astronomy, scans, text).
 _SKIMAGE = (
-    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
-    "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
-    "moon", "page", "retina", "rocket", "text",
+    "astronaut",
+    "brick",
+    "camera",
+    "cell",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "microaneurysms",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "text",
 )
 # scikit-image's stereo pair (left view) and scikit-learn's two sample photographs.
 BUNDLED_IMAGES = _SKIMAGE + ("motorcycle", "china", "flower")

@@ -14,8 +14,15 @@ import torch.nn.functional as F
 from tokencomp.errors import InputError
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "EfficientNetTokens", "FEATURES", "HFVisionTokens", "is_hf", "normalised_images",
-    "pixel_patches", "square_image",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "EfficientNetTokens",
+    "FEATURES",
+    "HFVisionTokens",
+    "is_hf",
+    "normalised_images",
+    "pixel_patches",
+    "square_image",
 ]
 
 FEATURES = ("efficientnet", "pixels")
@@ -34,7 +41,9 @@ def square_image(image: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
 
 
-def normalised_images(images: list[np.ndarray], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def normalised_images(
+    images: list[np.ndarray], size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
     """``[B, 3, size, size]`` pixel values: each image through :func:`square_image`, then ``(x - mean) / std``
     per channel."""
     m, s = (torch.tensor(v).view(3, 1, 1) for v in (mean, std))

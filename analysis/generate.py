@@ -76,8 +76,14 @@ def _generate(model: Any, processor: Any, inputs: dict, max_new_tokens: int) -> 
 
 
 def compare_answers(
-    model: Any, processor: Any, inputs: dict, strategy: str, budget: int | float, params: dict[str, Any],
-    max_new_tokens: int = 32, allow_eager_fallback: bool = False,
+    model: Any,
+    processor: Any,
+    inputs: dict,
+    strategy: str,
+    budget: int | float,
+    params: dict[str, Any],
+    max_new_tokens: int = 32,
+    allow_eager_fallback: bool = False,
 ) -> list[Answer]:
     """The uncompressed answer, then the answer with ``strategy`` at ``budget``."""
     image_id = getattr(model.config, "image_token_id", None)

@@ -26,9 +26,7 @@ def timed(fn: Callable[[], Any], device: torch.device = _CPU) -> tuple[Any, floa
     return out, (time.perf_counter() - start) * 1e3
 
 
-def time_ms(
-    fn: Callable[[], Any], repeats: int, device: torch.device = _CPU, long_ms: float = 2000.0
-) -> float:
+def time_ms(fn: Callable[[], Any], repeats: int, device: torch.device = _CPU, long_ms: float = 2000.0) -> float:
     """Fastest wall time of ``fn`` in milliseconds over ``repeats`` calls, after one warm-up call.
 
     The minimum, as ``timeit`` advises: other processes only ever add time, so the fastest call is

@@ -148,7 +148,8 @@ def plot_flash(rows: list[dict[str, Any]], path: Path) -> bool:
             continue
         kind = next(iter(f.costs)).replace("this model's ", "") if f.costs else ""
         cells.append(
-            [f.strategy, "no: needs eager", kind] + ([f"{f.ratios[0]:.1f}x", f"{f.ratios[1]:.1f}x"] if f.ratios else ["", ""])
+            [f.strategy, "no: needs eager", kind]
+            + ([f"{f.ratios[0]:.1f}x", f"{f.ratios[1]:.1f}x"] if f.ratios else ["", ""])
         )
         colours.append(["white", "#ffcdd2", "white", "white", "white"])
     fig, ax = plt.subplots(figsize=(9, 0.38 * len(cells) + 1.0))

@@ -49,7 +49,8 @@ def _flash_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not table:
         return ["No strategy was run inside a VLM (`--no-vlm`), so FlashAttention compatibility was not measured."]
     lines = [
-        "| strategy | runs under forced FLASH_ATTENTION | what fails | eager attention layer | eager / SDPA time | eager / SDPA peak memory |",
+        "| strategy | runs under forced FLASH_ATTENTION | what fails | eager attention layer "
+        "| eager / SDPA time | eager / SDPA peak memory |",
         "|---|---|---|---|---|---|",
     ]
     for f in table:
@@ -61,7 +62,8 @@ def _flash_lines(rows: list[dict[str, Any]]) -> list[str]:
             continue
         where = "; ".join(f"{k} (L={c['length']}, {c['heads']}x{c['head_dim']})" for k, c in f.costs.items())
         times = "; ".join(
-            f"{c['eager_ms']:.2f} / {c['sdpa_ms']:.2f} ms ({c['eager_ms'] / c['sdpa_ms']:.1f}x)" for c in f.costs.values()
+            f"{c['eager_ms']:.2f} / {c['sdpa_ms']:.2f} ms ({c['eager_ms'] / c['sdpa_ms']:.1f}x)"
+            for c in f.costs.values()
         )
         mems = "; ".join(
             f"{c['eager_peak_mib']:.1f} / {c['sdpa_peak_mib']:.1f} MiB"
@@ -80,7 +82,8 @@ def render_markdown(
     lines = ["# tokencomp ablation report", ""]
     if meta:
         lines += [
-            f"Run on {meta.get('date', '?')} with tokencomp {meta.get('tokencomp', '?')}, torch {meta.get('torch', '?')}, "
+            f"Run on {meta.get('date', '?')} with tokencomp {meta.get('tokencomp', '?')}, "
+            f"torch {meta.get('torch', '?')}, "
             f"transformers {meta.get('transformers', '?')}; seed {meta.get('seed', '?')}; "
             f"{meta.get('n_images', '?')} images ({meta.get('images', '?')}), views {', '.join(meta.get('views', []))} "
             f"for feature sets with a classifier head; budgets {', '.join(str(b) for b in meta.get('budgets', []))}.",

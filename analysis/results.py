@@ -16,8 +16,18 @@ import torch
 from tokencomp.errors import InputError
 
 __all__ = [
-    "COLUMNS", "EAGER_KEYS", "REQUIRED_KEYS", "Row", "cell_key", "flash_measurements", "join_flash", "load_results", "mean_ci", "row_key",
-    "save_results", "write_atomic",
+    "COLUMNS",
+    "EAGER_KEYS",
+    "REQUIRED_KEYS",
+    "Row",
+    "cell_key",
+    "flash_measurements",
+    "join_flash",
+    "load_results",
+    "mean_ci",
+    "row_key",
+    "save_results",
+    "write_atomic",
 ]
 
 # What eager attention cost against SDPA for a strategy that needs it (a row's largest measured shape).
@@ -104,7 +114,9 @@ def flash_measurements(rows: list[dict[str, Any]]) -> dict[str, tuple[list[dict[
             runs.setdefault(r["strategy"], [])
             if not r.get("skipped"):
                 runs[r["strategy"]].append(r)
-    return {name: (ran, next((r for r in ran if not r["flash_compatible"]), None)) for name, ran in sorted(runs.items())}
+    return {
+        name: (ran, next((r for r in ran if not r["flash_compatible"]), None)) for name, ran in sorted(runs.items())
+    }
 
 
 def join_flash(rows: list[dict[str, Any]]) -> None:
@@ -148,8 +160,12 @@ def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
 
 def save_results(out: Path, rows: Iterable[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Write ``results.json``, ``results.csv`` and ``run.json`` to ``out``, each atomically."""
-    rows = [_clean({**r, "params": r["params"] if isinstance(r["params"], str) else json.dumps(r["params"], sort_keys=True)})
-            for r in rows]
+    rows = [
+        _clean(
+            {**r, "params": r["params"] if isinstance(r["params"], str) else json.dumps(r["params"], sort_keys=True)}
+        )
+        for r in rows
+    ]
 
     def write_csv(fh):
         writer = csv.DictWriter(fh, fieldnames=list(COLUMNS), extrasaction="ignore")
@@ -184,14 +200,19 @@ def _check_rows(rows: Any, path: Path) -> None:
         raise InputError(f"{str(path)!r} is not a tokencomp results file: it holds a {type(rows).__name__}; {expected}")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise InputError(f"{str(path)!r} is not a tokencomp results file: row {i} is a {type(row).__name__}; {expected}")
+            raise InputError(
+                f"{str(path)!r} is not a tokencomp results file: row {i} is a {type(row).__name__}; {expected}"
+            )
         missing = [k for k in REQUIRED_KEYS if k not in row]
         if missing:
             raise InputError(
                 f"{str(path)!r} is not a tokencomp results file: row {i} lacks {', '.join(missing)}; {expected}"
             )
-        if not isinstance(row["features"], str) or not isinstance(row["strategy"], str) \
-                or not isinstance(row["params"], (str, dict)):
+        if (
+            not isinstance(row["features"], str)
+            or not isinstance(row["strategy"], str)
+            or not isinstance(row["params"], (str, dict))
+        ):
             raise InputError(
                 f"{str(path)!r} is not a tokencomp results file: row {i} has features {row['features']!r}, strategy "
                 f"{row['strategy']!r}, params {row['params']!r}; features and strategy must be strings, params a "

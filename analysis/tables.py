@@ -168,8 +168,16 @@ def flash_table(rows: list[dict[str, Any]]) -> list[FlashRow]:
         elif failed is None:
             table.append(FlashRow(name, ran=True))
         else:
-            table.append(FlashRow(name, ran=True, failed=True, reason=failed["flash_error"],
-                                  costs=failed.get("eager_cost") or {}, ratios=eager_ratios(failed)))
+            table.append(
+                FlashRow(
+                    name,
+                    ran=True,
+                    failed=True,
+                    reason=failed["flash_error"],
+                    costs=failed.get("eager_cost") or {},
+                    ratios=eager_ratios(failed),
+                )
+            )
     return table
 
 

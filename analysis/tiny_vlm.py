@@ -41,15 +41,29 @@ def tiny_llava(attn_implementation: str = "sdpa", image_size: int = 84, layers: 
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
-        image_size=image_size, patch_size=14, projection_dim=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=14,
+        projection_dim=32,
     )
     text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=120, max_position_embeddings=2048, pad_token_id=0,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=120,
+        max_position_embeddings=2048,
+        pad_token_id=0,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=119, vision_feature_layer=-2,
+        vision_config=vision,
+        text_config=text,
+        image_token_id=119,
+        vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(0)

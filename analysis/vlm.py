@@ -53,8 +53,11 @@ __all__ = [
     "shuffle_patches",
 ]
 
+
 # ---------------------------------------------------------------- inputs
-def llava_inputs(model: Any, images: list[np.ndarray], seed: int = 0, text_before: int = 3, text_after: int = 8) -> dict:
+def llava_inputs(
+    model: Any, images: list[np.ndarray], seed: int = 0, text_before: int = 3, text_after: int = 8
+) -> dict:
     """One prompt row per image for a LLaVA-layout model: ``input_ids``, ``attention_mask``, ``pixel_values``.
 
     Each row is ``<bos>``, ``text_before`` words, the image's placeholder tokens, ``text_after`` words
@@ -221,12 +224,25 @@ class VLMCell:
     def row(self, features: str) -> Row:
         """A results row (see :mod:`tokencomp.analysis.results`); eager costs at the largest measured shape."""
         row: Row = {
-            "features": features, "strategy": self.strategy, "params": self.params, "budget": self.budget,
-            "kept": self.kept, "n_images": self.n_images, "time_ms": self.time_ms, "skipped": self.skipped,
-            "next_token_agreement": self.next_token_agreement, "next_token_agreement_ci95": self.next_token_agreement_ci,
-            "logit_kl": self.logit_kl, "logit_kl_ci95": self.logit_kl_ci, "position_bias": self.position_bias,
-            "flash_compatible": self.flash_compatible, "flash_error": self.flash_error, "flash_measured": True,
-            "eager_cost": self.eager_cost, "per_image": self.per_image, "example_kept": self.example_kept,
+            "features": features,
+            "strategy": self.strategy,
+            "params": self.params,
+            "budget": self.budget,
+            "kept": self.kept,
+            "n_images": self.n_images,
+            "time_ms": self.time_ms,
+            "skipped": self.skipped,
+            "next_token_agreement": self.next_token_agreement,
+            "next_token_agreement_ci95": self.next_token_agreement_ci,
+            "logit_kl": self.logit_kl,
+            "logit_kl_ci95": self.logit_kl_ci,
+            "position_bias": self.position_bias,
+            "flash_compatible": self.flash_compatible,
+            "flash_error": self.flash_error,
+            "flash_measured": True,
+            "eager_cost": self.eager_cost,
+            "per_image": self.per_image,
+            "example_kept": self.example_kept,
             "heatmap": None if self.heatmap is None else [round(float(v), 4) for v in self.heatmap],
         }
         if self.heatmap is not None:
@@ -248,7 +264,9 @@ def model_shape(kind: str, model: Any, length: int) -> AttentionShape:
     if kind == "vision tower":
         v = model.config.vision_config
         n = (v.image_size // v.patch_size) ** 2 + 1
-        return AttentionShape(f"this model's {kind}", v.num_attention_heads, v.hidden_size // v.num_attention_heads, n, causal=False)
+        return AttentionShape(
+            f"this model's {kind}", v.num_attention_heads, v.hidden_size // v.num_attention_heads, n, causal=False
+        )
     t = model.config.text_config
     return AttentionShape(f"this model's {kind}", t.num_attention_heads, t.hidden_size // t.num_attention_heads, length)
 
@@ -261,7 +279,9 @@ LLAVA_7B_SHAPES = {
 }
 
 
-def budget_runs(name: str, params: dict[str, Any], budgets: list[int | float]) -> list[tuple[dict[str, Any], Any, Any, str]]:
+def budget_runs(
+    name: str, params: dict[str, Any], budgets: list[int | float]
+) -> list[tuple[dict[str, Any], Any, Any, str]]:
     """``(params, budget for apply, budget of the row, why it cannot run or "")`` per requested budget.
 
     Strategies that set their own per-layer budgets (``stage_budgets``) take the budget through their
@@ -348,8 +368,9 @@ class _Bench:
     def __init__(self, model: Any, images: list[np.ndarray], seed: int, real_shapes: dict[str, AttentionShape]) -> None:
         self.model, self.real_shapes = model, real_shapes
         self.inputs = llava_inputs(model, images, seed=seed)
-        pixels = shuffle_patches(self.inputs["pixel_values"], model.config.vision_config.patch_size,
-                                 torch.Generator().manual_seed(seed))
+        pixels = shuffle_patches(
+            self.inputs["pixel_values"], model.config.vision_config.patch_size, torch.Generator().manual_seed(seed)
+        )
         self.shuffled = dict(self.inputs, pixel_values=pixels)
         self.n_visual = int((self.inputs["input_ids"][0] == model.config.image_token_id).sum())
         self.length = self.inputs["input_ids"].shape[1]
@@ -403,9 +424,12 @@ class _Bench:
 
     def _eager_cost(self, cell: VLMCell, kind: str) -> None:
         """Eager against SDPA at this model's shape and the real one for ``kind``, each shape timed once."""
-        shapes = [model_shape(kind, self.model, self.length)] + ([self.real_shapes[kind]] if kind in self.real_shapes else [])
+        shapes = [model_shape(kind, self.model, self.length)] + (
+            [self.real_shapes[kind]] if kind in self.real_shapes else []
+        )
         for shape in shapes:
             if shape not in self.costs:
                 self.costs[shape] = attention_cost(shape)
-        cell.eager_cost = {s.label: {"length": s.length, "heads": s.heads, "head_dim": s.head_dim, **self.costs[s]}
-                           for s in shapes}
+        cell.eager_cost = {
+            s.label: {"length": s.length, "heads": s.heads, "head_dim": s.head_dim, **self.costs[s]} for s in shapes
+        }

@@ -35,8 +35,11 @@ def main() -> None:
             torch.set_num_threads(threads)
             ours = time_ms(lambda: apet.compress(x, 64), args.repeats)
             lapack = time_ms(lambda: scipy.linalg.qr(tokens, pivoting=True, mode="r"), 20)
-            print(f"torch threads {threads}: ApET-QR {ours:.2f} ms, LAPACK mode='r' {lapack:.2f} ms, "
-                  f"ratio {ours / lapack:.3f}", flush=True)
+            print(
+                f"torch threads {threads}: ApET-QR {ours:.2f} ms, LAPACK mode='r' {lapack:.2f} ms, "
+                f"ratio {ours / lapack:.3f}",
+                flush=True,
+            )
     finally:
         torch.set_num_threads(default)
 

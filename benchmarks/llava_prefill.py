@@ -21,13 +21,31 @@ import tokencomp as tc
 
 
 def build(layers: int, hidden: int) -> LlavaForConditionalGeneration:
-    vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                              image_size=336, patch_size=14, projection_dim=256)
-    text = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=32000,
-                       max_position_embeddings=4096)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=31999, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=336,
+        patch_size=14,
+        projection_dim=256,
+    )
+    text = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=31999,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(0)
     return LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
 
@@ -58,8 +76,11 @@ def main() -> None:
     ids = torch.tensor([[1] + list(range(100, 134)) + [31999] * 576 + list(range(200, 200 + args.question))])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 336, 336)}
     base = prefill_seconds(model, inputs, args.repeats)
-    print(f"LLaVA random: {args.layers} layers, hidden {args.hidden}, 576 image tokens, prompt {ids.shape[1]} tokens, SDPA, "
-          f"{torch.get_num_threads()} threads; uncompressed prefill {base * 1000:.0f} ms (median of {args.repeats})")
+    print(
+        f"LLaVA random: {args.layers} layers, hidden {args.hidden}, 576 image tokens, "
+        f"prompt {ids.shape[1]} tokens, SDPA, "
+        f"{torch.get_num_threads()} threads; uncompressed prefill {base * 1000:.0f} ms (median of {args.repeats})"
+    )
     print(f"{'strategy':<10} {'budget':>6} {'prefill ms':>11} {'speedup':>8} {'compress share':>15}")
     for name in args.strategies.split(","):
         for budget in (int(b) for b in args.budgets.split(",")):

@@ -35,16 +35,18 @@ def main() -> None:
         out = torch.empty(b, x.shape[1])
         rows = x[:, :n]  # the same tokens, unpadded, for bmm
         col = torch.empty(b, n, 1)
-        plain = time_ms(lambda: torch.bmm(rows, v.unsqueeze(-1), out=col), args.repeats)
-        ours = time_ms(lambda: token_dots(x, v, out), args.repeats)
+        plain = time_ms(lambda rows=rows, v=v, col=col: torch.bmm(rows, v.unsqueeze(-1), out=col), args.repeats)
+        ours = time_ms(lambda x=x, v=v, out=out: token_dots(x, v, out), args.repeats)
         gb = b * n * args.dim * 4 / 1e6  # GB read, over ms
-        line = (f"B={b:>2} N={n:>6}: bmm(x, v) {plain:8.3f} ms ({gb / plain:5.1f} GB/s)   "
-                f"token_dots {ours:8.3f} ms ({gb / ours:5.1f} GB/s, {ours / plain:.2f}x)")
+        line = (
+            f"B={b:>2} N={n:>6}: bmm(x, v) {plain:8.3f} ms ({gb / plain:5.1f} GB/s)   "
+            f"token_dots {ours:8.3f} ms ({gb / ours:5.1f} GB/s, {ours / plain:.2f}x)"
+        )
         pieces = column_pieces(b, x.device)
         cols = torch.zeros(b, args.dim, padded_columns(n, pieces))
         cols[:, :, :n] = rows.transpose(1, 2)
         cout = torch.empty(b, cols.shape[2])
-        col = time_ms(lambda: column_dots(cols, v, pieces, cout), args.repeats)
+        col = time_ms(lambda cols=cols, v=v, pieces=pieces, cout=cout: column_dots(cols, v, pieces, cout), args.repeats)
         line += f"   column_dots {col:8.3f} ms ({gb / col:5.1f} GB/s, {col / plain:.2f}x)"
         print(line)
 

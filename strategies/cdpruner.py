@@ -177,7 +177,8 @@ class CDPruner(Compressor):
         image = context.image_embeddings if context.image_embeddings is not None else tokens
         if context.text_embeddings.shape[2] != image.shape[2]:
             raise InputError(
-                f"{self.display_name()}: context.text_embeddings has dimension {context.text_embeddings.shape[2]} but the "
+                f"{self.display_name()}: context.text_embeddings has dimension "
+                f"{context.text_embeddings.shape[2]} but the "
                 f"tokens have {image.shape[2]}; pass context.image_embeddings [B, N, "
                 f"{context.text_embeddings.shape[2]}] (the tokens in the text embeddings' space)."
             )

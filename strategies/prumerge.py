@@ -125,7 +125,8 @@ class PruMerge(Compressor):
         centres = k - 1 if self.extra_token else k
         if centres > 0 and self.knn > n - 1:
             raise InputError(
-                f"{self.display_name()}: knn={self.knn} neighbours per kept token need at least knn + 1 = {self.knn + 1} "
+                f"{self.display_name()}: knn={self.knn} neighbours per kept token need at least "
+                f"knn + 1 = {self.knn + 1} "
                 f"tokens; got N={n} (budget K={k}). Lower knn to at most {n - 1}."
             )
 
@@ -194,9 +195,7 @@ class PruMerge(Compressor):
             values[:, kc:] = _weighted_sum(rest_w, x)  # [B, 1, D]
             extra_pos = rank_descending(torch.where(sel, torch.full_like(attn, float("-inf")), attn))[:, :1]
             positions = torch.cat([positions, extra_pos], dim=1)
-            neighbours = torch.cat(
-                [neighbours, torch.full((b, 1, self.knn), -1, dtype=torch.int64, device=dev)], dim=1
-            )
+            neighbours = torch.cat([neighbours, torch.full((b, 1, self.knn), -1, dtype=torch.int64, device=dev)], dim=1)
 
         # 5. Output in ascending position; one representative slot per input token.
         indices, perm = positions.sort(dim=-1)

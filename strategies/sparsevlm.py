@@ -184,7 +184,9 @@ class SparseVLM(Compressor):
     in_llm_positions = "renumber"
     budget_param = "retained"
     scale_invariant = False  # DPC-KNN's density exp(-d^2) is absolute (see Notes)
-    summary = "Text raters' attention keeps visual tokens after LLM layers 2/6/15; best pruned ones recycled by DPC-KNN."
+    summary = (
+        "Text raters' attention keeps visual tokens after LLM layers 2/6/15; best pruned ones recycled by DPC-KNN."
+    )
     complexity = "O(T N + N^2 D)"
     info_layout = {"scores": "token", "raters": "row", "rater_rank": "row", "recycled": "row"}
     paper = (
@@ -194,7 +196,10 @@ class SparseVLM(Compressor):
     parameter_constraints = {
         "layers": (ListOf(Interval(int, 1), increasing=True),),
         "retained": (
-            Options(tuple(AUTHORS_KEEP), hint="These are the authors' settings; for other schedules pass keep_counts=[...] (one per layer)."),
+            Options(
+                tuple(AUTHORS_KEEP),
+                hint="These are the authors' settings; for other schedules pass keep_counts=[...] (one per layer).",
+            ),
         ),
         "keep_counts": (IsNone(), ListOf(Interval(int, 1))),
         "recycle": (Boolean(),),
@@ -221,7 +226,8 @@ class SparseVLM(Compressor):
         if len(self.layers) != expected:
             what = "keep_counts" if self.keep_counts is not None else f"the authors' table (retained={self.retained})"
             raise InvalidParameterError(
-                f"{self.display_name()}: parameter 'layers' has {len(self.layers)} entries ({self.layers}) but {what} has "
+                f"{self.display_name()}: parameter 'layers' has {len(self.layers)} entries ({self.layers}) "
+                f"but {what} has "
                 f"{expected} per-layer counts; give one count per layer with keep_counts=[...]."
             )
         self.recycle = recycle
@@ -246,14 +252,16 @@ class SparseVLM(Compressor):
         if self.keep_counts is not None:
             if final_k is not None:
                 raise InputError(
-                    f"{self.display_name()}: final_k={final_k!r} selects a row of the authors' table, but this instance has "
+                    f"{self.display_name()}: final_k={final_k!r} selects a row of the authors' table, "
+                    "but this instance has "
                     f"explicit keep_counts={self.keep_counts}; drop final_k."
                 )
             return list(self.keep_counts)
         key = self.retained if final_k is None else final_k
         if key not in AUTHORS_KEEP or isinstance(key, bool):
             raise InputError(
-                f"{self.display_name()}: final_k must be one of {sorted(AUTHORS_KEEP, reverse=True)} (the authors' settings); "
+                f"{self.display_name()}: final_k must be one of {sorted(AUTHORS_KEEP, reverse=True)} "
+                "(the authors' settings); "
                 f"got {final_k!r}. Use keep_counts=[...] for other schedules."
             )
         counts = AUTHORS_KEEP[key]
@@ -277,7 +285,8 @@ class SparseVLM(Compressor):
         return out
 
     def split(self, n: int, k: int) -> tuple[int, int]:
-        """``(keep, clusters)`` for ``k`` outputs from ``n`` tokens: the largest ``keep`` with ``keep + c(n - keep) = k``."""
+        """``(keep, clusters)`` for ``k`` outputs from ``n`` tokens: the largest ``keep`` with
+        ``keep + c(n - keep) = k``."""
         if not self.recycle:
             return k, 0
         lo, hi = 0, n  # f(keep) = keep + c(n - keep) is non-decreasing: largest keep with f(keep) <= k
@@ -292,7 +301,8 @@ class SparseVLM(Compressor):
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         if self.recycle and k < self._clusters(n):
             raise InputError(
-                f"{self.display_name()}: budget K={k} is below the minimum {self._clusters(n)} for N={n} with recycling: even "
+                f"{self.display_name()}: budget K={k} is below the minimum {self._clusters(n)} for N={n} "
+                "with recycling: even "
                 f"keeping no token, the N pruned tokens are recycled into {self._clusters(n)} merged tokens "
                 f"(recycle_ratio={self.recycle_ratio}, cluster_divisor={self.cluster_divisor}). The budget must "
                 f"be in [{self._clusters(n)}, {n}]; raise it or pass recycle=False."
@@ -306,7 +316,9 @@ class SparseVLM(Compressor):
         dev = tokens.device
         attn = context.cross_attention.float()  # [B, T, N]; finite, as checked by compress()
         if attn.shape[1] < 1:
-            raise InputError(f"{self.display_name()}: context.cross_attention has T=0 text tokens; it needs at least one row.")
+            raise InputError(
+                f"{self.display_name()}: context.cross_attention has T=0 text tokens; it needs at least one row."
+            )
 
         # 1. Raters, 2. scores: the raters' mean attention to each visual token.
         raters = self._raters(tokens, attn, context)  # [B, T] bool
@@ -356,7 +368,8 @@ class SparseVLM(Compressor):
             text = context.text_embeddings
             if text is None:
                 raise InputError(
-                    f"{self.display_name()}: raters='embeddings' needs context.text_embeddings [B, T, D], which is missing. "
+                    f"{self.display_name()}: raters='embeddings' needs context.text_embeddings [B, T, D], "
+                    "which is missing. "
                     "Pass tokencomp.Context(text_embeddings=...) or use raters='attention'."
                 )
             visual = x if context.image_embeddings is None else context.image_embeddings
@@ -380,7 +393,8 @@ def _distances(
     other_sq: torch.Tensor,
     scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``[B, I, J]`` float32 distances ``||a_i - o_j|| / sqrt(D)`` of float64 rows ``a`` ``[B, I, D]``, ``other`` ``[B, J, D]``.
+    """``[B, I, J]`` float32 distances ``||a_i - o_j|| / sqrt(D)`` of float64 rows ``a`` ``[B, I, D]``,
+    ``other`` ``[B, J, D]``.
 
     ``||a||^2 + ||o||^2 - 2 a.o`` in float64 (one matrix product; exact products of the float32 values,
     error about ``D 2^-53 (||a||^2 + ||o||^2)``), the Euclidean distance rounded to float32 and divided by
@@ -477,4 +491,3 @@ def _dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     owner = torch.empty_like(owner_sorted).scatter_(1, by_density, owner_sorted)
     owner.scatter_(1, centres, torch.arange(c, device=dev).expand(b, c).contiguous())
     return centres, owner
-

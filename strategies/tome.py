@@ -100,7 +100,8 @@ class ToMe(Compressor):
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         if self.protect_first and k < min(n, 2):
             raise InvalidParameterError(
-                f"{self.display_name()}: with protect_first=True the first token never merges and the last pair needs a partner, "
+                f"{self.display_name()}: with protect_first=True the first token never merges "
+                "and the last pair needs a partner, "
                 f"so the budget must be at least 2 (N={n}); got K={k}. Raise the budget or set protect_first=False."
             )
 

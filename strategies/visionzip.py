@@ -121,7 +121,8 @@ class VisionZip(Compressor):
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         if self.contextual is not None and self.contextual > k:
             raise InputError(
-                f"{self.display_name()}: contextual={self.contextual} contextual tokens do not fit in the budget K={k}; "
+                f"{self.display_name()}: contextual={self.contextual} contextual tokens do not fit "
+                f"in the budget K={k}; "
                 f"contextual must be in [0, K] = [0, {k}]. Raise the budget, lower contextual, or pass "
                 "contextual=None for the authors' split."
             )

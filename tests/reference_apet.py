@@ -19,7 +19,13 @@ def literal_fps(x: torch.Tensor, m: int, start: int) -> list[int]:
 
 
 def literal_apet(
-    x: torch.Tensor, k: int, basis: list[int], *, ridge: float = 1e-5, injection: str = "replace", order: str = "position"
+    x: torch.Tensor,
+    k: int,
+    basis: list[int],
+    *,
+    ridge: float = 1e-5,
+    injection: str = "replace",
+    order: str = "position",
 ):
     """Return (positions, tokens) the authors' procedure outputs for one image ``x`` ``[N, D]``."""
     x = x.float()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def literal_cdpruner(features: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor, k: int) -> list[int]:
-    """Picks in pick order for one sample: ``features`` ``[N, D]``, ``image_embeds`` ``[N, C]``, ``text_embeds`` ``[M, C]``."""
+def literal_cdpruner(
+    features: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor, k: int
+) -> list[int]:
+    """Picks in pick order for one sample: ``features`` ``[N, D]``, ``image_embeds`` ``[N, C]``,
+    ``text_embeds`` ``[M, C]``."""
     image_features = features[None]  # (1, N, D)
     B, N, _ = image_features.shape
     image_normalized = image_features / image_features.norm(dim=-1, keepdim=True)
@@ -24,9 +27,9 @@ def literal_cdpruner(features: torch.Tensor, image_embeds: torch.Tensor, text_em
     for i in range(k):
         j = torch.argmax(di2s, dim=-1)
         select_idx[i] = j
-        eis = (kernel[torch.arange(B), j] - torch.einsum("tb,tbn->bn", cis[:i, torch.arange(B), j], cis[:i])) / torch.sqrt(
-            di2s[torch.arange(B), j]
-        ).unsqueeze(-1)
+        eis = (
+            kernel[torch.arange(B), j] - torch.einsum("tb,tbn->bn", cis[:i, torch.arange(B), j], cis[:i])
+        ) / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
         cis[i, :, :] = eis
         di2s -= torch.square(eis)
         di2s[torch.arange(B), j] = -float("inf")

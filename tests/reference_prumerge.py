@@ -17,7 +17,9 @@ def literal_outlier_count(attn: torch.Tensor) -> int:
     return len(np.where(a > upper)[0])
 
 
-def literal_prumerge(x: torch.Tensor, attn: torch.Tensor, k: int, *, knn: int = 32, plus: bool = False, extra_token: bool = True):
+def literal_prumerge(
+    x: torch.Tensor, attn: torch.Tensor, k: int, *, knn: int = 32, plus: bool = False, extra_token: bool = True
+):
     """Return (positions, tokens, assignment, num_outliers) for one image ``x`` ``[N, D]``."""
     x = x.float()
     n = x.shape[0]

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 
 
-def literal_visionzip(x: torch.Tensor, attn: torch.Tensor, dominant: int, contextual: int, merge: str = "target_plus_mean"):
+def literal_visionzip(
+    x: torch.Tensor, attn: torch.Tensor, dominant: int, contextual: int, merge: str = "target_plus_mean"
+):
     """Return (positions, tokens, assignment) for one image ``x`` ``[N, D]`` with attention ``[N]``."""
     x = x.float()
     n = x.shape[0]

@@ -38,8 +38,16 @@ def test_shape_parsing():
 
 @pytest.mark.parametrize(
     "expr,power",
-    [("O(N D)", 1), ("O(N log N)", 1), ("O(M N D + (N - K) K D)", 2), ("O(N^3 D)", 3),
-     ("O(L H Dh + N log N)", 1), ("O(T N + N^2 D)", 2), ("O(M D)", 0), ("", None)],
+    [
+        ("O(N D)", 1),
+        ("O(N log N)", 1),
+        ("O(M N D + (N - K) K D)", 2),
+        ("O(N^3 D)", 3),
+        ("O(L H Dh + N log N)", 1),
+        ("O(T N + N^2 D)", 2),
+        ("O(M D)", 0),
+        ("", None),
+    ],
 )
 def test_complexity_exponent(expr, power):
     assert bench.complexity_exponent(expr) == power
@@ -81,7 +89,12 @@ def test_scaling_rows_summary_and_plot(tmp_path):
     rows = bench.scaling(["pooling", "apet"], frames=(1, 2, 4), d=8, frame_tokens=64, memory=True)
     # 12.5 % of 64 is 8, too few for ApET's 10 basis tokens plus a merge slot: that size is skipped
     assert [(r["strategy"], r["n"]) for r in rows] == [
-        ("pooling", 64), ("pooling", 128), ("pooling", 256), ("apet", 128), ("apet", 256)]
+        ("pooling", 64),
+        ("pooling", 128),
+        ("pooling", 256),
+        ("apet", 128),
+        ("apet", 256),
+    ]
     assert all(r["ms"] > 0 and r["peak_mib"] > 0 for r in rows)
     summary = {s["strategy"]: s for s in bench.scaling_summary(rows)}
     assert summary["apet"]["power"] == 2 and summary["pooling"]["power"] == 1
@@ -97,15 +110,23 @@ def test_cost_regimes_get_their_own_curves(monkeypatch):
     real = bench.create
     monkeypatch.setattr(bench, "create", lambda name, **params: made.append((name, params)) or real(name, **params))
     assert bench.scaling_curves(["pooling", "vispruner"]) == [
-        ("pooling", "pooling", {}), ("vispruner", "vispruner", {}),
-        ("vispruner[cached]", "vispruner", {"cache": "always"}), ("vispruner[recomputed]", "vispruner", {"cache": "never"})]
+        ("pooling", "pooling", {}),
+        ("vispruner", "vispruner", {}),
+        ("vispruner[cached]", "vispruner", {"cache": "always"}),
+        ("vispruner[recomputed]", "vispruner", {"cache": "never"}),
+    ]
     rows = bench.scaling(["vispruner"], frames=(1, 2), d=8, frame_tokens=64, memory=False)
     assert [(r["strategy"], r["n"]) for r in rows] == [
-        (label, n) for label in ("vispruner", "vispruner[cached]", "vispruner[recomputed]") for n in (64, 128)]
-    assert made == [("vispruner", {})] * 2 + [("vispruner", {"cache": "always"})] * 2 + [("vispruner", {"cache": "never"})] * 2
+        (label, n) for label in ("vispruner", "vispruner[cached]", "vispruner[recomputed]") for n in (64, 128)
+    ]
+    assert (
+        made
+        == [("vispruner", {})] * 2 + [("vispruner", {"cache": "always"})] * 2 + [("vispruner", {"cache": "never"})] * 2
+    )
     summary = bench.scaling_summary(rows)
     assert [(s["strategy"], s["power"], s["complexity"]) for s in summary] == [
-        (label, 3, "O(N^3 D)") for label in ("vispruner", "vispruner[cached]", "vispruner[recomputed]")]
+        (label, 3, "O(N^3 D)") for label in ("vispruner", "vispruner[cached]", "vispruner[recomputed]")
+    ]
     assert bench.strategy_of("vispruner[cached]") == "vispruner" and bench.strategy_of("apet") == "apet"
 
 
@@ -139,9 +160,26 @@ def test_references_check_agreement_before_timing():
 
 def test_bench_command_writes_its_tables(tmp_path):
     out = tmp_path / "b"
-    result = CliRunner().invoke(app, [
-        "bench", "--shape", "2x64x16:12", "--frames", "1", "--no-goals", "--repeats", "1", "--no-memory",
-        "-s", "apet", "-s", "random", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--shape",
+            "2x64x16:12",
+            "--frames",
+            "1",
+            "--no-goals",
+            "--repeats",
+            "1",
+            "--no-memory",
+            "-s",
+            "apet",
+            "-s",
+            "random",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     with open(out / "strategies.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -152,19 +190,56 @@ def test_bench_command_writes_its_tables(tmp_path):
 def test_bench_command_prints_the_regime_curves(tmp_path):
     # the labels name[regime] are printed as they are (not read as console markup) and written to the CSV
     out = tmp_path / "b"
-    result = CliRunner().invoke(app, [
-        "bench", "--shape", "1x64x16:12", "--frames", "1,2", "--no-goals", "--repeats", "1", "--no-memory",
-        "-s", "vispruner", "--out", str(out)], terminal_width=200)
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--shape",
+            "1x64x16:12",
+            "--frames",
+            "1,2",
+            "--no-goals",
+            "--repeats",
+            "1",
+            "--no-memory",
+            "-s",
+            "vispruner",
+            "--out",
+            str(out),
+        ],
+        terminal_width=200,
+    )
     assert result.exit_code == 0, result.output
     assert "vispruner[cached]" in result.output and "vispruner[recomputed]" in result.output
     with open(out / "scaling_summary.csv") as fh:
-        assert [r["strategy"] for r in csv.DictReader(fh)] == ["vispruner", "vispruner[cached]", "vispruner[recomputed]"]
+        assert [r["strategy"] for r in csv.DictReader(fh)] == [
+            "vispruner",
+            "vispruner[cached]",
+            "vispruner[recomputed]",
+        ]
 
 
 def test_bench_command_skips_what_the_curve_predicts_too_slow(tmp_path):
-    result = CliRunner().invoke(app, [
-        "bench", "--shape", "2x1152x16:144", "--frames", "1", "--no-goals", "--repeats", "1", "--no-memory",
-        "-s", "apet", "--max-ms", "1", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--shape",
+            "2x1152x16:144",
+            "--frames",
+            "1",
+            "--no-goals",
+            "--repeats",
+            "1",
+            "--no-memory",
+            "-s",
+            "apet",
+            "--max-ms",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "apet at 2x1152x16:144 skipped" in result.output
     assert not (tmp_path / "strategies.csv").exists()
@@ -172,8 +247,13 @@ def test_bench_command_skips_what_the_curve_predicts_too_slow(tmp_path):
 
 @pytest.mark.parametrize(
     "args,fragment",
-    [(["--shape", "2x64:8"], "BxNxD:K"), (["-s", "apett"], "apet"), (["--frames", "1,x"], "--frames"),
-     (["--dtype", "float8"], "--dtype"), (["--device", "cuda"], "CUDA")],
+    [
+        (["--shape", "2x64:8"], "BxNxD:K"),
+        (["-s", "apett"], "apet"),
+        (["--frames", "1,x"], "--frames"),
+        (["--dtype", "float8"], "--dtype"),
+        (["--device", "cuda"], "CUDA"),
+    ],
 )
 def test_bench_command_rejects_bad_options(args, fragment, tmp_path):
     if fragment == "CUDA" and torch.cuda.is_available():

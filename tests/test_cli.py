@@ -27,8 +27,22 @@ def test_ls_lists_every_strategy_with_capabilities():
 def test_ablate_writes_results(tmp_path):
     result = runner.invoke(
         app,
-        ["ablate", "--features", "pixels", "--max-images", "4", "--budgets", "64,0.25",
-         "--strategies", "apet,random,pooling", "--param", "apet.basis=fps,qr", "--out", str(tmp_path), "--no-vlm"],
+        [
+            "ablate",
+            "--features",
+            "pixels",
+            "--max-images",
+            "4",
+            "--budgets",
+            "64,0.25",
+            "--strategies",
+            "apet,random,pooling",
+            "--param",
+            "apet.basis=fps,qr",
+            "--out",
+            str(tmp_path),
+            "--no-vlm",
+        ],
     )
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
@@ -105,8 +119,18 @@ def _csv(path):
 
 
 def test_resume_runs_only_missing_cells(tmp_path):
-    base = ["ablate", "--features", "pixels", "--max-images", "3", "--strategies", "random,pooling", "--no-vlm",
-            "--out", str(tmp_path)]
+    base = [
+        "ablate",
+        "--features",
+        "pixels",
+        "--max-images",
+        "3",
+        "--strategies",
+        "random,pooling",
+        "--no-vlm",
+        "--out",
+        str(tmp_path),
+    ]
     assert runner.invoke(app, base + ["--budgets", "64"]).exit_code == 0
     first = _csv(tmp_path / "results.csv")
     result = runner.invoke(app, base + ["--budgets", "64,128", "--resume"])
@@ -129,7 +153,8 @@ def test_config_file_sets_options_and_flags_win(tmp_path):
     rows = _csv(tmp_path / "from-config" / "results.csv")
     assert {r["budget"] for r in rows} == {"32"} and {r["n_images"] for r in rows} == {"2"}
     assert sorted(r["params"] for r in rows if r["strategy"] == "apet") == sorted(
-        json.dumps({"basis": b, "error_norm": "l1", "seed": 0}, sort_keys=True) for b in ("qr", "random"))
+        json.dumps({"basis": b, "error_norm": "l1", "seed": 0}, sort_keys=True) for b in ("qr", "random")
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text("budget = [64]\n")
     result = runner.invoke(app, ["ablate", "--config", str(bad)])
@@ -137,13 +162,31 @@ def test_config_file_sets_options_and_flags_win(tmp_path):
 
 
 def test_report_rerenders_from_saved_results(tmp_path):
-    args = ["ablate", "--features", "pixels", "--max-images", "2", "--budgets", "64", "--strategies", "apet,random,fastv",
-            "--out", str(tmp_path)]
+    args = [
+        "ablate",
+        "--features",
+        "pixels",
+        "--max-images",
+        "2",
+        "--budgets",
+        "64",
+        "--strategies",
+        "apet,random,fastv",
+        "--out",
+        str(tmp_path),
+    ]
     assert runner.invoke(app, args).exit_code == 0
     original = (tmp_path / "report.md").read_text()
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert plots == ["flash_compatibility.png", "heatmaps_pixels.png", "heatmaps_tiny-llava.png", "overlay_pixels.png",
-                     "overlay_tiny-llava.png", "retention_pixels.png", "retention_tiny-llava.png"]
+    assert plots == [
+        "flash_compatibility.png",
+        "heatmaps_pixels.png",
+        "heatmaps_tiny-llava.png",
+        "overlay_pixels.png",
+        "overlay_tiny-llava.png",
+        "retention_pixels.png",
+        "retention_tiny-llava.png",
+    ]
     for p in (tmp_path / "plots").iterdir():
         p.unlink()
     (tmp_path / "report.md").unlink()
@@ -164,11 +207,27 @@ def test_ablate_on_a_saved_clip_tower(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch_seed = __import__("torch").manual_seed(0)  # noqa: F841
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=112, patch_size=14)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=112, patch_size=14
+    )
     CLIPVisionModel(config).save_pretrained(tmp_path / "clip")
-    result = runner.invoke(app, ["ablate", "--features", f"hf:{tmp_path / 'clip'}", "--max-images", "2", "--budgets", "16",
-                                 "--strategies", "visionzip,random", "--no-vlm", "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        app,
+        [
+            "ablate",
+            "--features",
+            f"hf:{tmp_path / 'clip'}",
+            "--max-images",
+            "2",
+            "--budgets",
+            "16",
+            "--strategies",
+            "visionzip,random",
+            "--no-vlm",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "is a proxy" not in result.output  # a real [CLS] row, no stand-in
     rows = _csv(tmp_path / "out" / "results.csv")
@@ -192,35 +251,58 @@ def _one_line_error(result, *fragments):
     return lines[0]
 
 
-@pytest.mark.parametrize("command", [ABLATE + ["--strategies", "random,apte"], BENCH + ["-s", "random", "-s", "apte"],
-                                     GENERATE + ["--strategy", "apte"], ["report", "--focus", "apte"]],
-                         ids=["ablate", "bench", "generate", "report"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ABLATE + ["--strategies", "random,apte"],
+        BENCH + ["-s", "random", "-s", "apte"],
+        GENERATE + ["--strategy", "apte"],
+        ["report", "--focus", "apte"],
+    ],
+    ids=["ablate", "bench", "generate", "report"],
+)
 def test_unknown_strategy_in_every_command(command, tmp_path):
     if command[0] == "report":
         _write_results(tmp_path)
         (tmp_path / "results.csv").unlink()
-    result = runner.invoke(app, command + (["--out", str(tmp_path)] if command[0] in ("ablate", "bench") else
-                                           [str(tmp_path)] if command[0] == "report" else []))
+    result = runner.invoke(
+        app,
+        command
+        + (
+            ["--out", str(tmp_path)]
+            if command[0] in ("ablate", "bench")
+            else [str(tmp_path)]
+            if command[0] == "report"
+            else []
+        ),
+    )
     _one_line_error(result, "unknown strategy 'apte'", "Did you mean 'apet'", "Available: apet,")
     # refused before anything was written
-    assert sorted(p.name for p in tmp_path.iterdir()) == (["results.json", "run.json"] if command[0] == "report" else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["results.json", "run.json"] if command[0] == "report" else []
+    )
 
 
-@pytest.mark.parametrize("spec,fragment", [
-    ("apet.basis", "malformed parameter grid 'apet.basis'; expected STRATEGY.PARAM=V1,V2"),
-    ("apet=fps", "malformed parameter grid 'apet=fps'; expected"),
-    (".x=1", "malformed parameter grid '.x=1'; expected"),
-    ("apet.basis=", "malformed parameter grid 'apet.basis='; expected"),
-    ("apet.basis=fps,", "malformed parameter grid 'apet.basis=fps,': it has an empty value"),
-    ("apet.basis=,qr", "malformed parameter grid 'apet.basis=,qr': it has an empty value"),
-])
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [
+        ("apet.basis", "malformed parameter grid 'apet.basis'; expected STRATEGY.PARAM=V1,V2"),
+        ("apet=fps", "malformed parameter grid 'apet=fps'; expected"),
+        (".x=1", "malformed parameter grid '.x=1'; expected"),
+        ("apet.basis=", "malformed parameter grid 'apet.basis='; expected"),
+        ("apet.basis=fps,", "malformed parameter grid 'apet.basis=fps,': it has an empty value"),
+        ("apet.basis=,qr", "malformed parameter grid 'apet.basis=,qr': it has an empty value"),
+    ],
+)
 def test_malformed_grid(spec, fragment, tmp_path):
     result = runner.invoke(app, ABLATE + ["--strategies", "apet", "--param", spec, "--out", str(tmp_path)])
     _one_line_error(result, fragment, "e.g. apet.basis=fps,qr,random")
 
 
 def test_grid_parameter_given_twice(tmp_path):
-    result = runner.invoke(app, ABLATE + ["-s", "apet", "-p", "apet.basis=fps", "-p", "apet.basis=qr", "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ABLATE + ["-s", "apet", "-p", "apet.basis=fps", "-p", "apet.basis=qr", "--out", str(tmp_path)]
+    )
     _one_line_error(result, "--param apet.basis is given twice", "apet.basis=V1,V2")
 
 
@@ -255,21 +337,28 @@ def _image_folders(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("folder,fragments", [
-    ("missing", ["image folder", "missing' does not exist or is not a folder"]),
-    ("corrupt", ["cannot read image", "corrupt/x.png'", "cannot identify image file"]),
-    ("truncated", ["cannot read image", "truncated/a.png'", "truncated"]),
-    ("empty", ["image folder", "empty' holds no image (.png, .jpg"]),
-])
+@pytest.mark.parametrize(
+    "folder,fragments",
+    [
+        ("missing", ["image folder", "missing' does not exist or is not a folder"]),
+        ("corrupt", ["cannot read image", "corrupt/x.png'", "cannot identify image file"]),
+        ("truncated", ["cannot read image", "truncated/a.png'", "truncated"]),
+        ("empty", ["image folder", "empty' holds no image (.png, .jpg"]),
+    ],
+)
 def test_ablate_bad_image_folder(folder, fragments, tmp_path):
     _image_folders(tmp_path)
-    result = runner.invoke(app, ABLATE + ["-s", "random", "--images", str(tmp_path / folder), "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        app, ABLATE + ["-s", "random", "--images", str(tmp_path / folder), "--out", str(tmp_path / "out")]
+    )
     _one_line_error(result, *fragments)
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-@pytest.mark.parametrize("image,fragment", [("corrupt/x.png", "cannot identify image file"),
-                                            ("missing.png", "is neither a file nor a bundled image")])
+@pytest.mark.parametrize(
+    "image,fragment",
+    [("corrupt/x.png", "cannot identify image file"), ("missing.png", "is neither a file nor a bundled image")],
+)
 def test_generate_bad_image(image, fragment, tmp_path):
     _image_folders(tmp_path)
     result = runner.invoke(app, GENERATE[:4] + [str(tmp_path / image)] + GENERATE[5:])
@@ -280,8 +369,21 @@ def _write_results(folder):
     from tokencomp.analysis.results import save_results
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_results(folder, [{"features": "pixels", "strategy": "random", "params": {}, "budget": 16, "kept": 16,
-                           "n_images": 2, "recon_error": 0.5}], {"seed": 0})
+    save_results(
+        folder,
+        [
+            {
+                "features": "pixels",
+                "strategy": "random",
+                "params": {},
+                "budget": 16,
+                "kept": 16,
+                "n_images": 2,
+                "recon_error": 0.5,
+            }
+        ],
+        {"seed": 0},
+    )
 
 
 def _command_with_out(command, out):
@@ -312,7 +414,9 @@ def test_unwritable_output_folder(command, tmp_path):
             pytest.skip("chmod 0o500 does not stop writes here (running as root)")
         result = runner.invoke(app, _command_with_out(command, out))
         option = "report folder" if command == "report" else "--out"
-        _one_line_error(result, f"{option} {str(out)!r} is not writable (Permission denied)", "give a folder you can write to")
+        _one_line_error(
+            result, f"{option} {str(out)!r} is not writable (Permission denied)", "give a folder you can write to"
+        )
     finally:
         os.chmod(locked, 0o700)
 
@@ -321,22 +425,32 @@ def test_unwritable_output_folder(command, tmp_path):
 def test_output_folder_that_is_a_file_or_under_a_file(command, tmp_path):
     (tmp_path / "taken").write_text("a file")
     result = runner.invoke(app, _command_with_out(command, tmp_path / "taken"))
-    _one_line_error(result, f"--out {str(tmp_path / 'taken')!r} is a file, not a folder", "give a folder you can write to")
+    _one_line_error(
+        result, f"--out {str(tmp_path / 'taken')!r} is a file, not a folder", "give a folder you can write to"
+    )
     result = runner.invoke(app, _command_with_out(command, tmp_path / "taken" / "run"))
     _one_line_error(result, f"--out {str(tmp_path / 'taken' / 'run')!r} is not writable")
     assert (tmp_path / "taken").read_text() == "a file"
 
 
-@pytest.mark.parametrize("content,fragments", [
-    (None, ["results.json' does not exist", "run `tokencomp ablate --out"]),
-    ("this is not JSON {", ["is not a tokencomp results file: it is not valid JSON (Expecting value"]),
-    (b"\xff\xfe\x00garbage", ["is not a tokencomp results file: it is not valid JSON"]),
-    ('{"rows": []}', ["is not a tokencomp results file: it holds a dict; expected a list of rows with features"]),
-    ("[1, 2]", ["is not a tokencomp results file: row 0 is a int"]),
-    ('[{"strategy": "apet", "budget": 64}]', ["is not a tokencomp results file: row 0 lacks features, params, kept, n_images"]),
-    ('[{"features": 3, "strategy": "apet", "params": {}, "budget": 64, "kept": 64, "n_images": 1}]',
-     ["row 0 has features 3", "features and strategy must be strings"]),
-])
+@pytest.mark.parametrize(
+    "content,fragments",
+    [
+        (None, ["results.json' does not exist", "run `tokencomp ablate --out"]),
+        ("this is not JSON {", ["is not a tokencomp results file: it is not valid JSON (Expecting value"]),
+        (b"\xff\xfe\x00garbage", ["is not a tokencomp results file: it is not valid JSON"]),
+        ('{"rows": []}', ["is not a tokencomp results file: it holds a dict; expected a list of rows with features"]),
+        ("[1, 2]", ["is not a tokencomp results file: row 0 is a int"]),
+        (
+            '[{"strategy": "apet", "budget": 64}]',
+            ["is not a tokencomp results file: row 0 lacks features, params, kept, n_images"],
+        ),
+        (
+            '[{"features": 3, "strategy": "apet", "params": {}, "budget": 64, "kept": 64, "n_images": 1}]',
+            ["row 0 has features 3", "features and strategy must be strings"],
+        ),
+    ],
+)
 def test_report_on_missing_or_corrupt_results(content, fragments, tmp_path):
     if isinstance(content, bytes):
         (tmp_path / "results.json").write_bytes(content)
@@ -360,7 +474,9 @@ INTERRUPTED = ABLATE[:-1] + ["16,32", "--strategies", "random,pooling"]  # 4 cel
 
 def _rows_without_time(folder):
     csv_rows = [{k: v for k, v in r.items() if k != "time_ms"} for r in _csv(folder / "results.csv")]
-    json_rows = [{k: v for k, v in r.items() if k != "time_ms"} for r in json.loads((folder / "results.json").read_text())]
+    json_rows = [
+        {k: v for k, v in r.items() if k != "time_ms"} for r in json.loads((folder / "results.json").read_text())
+    ]
     return csv_rows, json_rows
 
 
@@ -390,8 +506,10 @@ def test_interrupted_ablate_saves_finished_cells_and_resume_completes_it(tmp_pat
         result = runner.invoke(app, INTERRUPTED + ["--out", str(tmp_path / "split")])
     assert result.exit_code == 130 and "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if "interrupted" in line]
-    assert lines == [f"interrupted: 2 finished cells are saved in {tmp_path / 'split'}; run the same command with "
-                     "--resume to finish the rest"]
+    assert lines == [
+        f"interrupted: 2 finished cells are saved in {tmp_path / 'split'}; run the same command with "
+        "--resume to finish the rest"
+    ]
     # complete, loadable files holding the finished cells; no temporary file left; no report yet
     part_csv, part_json = _rows_without_time(tmp_path / "split")
     assert part_csv == whole_csv[:2] and part_json == whole_json[:2]
@@ -415,7 +533,7 @@ def test_interrupt_while_writing_leaves_no_half_written_file(tmp_path, monkeypat
 
     def interrupted_write(path, write):
         def partial(fh):
-            fh.write("[{\"features\": ")
+            fh.write('[{"features": ')
             raise KeyboardInterrupt
 
         real(path, partial if path.name == "results.json" else write)
@@ -423,13 +541,17 @@ def test_interrupt_while_writing_leaves_no_half_written_file(tmp_path, monkeypat
     monkeypatch.setattr(results, "write_atomic", interrupted_write)
     result = runner.invoke(app, INTERRUPTED + ["--out", str(tmp_path)])
     assert result.exit_code == 130 and "Traceback" not in result.output
-    assert "were not saved" in result.output and "(interrupted again); run the same command with --resume" in result.output
+    assert (
+        "were not saved" in result.output and "(interrupted again); run the same command with --resume" in result.output
+    )
     assert list(tmp_path.iterdir()) == []
 
     (tmp_path / "results.json").write_text("[]")
     with pytest.raises(KeyboardInterrupt):
         results.save_results(tmp_path, [], {})
-    assert (tmp_path / "results.json").read_text() == "[]" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    assert (tmp_path / "results.json").read_text() == "[]" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "results.json"
+    ]
 
 
 def test_interrupt_before_any_cell_writes_nothing(tmp_path, monkeypatch):
@@ -477,8 +599,23 @@ def broken_strategy(monkeypatch):
 def test_a_bug_inside_a_strategy_keeps_its_traceback(broken_strategy, tmp_path, error):
     broken_strategy("broken", error)
     result = runner.invoke(
-        app, ["ablate", "--features", "pixels", "--max-images", "1", "--views", "full", "--budgets", "64",
-              "--strategies", "broken", "--out", str(tmp_path), "--no-vlm"],
+        app,
+        [
+            "ablate",
+            "--features",
+            "pixels",
+            "--max-images",
+            "1",
+            "--views",
+            "full",
+            "--budgets",
+            "64",
+            "--strategies",
+            "broken",
+            "--out",
+            str(tmp_path),
+            "--no-vlm",
+        ],
     )
     assert result.exit_code != 2, result.output  # not reported as the user's mistake
     assert isinstance(result.exception, error), result.output
@@ -488,8 +625,23 @@ def test_a_bug_inside_a_strategy_keeps_its_traceback(broken_strategy, tmp_path, 
 
 def test_a_budget_the_strategy_refuses_is_one_line(tmp_path):
     result = runner.invoke(
-        app, ["ablate", "--features", "pixels", "--max-images", "1", "--views", "full", "--budgets", "5000",
-              "--strategies", "random", "--out", str(tmp_path), "--no-vlm"],
+        app,
+        [
+            "ablate",
+            "--features",
+            "pixels",
+            "--max-images",
+            "1",
+            "--views",
+            "full",
+            "--budgets",
+            "5000",
+            "--strategies",
+            "random",
+            "--out",
+            str(tmp_path),
+            "--no-vlm",
+        ],
     )
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and "Traceback" not in result.output

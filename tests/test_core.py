@@ -26,8 +26,18 @@ def test_public_names():
 
 @pytest.mark.parametrize(
     "budget,n,k",
-    [(1, 10, 1), (10, 10, 10), (np.int64(4), 10, 4), (0.5, 10, 5), (1.0, 7, 7), (0.01, 10, 1),
-     (0.25, 576, 144), (0.15, 10, 2), (0.25, 10, 2), (0.35, 10, 4)],
+    [
+        (1, 10, 1),
+        (10, 10, 10),
+        (np.int64(4), 10, 4),
+        (0.5, 10, 5),
+        (1.0, 7, 7),
+        (0.01, 10, 1),
+        (0.25, 576, 144),
+        (0.15, 10, 2),
+        (0.25, 10, 2),
+        (0.35, 10, 4),
+    ],
 )
 def test_resolve_budget(budget, n, k):
     # round() halves to even: 0.25 * 10 = 2.5 -> 2, 0.35 * 10 = 3.5 -> 4
@@ -141,7 +151,9 @@ def test_unknown_strategy_suggests_close_names():
 
 
 def test_unknown_parameter_lists_allowed():
-    with pytest.raises(tc.InvalidParameterError, match=r"apet: unknown parameter\(s\) 'bases'; allowed: basis, num_basis"):
+    with pytest.raises(
+        tc.InvalidParameterError, match=r"apet: unknown parameter\(s\) 'bases'; allowed: basis, num_basis"
+    ):
         tc.create("apet", bases="qr")
 
 
@@ -238,8 +250,11 @@ def test_misspelled_capability_fails_at_registration(attribute, value, allowed):
 
 def test_an_in_llm_strategy_must_declare_its_layers():
     cls = type("Nowhere", (tc.Compressor,), {"stage": "in_llm", "layer": 2, "_compress": lambda s, t, k, c: None})
-    with pytest.raises(ValueError, match=r"register\('nowhere'\): an in-LLM strategy must say where it acts; override "
-                       r"Nowhere.llm_layers\(\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"register\('nowhere'\): an in-LLM strategy must say where it acts; override "
+        r"Nowhere.llm_layers\(\)",
+    ):
         tc.register("nowhere")(cls)
     assert "nowhere" not in registry._registry
 
@@ -271,8 +286,10 @@ def test_capabilities_are_class_attributes():
         assert cls.summary
 
 
-@pytest.mark.parametrize("parent, params", [("pdrop", {"ratio": 2.0}), ("sparsevlm", {"recycle": "yes"}),
-                                            ("fastv", {"layer": 0}), ("tome", {"chunk": 0})])
+@pytest.mark.parametrize(
+    "parent, params",
+    [("pdrop", {"ratio": 2.0}), ("sparsevlm", {"recycle": "yes"}), ("fastv", {"layer": 0}), ("tome", {"chunk": 0})],
+)
 def test_a_subclass_registered_under_another_name_reports_its_own_name(parent, params, monkeypatch):
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
     child = tc.register(f"my-{parent}")(type(f"My{parent}", (tc.get(parent),), {}))

@@ -93,8 +93,11 @@ def code_blocks(text: str) -> list[Block]:
 
 def literal_blocks(text: str) -> list[int]:
     """1-based lines that open a ``::`` literal block (a paragraph ending in ``::``, not a directive)."""
-    return [n for n, line in enumerate(text.splitlines(), 1)
-            if line.rstrip().endswith("::") and not line.lstrip().startswith("..")]
+    return [
+        n
+        for n, line in enumerate(text.splitlines(), 1)
+        if line.rstrip().endswith("::") and not line.lstrip().startswith("..")
+    ]
 
 
 def commands(block: Block) -> list[list[str]]:
@@ -194,8 +197,10 @@ def _run_python(page: Path, number: int, block: Block, namespace: dict) -> None:
     try:
         exec(compile(source, str(page), "exec"), namespace)
     except Exception as exc:  # noqa: BLE001 - any error fails the page, reported with its block
-        failure = (f"docs/{page.relative_to(DOCS)}: code block {number} (python, line {block.line}) raised "
-                   f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
+        failure = (
+            f"docs/{page.relative_to(DOCS)}: code block {number} (python, line {block.line}) raised "
+            f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}"
+        )
     if failure is not None:
         pytest.fail(failure, pytrace=False)
 

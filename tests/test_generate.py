@@ -27,8 +27,23 @@ def checkpoint(tmp_path_factory):
 def test_generate_prints_both_answers_and_token_counts(checkpoint):
     result = runner.invoke(
         app,
-        ["generate", "--model", str(checkpoint), "--image", str(checkpoint / "picture.png"), "--prompt", "w5 w6 w7",
-         "--strategy", "apet", "--budget", "12", "--param", "num_basis=4", "--max-new-tokens", "4"],
+        [
+            "generate",
+            "--model",
+            str(checkpoint),
+            "--image",
+            str(checkpoint / "picture.png"),
+            "--prompt",
+            "w5 w6 w7",
+            "--strategy",
+            "apet",
+            "--budget",
+            "12",
+            "--param",
+            "num_basis=4",
+            "--max-new-tokens",
+            "4",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "uncompressed" in result.output and "apet budget=12 num_basis=4" in result.output
@@ -40,8 +55,22 @@ def test_generate_prints_both_answers_and_token_counts(checkpoint):
 def test_generate_with_a_bundled_image_and_an_in_llm_strategy(checkpoint):
     result = runner.invoke(
         app,
-        ["generate", "--model", str(checkpoint), "--image", "astronaut", "--prompt", "w9", "--strategy", "fastv",
-         "--budget", "10", "--eager-fallback", "--max-new-tokens", "3"],
+        [
+            "generate",
+            "--model",
+            str(checkpoint),
+            "--image",
+            "astronaut",
+            "--prompt",
+            "w9",
+            "--strategy",
+            "fastv",
+            "--budget",
+            "10",
+            "--eager-fallback",
+            "--max-new-tokens",
+            "3",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "36 -> 10" in result.output

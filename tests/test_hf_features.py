@@ -78,8 +78,9 @@ def saved(tmp_path_factory):
         ),
         "siglip_vision": SiglipVisionModel(SiglipVisionConfig(**VISION)),
         "siglip_full": SiglipModel(SiglipConfig(vision_config=VISION, text_config=TEXT)),
-        "bert": BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=50)),
+        "bert": BertModel(
+            BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50)
+        ),
     }
     out = {}
     for seed, (name, model) in enumerate(models.items()):
@@ -127,8 +128,11 @@ def test_clip_cls_attention_is_the_producing_layers_cls_row(saved, layer):
     ext = HFVisionTokens(folder, layer=layer, batch_size=2)
     tokens, attention = ext.encode(images)
     with torch.no_grad():
-        ref = model(pixel_values=_reference_pixels("clip_vision", folder, images),
-                    output_hidden_states=True, output_attentions=True)
+        ref = model(
+            pixel_values=_reference_pixels("clip_vision", folder, images),
+            output_hidden_states=True,
+            output_attentions=True,
+        )
         index = layer % 3  # 3 hidden states; hidden_states[index] is the output of layer index - 1
         manual = _manual_cls_attention(model.encoder.layers[index - 1], ref.hidden_states[index - 1], heads=2)
     row = ref.attentions[index - 1][:, :, 0, 1:].mean(1)
@@ -193,8 +197,11 @@ def test_processor_of_the_wrong_size_raises(saved):
 
 
 def test_errors(saved):
-    with pytest.raises(ValueError, match=r"'bert'.*allowed model types: clip, clip_vision_model, siglip, "
-                                         r"siglip_vision_model"):
+    with pytest.raises(
+        ValueError,
+        match=r"'bert'.*allowed model types: clip, clip_vision_model, siglip, "
+        r"siglip_vision_model",
+    ):
         HFVisionTokens(saved["bert"][1])
     folder = saved["clip_vision"][1]
     for layer in (3, -4, 1.0, True):

@@ -75,7 +75,12 @@ class Replay(tc.Compressor):
 
 @pytest.mark.parametrize(
     "strategy,budget,params,cut",
-    [("fastv", 12, {}, 2), ("dart-llm", 12, {}, 2), ("apet-llm", 16, {"layer": 3}, 3), ("pdrop", None, {"layers": [1, 2, 3]}, 1)],
+    [
+        ("fastv", 12, {}, 2),
+        ("dart-llm", 12, {}, 2),
+        ("apet-llm", 16, {"layer": 3}, 3),
+        ("pdrop", None, {"layers": [1, 2, 3]}, 1),
+    ],
 )
 def test_layers_see_the_cut(eager, strategy, budget, params, cut):
     inputs = llava_prompt(eager, batch=2, pad=[0, 3])
@@ -136,7 +141,9 @@ def test_renumbered_positions_are_contiguous(eager):
     assert seen["ids"].tolist() == [list(range(inputs["input_ids"].shape[1] - 20))]
 
 
-@pytest.mark.parametrize("strategy,budget,params", [("fastv", N, {}), ("dart-llm", N, {}), ("pdrop", None, {"layers": [1, 2], "ratio": 1.0})])
+@pytest.mark.parametrize(
+    "strategy,budget,params", [("fastv", N, {}), ("dart-llm", N, {}), ("pdrop", None, {"layers": [1, 2], "ratio": 1.0})]
+)
 def test_full_budget_equals_uncompressed_logits(eager, strategy, budget, params):
     inputs = llava_prompt(eager, batch=2, pad=[3, 0], seed=6)
     with torch.no_grad():
@@ -245,7 +252,10 @@ def test_cross_attention_is_the_instruction_rows(eager):
     tail = inputs["input_ids"].shape[1] - (start + N)  # tokens after the image (same in both rows)
     weights = full.attentions[1].mean(dim=1)  # layer 1 feeds the stage at layer 2
     expected = torch.stack(
-        [weights[b, -tail:, s : s + N] for b, s in enumerate((inputs["input_ids"] == IMAGE).int().argmax(dim=1).tolist())]
+        [
+            weights[b, -tail:, s : s + N]
+            for b, s in enumerate((inputs["input_ids"] == IMAGE).int().argmax(dim=1).tolist())
+        ]
     )
     torch.testing.assert_close(captured["cross"], expected)
 
@@ -287,6 +297,10 @@ def test_eager_switch_is_undone_when_the_layer_raises(sdpa):
         raise ZeroDivisionError("a layer that fails")
 
     with tc.apply(sdpa, "fastv", budget=10, allow_eager_fallback=True):
-        with pre_hooks((attention, boom)), pytest.raises(ZeroDivisionError, match="a layer that fails"), torch.no_grad():
+        with (
+            pre_hooks((attention, boom)),
+            pytest.raises(ZeroDivisionError, match="a layer that fails"),
+            torch.no_grad(),
+        ):
             sdpa(**inputs)
         assert attention.config._attn_implementation == "sdpa"

@@ -150,6 +150,7 @@ def test_errors(model):
         tc.apply(model, [("apet", 20), ("random", 8)])
     with pytest.raises(ValueError, match="pass budget=None"):
         tc.apply(model, "pdrop", budget=8, layers=[1, 2])
+
     class NeedsHidden(tc.Compressor):
         requires = ("hidden_states",)
 
@@ -224,6 +225,10 @@ def test_vision_eager_switch_is_undone_when_the_tower_raises(model):
         raise ZeroDivisionError("a tower that fails")
 
     with tc.apply(model, "visionzip", budget=12, allow_eager_fallback=True):
-        with pre_hooks((attention, boom)), pytest.raises(ZeroDivisionError, match="a tower that fails"), torch.no_grad():
+        with (
+            pre_hooks((attention, boom)),
+            pytest.raises(ZeroDivisionError, match="a tower that fails"),
+            torch.no_grad(),
+        ):
             model(**inputs)
         assert tower.config._attn_implementation == "sdpa"

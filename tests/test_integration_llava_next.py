@@ -35,12 +35,14 @@ def test_newlines_stay_and_the_budget_counts_the_other_tokens(model):
     newlines, lengths = newline_count(model, inputs)
     with tc.apply(model, "divprune", budget=10) as handle:
         seen = first_layer_lengths(model, lambda: model(**inputs))
-    visual = [n - l for n, l in zip(lengths, newlines)]
+    visual = [length - newline for length, newline in zip(lengths, newlines)]
     assert handle.stats[0]["tokens_in"] == sum(visual) and handle.stats[0]["tokens_out"] == 20
     assert seen == [inputs["input_ids"].shape[1] - sum(v - 10 for v in visual)]
 
 
-@pytest.mark.parametrize("schedule", [[("divprune", 10)], [("apet", 12, {"num_basis": 4}), ("apet-llm", 16, {"num_basis": 4, "layer": 2})]])
+@pytest.mark.parametrize(
+    "schedule", [[("divprune", 10)], [("apet", 12, {"num_basis": 4}), ("apet-llm", 16, {"num_basis": 4, "layer": 2})]]
+)
 def test_generation_with_cache_equals_without(model, schedule):
     inputs = llava_next_prompt(model, SIZES, seed=2)
     with tc.apply(model, schedule):
@@ -103,8 +105,9 @@ def test_errors(model):
 
 @pytest.fixture(scope="module", params=["next-video", "onevision"])
 def video_model(request):
-    return tiny_llava_next(attn_implementation="eager", onevision=request.param == "onevision",
-                           video=request.param == "next-video")
+    return tiny_llava_next(
+        attn_implementation="eager", onevision=request.param == "onevision", video=request.param == "next-video"
+    )
 
 
 @pytest.mark.parametrize("video,budget,kept", [("clip", 6, 6), ("frame", 2, 8)])
@@ -136,8 +139,12 @@ def test_in_llm_attention_stages_decode_consistently(model, strategy, budget, pa
     assert torch.equal(cached, recomputed)
     with torch.no_grad():
         reference = model(**inputs).logits
-        with tc.apply(model, strategy, budget=int((inputs["input_ids"] == 119).sum()) if budget else None,
-                      **({"layers": [1, 3], "ratio": 1.0} if strategy == "pdrop" else {})):
+        with tc.apply(
+            model,
+            strategy,
+            budget=int((inputs["input_ids"] == 119).sum()) if budget else None,
+            **({"layers": [1, 3], "ratio": 1.0} if strategy == "pdrop" else {}),
+        ):
             full = model(**inputs).logits
     assert torch.equal(full, reference)
 
@@ -157,7 +164,10 @@ def test_video_model_in_llm_stage(video_model):
 def test_batch_of_rows_with_images_of_different_sizes(model):
     from tiny_models import left_pad_batch
 
-    rows = [llava_next_prompt(model, [(100, 60)], seed=8, crops=5), llava_next_prompt(model, [(40, 50)], seed=9, crops=5)]
+    rows = [
+        llava_next_prompt(model, [(100, 60)], seed=8, crops=5),
+        llava_next_prompt(model, [(40, 50)], seed=9, crops=5),
+    ]
     batch = left_pad_batch(rows)
     assert rows[0]["input_ids"].shape[1] != rows[1]["input_ids"].shape[1]
     with tc.apply(model, "divprune", budget=6):

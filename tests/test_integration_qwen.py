@@ -33,12 +33,16 @@ def language_inputs(model, run):
     return seen
 
 
-@pytest.mark.parametrize("strategy,budget,kept", [("apet", 0.5, (12, 8)), ("divprune", 6, (6, 6)), ("pooling", 0.25, (6, 4))])
+@pytest.mark.parametrize(
+    "strategy,budget,kept", [("apet", 0.5, (12, 8)), ("divprune", 6, (6, 6)), ("pooling", 0.25, (6, 4))]
+)
 def test_language_model_sees_the_budget_and_original_positions(model, strategy, budget, kept):
     inputs = qwen_prompt(SIZES, batch=2, pad=[0, 3], seed=1)
     params = {"num_basis": 3} if strategy == "apet" else {}
     rope, _ = model.model.get_rope_index(
-        inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+        inputs["input_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
         mm_token_type_ids=inputs["mm_token_type_ids"],
     )
     with tc.apply(model, strategy, budget=budget, **params) as handle:
@@ -72,7 +76,9 @@ def test_rope_deltas_continue_after_the_kept_tokens(model):
     # i.e. rope_deltas rise by the number of tokens removed from each row.
     inputs = qwen_prompt(SIZES, batch=2, pad=[0, 3], seed=3)
     rope, deltas = model.model.get_rope_index(
-        inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+        inputs["input_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
         mm_token_type_ids=inputs["mm_token_type_ids"],
     )
     with torch.no_grad(), tc.apply(model, "divprune", budget=6):
@@ -135,8 +141,10 @@ def eager_qwen(request):
 
 @pytest.mark.parametrize(
     "schedule",
-    [[("apet-llm", 20, {"num_basis": 3, "layer": 2})],
-     [("apet", 0.5, {"num_basis": 3}), ("apet-llm", 12, {"num_basis": 3, "layer": 2})]],
+    [
+        [("apet-llm", 20, {"num_basis": 3, "layer": 2})],
+        [("apet", 0.5, {"num_basis": 3}), ("apet-llm", 12, {"num_basis": 3, "layer": 2})],
+    ],
 )
 def test_in_llm_and_two_stage_schedule_cache_equals_no_cache(eager_qwen, schedule):
     inputs = qwen_prompt(SIZES, batch=2, pad=[0, 2], seed=9)
@@ -148,7 +156,9 @@ def test_in_llm_and_two_stage_schedule_cache_equals_no_cache(eager_qwen, schedul
     assert stages["in_llm@2"][1] == 2 * schedule[-1][1]
 
 
-@pytest.mark.parametrize("strategy,budget,params", [("fastv", 10, {}), ("dart-llm", 10, {}), ("pdrop", None, {"layers": [1, 3]})])
+@pytest.mark.parametrize(
+    "strategy,budget,params", [("fastv", 10, {}), ("dart-llm", 10, {}), ("pdrop", None, {"layers": [1, 3]})]
+)
 def test_text_conditioned_stages_cache_equals_recomputation_with_the_same_picks(eager_qwen, strategy, budget, params):
     from test_integration_in_llm import Replay
 
@@ -159,7 +169,9 @@ def test_text_conditioned_stages_cache_equals_recomputation_with_the_same_picks(
     assert torch.equal(cached, recomputed)
 
 
-@pytest.mark.parametrize("strategy,budget,params", [("fastv", 40, {}), ("pdrop", None, {"layers": [1, 2], "ratio": 1.0})])
+@pytest.mark.parametrize(
+    "strategy,budget,params", [("fastv", 40, {}), ("pdrop", None, {"layers": [1, 2], "ratio": 1.0})]
+)
 def test_in_llm_full_budget_equals_uncompressed(eager_qwen, strategy, budget, params):
     inputs = qwen_prompt(SIZES, batch=2, pad=[0, 3], seed=11)
     with torch.no_grad():
@@ -187,7 +199,9 @@ def test_video_per_clip_or_per_frame(model, video, budget, kept):
 def test_video_frames_each_keep_their_budget(model):
     inputs = qwen_prompt([(3, 8, 8)], seed=13)
     original = model.model.get_rope_index(
-        inputs["input_ids"], video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"],
+        inputs["input_ids"],
+        video_grid_thw=inputs["video_grid_thw"],
+        attention_mask=inputs["attention_mask"],
         mm_token_type_ids=inputs["mm_token_type_ids"],
     )[0]
     shortened = {}
@@ -226,7 +240,9 @@ def test_cdpruner_gets_each_rows_instruction(model):
         first = greedy(model, inputs)[:, inputs["input_ids"].shape[1]]
         with torch.no_grad():
             logits = model(**inputs).logits[:, -1]
-    assert torch.equal(first, logits.masked_fill((torch.arange(160) == 151) | (torch.arange(160) == 152), float("-inf")).argmax(-1))
+    assert torch.equal(
+        first, logits.masked_fill((torch.arange(160) == 151) | (torch.arange(160) == 152), float("-inf")).argmax(-1)
+    )
     assert handle.stats[0]["tokens_out"] == 2 * 2 * 6
 
 
@@ -239,7 +255,9 @@ def qwen3_prompt(**kw):
     return qwen_prompt(SIZES, patch=16, **kw)
 
 
-@pytest.mark.parametrize("strategy,budget,params", [("divprune", 6, {}), ("tome", 8, {}), ("apet", 0.5, {"num_basis": 3})])
+@pytest.mark.parametrize(
+    "strategy,budget,params", [("divprune", 6, {}), ("tome", 8, {}), ("apet", 0.5, {"num_basis": 3})]
+)
 def test_qwen3_deepstack_follows_the_selection(qwen3, strategy, budget, params):
     inputs = qwen3_prompt(batch=2, pad=[0, 2], seed=15)
     with tc.apply(qwen3, strategy, budget=budget, **params):
@@ -258,7 +276,9 @@ def test_qwen3_deepstack_of_a_kept_token_is_its_own(qwen3):
     from tokencomp.integrations.qwen2_vl import _group_mean
 
     features = torch.arange(12.0).view(4, 3)
-    torch.testing.assert_close(_group_mean(features, torch.tensor([0, 0, 1, -1]), 2), torch.tensor([[1.5, 2.5, 3.5], [6.0, 7.0, 8.0]]))
+    torch.testing.assert_close(
+        _group_mean(features, torch.tensor([0, 0, 1, -1]), 2), torch.tensor([[1.5, 2.5, 3.5], [6.0, 7.0, 8.0]])
+    )
 
 
 def test_qwen3_in_llm_stage_after_deepstack(qwen3):

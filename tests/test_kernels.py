@@ -234,7 +234,7 @@ def test_apet_memory_does_not_grow_faster_than_the_input():
     ratios = []
     for n in (2048, 8192):
         x = _tokens(1, n, 256, 1)
-        _, peak = peak_memory(lambda: tc.create("apet").compress(x, n // 8))
+        _, peak = peak_memory(lambda x=x, n=n: tc.create("apet").compress(x, n // 8))
         ratios.append(peak / (x.numel() * 4))
     assert max(ratios) < 3.0
     assert ratios[1] < ratios[0] * 1.2

@@ -56,8 +56,10 @@ def test_layers_import_only_downwards(folder):
         if folder == "tokencomp" and any(rel.startswith(f + "/") for f in FORBIDDEN if f != "tokencomp"):
             continue
         for name in _imports(path, _package_of(path)):
-            if name == "tests" or name.startswith("tests.") or any(
-                name == f or name.startswith(f + ".") for f in FORBIDDEN[folder]
+            if (
+                name == "tests"
+                or name.startswith("tests.")
+                or any(name == f or name.startswith(f + ".") for f in FORBIDDEN[folder])
             ):
                 bad.append(f"{rel} imports {name}")
     assert not bad, "\n".join(bad)

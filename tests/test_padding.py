@@ -26,7 +26,8 @@ class KeepFirst(tc.Compressor):
         b, n, _ = tokens.shape
         idx = torch.arange(k).expand(b, k)
         return tc.selection_result(
-            tokens, idx,
+            tokens,
+            idx,
             seen=torch.arange(n, dtype=torch.float32).expand(b, n),
             last=torch.full((b, 1), n - 1),
             count=torch.full((b,), n),
@@ -108,17 +109,21 @@ def test_the_padding_check_catches_a_strategy_that_keeps_padding():
 
 def test_registration_checks_the_padding_declarations():
     with pytest.raises(ValueError, match="padding must be one of 'rows', 'native', 'unsupported'; got 'skip'"):
+
         @tc.register("bad-padding-decl")
         class Bad(tc.Compressor):
             padding = "skip"
 
             def _compress(self, tokens, k, context):  # pragma: no cover
                 raise NotImplementedError
+
     with pytest.raises(ValueError, match="info_layout kinds must be one of position, token, row"):
+
         @tc.register("bad-layout-decl")
         class Bad2(tc.Compressor):
             info_layout = {"x": "slot"}
 
             def _compress(self, tokens, k, context):  # pragma: no cover
                 raise NotImplementedError
+
     assert "bad-padding-decl" not in tc.available() and "bad-layout-decl" not in tc.available()

@@ -38,9 +38,7 @@ def test_equals_literal_rank_and_drop(seed):
 def test_hand_worked_example():
     # one head, Dh = 1, query 1: logits = keys / 1; the visual tokens are keys 1..3 of 5
     keys = torch.tensor([0.0, 2.0, 0.5, 1.0, 3.0]).reshape(1, 1, 5, 1)
-    ctx = tc.Context(
-        query=torch.ones(1, 1, 1), keys=keys, visual_positions=torch.tensor([[1, 2, 3]])
-    )
+    ctx = tc.Context(query=torch.ones(1, 1, 1), keys=keys, visual_positions=torch.tensor([[1, 2, 3]]))
     result = tc.create("pdrop").compress(torch.arange(3.0).reshape(1, 3, 1), 2, ctx)
     # attention to the visual keys is proportional to exp(2), exp(0.5), exp(1): keep 1st and 3rd
     assert result.indices.tolist() == [[0, 2]]
@@ -63,8 +61,14 @@ def test_schedule_of_the_paper():
 
 @pytest.mark.parametrize(
     "params,fragment",
-    [({"layers": [16, 8]}, "strictly increasing"), ({"layers": []}, "non-empty"), ({"layers": "8"}, "list"),
-     ({"layers": [0, 4]}, "'layers'"), ({"ratio": 0.0}, "'ratio'"), ({"ratio": 1.5}, "'ratio'")],
+    [
+        ({"layers": [16, 8]}, "strictly increasing"),
+        ({"layers": []}, "non-empty"),
+        ({"layers": "8"}, "list"),
+        ({"layers": [0, 4]}, "'layers'"),
+        ({"ratio": 0.0}, "'ratio'"),
+        ({"ratio": 1.5}, "'ratio'"),
+    ],
 )
 def test_parameter_errors(params, fragment):
     with pytest.raises(tc.InvalidParameterError, match=fragment):
@@ -78,6 +82,8 @@ def test_missing_and_malformed_context():
     ctx = tc.Context(query=torch.randn(1, 2, 8), keys=torch.randn(1, 2, 6, 4), visual_positions=torch.arange(4)[None])
     with pytest.raises(ValueError, match="does not match"):
         tc.create("pdrop").compress(x, 2, ctx)
-    ctx = tc.Context(query=torch.randn(1, 2, 8), keys=torch.randn(1, 2, 6, 8), visual_positions=torch.arange(4)[None] + 3)
+    ctx = tc.Context(
+        query=torch.randn(1, 2, 8), keys=torch.randn(1, 2, 6, 8), visual_positions=torch.arange(4)[None] + 3
+    )
     with pytest.raises(ValueError, match="must index the L=6 keys"):
         tc.create("pdrop").compress(x, 2, ctx)

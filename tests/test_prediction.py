@@ -27,7 +27,9 @@ def test_weighted_pooling_counts_what_each_output_stands_for():
     torch.testing.assert_close(pooled(result), torch.tensor([[9 / 4, 1 / 4]]))
     torch.testing.assert_close(pooled(result, weighted=False), torch.tensor([[1.5, 0.5]]))
     # dropped inputs (-1) weigh nothing: a selection pools its kept tokens equally
-    dropped = tc.CompressionResult(tokens=result.tokens, indices=result.indices, assignment=torch.tensor([[0, -1, -1, 1]]))
+    dropped = tc.CompressionResult(
+        tokens=result.tokens, indices=result.indices, assignment=torch.tensor([[0, -1, -1, 1]])
+    )
     torch.testing.assert_close(pooled(dropped), torch.tensor([[1.5, 0.5]]))
 
 

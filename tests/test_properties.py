@@ -200,7 +200,9 @@ def _assert_same(who: str, first, second) -> None:
     assert torch.equal(first.tokens, second.tokens), f"{who}: tokens differ"
 
 
-def _equivariance_violation(compressor: tc.Compressor, x: torch.Tensor, ctx: tc.Context, k: int, perm: torch.Tensor) -> Optional[str]:
+def _equivariance_violation(
+    compressor: tc.Compressor, x: torch.Tensor, ctx: tc.Context, k: int, perm: torch.Tensor
+) -> Optional[str]:
     """``None`` when compressing ``x[b, perm[b]]`` gives the permuted result of compressing ``x``, else why not."""
     b, n, d = x.shape
     xp = torch.gather(x, 1, perm.unsqueeze(-1).expand(b, n, d))

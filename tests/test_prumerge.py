@@ -218,6 +218,8 @@ def test_attention_is_required_and_finite():
         tc.create("prumerge").compress(x, 5, tc.Context(cls_attention=a))
 
 
-@pytest.mark.parametrize("params", [{"plus": True}, {"extra_token": False}, {"plus": True, "extra_token": False, "knn": 3}])
+@pytest.mark.parametrize(
+    "params", [{"plus": True}, {"extra_token": False}, {"plus": True, "extra_token": False, "knn": 3}]
+)
 def test_variants_conform(params):
     check_compressor(tc.create("prumerge", **params))

@@ -17,13 +17,27 @@ from tokencomp.analysis.tables import compare, metric_table
 
 
 def _row(strategy, budget, recon, features="pixels", params=None, **extra):
-    return {"features": features, "strategy": strategy, "params": params or {}, "budget": budget, "kept": budget,
-            "n_images": 3, "recon_error": recon, "recon_error_ci95": 0.01, **extra}
+    return {
+        "features": features,
+        "strategy": strategy,
+        "params": params or {},
+        "budget": budget,
+        "kept": budget,
+        "n_images": 3,
+        "recon_error": recon,
+        "recon_error_ci95": 0.01,
+        **extra,
+    }
 
 
 def test_metric_table_marks_the_best_per_budget():
-    rows = [_row("apet", 64, 0.3), _row("random", 64, 0.2), _row("apet", 128, 0.1), _row("random", 128, 0.1),
-            {**_row("pdrop", None, 0.5), "kept": 72}]
+    rows = [
+        _row("apet", 64, 0.3),
+        _row("random", 64, 0.2),
+        _row("apet", 128, 0.1),
+        _row("random", 128, 0.1),
+        {**_row("pdrop", None, 0.5), "kept": 72},
+    ]
     table = metric_table(rows, "pixels", "recon_error")
     assert table.columns == [64, 128, None]
     assert table.kept == {64: "keep 64", 128: "keep 128", None: "kept 72"}
@@ -54,15 +68,28 @@ def test_compare_is_paired_over_images():
 
 
 def test_compare_uses_the_default_configuration_only():
-    rows = [_row("apet", 64, 0.2, params={"basis": "qr"}, per_image={"recon_error": [0.1, 0.1]}),
-            _row("random", 64, 0.3, params={"seed": 0}, per_image={"recon_error": [0.2, 0.3]})]
+    rows = [
+        _row("apet", 64, 0.2, params={"basis": "qr"}, per_image={"recon_error": [0.1, 0.1]}),
+        _row("random", 64, 0.3, params={"seed": 0}, per_image={"recon_error": [0.2, 0.3]}),
+    ]
     assert compare(rows) == []
 
 
 def test_join_flash_spreads_the_vlm_measurement():
     rows = [
-        _row("fastv", 64, math.nan, features="tiny-llava", flash_measured=True, flash_compatible=False,
-             flash_error="needs eager", eager_ms=3.0, sdpa_ms=1.0, eager_peak_mib=5.0, sdpa_peak_mib=1.0),
+        _row(
+            "fastv",
+            64,
+            math.nan,
+            features="tiny-llava",
+            flash_measured=True,
+            flash_compatible=False,
+            flash_error="needs eager",
+            eager_ms=3.0,
+            sdpa_ms=1.0,
+            eager_peak_mib=5.0,
+            sdpa_peak_mib=1.0,
+        ),
         _row("apet", 64, math.nan, features="tiny-llava", flash_measured=True, flash_compatible=True, flash_error=""),
         _row("apet", 64, 0.3, flash_measured=False),
         _row("tome", 64, 0.3, flash_measured=False),
@@ -120,8 +147,9 @@ def test_image_views():
 
 def test_token_set_originals_and_permuted_cls_attention():
     cls = torch.rand(4, 6)
-    ts = TokenSet("x", torch.randn(4, 6, 3), (2, 3), list("abcd"), cls_attention=cls,
-                  view_of=torch.tensor([0, 0, 1, 1]))
+    ts = TokenSet(
+        "x", torch.randn(4, 6, 3), (2, 3), list("abcd"), cls_attention=cls, view_of=torch.tensor([0, 0, 1, 1])
+    )
     assert ts.originals.tolist() == [0, 2]
     perm = torch.tensor([[5, 4, 3, 2, 1, 0], [0, 2, 1, 3, 5, 4]])
     ctx = ts.context(ts.tokens[ts.originals], perm, rows=ts.originals)

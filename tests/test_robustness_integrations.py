@@ -57,7 +57,10 @@ def logits(model, inputs):
 
 def two_sizes(model):
     """Two one-image LLaVA-NeXT rows (48 and 32 visual tokens) and their left-padded batch."""
-    rows = [llava_next_prompt(model, [(100, 60)], seed=8, crops=5), llava_next_prompt(model, [(40, 50)], seed=9, crops=5)]
+    rows = [
+        llava_next_prompt(model, [(100, 60)], seed=8, crops=5),
+        llava_next_prompt(model, [(40, 50)], seed=9, crops=5),
+    ]
     return rows, left_pad_batch(rows)
 
 
@@ -147,7 +150,9 @@ def test_apply_twice_and_remove_twice(request, name):
     reference = logits(model, inputs)
     with tc.apply(model, "divprune", budget=8) as first:
         expected = logits(model, inputs)
-        with pytest.raises(RuntimeError, match=r"already has a compression applied \(divprune\(8\)\); call handle.remove\(\)"):
+        with pytest.raises(
+            RuntimeError, match=r"already has a compression applied \(divprune\(8\)\); call handle.remove\(\)"
+        ):
             tc.apply(model, "random", budget=4)
         with pytest.raises(RuntimeError, match="already has a compression applied"):
             tc.apply(model, "apet-llm", budget=4, layer=2)
@@ -177,8 +182,16 @@ def test_remove_twice_in_llm_only(llava):
 def _tiny_bert():
     from transformers import BertConfig, BertModel
 
-    return BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32, max_position_embeddings=32))
+    return BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def _tiny_gpt2():
@@ -187,8 +200,10 @@ def _tiny_gpt2():
     return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32))
 
 
-@pytest.mark.parametrize("build,name", [(lambda: torch.nn.Linear(2, 2), "Linear"), (_tiny_bert, "BertModel"),
-                                        (_tiny_gpt2, "GPT2LMHeadModel")])
+@pytest.mark.parametrize(
+    "build,name",
+    [(lambda: torch.nn.Linear(2, 2), "Linear"), (_tiny_bert, "BertModel"), (_tiny_gpt2, "GPT2LMHeadModel")],
+)
 def test_unsupported_model_names_the_supported_classes(build, name):
     model = build()
     with pytest.raises(TypeError) as info:

@@ -48,7 +48,10 @@ def assert_literal(result, x, a, k, **kw):
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("n,d,t,k", [(576, 32, 12, 309), (309, 32, 12, 204), (204, 16, 9, 113), (576, 16, 7, 82), (55, 8, 5, 27), (40, 8, 6, 40)])
+@pytest.mark.parametrize(
+    "n,d,t,k",
+    [(576, 32, 12, 309), (309, 32, 12, 204), (204, 16, 9, 113), (576, 16, 7, 82), (55, 8, 5, 27), (40, 8, 6, 40)],
+)
 def test_attention_raters_equal_literal_authors_procedure(seed, n, d, t, k):
     x, a = tokens(2, n, d, seed), cross_attention(2, t, n, seed)
     result = tc.create("sparsevlm").compress(x, k, tc.Context(cross_attention=a))
@@ -96,7 +99,11 @@ def test_variants_equal_literal(params, n, k, seed):
         k = clusters_of(n)
         assert (k, comp.split(n, k)) == (4, (0, 4))
     result = comp.compress(x, k, tc.Context(cross_attention=a))
-    lit = dict(recycle=params.get("recycle", True), ratio=params.get("recycle_ratio", 0.3), divisor=params.get("cluster_divisor", 10))
+    lit = dict(
+        recycle=params.get("recycle", True),
+        ratio=params.get("recycle_ratio", 0.3),
+        divisor=params.get("cluster_divisor", 10),
+    )
     assert_literal(result, x, a, k, raters="attention", **lit)
 
 
@@ -201,7 +208,9 @@ def test_hand_worked_raters_auto():
     by_text = tc.create("sparsevlm").compress(x, 4, tc.Context(cross_attention=a, text_embeddings=text))
     assert by_text.info["raters"].tolist() == [True, False]
     assert by_text.indices.tolist() == [0, 1, 3, 5]
-    forced = tc.create("sparsevlm", raters="attention").compress(x, 4, tc.Context(cross_attention=a, text_embeddings=text))
+    forced = tc.create("sparsevlm", raters="attention").compress(
+        x, 4, tc.Context(cross_attention=a, text_embeddings=text)
+    )
     assert forced.info["raters"].tolist() == [False, True]
 
 
@@ -253,12 +262,21 @@ def test_context_errors():
 @pytest.mark.parametrize(
     "params,fragment",
     [
-        ({"layers": [3, 3, 16]}, "'layers' must be a non-empty, strictly increasing list of integers in [1, inf]; got [3, 3, 16]."),
+        (
+            {"layers": [3, 3, 16]},
+            "'layers' must be a non-empty, strictly increasing list of integers in [1, inf]; got [3, 3, 16].",
+        ),
         ({"layers": 3}, "'layers' must be a non-empty, strictly increasing list of integers in [1, inf]; got 3."),
-        ({"layers": [0, 7, 16]}, "'layers' must be a non-empty, strictly increasing list of integers in [1, inf]; got [0, 7, 16]."),
+        (
+            {"layers": [0, 7, 16]},
+            "'layers' must be a non-empty, strictly increasing list of integers in [1, inf]; got [0, 7, 16].",
+        ),
         ({"layers": [3, 7]}, "'layers' has 2 entries"),
         ({"retained": 100}, "'retained' must be one of 192, 128, 96, 64; got 100. These are the authors' settings"),
-        ({"keep_counts": [10, 0, 5]}, "'keep_counts' must be None or a non-empty list of integers in [1, inf]; got [10, 0, 5]."),
+        (
+            {"keep_counts": [10, 0, 5]},
+            "'keep_counts' must be None or a non-empty list of integers in [1, inf]; got [10, 0, 5].",
+        ),
         ({"keep_counts": [10, 5]}, "keep_counts has 2 per-layer counts"),
         ({"recycle": 1}, "'recycle' must be True or False"),
         ({"recycle_ratio": 1.5}, "'recycle_ratio' must be a finite number in [0.0, 1.0]"),
@@ -281,7 +299,11 @@ def test_bad_schedule_arguments():
 
 @pytest.mark.parametrize(
     "params",
-    [{"recycle": False}, {"raters": "attention", "recycle_ratio": 1.0, "cluster_divisor": 2}, {"keep_counts": [40, 20, 10]}],
+    [
+        {"recycle": False},
+        {"raters": "attention", "recycle_ratio": 1.0, "cluster_divisor": 2},
+        {"keep_counts": [40, 20, 10]},
+    ],
 )
 def test_variants_conform(params):
     check_compressor(tc.create("sparsevlm", **params))

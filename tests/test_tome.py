@@ -15,9 +15,7 @@ def check_against_literal(x, k, protect_first=False, chunk=2048):
         tokens, sizes, sources = literal_tome(x[b], k, class_token=protect_first)
         # the literal order is the authors'; ours is by representative position: match groups by members
         groups = [frozenset(s) for s in sources]
-        ours = [
-            frozenset(i for i in range(x.shape[1]) if int(result.assignment[b, i]) == slot) for slot in range(k)
-        ]
+        ours = [frozenset(i for i in range(x.shape[1]) if int(result.assignment[b, i]) == slot) for slot in range(k)]
         assert set(ours) == set(groups)
         for slot, members in enumerate(ours):
             j = groups.index(members)

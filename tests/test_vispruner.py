@@ -70,9 +70,7 @@ def test_hand_worked_example_one_round():
     # A = [4, 6, 2], B = [7, 0] with x7 = (1, 0), x0 = (0, 1):
     #   x4 = (1, .2): max cos = 1 / sqrt(1.04) = .981;  x6 = (.5, .5): .707;  x2 = (.1, 1): .995.
     # Drop the r = 2 highest (2 and 4) -> residual [6, 7, 0] -> keep {1, 3, 5} + {6, 7, 0}.
-    x = torch.tensor(
-        [[0.0, 1.0], [3.0, 3.0], [0.1, 1.0], [3.0, 3.0], [1.0, 0.2], [3.0, 3.0], [0.5, 0.5], [1.0, 0.0]]
-    )
+    x = torch.tensor([[0.0, 1.0], [3.0, 3.0], [0.1, 1.0], [3.0, 3.0], [1.0, 0.2], [3.0, 3.0], [0.5, 0.5], [1.0, 0.0]])
     a = torch.tensor([0.05, 0.30, 0.02, 0.20, 0.11, 0.15, 0.08, 0.09])
     result = tc.create("vispruner").compress(x, 6, tc.Context(cls_attention=a))
     assert result.indices.tolist() == [0, 1, 3, 5, 6, 7]
@@ -86,9 +84,7 @@ def test_hand_worked_example_two_rounds():
     # Round 1: R = 6, r = min(8, 4) = 4 > |A| = 3, so all of A = [5, 7, 0] goes -> residual [4, 6, 2].
     # Round 2: R = 3, r = 1, A = [4, 2], B = [6] = (.5, .5): cos(x4, x6) = .6 / .721 = .832,
     # cos(x2, x6) = .55 / .711 = .774 -> drop 4 -> residual [2, 6] -> keep {1, 3} + {2, 6}.
-    x = torch.tensor(
-        [[0.0, 1.0], [3.0, 3.0], [0.1, 1.0], [3.0, 3.0], [1.0, 0.2], [3.0, 3.0], [0.5, 0.5], [1.0, 0.0]]
-    )
+    x = torch.tensor([[0.0, 1.0], [3.0, 3.0], [0.1, 1.0], [3.0, 3.0], [1.0, 0.2], [3.0, 3.0], [0.5, 0.5], [1.0, 0.0]])
     a = torch.tensor([0.05, 0.30, 0.02, 0.20, 0.11, 0.15, 0.08, 0.09])
     result = tc.create("vispruner").compress(x, 4, tc.Context(cls_attention=a))
     assert result.indices.tolist() == [1, 2, 3, 6]
@@ -143,7 +139,9 @@ def test_auto_cache_follows_the_memory_bound(monkeypatch):
 
     seen = []
     real = torch.bmm
-    monkeypatch.setattr(mod.torch, "bmm", lambda a, b, **kw: seen.append(tuple(a.shape[1:]) + (b.shape[2],)) or real(a, b, **kw))
+    monkeypatch.setattr(
+        mod.torch, "bmm", lambda a, b, **kw: seen.append(tuple(a.shape[1:]) + (b.shape[2],)) or real(a, b, **kw)
+    )
     for d, cached in ((9, True), (8, False)):
         seen.clear()
         tc.create("vispruner").compress(tokens(1, 100, d, 1), 20, tc.Context(cls_attention=attention(1, 100, 1)))

@@ -22,7 +22,7 @@ def llava_prompt(model, images: int = 1, batch: int = 1, seed: int = 0, pad: lis
     cfg = model.config
     n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
     rows = []
-    for b in range(batch):
+    for _ in range(batch):
         row = [1] + torch.randint(2, 100, (3,), generator=g).tolist()
         for _ in range(images):
             row += [cfg.image_token_id] * n + torch.randint(2, 100, (2,), generator=g).tolist()
@@ -32,7 +32,7 @@ def llava_prompt(model, images: int = 1, batch: int = 1, seed: int = 0, pad: lis
     length = max(len(r) + p for r, p in zip(rows, pad))
     ids = torch.zeros(batch, length, dtype=torch.long)
     mask = torch.zeros(batch, length, dtype=torch.long)
-    for b, (r, p) in enumerate(zip(rows, pad)):
+    for b, (r, _) in enumerate(zip(rows, pad)):
         start = length - len(r)
         ids[b, start:] = torch.tensor(r)
         mask[b, start:] = 1
@@ -56,8 +56,12 @@ def save_tiny_llava_checkpoint(folder) -> None:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     images = CLIPImageProcessor(size={"shortest_edge": 84}, crop_size={"height": 84, "width": 84})
     processor = LlavaProcessor(
-        image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-        image_token="<image>", num_additional_image_tokens=1,
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
     )
     tiny_llava().save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -66,40 +70,92 @@ def save_tiny_llava_checkpoint(folder) -> None:
 def tiny_qwen2_vl(attn_implementation: str = "sdpa", version: str = "2"):
     """Qwen2-VL (``version="2.5"``: Qwen2.5-VL, ``"3"``: Qwen3-VL with DeepStack) layout: 2x2 merger, M-RoPE
     decoder; 14 px patches (16 px for Qwen3-VL)."""
-    text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    text = dict(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )
     if version == "3":
         from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
-                      temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
-                      deepstack_visual_indexes=[0, 1])
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=64,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 1],
+        )
         text = dict(text, head_dim=16)
         text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
-        config = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=151, video_token_id=152,
-                               vision_start_token_id=150, vision_end_token_id=153)
+        config = Qwen3VLConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=151,
+            video_token_id=152,
+            vision_start_token_id=150,
+            vision_end_token_id=153,
+        )
         torch.manual_seed(0)
-        return spread_weights(Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation))
+        return spread_weights(
+            Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+        )
     if version == "2.5":
         from transformers import Qwen2_5_VLConfig as Config
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
     else:
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model
 
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2)
-    config = Config(vision_config=vision, text_config=text, image_token_id=151, video_token_id=152,
-                    vision_start_token_id=150, vision_end_token_id=153)
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+    config = Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=151,
+        video_token_id=152,
+        vision_start_token_id=150,
+        vision_end_token_id=153,
+    )
     torch.manual_seed(0)
     return spread_weights(Model._from_config(config, attn_implementation=attn_implementation))
 
 
-def qwen_prompt(sizes: list[tuple[int, ...]], batch: int = 1, seed: int = 0, pad: list[int] | None = None, patch: int = 14):
+def qwen_prompt(
+    sizes: list[tuple[int, ...]], batch: int = 1, seed: int = 0, pad: list[int] | None = None, patch: int = 14
+):
     """Inputs for rows that each hold images ``(h, w)`` or videos ``(t, h, w)`` (14 px patches, even h, w)."""
     g = torch.Generator().manual_seed(seed)
     rows, grids, pixels, video_grids, video_pixels = [], [], [], [], []
@@ -110,15 +166,17 @@ def qwen_prompt(sizes: list[tuple[int, ...]], batch: int = 1, seed: int = 0, pad
             token = 152 if len(size) == 3 else 151
             row += [150] + [token] * (t * h * w // 4) + [153] + torch.randint(3, 100, (2,), generator=g).tolist()
             (video_grids if len(size) == 3 else grids).append([t, h, w])
-            (video_pixels if len(size) == 3 else pixels).append(torch.randn(t * h * w, 3 * 2 * patch * patch, generator=g))
+            (video_pixels if len(size) == 3 else pixels).append(
+                torch.randn(t * h * w, 3 * 2 * patch * patch, generator=g)
+            )
         rows.append(row + torch.randint(3, 100, (3,), generator=g).tolist())
     pad = pad or [0] * batch
     length = max(len(r) + p for r, p in zip(rows, pad))
     ids = torch.zeros(batch, length, dtype=torch.long)
     mask = torch.zeros(batch, length, dtype=torch.long)
     for b, r in enumerate(rows):
-        ids[b, length - len(r):] = torch.tensor(r)
-        mask[b, length - len(r):] = 1
+        ids[b, length - len(r) :] = torch.tensor(r)
+        mask[b, length - len(r) :] = 1
     out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == 151).int() + 2 * (ids == 152).int()}
     if grids:
         out.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(grids))
@@ -158,9 +216,7 @@ def left_pad_batch(rows: list[dict], pad_id: int = 0) -> dict:
         if key not in rows[0]:
             continue
         fill = pad_id if key == "input_ids" else 0
-        out[key] = torch.cat(
-            [torch.nn.functional.pad(r[key], (length - r[key].shape[1], 0), value=fill) for r in rows]
-        )
+        out[key] = torch.cat([torch.nn.functional.pad(r[key], (length - r[key].shape[1], 0), value=fill) for r in rows])
     for key in ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if key in rows[0]:
             out[key] = torch.cat([r[key] for r in rows])
@@ -172,18 +228,38 @@ def tiny_llava_next(attn_implementation: str = "sdpa", onevision: bool = False, 
     newline token; video frames pooled to 2 x 2 tokens."""
     from transformers import CLIPVisionConfig, LlamaConfig, SiglipVisionConfig
 
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=120, max_position_embeddings=2048, pad_token_id=0)
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=120,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+    )
     pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
     if onevision:
         from transformers import LlavaOnevisionConfig as Config
         from transformers import LlavaOnevisionForConditionalGeneration as Model
 
-        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                    image_size=56, patch_size=14)
-        config = Config(vision_config=vision, text_config=text, image_token_id=119, video_token_id=118,
-                        image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
-                        vision_feature_select_strategy="full")
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+        )
+        config = Config(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=119,
+            video_token_id=118,
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
     else:
         if video:
             from transformers import LlavaNextVideoConfig as Config
@@ -195,10 +271,24 @@ def tiny_llava_next(attn_implementation: str = "sdpa", onevision: bool = False, 
             from transformers import LlavaNextForConditionalGeneration as Model
 
             extra = {}
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                  image_size=56, patch_size=14, projection_dim=32)
-        config = Config(vision_config=vision, text_config=text, image_token_id=119, image_grid_pinpoints=pinpoints,
-                        vision_feature_layer=-2, vision_feature_select_strategy="default", **extra)
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            projection_dim=32,
+        )
+        config = Config(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=119,
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            **extra,
+        )
     torch.manual_seed(0)
     return spread_weights(Model._from_config(config, attn_implementation=attn_implementation))
 
@@ -214,14 +304,23 @@ def llava_next_prompt(model, sizes: list[tuple[int, int]], seed: int = 0, crops:
     pixels = torch.randn(len(sizes), most, 3, 56, 56, generator=g)
     image_sizes = torch.tensor(sizes)
     with torch.no_grad():
-        lengths = [f.shape[0] for f in model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes,
-                                                                       return_dict=True).pooler_output]
+        lengths = [
+            f.shape[0]
+            for f in model.model.get_image_features(
+                pixel_values=pixels, image_sizes=image_sizes, return_dict=True
+            ).pooler_output
+        ]
     row = [1] + torch.randint(2, 100, (3,), generator=g).tolist()
     for length in lengths:
         row += [cfg.image_token_id] * length + torch.randint(2, 100, (2,), generator=g).tolist()
     row += torch.randint(2, 100, (3,), generator=g).tolist()
     ids = torch.tensor([row])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_sizes": image_sizes}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixels,
+        "image_sizes": image_sizes,
+    }
 
 
 def llava_video_prompt(model, frames: int = 4, seed: int = 0, image: tuple[int, int] | None = None):

@@ -32,8 +32,19 @@ def _defaults(name: str) -> str:
 # The columns of the strategies table and of each strategy's page (tokencomp.registry.capability_row's
 # titles; "defaults" is added here).
 TABLE_COLUMNS = ("paper", "stage", "needs attention", "FlashAttention / SDPA", "text-conditioned", "defaults")
-PAGE_ROWS = ("paper", "summary", "stage", "needs attention", "FlashAttention / SDPA", "text-conditioned",
-             "deterministic", "context it needs", "time", "padded batches", "defaults")
+PAGE_ROWS = (
+    "paper",
+    "summary",
+    "stage",
+    "needs attention",
+    "FlashAttention / SDPA",
+    "text-conditioned",
+    "deterministic",
+    "context it needs",
+    "time",
+    "padded batches",
+    "defaults",
+)
 
 
 def _row(name: str) -> dict[str, str]:
@@ -52,11 +63,21 @@ def _parameters(name: str) -> list[str]:
     cls, params = tc.get(name), tc.create(name).get_params()
     if not params:
         return ["It takes no parameters.", ""]
-    lines = [".. list-table:: Parameters", "   :header-rows: 1", "   :widths: 20 20 60", "",
-             "   * - parameter", "     - default", "     - allowed"]
+    lines = [
+        ".. list-table:: Parameters",
+        "   :header-rows: 1",
+        "   :widths: 20 20 60",
+        "",
+        "   * - parameter",
+        "     - default",
+        "     - allowed",
+    ]
     for param, value in params.items():
-        lines += [f"   * - ``{param}``", f"     - ``{value!r}``",
-                  f"     - {_cell(describe(cls.parameter_constraints[param]))}"]
+        lines += [
+            f"   * - ``{param}``",
+            f"     - ``{value!r}``",
+            f"     - {_cell(describe(cls.parameter_constraints[param]))}",
+        ]
     return [*lines, ""]
 
 
@@ -82,16 +103,34 @@ def _page(name: str, index: bool = True) -> str:
     table = [".. list-table::", "   :widths: 25 75", ""]
     for key in ("class", *PAGE_ROWS):
         table += [f"   * - {key}", f"     - {row[key]}"]
-    return "\n".join([
-        title, "=" * len(title), "",
-        *table, "",
-        f"Create it with ``tc.create({name!r}, ...)``; the parameters are those of the class below.", "",
-        *_parameters(name),
-        "Algorithm", "---------", "",
-        f".. automodule:: {cls.__module__}", "   :no-members:", *([] if index else ["   :no-index:"]), "",
-        "Class", "-----", "",
-        f".. autoclass:: {cls.__module__}.{cls.__qualname__}", "   :no-members:", "",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                title,
+                "=" * len(title),
+                "",
+                *table,
+                "",
+                f"Create it with ``tc.create({name!r}, ...)``; the parameters are those of the class below.",
+                "",
+                *_parameters(name),
+                "Algorithm",
+                "---------",
+                "",
+                f".. automodule:: {cls.__module__}",
+                "   :no-members:",
+                *([] if index else ["   :no-index:"]),
+                "",
+                "Class",
+                "-----",
+                "",
+                f".. autoclass:: {cls.__module__}.{cls.__qualname__}",
+                "   :no-members:",
+                "",
+            ]
+        )
+        + "\n"
+    )
 
 
 def _cli() -> str:
@@ -107,9 +146,17 @@ def _cli() -> str:
     for name, command in group.commands.items():
         ctx = click.Context(command, info_name=name, parent=root)
         title = f"``tokencomp {name}``"
-        out += [title, "-" * len(title), "", ".. code-block:: text", "",
-                "   " + command.get_usage(ctx).replace("Usage: ", ""), "",
-                (command.help or "").strip(), ""]
+        out += [
+            title,
+            "-" * len(title),
+            "",
+            ".. code-block:: text",
+            "",
+            "   " + command.get_usage(ctx).replace("Usage: ", ""),
+            "",
+            (command.help or "").strip(),
+            "",
+        ]
         rows = [p.get_help_record(ctx) or (p.human_readable_name, getattr(p, "help", "") or "") for p in command.params]
         if rows:
             out += [".. list-table::", "   :widths: 35 65", ""]
