@@ -15,6 +15,12 @@ The algorithm, at prefill (their defaults are ours):
    over the whole causal prefix (in float32), averaged over heads.
 3. The image part of that row ranks the image tokens; the ``k`` with the highest attention are kept
    in their original order (``topk``, then sorted), the rest dropped, without merging.
+4. Positions (``positions = "renumber"``, the authors' bookkeeping): after each cut the later layers
+   number the shorter sequence ``0 .. L' - 1`` (``pdrop_rank_drop`` rebuilds ``position_ids`` as
+   ``arange(cur_len)`` per row), so the next boundary's query and keys are rotated at the renumbered
+   positions too; in each decoding step every boundary shifts the step's position down by the tokens
+   it dropped (``pdrop_forward``), so the first generated token sits at the prompt length minus every
+   drop so far, right after the renumbered prompt.
 
 One row is computed by hand, never the full attention matrix, so PyramidDrop runs beside FlashAttention
 / SDPA: ``needs_attention`` is False. The model integration supplies ``Context.query`` ``[B, H, Dh]``,
@@ -22,6 +28,22 @@ One row is computed by hand, never the full attention matrix, so PyramidDrop run
 ``Context.visual_positions`` ``[B, N]`` among the keys and, for padded prompts, ``Context.key_mask``.
 One call of :meth:`compress` is one stage boundary; ``layers`` and ``ratio`` are the schedule the
 integration runs (:meth:`stage_budgets`).
+
+Departures from the authors' code:
+
+- ``positions="keep"`` (not the default) keeps every kept token's original position id in later layers
+  and decoding instead of renumbering; the authors always renumber.
+- Batches: the authors handle right-padded rows one at a time and renumber each row's valid tokens from
+  0; the model integration runs the batch at once and moves each kept token down by the tokens dropped
+  before it, which gives every valid token the same renumbered position (padding is never dropped, so a
+  left-padded row keeps whatever positions the model gives its pads).
+- Schedule: the authors take a list of ratios (``image_token_ratio_list``, ``[0.5, 0.25, 0.125]``); we
+  take one ``ratio`` and its powers, the same list for the paper's setting.
+- Only the authors' inference branch: the query is the prompt's last token (in training they use every
+  token before an answer). The head average is taken in float32 (they cast the softmax back to the
+  model's dtype first), and ties go to the lower position (``topk`` leaves them unspecified).
+- On an M-RoPE decoder (Qwen2-VL) the integration keeps the 3-D positions whatever ``positions`` says:
+  renumbering a 3-D layout has no single meaning, and the authors' code is LLaVA's 1-D one.
 """
 
 from __future__ import annotations
@@ -29,11 +51,13 @@ from __future__ import annotations
 import torch
 
 from tokencomp.base import Compressor
-from tokencomp.constraints import Interval, ListOf
+from tokencomp.constraints import Interval, ListOf, Options
 from tokencomp.kernels import selection_result
 from tokencomp.kernels.attention import attention_row, rank_descending
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
+
+POSITIONS = ("renumber", "keep")
 
 
 @register("pdrop")
@@ -46,6 +70,11 @@ class PyramidDrop(Compressor):
         Stage boundaries: the decoder layers after which a cut happens (strictly increasing, >= 1).
     ratio : float, default 0.5
         Fraction of the image tokens entering a stage that survive its boundary, in (0, 1].
+    positions : {"renumber", "keep"}, default "renumber"
+        Position ids after a cut: ``"renumber"`` (the authors') numbers the shorter sequence
+        ``0 .. L' - 1`` in later layers and shifts every decoding step down by the tokens dropped;
+        ``"keep"`` keeps the kept tokens' original positions (decoding continues from the prompt length).
+        Read by the model integration through :attr:`in_llm_positions`.
 
     Notes
     -----
@@ -67,11 +96,24 @@ class PyramidDrop(Compressor):
     parameter_constraints = {
         "layers": (ListOf(Interval(int, 1), increasing=True),),
         "ratio": (Interval(float, 0.0, 1.0, closed="right"),),
+        "positions": (Options(POSITIONS),),
     }
 
-    def __init__(self, *, layers: list[int] = (8, 16, 24), ratio: float = 0.5) -> None:  # type: ignore[assignment]
+    def __init__(
+        self,
+        *,
+        layers: list[int] = (8, 16, 24),  # type: ignore[assignment]
+        ratio: float = 0.5,
+        positions: str = "renumber",
+    ) -> None:
         self.layers = layers
         self.ratio = ratio
+        self.positions = positions
+
+    @property
+    def in_llm_positions(self) -> str:  # type: ignore[override]
+        """Per instance: ``positions`` (``"renumber"`` by default, as the authors)."""
+        return self.positions
 
     def llm_layers(self) -> tuple[int, ...]:
         """The stage boundaries, ``layers``."""

@@ -56,7 +56,15 @@ def test_masked_keys_are_excluded_from_the_softmax():
 
 def test_schedule_of_the_paper():
     assert tc.create("pdrop").stage_budgets(576) == [288, 144, 72]
-    assert tc.create("pdrop").get_params() == {"layers": [8, 16, 24], "ratio": 0.5}
+    assert tc.create("pdrop").get_params() == {"layers": [8, 16, 24], "ratio": 0.5, "positions": "renumber"}
+
+
+@pytest.mark.parametrize("positions", ["renumber", "keep"])
+def test_positions_set_the_instance_capability(positions):
+    comp = tc.create("pdrop", positions=positions)
+    assert comp.in_llm_positions == positions
+    assert tc.create("pdrop", **comp.get_params()).in_llm_positions == positions
+    assert tc.create("pdrop").in_llm_positions == "renumber"  # the authors' default
 
 
 @pytest.mark.parametrize(
@@ -68,6 +76,7 @@ def test_schedule_of_the_paper():
         ({"layers": [0, 4]}, "'layers'"),
         ({"ratio": 0.0}, "'ratio'"),
         ({"ratio": 1.5}, "'ratio'"),
+        ({"positions": "renumbered"}, "parameter 'positions' must be one of 'renumber', 'keep'; got 'renumbered'"),
     ],
 )
 def test_parameter_errors(params, fragment):

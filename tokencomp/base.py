@@ -59,7 +59,9 @@ class Compressor(ABC):
         Citation of the method (empty for the simple references).
     in_llm_positions : {"keep", "renumber"}
         For in-LLM strategies: whether the kept tokens keep their original position ids in later layers
-        and decoding (FastV, PyramidDrop, DART) or the shorter sequence is renumbered (ApET's stage 2).
+        and decoding (FastV, DART) or the shorter sequence is renumbered (ApET's stage 2, SparseVLM,
+        PyramidDrop). A strategy whose value depends on a parameter makes it a property (PyramidDrop's
+        ``positions``); ``tc.register`` then leaves it to be read per instance.
     parameter_constraints : dict of str to tuple of Constraint
         What each ``__init__`` parameter allows (:mod:`tokencomp.constraints`), e.g.
         ``{"num_basis": (Interval(int, 1),), "seed": (IsNone(), Interval(int, 0))}``. The declared

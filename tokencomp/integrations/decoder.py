@@ -18,9 +18,11 @@ computed from the model at that point:
 From layer ``l`` on, every layer sees the shorter sequence: the hidden states are cut at ``l``; the
 attention mask, rotary embeddings and position ids handed to each later layer are cut the same way, in
 prefill and in every decoding step (whose keys and values in those layers' cache are the shorter
-sequence). Kept tokens keep their original positions (``positions="keep"``: FastV, PyramidDrop, DART)
-unless the strategy's ``in_llm_positions`` is ``"renumber"`` (ApET's stage 2), then later layers number
-the shorter sequence ``0 .. L' - 1`` and decoding continues from ``L'``.
+sequence). Kept tokens keep their original positions (``in_llm_positions="keep"``: FastV, DART) unless
+the strategy's ``in_llm_positions``, read from the instance, is ``"renumber"`` (ApET's stage 2,
+SparseVLM, PyramidDrop by default), then later layers number the shorter sequence ``0 .. L' - 1`` and
+decoding continues from ``L'``: after several cuts, each decoding step's position at a layer is moved
+down by every token the cuts up to that layer dropped.
 """
 
 from __future__ import annotations

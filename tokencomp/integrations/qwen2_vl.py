@@ -13,7 +13,8 @@ cache continues correctly too.
 
 In-LLM stages run in Qwen's decoder as in LLaVA's (:mod:`tokencomp.integrations.decoder`), with one
 difference: the kept tokens always keep their 3-D M-RoPE positions (a strategy that asks to renumber,
-ApET's stage 2, keeps them too, since renumbering a 3-D layout has no single meaning).
+ApET's stage 2, SparseVLM or PyramidDrop, keeps them too, since renumbering a 3-D layout has no single
+meaning).
 
 Qwen3-VL: its DeepStack features (from intermediate vision layers, added to the visual positions of the
 first decoder layers) are cut with the same selection; a merged output token gets the mean of the
