@@ -15,9 +15,10 @@ Inference*, ICML 2025 (arXiv 2410.04417). Authors' code: ``Gumpest/SparseVLMs``,
 
 The algorithm, at prefill (the authors' defaults are ours):
 
-1. **Raters** (once, at the LLM input). With ``V`` the visual and ``T`` the text embeddings (every token
-   after the image: the instruction and the assistant prefix), ``m = mean_over_visual(softmax_over_text(
-   V T^T))``; the raters are the text tokens with ``m_t > mean(m)``.
+1. **Raters** (once, at the LLM input, l.198-204 of ``modelling_sparse_llama.py`` on ``main``). With ``V``
+   the visual and ``T`` the text embeddings (every token after the image: the instruction and the
+   assistant prefix), ``m = mean_over_visual(softmax_over_text(V T^T))``; the raters are the text tokens
+   with ``m_t > mean(m)``. Every pruning layer scores with these same text tokens (l.253, l.259).
 2. **Scores**, at each pruning layer: the decoder layer's attention, averaged over heads, of the rater
    rows to the visual columns, averaged over the raters: one score per visual token.
 3. **Keep**: the ``keep`` tokens of largest score (``topk``), ``keep = min(count, N - 1)`` with the
@@ -36,14 +37,19 @@ The algorithm, at prefill (the authors' defaults are ours):
    layers see only those (the next pruning layer re-scores and re-recycles all of them, merged ones
    included).
 
-Here one call of :meth:`compress` is one pruning layer. ``tokens`` are the visual hidden states there
-and ``Context.cross_attention`` ``[B, T, N]`` the head-averaged attention of the ``T`` text tokens (those
-after the image) to the ``N`` visual tokens in the layer whose attention the authors read. The budget
+Here one call of :meth:`compress` is one pruning layer. ``tokens`` are the visual hidden states there and
+``Context.cross_attention`` ``[B, T, N]`` the head-averaged attention of the ``T`` text tokens (those after
+the image) to the ``N`` visual tokens in the layer whose attention the authors read. The budget
 ``K`` is the number of outputs, kept plus merged; :meth:`stage_budgets` gives the authors' ``K`` per layer
 (``[309, 204, 113]`` for ``retained=192``, ``N = 576``) and a call splits its ``K`` back into ``keep`` and
-``c`` (below). Outputs are ordered by position: a kept token at its own position, a merged token at its
-cluster centre's position (the density peak, a pruned token, so no position is used twice);
+``c`` (below): with ``Context.layer`` one of ``layers``, from that stage's count, as the authors.
+Outputs are ordered by position: a kept token at its own position, a merged token at its cluster centre's
+position (the density peak, a pruned token, so no position is used twice);
 ``assignment`` maps every recycled token to its cluster's slot and the ``P - r`` others to ``-1``.
+The first stage chooses the raters and returns them in ``info["raters"]``; a stage given ``Context.raters``
+scores with those (the in-LLM integration hands each stage the previous stage's: :attr:`carries`), so the
+first stage's raters are used at every layer, as the authors'. ``raters_per_layer=True`` (not the
+authors') chooses them afresh at every stage. A direct call without ``Context.raters`` is a first stage.
 In a padded batch, give the padding text rows of ``cross_attention`` as zeros: with the attention rule a
 zero row is never above the mean, so it never rates.
 
@@ -55,15 +61,25 @@ attention of layer ``l - 1`` (as FastV's ``layer = 2``); the authors score with 
 Departures from the authors' code:
 
 * **Budget split.** The authors fix ``keep`` and the output count follows. We are given the output count
-  ``K`` and take the largest ``keep`` with ``keep + c(N - keep) = K`` (``keep + c`` grows by 0 or 1 per
-  extra kept token, so such a ``keep`` exists for every ``K`` from ``c(N)`` to ``N``); this gives back the
-  authors' ``keep`` for all twelve entries of their table. Budgets below ``c(N)`` (zero tokens kept)
-  raise ``ValueError`` unless ``recycle=False``. ``K = N`` keeps everything (the authors always prune at
-  least one token, ``min(count, N - 1)``, and recycle it as a cluster of one: the same tokens).
-* **Raters from attention by default.** The authors' raters need the visual and text embeddings at the
-  LLM input; :class:`~tokencomp.Context` carries the visual tokens of *this* layer. ``raters="embeddings"``
-  applies their rule to ``Context.text_embeddings`` ``[B, T, D]`` and ``Context.image_embeddings``
-  ``[B, N, D]`` (the visual tokens in the same space; the tokens themselves when absent).
+  ``K``. At one of ``layers`` (``Context.layer``) the stage's count gives their ``keep = min(count, N -
+  1)`` when it yields ``K`` (``keep_counts``; the table's, scaled from ``Context.schedule_n``, the tokens
+  entering the first stage, which the integration sets; at the first stage these are the ``N`` tokens).
+  Otherwise (a direct call without ``layer``, a later stage of the scaled table without
+  ``schedule_n``, or another ``K``) we take the largest ``keep`` with ``keep + c(N - keep) = K`` (``keep +
+  c`` grows by 0 or 1 per extra kept token, so such a ``keep`` exists for every ``K`` from ``c(N)`` to
+  ``N``); where ``c`` drops by one, two ``keep`` give the same ``K`` (``46 + 17 = 47 + 16`` at ``N = 576``)
+  and this may keep one more token and make one cluster fewer than the authors' count would. It gives
+  back their ``keep`` for all twelve entries of their table at ``N = 576``. Budgets below ``c(N)`` (zero
+  tokens kept) raise ``ValueError`` unless ``recycle=False``. ``K = N`` without a count keeps everything
+  with no merged token (the authors always prune at least one token, ``min(count, N - 1)``, and recycle
+  it as a cluster of one: the same tokens, which is what a stage with a count does).
+* **Raters from attention in the integration.** The authors choose the raters from the visual and text
+  embeddings at the LLM input (the hidden states entering layer 0); the in-LLM integration supplies no
+  embeddings, so there the first stage applies their mean-threshold rule to its attention (below), and
+  every later stage reuses those raters. ``raters="embeddings"`` applies their rule to
+  ``Context.text_embeddings`` ``[B, T, D]`` and ``Context.image_embeddings`` ``[B, N, D]`` (the visual
+  tokens in the same space; the tokens themselves when absent): the authors' raters when these are the
+  LLM's input embeddings of the text after the image and of the ``N`` visual tokens.
   ``raters="attention"`` applies the same rule to the attention instead: each visual token's column of
   ``cross_attention`` normalised over the text tokens takes the place of ``softmax_over_text(V T^T)``,
   then the mean over the visual tokens and the mean threshold as theirs. ``raters="auto"`` (default)
@@ -163,10 +179,16 @@ class SparseVLM(Compressor):
         (``Context.text_embeddings``, with ``Context.image_embeddings`` or the tokens), on the attention
         (``Context.cross_attention``), or ``"auto"``: embeddings when ``text_embeddings`` is given, else
         attention.
+    raters_per_layer : bool, default False
+        ``False`` (the authors'): the raters are chosen once, at the first stage, and reused at every
+        later one (a stage given ``Context.raters``, as the in-LLM integration hands it from the previous
+        stage, uses those). ``True``: every stage chooses them afresh from its own tokens and attention,
+        ignoring ``Context.raters``.
 
     Notes
     -----
-    ``info``: ``scores`` ``[B, N]`` the raters' mean attention, ``raters`` ``[B, T]`` bool,
+    ``info``: ``scores`` ``[B, N]`` the raters' mean attention, ``raters`` ``[B, T]`` bool (those used: chosen
+    here, or ``Context.raters`` reused),
     ``recycled`` ``[B, K]`` bool marking the merged output slots, ``rater_rank`` ``[B]`` the rank of the
     raters' attention rows (the paper's adaptive-count statistic).
 
@@ -181,6 +203,7 @@ class SparseVLM(Compressor):
     text_conditioned = True
     deterministic = True
     requires = ("cross_attention",)
+    carries = ("raters",)  # chosen once at the first stage, reused at the later ones
     in_llm_positions = "renumber"
     budget_param = "retained"
     scale_invariant = False  # DPC-KNN's density exp(-d^2) is absolute (see Notes)
@@ -206,6 +229,7 @@ class SparseVLM(Compressor):
         "recycle_ratio": (Interval(float, 0.0, 1.0),),
         "cluster_divisor": (Interval(int, 1),),
         "raters": (Options(RATERS),),
+        "raters_per_layer": (Boolean(),),
     }
 
     def __init__(
@@ -218,6 +242,7 @@ class SparseVLM(Compressor):
         recycle_ratio: float = 0.3,
         cluster_divisor: int = 10,
         raters: str = "auto",
+        raters_per_layer: bool = False,
     ) -> None:
         self.layers = layers
         self.retained = retained
@@ -234,6 +259,7 @@ class SparseVLM(Compressor):
         self.recycle_ratio = recycle_ratio
         self.cluster_divisor = cluster_divisor
         self.raters = raters
+        self.raters_per_layer = raters_per_layer
 
     # ------------------------------------------------------------------ the schedule
     def _clusters(self, pruned: int) -> int:
@@ -284,11 +310,21 @@ class SparseVLM(Compressor):
             out.append(m)
         return out
 
-    def split(self, n: int, k: int) -> tuple[int, int]:
-        """``(keep, clusters)`` for ``k`` outputs from ``n`` tokens: the largest ``keep`` with
-        ``keep + c(n - keep) = k``."""
+    def split(self, n: int, k: int, count: Optional[int] = None) -> tuple[int, int]:
+        """``(keep, clusters)`` for ``k`` outputs from ``n`` tokens.
+
+        With the stage's top-k ``count`` (the authors' rule): ``keep = min(count, n - 1)`` (1 when
+        ``n = 1``), when that gives ``keep + c(n - keep) = k``. Otherwise (no count, or a ``k`` that is
+        not this count's output): the largest ``keep`` with ``keep + c(n - keep) = k``. ``k`` alone does
+        not tell: ``keep + c(n - keep)`` stays the same from ``keep`` to ``keep + 1`` when ``c`` drops by
+        one (at ``N = 576``: ``46 + 17 = 47 + 16 = 63``), and only the count says which the authors kept.
+        """
         if not self.recycle:
             return k, 0
+        if count is not None:
+            keep = min(count, n - 1) if n > 1 else 1
+            if keep + self._clusters(n - keep) == k:
+                return keep, k - keep
         lo, hi = 0, n  # f(keep) = keep + c(n - keep) is non-decreasing: largest keep with f(keep) <= k
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -297,6 +333,22 @@ class SparseVLM(Compressor):
             else:
                 hi = mid - 1
         return lo, k - lo
+
+    def stage_count(self, n: int, context: Context) -> Optional[int]:
+        """The top-k count of the stage at ``context.layer`` (one of ``layers``), ``None`` when unknown.
+
+        ``keep_counts[s]`` as given; the authors' (scaled) table entry for the ``schedule_n`` tokens that
+        entered the first stage (``Context.schedule_n``; at the first stage these are the ``n`` tokens
+        themselves). ``None`` for another or no layer, or a later stage of the table without
+        ``schedule_n``.
+        """
+        if context.layer not in self.layers:
+            return None
+        s = self.layers.index(context.layer)
+        if self.keep_counts is not None:
+            return self.keep_counts[s]
+        first = context.schedule_n if context.schedule_n is not None else n if s == 0 else None
+        return None if first is None else self.stage_counts(first)[s]
 
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         if self.recycle and k < self._clusters(n):
@@ -326,7 +378,7 @@ class SparseVLM(Compressor):
         scores = (attn * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)  # [B, N]
         rank = torch.linalg.matrix_rank(attn * w.unsqueeze(-1))
         order = rank_descending(scores)  # [B, N] by decreasing score, ties to the lower position
-        keep, c = self.split(n, k)
+        keep, c = self.split(n, k, self.stage_count(n, context))
         info = {"scores": scores, "raters": raters, "rater_rank": rank}
 
         # 3. Keep the top ``keep``.
@@ -359,11 +411,16 @@ class SparseVLM(Compressor):
         return CompressionResult(batched_gather(values, perm), indices, assignment, info)
 
     def _raters(self, x: torch.Tensor, attn: torch.Tensor, context: Context) -> torch.Tensor:
-        """``[B, T]`` bool: text tokens whose mean relevance to the visual tokens is above the mean."""
+        """``[B, T]`` bool: text tokens whose mean relevance to the visual tokens is above the mean.
+
+        Those of ``Context.raters`` (an earlier stage's) unless ``raters_per_layer``.
+        """
+        t = attn.shape[1]
+        if context.raters is not None and not self.raters_per_layer:
+            return self._given_raters(context.raters, t).to(attn.device)
         mode = self.raters
         if mode == "auto":
             mode = "embeddings" if context.text_embeddings is not None else "attention"
-        t = attn.shape[1]
         if mode == "embeddings":
             text = context.text_embeddings
             if text is None:
@@ -384,6 +441,21 @@ class SparseVLM(Compressor):
             m = col.mean(dim=2)  # [B, T]
         raters = m > m.mean(dim=1, keepdim=True)
         return raters | ~raters.any(dim=1, keepdim=True)  # nobody above the mean: everyone rates
+
+    def _given_raters(self, raters: torch.Tensor, t: int) -> torch.Tensor:
+        """``Context.raters`` checked: bool ``[B, T]`` over the ``T`` rows of ``cross_attention``, a rater per row."""
+        if raters.dtype != torch.bool or raters.shape[1] != t:
+            raise InputError(
+                f"{self.display_name()}: context.raters must be a bool tensor [B, T] over the T={t} text tokens of "
+                f"context.cross_attention; got {raters.dtype} {tuple(raters.shape)}. Pass the info['raters'] of an "
+                "earlier stage on the same prompt, or leave it out (or set raters_per_layer=True) to choose them here."
+            )
+        if not bool(raters.any(dim=1).all()):
+            raise InputError(
+                f"{self.display_name()}: context.raters has a row without any rater (every entry False); each row "
+                "needs at least one True text token."
+            )
+        return raters
 
 
 def _distances(

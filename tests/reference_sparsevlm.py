@@ -6,7 +6,15 @@ DPC-KNN), in plain Python loops over tokens. The changes, all stated in ``strate
 the random ``1e-6`` density noise is replaced by the deterministic tie rule (equal densities: the
 earlier candidate is the denser), ties in every top-k go to the higher-ranked candidate / lower position,
 ``raters_attention`` is our attention version of the rater rule, and the kept count comes from the output
-count (``literal_split``). The merge keeps the authors' ``count + 1e-6`` divisor.
+count (``literal_split``) or, as theirs, from the stage's count (``literal_keep``). The merge keeps the
+authors' ``count + 1e-6`` divisor.
+
+``literal_prefill`` re-states their prefill loop over the pruning layers (``LlamaDynamicvitModel.forward``,
+``modelling_sparse_llama.py`` at ``main`` ``26a5f48``, l.198-204 and l.214-320; the same at tag ``v1.5``
+``b9619e6``, l.199-204 and l.267): the raters ``t_token_idx`` are chosen ONCE, before the first decoder
+layer, and every pruning layer scores with those same text tokens (``attn_postprocess_topk(...,
+t_token_idx, ...)``, l.259; ``score.py`` l.29-32), the kept count ``min(count, v_token_num - 1)``
+(``score.py`` l.41).
 """
 
 from __future__ import annotations
@@ -131,3 +139,37 @@ def literal_sparsevlm_layer(x, attn, t_token_idx, keep, recycle=True, ratio=0.3,
     slot = {p: s for s, p in enumerate(positions)}
     assignment = [slot[owner[j]] if j in owner else -1 for j in range(n)]
     return positions, torch.stack([values[p] for p in positions]), assignment
+
+
+def literal_keep(n: int, count: int) -> int:
+    """``score.py`` l.41: ``torch.topk(relation_vis, min(sparse_token_list[layer], v_token_num - 1))``."""
+    return min(count, n - 1)
+
+
+def literal_clusters_after_keep(n: int, count: int) -> int:
+    """``modelling_sparse_llama.py`` l.282 and l.286 (``main``): of the ``P = n - keep`` pruned tokens,
+    ``merge_token_num_stage1 = int(P * 0.3) + 1`` are recycled into ``cluster_num = int(that / 10) + 1``."""
+    pruned = n - literal_keep(n, count)
+    if pruned == 0:  # the authors always prune one (v_token_num - 1); only n = 1 gets here
+        return 0
+    merge_token_num_stage1 = int(pruned * 0.3) + 1
+    return int(merge_token_num_stage1 / 10) + 1
+
+
+def literal_prefill(stages, counts, choose_raters, per_layer=False):
+    """The authors' pruning layers on one sample, the raters chosen once and reused.
+
+    ``stages``: per pruning layer ``(x, attn)``, the visual tokens ``[N_s, D]`` and the text-to-visual
+    attention ``[T, N_s]`` there; ``counts``: the top-k count per layer; ``choose_raters``: the rater rule,
+    a function of the first ``(x, attn)`` (theirs reads the LLM's input embeddings, l.200-204).
+    ``per_layer=True`` is our option that re-chooses them at every layer from that layer's ``(x, attn)``
+    (not the authors'). Returns per layer ``(t_token_idx, positions, tokens, assignment)``.
+    """
+    out = []
+    t_token_idx = None
+    for (x, attn), count in zip(stages, counts):
+        if t_token_idx is None or per_layer:
+            t_token_idx = choose_raters(x, attn)  # l.198-204: once, before the decoder loop
+        keep = literal_keep(x.shape[0], count) if x.shape[0] > 1 else 1
+        out.append((list(t_token_idx), *literal_sparsevlm_layer(x, attn, t_token_idx, keep)))
+    return out

@@ -48,6 +48,7 @@ class Replay(tc.Compressor):
     def __init__(self, inner):
         self.inner = inner
         self.requires = inner.requires
+        self.carries = inner.carries
         self.in_llm_positions = inner.in_llm_positions
         self.picks = []
         self.calls = 0
@@ -275,6 +276,63 @@ def test_sparsevlm_runs_its_three_stages_and_decodes_consistently(eager):
     assert [s["tokens_out"] for s in handle.stats[:3]] == [2 * e for e in expected]
     with tc.apply(eager, "sparsevlm", layers=[1, 2, 3]):
         assert torch.equal(greedy(eager, inputs), cached)
+
+
+class Record(tc.Compressor):
+    """Runs ``inner`` and records each stage's tokens, context and result."""
+
+    stage = "in_llm"
+    deterministic = True
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.requires, self.carries = inner.requires, inner.carries
+        self.in_llm_positions = inner.in_llm_positions
+        self.calls = []
+
+    def llm_layers(self):
+        return self.inner.llm_layers()
+
+    def stage_budgets(self, n):
+        return self.inner.stage_budgets(n)
+
+    def _compress(self, tokens, k, context):
+        result = self.inner.compress(tokens, k, context)
+        self.calls.append((tokens, context, result))
+        return result
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_sparsevlm_raters_chosen_at_the_first_layer_are_reused(eager, per_layer):
+    # The authors choose t_token_idx once before the decoder loop (Gumpest/SparseVLMs,
+    # modelling_sparse_llama.py l.198-204 at main 26a5f48) and every pruning layer scores with them
+    # (l.253, l.259). Through tc.apply, the raters of layers 2 and 3 are those chosen at layer 1 (the
+    # integration carries info["raters"] as Context.raters); with raters_per_layer=True each layer's own.
+    from reference_sparsevlm import literal_prefill, raters_attention
+
+    inputs = llava_prompt(eager, batch=2, pad=[0, 2], seed=12)
+    comp = tc.create("sparsevlm", layers=[1, 2, 3], raters_per_layer=per_layer)
+    record = Record(comp)
+    with tc.apply(eager, record), torch.no_grad():
+        eager(**inputs)
+    assert len(record.calls) == 3
+    contexts = [context for _, context, _ in record.calls]
+    assert [(c.layer, c.schedule_n) for c in contexts] == [(1, N), (2, N), (3, N)]
+    assert contexts[0].raters is None  # the first stage chooses; each later one is handed the previous one's
+    for context, (_, _, previous) in zip(contexts[1:], record.calls):
+        assert torch.equal(context.raters, previous.info["raters"])
+    counts, changed = comp.stage_counts(N), False
+    for b in range(2):
+        stages = [(tokens[b], context.cross_attention[b]) for tokens, context, _ in record.calls]
+        literal = literal_prefill(stages, counts, lambda x, a: raters_attention(a), per_layer=per_layer)
+        for (idx, positions, values, assignment), (_, _, result) in zip(literal, record.calls):
+            assert result.info["raters"][b].nonzero().squeeze(1).tolist() == idx
+            assert result.indices[b].tolist() == positions and result.assignment[b].tolist() == assignment
+            torch.testing.assert_close(result.tokens[b], values, rtol=1e-4, atol=1e-4)
+        firsts = [idx for idx, *_ in literal]
+        assert per_layer or firsts == [firsts[0]] * 3
+        changed |= any(raters_attention(a) != firsts[0] for _, a in stages[1:])
+    assert changed  # at layers 2 or 3 the per-layer rule picks other raters: the reuse is observable
 
 
 def test_sparsevlm_under_sdpa_needs_eager(sdpa):

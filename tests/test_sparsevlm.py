@@ -8,6 +8,9 @@ import torch
 import tokencomp as tc
 from reference_sparsevlm import (
     clusters_of,
+    literal_clusters_after_keep,
+    literal_keep,
+    literal_prefill,
     literal_raters_embeddings,
     literal_sparsevlm_layer,
     literal_split,
@@ -141,6 +144,123 @@ def test_three_stages_from_576_tokens():
         keep = k - merged_expected[s]
         assert recycled_inputs == min(n - keep, int((n - keep) * 0.3) + 1)
         x = result.tokens
+
+
+def test_explicit_counts_give_the_authors_keep_and_clusters_at_n_576():
+    # The authors' pair for a count at N visual tokens (Gumpest/SparseVLMs, main 26a5f48):
+    #   keep = min(count, N - 1)                         score.py l.41 (torch.topk(relation_vis, min(...)))
+    #   P = N - keep; r = int(P * 0.3) + 1               modelling_sparse_llama.py l.282 (merge_token_num_stage1)
+    #   clusters = int(r / 10) + 1                       modelling_sparse_llama.py l.286 (cluster_num)
+    # The output count keep + clusters does not tell them apart where clusters drops by one (46 + 17 =
+    # 47 + 16 = 63 at N = 576): the stage's count must. Every count 1..575; through compress at that layer
+    # for each count where K alone is ambiguous (18 of them) and a few others.
+    n, x = 576, tokens(1, 576, 4, 3)
+    a = cross_attention(1, 3, n, 3)
+    ambiguous = []
+    for count in range(1, n):
+        comp = tc.create("sparsevlm", layers=[5], keep_counts=[count])
+        (k,) = comp.stage_budgets(n)
+        authors = (literal_keep(n, count), literal_clusters_after_keep(n, count))
+        assert comp.split(n, k, comp.stage_count(n, tc.Context(layer=5))) == authors, count
+        if comp.split(n, k) != authors:
+            ambiguous.append(count)
+    assert ambiguous == [12, 46, 79, 112, 146, 179, 212, 246, 279, 312, 346, 379, 412, 446, 479, 512, 546, 575]
+    for count in ambiguous + [1, 300, 574]:
+        comp = tc.create("sparsevlm", layers=[5], keep_counts=[count], raters="attention")
+        (k,) = comp.stage_budgets(n)
+        result = comp.compress(x, k, tc.Context(cross_attention=a, layer=5))
+        clusters = int(result.info["recycled"].sum())
+        assert (k - clusters, clusters) == (literal_keep(n, count), literal_clusters_after_keep(n, count)), count
+    # e.g. the brief's case: keep_counts=[46, 30, 17] keeps 46 and merges 17 at the first layer
+    comp = tc.create("sparsevlm", keep_counts=[46, 30, 17])
+    assert comp.split(576, 63, comp.stage_count(576, tc.Context(layer=3))) == (46, 17)
+    assert comp.split(576, 63) == (47, 16)  # K alone: the largest keep
+
+
+@pytest.mark.parametrize("n", [37, 62, 133, 300, 1000])
+def test_explicit_counts_give_the_authors_pair_at_other_n(n):
+    for count in range(1, n + 3):
+        comp = tc.create("sparsevlm", layers=[2, 9], keep_counts=[count, max(1, count // 3)])
+        m = n
+        for layer, c_s, k in zip(comp.layers, comp.keep_counts, comp.stage_budgets(n)):
+            pair = comp.split(m, k, comp.stage_count(m, tc.Context(layer=layer)))
+            assert pair == (literal_keep(m, c_s), literal_clusters_after_keep(m, c_s)), (n, count, layer)
+            m = k
+
+
+@pytest.mark.parametrize("retained", sorted(AUTHORS_KEEP))
+def test_the_scaled_table_gives_the_authors_pair_with_schedule_n(retained):
+    # For N != 576 the table is scaled from the tokens entering the first stage (Context.schedule_n,
+    # which the in-LLM integration sets); with it every stage gets the authors' pair.
+    comp = tc.create("sparsevlm", retained=retained)
+    for n0 in range(40, 1200, 7):
+        m = n0
+        for layer, count, k in zip(comp.layers, comp.stage_counts(n0), comp.stage_budgets(n0)):
+            pair = comp.split(m, k, comp.stage_count(m, tc.Context(layer=layer, schedule_n=n0)))
+            assert pair == (literal_keep(m, count), literal_clusters_after_keep(m, count)), (n0, layer)
+            m = k
+    # at the first stage the entering tokens are the schedule's n: no schedule_n needed
+    assert comp.stage_count(62, tc.Context(layer=3)) == comp.stage_counts(62)[0]
+    assert comp.stage_count(62, tc.Context(layer=7)) is None and comp.stage_count(62, tc.Context(layer=4)) is None
+
+
+def three_stages(b, seed, per_layer=False, carry=True):
+    """Our three stages chained by hand (as the integration does): each gets the previous stage's raters."""
+    comp = tc.create(
+        "sparsevlm", layers=[1, 2, 3], keep_counts=[60, 30, 12], raters="attention", raters_per_layer=per_layer
+    )
+    x, results, inputs, raters = tokens(b, 120, 8, seed), [], [], None
+    for s, k in enumerate(comp.stage_budgets(120)):
+        a = cross_attention(b, 7, x.shape[1], seed * 10 + s)
+        inputs.append((x, a))
+        results.append(comp.compress(x, k, tc.Context(cross_attention=a, layer=comp.layers[s], raters=raters)))
+        raters = results[-1].info["raters"] if carry else None
+        x = results[-1].tokens + 0.1 * tokens(b, k, 8, seed + 100 + s)  # the layers in between move the tokens
+    return comp, inputs, results
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_raters_chosen_once_and_reused_as_the_authors(seed, per_layer):
+    comp, inputs, results = three_stages(2, seed, per_layer)
+    changed = False
+    for b in range(2):
+        stages = [(x[b], a[b]) for x, a in inputs]
+        literal = literal_prefill(stages, comp.keep_counts, lambda x, a: raters_attention(a), per_layer=per_layer)
+        for (idx, positions, values, assignment), result in zip(literal, results):
+            assert result.info["raters"][b].nonzero().squeeze(1).tolist() == idx
+            assert result.indices[b].tolist() == positions
+            assert result.assignment[b].tolist() == assignment
+            torch.testing.assert_close(result.tokens[b], values, rtol=1e-5, atol=1e-5)
+        firsts = [idx for idx, *_ in literal]
+        assert per_layer or all(idx == firsts[0] for idx in firsts)
+        changed |= any(raters_attention(a) != firsts[0] for _, a in stages[1:])
+    assert changed  # the per-layer rule would pick other raters: the reuse is tested, not a coincidence
+
+
+def test_raters_without_carry_are_chosen_at_each_call():
+    # The direct API without Context.raters: every call is a first stage.
+    _, inputs, results = three_stages(1, 0, carry=False)
+    for (_, a), result in zip(inputs, results):
+        assert result.info["raters"][0].nonzero().squeeze(1).tolist() == raters_attention(a[0])
+
+
+def test_given_raters_errors():
+    x, a = tokens(1, 20, 4, 0), cross_attention(1, 3, 20, 0)
+    comp = tc.create("sparsevlm")
+    with pytest.raises(ValueError, match=r"raters must be a bool tensor \[B, T\] over the T=3 .* torch.bool \(1, 4\)"):
+        comp.compress(x, 5, tc.Context(cross_attention=a, raters=torch.ones(1, 4, dtype=torch.bool)))
+    with pytest.raises(ValueError, match=r"context.raters must be a bool tensor .* got torch.float32"):
+        comp.compress(x, 5, tc.Context(cross_attention=a, raters=torch.ones(1, 3)))
+    with pytest.raises(ValueError, match="context.raters has a row without any rater"):
+        comp.compress(x, 5, tc.Context(cross_attention=a, raters=torch.zeros(1, 3, dtype=torch.bool)))
+    with pytest.raises(ValueError, match=r"context.raters must have shape \[B, T\] = \[1, T\]"):
+        comp.compress(x, 5, tc.Context(cross_attention=a, raters=torch.ones(2, 3, dtype=torch.bool)))
+    # per layer: a given one is ignored
+    ignored = tc.create("sparsevlm", raters_per_layer=True).compress(
+        x, 5, tc.Context(cross_attention=a, raters=torch.zeros(1, 3, dtype=torch.bool))
+    )
+    assert ignored.info["raters"][0].nonzero().squeeze(1).tolist() == raters_attention(a[0])
 
 
 def hand_example():
@@ -282,6 +402,7 @@ def test_context_errors():
         ({"recycle_ratio": 1.5}, "'recycle_ratio' must be a finite number in [0.0, 1.0]"),
         ({"cluster_divisor": 0}, "'cluster_divisor' must be an integer in [1, inf]"),
         ({"raters": "text"}, "'raters' must be one of 'auto', 'attention', 'embeddings'"),
+        ({"raters_per_layer": "yes"}, "'raters_per_layer' must be True or False"),
     ],
 )
 def test_bad_parameters_raise_on_construction(params, fragment):

@@ -53,6 +53,11 @@ class Compressor(ABC):
         Its output is a function of its input alone (no random numbers, seeded or not).
     requires : tuple of str
         :class:`Context` fields that must be given to :meth:`compress`.
+    carries : tuple of str
+        For a multi-stage in-LLM strategy: :attr:`CompressionResult.info` entries that the next stage of
+        the same compressor receives as the :class:`Context` field of the same name (each a per-row
+        field, without the token axis ``N``, since the tokens change between stages). SparseVLM carries
+        its ``raters``. Empty by default; a direct :meth:`compress` call receives only what it is given.
     summary : str
         One line shown by ``tokencomp ls``.
     paper : str
@@ -122,6 +127,7 @@ class Compressor(ABC):
     text_conditioned: ClassVar[bool] = False
     deterministic: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ()
+    carries: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     in_llm_positions: ClassVar[InLLMPositions] = "keep"

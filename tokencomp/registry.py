@@ -53,7 +53,7 @@ CAPABILITY_VALUES: dict[str, tuple[Any, ...]] = _capability_values()
 
 
 def _check_declarations(name: str, cls: type[Compressor]) -> None:
-    """Raise ``ValueError`` if a capability, ``requires`` or ``info_layout`` declaration is malformed."""
+    """Raise ``ValueError`` if a capability, ``requires``, ``carries`` or ``info_layout`` declaration is malformed."""
     from .types import Context
 
     for attribute, allowed in CAPABILITY_VALUES.items():
@@ -75,6 +75,13 @@ def _check_declarations(name: str, cls: type[Compressor]) -> None:
         raise ValueError(
             f"register({name!r}): requires names {', '.join(repr(f) for f in unknown)}, which are not "
             f"tokencomp.Context fields; use some of {', '.join(Context.field_names())}."
+        )
+    per_row = [f for f in Context.layout() if f not in Context.per_token_fields()]
+    wrong = [f for f in cls.carries if f not in per_row]
+    if wrong:
+        raise ValueError(
+            f"register({name!r}): carries names {', '.join(repr(f) for f in wrong)}, which are not per-row tensor "
+            f"fields of tokencomp.Context (the tokens change between stages); use some of {', '.join(per_row)}."
         )
     bad = {k: v for k, v in dict(cls.info_layout).items() if v not in INFO_KINDS}
     if bad:

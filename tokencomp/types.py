@@ -114,6 +114,17 @@ class Context:
         ``[B, N, E]`` the visual tokens in the joint image-text space of ``text_embeddings`` (for CLIP:
         the vision tower's post-layernorm and visual projection), for strategies that score the tokens'
         relevance to the instruction. When absent, such strategies use the tokens themselves.
+    raters : torch.Tensor, optional
+        ``[B, T]`` bool, the text tokens (rows of ``cross_attention``) that rate the visual tokens, as an
+        earlier stage of the same multi-stage strategy chose them (SparseVLM chooses its raters once and
+        reuses them at every later layer). The in-LLM integration hands each stage what the previous
+        stage of the same compressor returned in ``info`` under the names in its
+        :attr:`~tokencomp.Compressor.carries`; absent at the first stage and in a direct call.
+    schedule_n : int, optional
+        For a strategy that sets its own per-layer budgets
+        (:meth:`~tokencomp.Compressor.stage_budgets`): the number of visual tokens that entered its
+        first stage, the ``n`` its schedule was computed from (the in-LLM integration sets it at every
+        stage).
     """
 
     grid: Optional[tuple[int, ...]] = None
@@ -130,6 +141,8 @@ class Context:
     visual_positions: Optional[torch.Tensor] = _tensor("[B, N]")
     key_mask: Optional[torch.Tensor] = _tensor("[B, L]")
     image_embeddings: Optional[torch.Tensor] = _tensor("[B, N, E]")
+    raters: Optional[torch.Tensor] = _tensor("[B, T]")
+    schedule_n: Optional[int] = None
 
     # ------------------------------------------------------------------ the fields' layout
     @classmethod

@@ -13,7 +13,11 @@ computed from the model at that point:
   applied (PyramidDrop computes its one attention row from them);
 - ``keys`` for strategies that also require ``hidden_states`` (DART): layer ``l - 1``'s keys; and
   ``hidden_states`` the whole sequence after the model's final norm;
-- ``visual_positions``, ``key_mask`` (the prompt's padding), ``layer``.
+- ``visual_positions``, ``key_mask`` (the prompt's padding), ``layer``;
+- ``schedule_n``, for strategies that set their own per-layer budgets: the visual tokens entering their
+  first stage (the ``n`` of ``stage_budgets(n)``);
+- the strategy's :attr:`~tokencomp.Compressor.carries` (e.g. SparseVLM's ``raters``): from the second
+  stage of a compressor on, what its previous stage returned in ``info`` under those names.
 
 From layer ``l`` on, every layer sees the shorter sequence: the hidden states are cut at ``l``; the
 attention mask, rotary embeddings and position ids handed to each later layer are cut the same way, in
@@ -43,6 +47,7 @@ from .handle import Handle, PrefillStats
 # the Context fields an in-LLM stage is given (no grid: after a pre-LLM cut the kept tokens form none)
 SUPPLIED = (
     "text_attention", "cross_attention", "query", "keys", "hidden_states", "visual_positions", "key_mask", "layer",
+    "schedule_n",
 )
 
 
@@ -63,6 +68,8 @@ class _Prefill:
     length: int
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L_s] original positions
     renumber: dict[int, bool] = field(default_factory=dict)
+    first_n: dict[int, int] = field(default_factory=dict)  # id(compressor) -> visual tokens entering its first stage
+    carried: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(compressor) -> its last stage's carries
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
@@ -243,6 +250,7 @@ class DecoderStages:
         if bool((counts != counts[0]).any()):
             raise InputError("tokencomp: rows of the batch hold different numbers of visual tokens.")
         n = int(counts[0])
+        p.first_n.setdefault(id(stage.compressor), n)
         visual_idx = visual_now.float().argsort(dim=1, descending=True, stable=True)[:, :n].sort(dim=1).values
         tokens = _gather_rows(hidden, visual_idx, 1)
         context = self._context(stage, layer, hidden, kwargs, visual_idx, positions_now)
@@ -252,6 +260,7 @@ class DecoderStages:
             where = f"every prompt row at decoder layer {stage.layer}"
             check_fits(stage.compressor, budget, n, where, unit="prompt row")
         result = stage.compressor.compress(tokens, budget, context)
+        p.carried[id(stage.compressor)] = {k: result.info[k] for k in stage.compressor.carries if k in result.info}
         self.stats.count(f"in_llm@{stage.layer}", stage.compressor, start, int(counts.sum()),
                          int(result.tokens.shape[0] * result.tokens.shape[1]))
         # new sequence: every non-visual position plus the kept visual ones, in order
@@ -282,7 +291,11 @@ class DecoderStages:
             fields["hidden_states"] = self.lm.norm(hidden)  # type: ignore[operator]  # norm: an nn.Module
         if "query" in need or "keys" in need:
             fields.update(self._projected(stage, need, layer, hidden, kwargs))
-        return Context(**{k: v for k, v in fields.items() if k in need or k == "key_mask" and "keys" in need})
+        fields = {k: v for k, v in fields.items() if k in need or k == "layer" or k == "key_mask" and "keys" in need}
+        if stage.compressor.sets_own_budgets():
+            fields["schedule_n"] = self.prefill.first_n[id(stage.compressor)]
+        fields.update(self.prefill.carried.get(id(stage.compressor), {}))  # from its previous stage, if any
+        return Context(**fields)
 
     def _captured(self, stage: Stage, error: type[Exception]) -> torch.Tensor:
         """The attention weights captured in layer ``stage.layer - 1`` (``error`` when there are none)."""
