@@ -16,6 +16,21 @@ The algorithm, at prefill:
 Here the attention row arrives as ``Context.text_attention`` (``[B, N]``, the last token's
 head-averaged attention to the N visual tokens); the model integration extracts it, which needs eager
 attention weights, so FastV cannot run under FlashAttention / SDPA.
+
+Departures, all stated:
+
+- **Pruned once, at prefill.** The authors' accuracy scripts
+  (``src/FastV/inference/eval/eval_ocrvqa_fastv_token_mask.sh``, running ``inference_ocrvqa.py`` with
+  ``use_cache=True``) use the *attention-mask* variant of ``LlamaModel.forward``
+  (``src/transformers/src/transformers/models/llama/modeling_llama.py``, l. 763-808): at layer ``K`` of
+  **every** forward pass, decoding steps included, it re-selects the ``R`` image tokens from the current
+  last token's attention and masks the others in the layers after ``K``; every image token stays in the
+  KV cache, so a token dropped at one step can return at the next. Ours, like their KV-cache variant
+  (``src/FastV/lmms-eval/fastv_kvcache.py``, l. 118-130: pruning only when ``seq_length > 1``) and their
+  in-place latency variant (``modeling_llama.py`` l. 729-760, ``--fast-v-inplace``, run without cache by
+  ``eval_aokvqa_latency_fastv_inplace.sh``), prunes once at prefill: decoding sees the kept tokens only.
+- Ties in attention go to the lower position (a stable descending sort, not ``topk``); batched over ``B``
+  (the authors read batch row 0).
 """
 
 from __future__ import annotations
