@@ -1,4 +1,5 @@
-"""The repository's tooling: ``mypy`` on ``tokencomp`` with the configuration in ``pyproject.toml``.
+"""The repository's tooling: ``ruff`` (lint and format) on the repository and ``mypy`` on ``tokencomp``,
+with the configuration in ``pyproject.toml``.
 
 Deselect with ``-m "not tooling"``. The mypy cache lives in the system's temporary directory (one per
 checkout), so only the first run in a fresh environment pays for the full check.
@@ -7,6 +8,9 @@ checkout), so only the first run in a fresh environment pays for the full check.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,3 +30,13 @@ def test_mypy_reports_no_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         ["--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(cache), "--no-error-summary", "tokencomp"]
     )
     assert status == 0 and not stdout.strip(), f"mypy tokencomp:\n{stdout}{stderr}"
+
+
+@pytest.mark.parametrize(
+    "command", [["check", "--no-cache"], ["format", "--check", "--no-cache"]], ids=["check", "format"]
+)
+def test_ruff_reports_nothing(command: list[str]) -> None:
+    if importlib.util.find_spec("ruff") is None:
+        pytest.skip("ruff is not installed (pip install -e '.[dev]')")
+    run = subprocess.run([sys.executable, "-m", "ruff", *command, "."], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, f"ruff {' '.join(command)} .:\n{run.stdout}{run.stderr}"

@@ -245,7 +245,12 @@ class Compressor(ABC):
         padded = context.valid is not None and not bool(context.valid.all())
         if padded and self.padding != "native":
             result = compress_padded(
-                x, k, context, compress=self._compress_checked, mode=self.padding, owner=owner,
+                x,
+                k,
+                context,
+                compress=self._compress_checked,
+                mode=self.padding,
+                owner=owner,
                 info_layout=self.info_layout,
             )
         else:
@@ -300,7 +305,7 @@ class Compressor(ABC):
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         """Compress validated batched tokens ``[B, N, D]`` to exactly ``k`` tokens each."""
 
-    def _check_budget(self, k: int, n: int, context: Context) -> None:
+    def _check_budget(self, k: int, n: int, context: Context) -> None:  # noqa: B027 - a hook; default: any k
         """Raise ``ValueError`` if this strategy, as configured, cannot keep ``k`` of ``n`` tokens."""
 
     # ------------------------------------------------------------------ helpers for subclasses
@@ -381,7 +386,11 @@ class Compressor(ABC):
                 raise InputError(f"{owner}: context.visual_positions must be int64; got {pos.dtype}.")
             if keys is not None and bool(((pos < 0) | (pos >= keys.shape[2])).any()):
                 raise InputError(f"{owner}: context.visual_positions must index the L={keys.shape[2]} keys.")
-        if mask is not None and keys is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, keys.shape[2])):
+        if (
+            mask is not None
+            and keys is not None
+            and (mask.dtype != torch.bool or tuple(mask.shape) != (b, keys.shape[2]))
+        ):
             raise InputError(
                 f"{owner}: context.key_mask must be bool of shape [B, L] = [{b}, {keys.shape[2]}]; "
                 f"got {mask.dtype} {tuple(mask.shape)}."

@@ -192,7 +192,7 @@ class ListOf(Constraint):
         item = self.item.describe()
         for single, plural in (("an integer", "integers"), ("a finite number", "finite numbers")):
             if item.startswith(single):
-                return f"a non-empty{order} list of {plural}{item[len(single):]}"
+                return f"a non-empty{order} list of {plural}{item[len(single) :]}"
         return f"a non-empty{order} list, each item {item}"
 
     def near_misses(self) -> tuple[Any, ...]:

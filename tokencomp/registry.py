@@ -85,9 +85,7 @@ def _check_declarations(name: str, cls: type[Compressor]) -> None:
         )
     bad = {k: v for k, v in dict(cls.info_layout).items() if v not in INFO_KINDS}
     if bad:
-        raise ValueError(
-            f"register({name!r}): info_layout kinds must be one of {', '.join(INFO_KINDS)}; got {bad!r}."
-        )
+        raise ValueError(f"register({name!r}): info_layout kinds must be one of {', '.join(INFO_KINDS)}; got {bad!r}.")
     _check_constraints(name, cls)
 
 
@@ -101,7 +99,11 @@ def _check_constraints(name: str, cls: type[Compressor]) -> None:
                 f"register({name!r}): {where} names {param!r}, which is no keyword-only parameter of "
                 f"{cls.__qualname__}.__init__ ({', '.join(cls._param_names()) or 'none'})."
             )
-        if not isinstance(constraints, tuple) or not constraints or not all(isinstance(c, Constraint) for c in constraints):
+        if (
+            not isinstance(constraints, tuple)
+            or not constraints
+            or not all(isinstance(c, Constraint) for c in constraints)
+        ):
             raise ValueError(
                 f"register({name!r}): {where}[{param!r}] must be a non-empty tuple of "
                 f"tokencomp.constraints.Constraint instances; got {constraints!r}."
@@ -214,9 +216,7 @@ def get(name: str) -> type[Compressor]:
         return _registry[name]
     close = difflib.get_close_matches(str(name), list(_registry), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise UnknownStrategyError(
-        f"unknown strategy {name!r}.{hint} Available: {', '.join(sorted(_registry))}."
-    )
+    raise UnknownStrategyError(f"unknown strategy {name!r}.{hint} Available: {', '.join(sorted(_registry))}.")
 
 
 def create(name: str, **params: Any) -> Compressor:

@@ -175,10 +175,9 @@ class Context:
 
         The context must be batched (as :meth:`~tokencomp.Compressor.compress` hands it to ``_compress``).
         """
-        return self.replace(**{
-            name: value.index_select(0, rows.to(value.device))
-            for name, value in self._tensors().items()
-        })
+        return self.replace(
+            **{name: value.index_select(0, rows.to(value.device)) for name, value in self._tensors().items()}
+        )
 
     def row(self, i: int) -> "Context":
         """The context of batch row ``i`` alone (every tensor field sliced to ``[i : i + 1]``)."""
@@ -193,11 +192,13 @@ class Context:
         """
         out = self if rows is None else self.select_rows(rows)
         token_dims = self.per_token_fields()
-        return out.replace(**{
-            name: _gather_axis(value, positions.to(value.device), token_dims[name])
-            for name, value in out._tensors().items()
-            if name in token_dims
-        })
+        return out.replace(
+            **{
+                name: _gather_axis(value, positions.to(value.device), token_dims[name])
+                for name, value in out._tensors().items()
+                if name in token_dims
+            }
+        )
 
     def to(self, device: torch.device | str) -> "Context":
         """A copy with every tensor field on ``device``."""

@@ -41,9 +41,7 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> A
     return validate(owner, name, value, (Options(tuple(choices)),))
 
 
-def check_int(
-    owner: str, name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None
-) -> int:
+def check_int(owner: str, name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
     """Return ``value`` as ``int`` if it is an integer in ``[low, high]``."""
     return validate(owner, name, value, (Interval(int, low, high),))
 
@@ -123,9 +121,7 @@ def check_tokens(owner: str, tokens: Any, finite: bool = True) -> tuple[torch.Te
 def check_finite(owner: str, tokens: torch.Tensor) -> None:
     """Raise ``ValueError`` if ``tokens`` hold a NaN or an infinity (one pass, :func:`all_finite`)."""
     if not all_finite(tokens):
-        raise InputError(
-            f"{owner}: tokens contain NaN or infinite values; only finite values can be compressed."
-        )
+        raise InputError(f"{owner}: tokens contain NaN or infinite values; only finite values can be compressed.")
 
 
 def check_budget(owner: str, budget: Any) -> Union[int, float]:

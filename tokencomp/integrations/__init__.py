@@ -158,7 +158,8 @@ def apply(
         for entry in strategy:
             if not isinstance(entry, tuple) or len(entry) not in (2, 3):
                 raise InputError(
-                    f"tokencomp.apply: a schedule entry must be (strategy, budget) or (strategy, budget, params); got {entry!r}."
+                    "tokencomp.apply: a schedule entry must be (strategy, budget) or (strategy, budget, params); "
+                    f"got {entry!r}."
                 )
             entries.append((_compressor(entry[0], dict(entry[2]) if len(entry) == 3 else {}), entry[1]))
     else:

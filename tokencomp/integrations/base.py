@@ -69,8 +69,15 @@ class Integration:
     renumber: ClassVar[bool] = True
 
     def __init__(
-        self, model: Any, compressor: Optional[Compressor], budget: Optional[int | float], stages: list[Stage],
-        point: str, allow_eager_fallback: bool, handle: Handle, video: str = "clip",
+        self,
+        model: Any,
+        compressor: Optional[Compressor],
+        budget: Optional[int | float],
+        stages: list[Stage],
+        point: str,
+        allow_eager_fallback: bool,
+        handle: Handle,
+        video: str = "clip",
     ) -> None:
         self.model, self.compressor, self.budget, self.point = model, compressor, budget, point
         self.video = video
@@ -86,9 +93,17 @@ class Integration:
             self.check_context()
         self.check_stages(stages)
         self.decoder = (
-            DecoderStages(self.inner.language_model, stages, allow_eager_fallback, handle,
-                          visual_mask=lambda: self.visual, key_mask=lambda: self.mask2d, renumber=self.renumber)
-            if stages else None
+            DecoderStages(
+                self.inner.language_model,
+                stages,
+                allow_eager_fallback,
+                handle,
+                visual_mask=lambda: self.visual,
+                key_mask=lambda: self.mask2d,
+                renumber=self.renumber,
+            )
+            if stages
+            else None
         )
 
     @property
@@ -239,8 +254,14 @@ class Integration:
         kwargs["input_ids"] = state.apply(input_ids, fill=0 if pad is None else pad)
 
     def compress_item(
-        self, tokens: torch.Tensor, frames: int, frame_grid: Optional[tuple], grid: Optional[tuple],
-        where: str, unit: str = "image", text: Optional[torch.Tensor] = None,
+        self,
+        tokens: torch.Tensor,
+        frames: int,
+        frame_grid: Optional[tuple],
+        grid: Optional[tuple],
+        where: str,
+        unit: str = "image",
+        text: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Compress one image or video clip ``tokens`` ``[N, D]`` (``frames`` frames of ``N / frames``).
 

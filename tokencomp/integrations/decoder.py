@@ -46,7 +46,14 @@ from .handle import Handle, PrefillStats
 
 # the Context fields an in-LLM stage is given (no grid: after a pre-LLM cut the kept tokens form none)
 SUPPLIED = (
-    "text_attention", "cross_attention", "query", "keys", "hidden_states", "visual_positions", "key_mask", "layer",
+    "text_attention",
+    "cross_attention",
+    "query",
+    "keys",
+    "hidden_states",
+    "visual_positions",
+    "key_mask",
+    "layer",
     "schedule_n",
 )
 
@@ -89,8 +96,13 @@ class DecoderStages:
     """Hooks on a decoder-only language model (``layers``, ``norm``, ``rotary_emb``) running in-LLM stages."""
 
     def __init__(
-        self, language_model: torch.nn.Module, stages: list[Stage], allow_eager_fallback: bool, handle: Handle,
-        visual_mask: Callable[[], Optional[torch.Tensor]], key_mask: Callable[[], Optional[torch.Tensor]],
+        self,
+        language_model: torch.nn.Module,
+        stages: list[Stage],
+        allow_eager_fallback: bool,
+        handle: Handle,
+        visual_mask: Callable[[], Optional[torch.Tensor]],
+        key_mask: Callable[[], Optional[torch.Tensor]],
         renumber: bool = True,
     ) -> None:
         self.lm = language_model
@@ -261,8 +273,13 @@ class DecoderStages:
             check_fits(stage.compressor, budget, n, where, unit="prompt row")
         result = stage.compressor.compress(tokens, budget, context)
         p.carried[id(stage.compressor)] = {k: result.info[k] for k in stage.compressor.carries if k in result.info}
-        self.stats.count(f"in_llm@{stage.layer}", stage.compressor, start, int(counts.sum()),
-                         int(result.tokens.shape[0] * result.tokens.shape[1]))
+        self.stats.count(
+            f"in_llm@{stage.layer}",
+            stage.compressor,
+            start,
+            int(counts.sum()),
+            int(result.tokens.shape[0] * result.tokens.shape[1]),
+        )
         # new sequence: every non-visual position plus the kept visual ones, in order
         keep = ~visual_now
         keep.scatter_(1, visual_idx.gather(1, result.indices), True)
@@ -275,8 +292,15 @@ class DecoderStages:
         p.renumber[stage.layer] = self.renumber and getattr(stage.compressor, "in_llm_positions", "keep") == "renumber"
         return new_hidden
 
-    def _context(self, stage: Stage, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict,
-                 visual_idx: torch.Tensor, positions_now: torch.Tensor) -> Context:
+    def _context(
+        self,
+        stage: Stage,
+        layer: torch.nn.Module,
+        hidden: torch.Tensor,
+        kwargs: dict,
+        visual_idx: torch.Tensor,
+        positions_now: torch.Tensor,
+    ) -> Context:
         """The context ``stage``'s strategy requires, at the visual tokens ``visual_idx`` of ``hidden``."""
         need = set(stage.compressor.requires)
         fields: dict[str, Any] = {"layer": stage.layer, "visual_positions": visual_idx}
@@ -292,9 +316,11 @@ class DecoderStages:
         if "query" in need or "keys" in need:
             fields.update(self._projected(stage, need, layer, hidden, kwargs))
         fields = {k: v for k, v in fields.items() if k in need or k == "layer" or k == "key_mask" and "keys" in need}
+        p = self.prefill
+        assert p is not None  # stages run inside a prefill only
         if stage.compressor.sets_own_budgets():
-            fields["schedule_n"] = self.prefill.first_n[id(stage.compressor)]
-        fields.update(self.prefill.carried.get(id(stage.compressor), {}))  # from its previous stage, if any
+            fields["schedule_n"] = p.first_n[id(stage.compressor)]
+        fields.update(p.carried.get(id(stage.compressor), {}))  # from its previous stage, if any
         return Context(**fields)
 
     def _captured(self, stage: Stage, error: type[Exception]) -> torch.Tensor:

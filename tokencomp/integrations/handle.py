@@ -101,8 +101,13 @@ class PrefillStats:
         seconds = time.perf_counter() - start
         record = self.records.setdefault(
             stage,
-            {"stage": stage, "strategy": compressor.display_name(), "tokens_in": 0, "tokens_out": 0,
-             "compress_seconds": 0.0},
+            {
+                "stage": stage,
+                "strategy": compressor.display_name(),
+                "tokens_in": 0,
+                "tokens_out": 0,
+                "compress_seconds": 0.0,
+            },
         )
         record["tokens_in"] += tokens_in
         record["tokens_out"] += tokens_out

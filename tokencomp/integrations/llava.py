@@ -162,8 +162,13 @@ class LlavaIntegration(Integration):
         check_fits(compressor, self._budget, features.shape[1], where)
         start = time.perf_counter()
         result = compressor.compress(features, self._budget, self._context(features.shape[1], text))
-        self.stats.count("pre_llm", compressor, start, features.shape[0] * features.shape[1],
-                         result.tokens.shape[0] * result.tokens.shape[1])
+        self.stats.count(
+            "pre_llm",
+            compressor,
+            start,
+            features.shape[0] * features.shape[1],
+            result.tokens.shape[0] * result.tokens.shape[1],
+        )
         return result.tokens
 
     def _compress_projector_input(self, module: torch.nn.Module, args: tuple) -> tuple:
@@ -207,17 +212,20 @@ class LlavaIntegration(Integration):
         """``[B, L]`` bool: the prompt's columns kept (LLaVA-1.5: its images)."""
         return self._compress_images(module, kwargs, input_ids, self.model.config.image_token_id)
 
-    def _compress_images(
-        self, module: Any, kwargs: dict, input_ids: torch.Tensor, token_id: int
-    ) -> torch.Tensor:
+    def _compress_images(self, module: Any, kwargs: dict, input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
         """``[B, L]`` bool: the image placeholders kept (every other column True)."""
-        features = self.encoded(kwargs, "image", ("pixel_values",), lambda: module.get_image_features(
-            pixel_values=kwargs["pixel_values"],
-            vision_feature_layer=kwargs.get("vision_feature_layer"),
-            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-            image_sizes=kwargs.get("image_sizes"),
-            return_dict=True,
-        ))
+        features = self.encoded(
+            kwargs,
+            "image",
+            ("pixel_values",),
+            lambda: module.get_image_features(
+                pixel_values=kwargs["pixel_values"],
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                image_sizes=kwargs.get("image_sizes"),
+                return_dict=True,
+            ),
+        )
         return self.place_images(module, kwargs, input_ids, token_id, features)
 
     def _shorten(self, kwargs: dict, input_ids: torch.Tensor, keep: torch.Tensor) -> dict:
@@ -231,7 +239,8 @@ class LlavaIntegration(Integration):
             kwargs["attention_mask"] = state.apply(mask, fill=0)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = (
-                positions_from_mask(kwargs["attention_mask"]) if mask is not None
+                positions_from_mask(kwargs["attention_mask"])
+                if mask is not None
                 else torch.arange(kwargs["input_ids"].shape[1], device=input_ids.device).expand_as(kwargs["input_ids"])
             )
         return kwargs

@@ -74,12 +74,20 @@ class LlavaNextIntegration(LlavaIntegration):
         if sizes is None:
             raise InputError("tokencomp: [CLS] attention on an any-res model needs image_sizes.")
         helper = sys.modules[type(module).__module__].image_size_to_num_patches
-        counts = [helper(image_size=s, grid_pinpoints=self.model.config.image_grid_pinpoints,
-                         patch_size=self.model.config.vision_config.image_size) for s in sizes]
+        counts = [
+            helper(
+                image_size=s,
+                grid_pinpoints=self.model.config.image_grid_pinpoints,
+                patch_size=self.model.config.vision_config.image_size,
+            )
+            for s in sizes
+        ]
         rows = torch.split(self._image_cls, counts)[image]  # [crops, tokens per crop]
         packed, _ = module.pack_image_features(
-            [rows[..., None]], sizes[image : image + 1],
-            vision_feature_select_strategy=self.model.config.vision_feature_select_strategy, image_newline=None,
+            [rows[..., None]],
+            sizes[image : image + 1],
+            vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
+            image_newline=None,
         )
         cls = packed[0][:, 0]
         if cls.shape[0] != n:
@@ -144,17 +152,20 @@ class LlavaNextIntegration(LlavaIntegration):
             return math.ceil(side / 2) ** 2
         return (side // self.model.config.spatial_pool_stride) ** 2
 
-    def _compress_videos(
-        self, module: Any, kwargs: dict, input_ids: torch.Tensor, video_id: int
-    ) -> torch.Tensor:
+    def _compress_videos(self, module: Any, kwargs: dict, input_ids: torch.Tensor, video_id: int) -> torch.Tensor:
         """``[B, L]`` bool: the video placeholders kept; each clip compressed whole (``grid = (T, h, w)``) or
         frame by frame (``video="frame"``); OneVision's trailing newline token stays."""
-        videos = self.encoded(kwargs, "video", ("pixel_values_videos",), lambda: module.get_video_features(
-            pixel_values_videos=kwargs["pixel_values_videos"],
-            vision_feature_layer=kwargs.get("vision_feature_layer"),
-            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-            return_dict=True,
-        ))
+        videos = self.encoded(
+            kwargs,
+            "video",
+            ("pixel_values_videos",),
+            lambda: module.get_video_features(
+                pixel_values_videos=kwargs["pixel_values_videos"],
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                return_dict=True,
+            ),
+        )
         newline = getattr(module, "image_newline", None) if hasattr(module, "apply_pooling") else None
         per_frame = self._frame_tokens(module)
         side = math.isqrt(per_frame)
@@ -170,8 +181,12 @@ class LlavaNextIntegration(LlavaIntegration):
                 )
             frames = tokens.shape[0] // per_frame
             indices, values, _ = self.compress_item(
-                tokens, frames, (side, side) if square else None, (frames, side, side) if square else None,
-                f"video {v}", unit="video clip",
+                tokens,
+                frames,
+                (side, side) if square else None,
+                (frames, side, side) if square else None,
+                f"video {v}",
+                unit="video clip",
             )
             keep, out = _splice(video, is_newline, indices, values)
             flags.append(keep)

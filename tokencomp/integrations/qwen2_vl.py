@@ -112,7 +112,9 @@ class QwenVLIntegration(Integration):
             if not bool(placeholders.any()):
                 continue
             features = self.encoded(
-                kwargs, name, (pixels, grid_key),
+                kwargs,
+                name,
+                (pixels, grid_key),
                 functools.partial(encode, kwargs.get(pixels), kwargs.get(grid_key), return_dict=True),
             )
             grid = kwargs.get(grid_key)
@@ -121,8 +123,14 @@ class QwenVLIntegration(Integration):
         return found
 
     def _compress_modality(
-        self, kwargs: dict, name: str, placeholders: torch.Tensor, features: list, grid: torch.Tensor,
-        merge: int, text: Any,
+        self,
+        kwargs: dict,
+        name: str,
+        placeholders: torch.Tensor,
+        features: list,
+        grid: torch.Tensor,
+        merge: int,
+        text: Any,
     ) -> torch.Tensor:
         """Compress each image or video of one modality; returns the ``[N_total]`` placeholders kept."""
         kept_tokens, flags, assignments = [], [], []
@@ -131,7 +139,11 @@ class QwenVLIntegration(Integration):
         for i, (feature, thw, row) in enumerate(zip(features, grid.tolist(), rows)):
             t, h, w = thw[0], thw[1] // merge, thw[2] // merge
             indices, tokens, assignment = self.compress_item(
-                feature, t, (h, w), (t, h, w) if t > 1 else (h, w), f"{name} {i} (batch row {row})",
+                feature,
+                t,
+                (h, w),
+                (t, h, w) if t > 1 else (h, w),
+                f"{name} {i} (batch row {row})",
                 unit="video clip" if name == "video" else "image",
                 text=None if text is None else text[row].to(feature.dtype),
             )
@@ -177,8 +189,11 @@ class QwenVLIntegration(Integration):
         mask = kwargs.get("attention_mask")
         if positions is None or positions.dim() != 3:
             rope, deltas = module.get_rope_index(
-                input_ids, image_grid_thw=grids.get("image"), video_grid_thw=grids.get("video"),
-                attention_mask=mask, mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+                input_ids,
+                image_grid_thw=grids.get("image"),
+                video_grid_thw=grids.get("video"),
+                attention_mask=mask,
+                mm_token_type_ids=kwargs.get("mm_token_type_ids"),
             )
         else:
             rope, deltas = positions[-3:], module.rope_deltas

@@ -151,7 +151,9 @@ def instruction_embeddings(embed: torch.nn.Module, input_ids: torch.Tensor, visu
     last = torch.where(visual, columns, torch.full_like(columns, -1)).amax(dim=1)
     tail = int((length - 1 - last).min())
     if tail < 1:
-        raise InputError("tokencomp: the strategy needs the instruction's embeddings, but a prompt has no text after its image.")
+        raise InputError(
+            "tokencomp: the strategy needs the instruction's embeddings, but a prompt has no text after its image."
+        )
     return embed(input_ids[:, length - tail :])
 
 

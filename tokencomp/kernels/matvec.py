@@ -96,8 +96,10 @@ def token_dots_step(x: torch.Tensor, vectors: torch.Tensor, out: torch.Tensor) -
     """
     b, rows, d = x.shape
     if padded_rows(rows) != rows:
-        raise InputError(f"token_dots: {rows} rows cannot be cut into equal aligned pieces; pad the tokens with "
-                         f"zero rows to padded_rows({rows}) = {padded_rows(rows)}.")
+        raise InputError(
+            f"token_dots: {rows} rows cannot be cut into equal aligned pieces; pad the tokens with "
+            f"zero rows to padded_rows({rows}) = {padded_rows(rows)}."
+        )
     count = pieces(rows)
     m = rows // count
     # the vector once per piece, a stride-0 view: for one batch row bmm reads it without a copy; for a
@@ -140,8 +142,10 @@ def column_dots(columns: torch.Tensor, vectors: torch.Tensor, pieces: int, out: 
     """
     b, d, width = columns.shape
     if width % (PIECE_ALIGN * pieces) or (pieces > 1 and b > 1):
-        raise InputError(f"column_dots: {width} columns of {b} batch rows cannot be cut into {pieces} aligned "
-                         f"pieces; pad to padded_columns({width}, pieces) and use pieces=1 for a batch.")
+        raise InputError(
+            f"column_dots: {width} columns of {b} batch rows cannot be cut into {pieces} aligned "
+            f"pieces; pad to padded_columns({width}, pieces) and use pieces=1 for a batch."
+        )
     if pieces == 1:
         torch.bmm(vectors.unsqueeze(1), columns, out=out.view(b, 1, width))
         return out

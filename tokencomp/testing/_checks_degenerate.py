@@ -37,11 +37,13 @@ def check_identical_tokens(compressor: Compressor) -> None:
     for k in some_budgets(compressor):
         first = compressor.compress(x, k, pinned(compressor, ctx))
         selection = is_selection(compressor, k)  # then its outputs are exactly v, the tokens at indices
-        assert_result_valid(compressor, first, x, k, selection=selection, finite_info=True,
-                            what=f"identical tokens, K={k}")
+        assert_result_valid(
+            compressor, first, x, k, selection=selection, finite_info=True, what=f"identical tokens, K={k}"
+        )
         if selection:
             pass
         elif compressor.convex_outputs:
+
             def message(m: str, k: int = k) -> str:
                 return f"{compressor!r}: identical tokens, K={k}: the outputs are not the common vector. {m}"
 
@@ -98,8 +100,9 @@ def check_rank_deficient(compressor: Compressor) -> None:
         ctx = make_context(compressor, x)
         for k in budgets:
             result = compressor.compress(x, k, ctx)
-            assert_result_valid(compressor, result, x, k, selection=selection[k], finite_info=True,
-                                what=f"{what}, K={k}")
+            assert_result_valid(
+                compressor, result, x, k, selection=selection[k], finite_info=True, what=f"{what}, K={k}"
+            )
             coef, residual = span_fit(result.tokens, vectors)
             assert bool((residual <= 1e-4).all()), (
                 f"{compressor!r}: {what}, K={k}: an output token leaves their span (relative residuals {residual})"
@@ -190,6 +193,9 @@ def check_extreme_magnitudes(compressor: Compressor) -> None:
                     return f"{compressor!r}: {what}: the outputs are not those at scale 1 times the scale. {m}"
 
                 torch.testing.assert_close(
-                    result.tokens.double(), reference.tokens.double() * scale, rtol=1e-5, atol=info.tiny * info.eps,
+                    result.tokens.double(),
+                    reference.tokens.double() * scale,
+                    rtol=1e-5,
+                    atol=info.tiny * info.eps,
                     msg=message,
                 )

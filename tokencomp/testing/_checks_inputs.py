@@ -48,8 +48,14 @@ def check_bad_tokens(compressor: Compressor) -> None:
 
 def _check_unknown_parameter(compressor: Compressor) -> None:
     """:func:`tokencomp.create` refuses a parameter the registered strategy does not take, naming it."""
-    _assert_refused(compressor, "an unknown parameter to create()", create, compressor.name, not_a_parameter=1,
-                    naming="not_a_parameter")
+    _assert_refused(
+        compressor,
+        "an unknown parameter to create()",
+        create,
+        compressor.name,
+        not_a_parameter=1,
+        naming="not_a_parameter",
+    )
 
 
 def check_bad_parameters(compressor: Compressor) -> None:
@@ -74,7 +80,7 @@ def check_bad_parameters(compressor: Compressor) -> None:
         f"parameter_constraints = {{{undeclared[0]!r}: (Interval(int, 1),)}} (tokencomp.constraints)."
     )
     owner = compressor.display_name()
-    for name, value in params.items():
+    for name in params:
         constraints = cls.parameter_constraints[name]
         for bad in invalid_values(constraints):
             expected = f"{owner}: parameter {name!r} must be {describe(constraints)}; got {bad!r}."

@@ -13,6 +13,7 @@ N = GRID[0] * GRID[1]
 D = 12
 B = 3
 
+
 def make_tokens(b: int = B, n: int = N, d: int = D, *, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
     """Reproducible random tokens ``[B, N, D]`` with a little structure (clusters plus noise)."""
     g = torch.Generator().manual_seed(seed)

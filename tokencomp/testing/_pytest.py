@@ -56,7 +56,8 @@ def compressor_id(compressor: Compressor) -> str:
     """``name`` or ``name[param=value,...]`` with the parameters that differ from their defaults."""
     init = inspect.signature(type(compressor).__init__).parameters
     changed = {
-        name: value for name, value in compressor.get_params().items()
+        name: value
+        for name, value in compressor.get_params().items()
         if name not in init or init[name].default is inspect.Parameter.empty or init[name].default != value
     }
     name = compressor.display_name()
