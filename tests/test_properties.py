@@ -53,7 +53,9 @@ MAX_H, MAX_W, MAX_D, MAX_B = 7, 9, 16, 3
 # content only: permuting the N tokens, with their per-token context, permutes the result.
 EQUIVARIANT: dict[Key, str] = {
     "cdpruner": "greedy DPP MAP on cosine kernel x relevance to the (unpermuted) text: argmax over content",
-    "dart": "pivots = largest L1 norms, each claims its least cosine-similar free tokens (topk of content)",
+    ("dart", (("pivot_order", "norm"),)): (
+        "pivots = largest L1 norms, visited by norm, each claims its least cosine-similar free tokens"
+    ),
     "dart-llm": "key-norm pivots and cosines read through visual_positions, which move with the tokens",
     "divprune": "greedy max-min cosine distance, first pick by farthest nearest neighbour: all content",
     "fastv": "top-K of the per-token text_attention, which moves with the tokens",
@@ -115,6 +117,7 @@ EQUIVARIANCE_DOMAIN: dict[Key, tuple[Callable[[tc.Compressor, torch.Tensor, int]
 POSITION_DEPENDENT: dict[Key, str] = {
     "apet": "FPS starts at a seeded random position index (fps_start='random')",
     "apet-llm": "FPS starts at a seeded random position index (fps_start='random')",
+    "dart": "pivot_order='authors': the pivots claim in the Python-set order of their position indices",
     "pooling": "averages fixed cells of the (h, w) grid",
     "random": "seeded random keys are drawn per position",
     "tome": "bipartite split by alternating positions (A = even, B = odd)",
