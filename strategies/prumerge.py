@@ -9,7 +9,9 @@ The algorithm, as the authors run it on the vision tower's output (their default
 
 1. **Outliers**: with ``Q1``, ``Q3`` the 25th / 75th percentiles of the image's [CLS] attention
    (linear interpolation, as ``numpy.percentile``), the outliers are the tokens with attention
-   ``> Q3 + 1.5 (Q3 - Q1)``. Their number ``m`` is the adaptive budget of PruMerge.
+   ``> Q3 + 1.5 (Q3 - Q1)``. From their count the authors keep ``m = int(N * (count / N))`` tokens
+   (a float round trip, one less than the count for some counts at ``N = 729`` or ``196``); ``m`` is
+   the adaptive budget of PruMerge.
 2. **Centres** (``K_c = K - 1`` of them with ``extra_token``, else ``K``; see *Exact budget*).
 3. **Merge**: every centre ``i`` finds its ``knn`` most cosine-similar tokens among *all* other
    tokens (other centres included, as the authors' loop does) and becomes
@@ -18,7 +20,10 @@ The algorithm, as the authors run it on the vision tower's output (their default
    is commented out) and is added to the unchanged centre.
 4. **Extra token** (``extra_token=True``, the authors' code): one more output,
    ``sum_j a_j x_j`` over all non-centre tokens.
-5. **Output** in ascending original position.
+5. **Output** in the authors' order (``order="authors"``, default): the centres as their ``topk``
+   lists them, by descending attention (PruMerge+: the outliers by descending attention, then the
+   spatial samples by ascending position), the extra token last. ``order="position"`` puts every output
+   in ascending original position instead.
 
 *Exact budget.* PruMerge adapts the token count to the image (``m`` outliers; PruMerge+ adds about
 ``3 m`` spatially uniform tokens), whereas our API returns exactly ``K``. Our rule:
@@ -30,7 +35,7 @@ The algorithm, as the authors run it on the vision tower's output (their default
   rank ``floor(j R / u)``, ``j = 0 .. u - 1`` (the authors take every ``int(int(N / m) / 3)``-th
   position from 0 and skip the outliers).
 
-``info["num_outliers"]`` ``[B]`` gives ``m``, the count the authors would have kept.
+``info["num_outliers"]`` ``[B]`` gives ``m``, the number of tokens the authors would have kept.
 
 Each output sits at a position of a token it represents: a centre at its own position, the extra
 token at the position of the non-centre token of largest attention. ``assignment`` names one
@@ -60,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from tokencomp.base import Compressor
-from tokencomp.constraints import Boolean, Interval
+from tokencomp.constraints import OUTPUT_ORDER, Boolean, Interval
 from tokencomp.errors import InputError
 from tokencomp.kernels import batched_gather, row_blocks, rows_matmul, slots_of
 from tokencomp.kernels.attention import attention_scores, rank_descending
@@ -77,6 +82,11 @@ def iqr_outlier_count(attn: torch.Tensor) -> torch.Tensor:
     return (attn > upper.unsqueeze(-1)).sum(dim=-1)
 
 
+def authors_keep_count(count: torch.Tensor, n: int) -> torch.Tensor:
+    """``int(n * (count / n))`` in float64, as the authors turn the outlier count into a ratio and back."""
+    return torch.floor(count.double() / n * n).to(torch.int64)
+
+
 @register("prumerge")
 class PruMerge(Compressor):
     """Keep the [CLS]-attention outliers (PruMerge+: plus uniform samples), each merged with its neighbours.
@@ -91,6 +101,10 @@ class PruMerge(Compressor):
     extra_token : bool, default True
         Spend one output on the attention-weighted sum of all non-centre tokens, as the authors'
         code appends it.
+    order : {"authors", "position"}, default "authors"
+        The sequence the language model receives: the centres in the authors' order (by descending
+        attention; PruMerge+: outliers so, then samples by position) and the extra token last; or
+        every output by position.
 
     Notes
     -----
@@ -114,12 +128,23 @@ class PruMerge(Compressor):
         "arXiv 2403.15388 (2024)"
     )
 
-    parameter_constraints = {"plus": (Boolean(),), "knn": (Interval(int, 1),), "extra_token": (Boolean(),)}
+    parameter_constraints = {
+        "plus": (Boolean(),),
+        "knn": (Interval(int, 1),),
+        "extra_token": (Boolean(),),
+        "order": (OUTPUT_ORDER,),
+    }
 
-    def __init__(self, *, plus: bool = False, knn: int = 32, extra_token: bool = True) -> None:
+    def __init__(self, *, plus: bool = False, knn: int = 32, extra_token: bool = True, order: str = "authors") -> None:
         self.plus = plus
         self.knn = knn
         self.extra_token = extra_token
+        self.order = order
+
+    @property
+    def output_order(self) -> str:  # type: ignore[override]
+        """``"strategy"`` (centres by attention, the extra token last) with ``order="authors"``."""
+        return "strategy" if self.order == "authors" else "position"
 
     def _check_budget(self, k: int, n: int, context: Context) -> None:
         centres = k - 1 if self.extra_token else k
@@ -131,22 +156,34 @@ class PruMerge(Compressor):
             )
 
     def _centres(self, attn: torch.Tensor, kc: int, num_out: torch.Tensor) -> torch.Tensor:
-        """Boolean ``[B, N]`` mask of the ``kc`` centres of every row."""
+        """``[B, N]`` int64 sort keys: the ``kc`` centres of each row hold the smallest, in output order.
+
+        Centres taken by attention have their attention rank (``< N``), PruMerge+'s samples ``N`` plus
+        their position, the other tokens ``2 N`` plus their position; with ``order="position"`` every
+        centre has its position.
+        """
         b, n = attn.shape
+        pos = torch.arange(n, device=attn.device).expand(b, n)
         rank = rank_descending(attn).argsort(dim=-1)  # attention rank of every position
-        if not self.plus:
-            return rank < kc
-        o = num_out.clamp(max=kc)  # outliers kept, [B]
-        sel = rank < o.unsqueeze(-1)
+        o = num_out.clamp(max=kc) if self.plus else torch.full((b,), kc, device=attn.device)  # by attention, [B]
+        by_rank = rank < o.unsqueeze(-1)
+        sel = by_rank | self._samples(by_rank, kc, o) if self.plus else by_rank
+        key = torch.where(by_rank, rank, n + pos) if self.order == "authors" else pos
+        return torch.where(sel, key, 2 * n + pos)
+
+    @staticmethod
+    def _samples(sel: torch.Tensor, kc: int, o: torch.Tensor) -> torch.Tensor:
+        """PruMerge+'s ``kc - o`` evenly spaced tokens among the non-``sel`` positions, as a ``[B, N]`` mask."""
+        b, n = sel.shape
         u = kc - o  # uniform fill, [B]
         r = n - o
         rest = torch.sort(sel.to(torch.int64), dim=-1, stable=True).indices  # non-outliers first, ascending
-        j = torch.arange(kc, device=attn.device).unsqueeze(0)  # [1, kc]
+        j = torch.arange(kc, device=sel.device).unsqueeze(0)  # [1, kc]
         valid = j < u.unsqueeze(-1)
         pick = torch.where(valid, j * r.unsqueeze(-1) // u.clamp_min(1).unsqueeze(-1), torch.zeros_like(j))
-        hits = torch.zeros(b, n, dtype=torch.int64, device=attn.device)
+        hits = torch.zeros(b, n, dtype=torch.int64, device=sel.device)
         hits.scatter_add_(1, torch.gather(rest, 1, pick), valid.to(torch.int64))
-        return sel | (hits > 0)
+        return hits > 0
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         # Maths in float32; half-precision rows are read into float32 block by block, never copied whole.
@@ -154,12 +191,13 @@ class PruMerge(Compressor):
         b, n, d = x.shape
         dev = x.device
         attn = attention_scores(context)
-        num_out = iqr_outlier_count(attn)
+        num_out = authors_keep_count(iqr_outlier_count(attn), n)
         kc = k - 1 if self.extra_token else k
 
-        # 1.-2. Centres, in ascending position order.
-        sel = self._centres(attn, kc, num_out)
-        cpos = torch.sort((~sel).to(torch.int64), dim=-1, stable=True).indices[:, :kc]  # [B, kc]
+        # 1.-2. Centres, in output order.
+        key = self._centres(attn, kc, num_out)
+        cpos = torch.sort(key, dim=-1).indices[:, :kc]  # [B, kc] (keys are distinct)
+        sel = key < 2 * n
 
         # 3. Each centre absorbs its knn most similar other tokens, weighted by their attention. The
         # similarities one block of centres at a time: their [B, c, N] cosines (the unit centres times the
@@ -197,8 +235,11 @@ class PruMerge(Compressor):
             positions = torch.cat([positions, extra_pos], dim=1)
             neighbours = torch.cat([neighbours, torch.full((b, 1, self.knn), -1, dtype=torch.int64, device=dev)], dim=1)
 
-        # 5. Output in ascending position; one representative slot per input token.
-        indices, perm = positions.sort(dim=-1)
+        # 5. Output in the authors' order (or by position); one representative slot per input token.
+        if self.order == "position":
+            indices, perm = positions.sort(dim=-1)
+        else:
+            indices, perm = positions, torch.arange(k, device=dev).expand(b, k)
         slot_of = perm.argsort(dim=-1)  # row of ``values`` -> output slot
         assignment = slots_of(indices, n)
         fallback = slot_of[:, kc:] if self.extra_token else torch.full((b, 1), -1, dtype=torch.int64, device=dev)

@@ -21,7 +21,10 @@ The algorithm, as the authors run it on the vision tower's output (their default
 5. **Merge**: each contextual token is ``target + mean(assigned tokens)`` (the authors' code adds
    the mean of the assigned tokens to the target, ``target`` alone when nothing is assigned);
    ``contextual_merge="mean"`` gives the plain average ``(target + sum) / (1 + count)`` instead.
-6. **Output** in ascending original position; a contextual token sits at its target's position.
+6. **Output** in the authors' order (``order="authors"``, default): the dominant tokens in ascending
+   position, then the contextual tokens in ascending target position, as their
+   ``torch.cat([dominant_tokens, contextual_tokens])``; a contextual token sits at its target's
+   position. ``order="position"`` interleaves them in ascending original position instead.
 
 Departures from the authors' code:
 
@@ -42,7 +45,7 @@ from typing import Optional
 import torch
 
 from tokencomp.base import Compressor
-from tokencomp.constraints import Interval, IsNone, Options
+from tokencomp.constraints import OUTPUT_ORDER, Interval, IsNone, Options
 from tokencomp.errors import InputError
 from tokencomp.kernels import (
     batched_gather,
@@ -79,6 +82,9 @@ class VisionZip(Compressor):
         How a contextual token is formed from its target and the tokens assigned to it: the
         target plus the mean of the assigned tokens (the authors' code), or the plain mean of the
         target and the assigned tokens.
+    order : {"authors", "position"}, default "authors"
+        The sequence the language model receives: every dominant token (by position) before every
+        contextual token (by position), as the authors' code; or all of them by position.
 
     Notes
     -----
@@ -103,11 +109,20 @@ class VisionZip(Compressor):
     parameter_constraints = {
         "contextual": (IsNone(), Interval(int, 0)),
         "contextual_merge": (Options(CONTEXTUAL_MERGES),),
+        "order": (OUTPUT_ORDER,),
     }
 
-    def __init__(self, *, contextual: Optional[int] = None, contextual_merge: str = "target_plus_mean") -> None:
+    def __init__(
+        self, *, contextual: Optional[int] = None, contextual_merge: str = "target_plus_mean", order: str = "authors"
+    ) -> None:
         self.contextual = contextual
         self.contextual_merge = contextual_merge
+        self.order = order
+
+    @property
+    def output_order(self) -> str:  # type: ignore[override]
+        """``"strategy"`` (dominant, then contextual) with ``order="authors"``, else ``"position"``."""
+        return "strategy" if self.order == "authors" else "position"
 
     @property
     def convex_outputs(self) -> bool:
@@ -171,9 +186,13 @@ class VisionZip(Compressor):
             counts.scatter_add_(1, match, torch.ones(match.shape, dtype=tgt.dtype, device=dev))
             ctx = tgt + sums / counts.clamp_min(1).unsqueeze(-1)
 
-        # 6. Output in ascending original position: each row copied straight into its output slot.
+        # 6. Output: dominant then contextual (the authors'), or by position; each row copied straight
+        # into its output slot.
         positions = torch.cat([dom_pos, tgt_pos], dim=1)
-        indices, perm = positions.sort(dim=-1)
+        if self.order == "position":
+            indices, perm = positions.sort(dim=-1)
+        else:
+            indices, perm = positions, torch.arange(k, device=dev).expand(b, k)
         assignment = slots_of(indices, n)
         slot_of = perm.argsort(dim=-1)  # position in ``positions`` -> output slot
         assignment.scatter_(1, oth_pos, torch.gather(slot_of[:, dom:], 1, match))

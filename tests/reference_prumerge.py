@@ -9,29 +9,42 @@ import torch
 
 
 def literal_outlier_count(attn: torch.Tensor) -> int:
-    """The authors' ``outlier_dectection`` for one image, as a count instead of a ratio."""
+    """The number of tokens the authors keep for one image: ``outlier_dectection``'s ratio, then
+    ``int(N * reduction_ratio)`` as their ``topk`` call takes it."""
     a = attn.to(torch.float32).numpy().flatten()
     q1 = np.percentile(a, 25)
     q3 = np.percentile(a, 75)
     upper = q3 + 1.5 * (q3 - q1)
-    return len(np.where(a > upper)[0])
+    reduction_ratio = len(np.where(a > upper)[0]) / len(a)
+    return int(len(a) * reduction_ratio)
 
 
 def literal_prumerge(
-    x: torch.Tensor, attn: torch.Tensor, k: int, *, knn: int = 32, plus: bool = False, extra_token: bool = True
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    k: int,
+    *,
+    knn: int = 32,
+    plus: bool = False,
+    extra_token: bool = True,
+    order: str = "authors",
 ):
-    """Return (positions, tokens, assignment, num_outliers) for one image ``x`` ``[N, D]``."""
+    """Return (positions, tokens, assignment, num_outliers) for one image ``x`` ``[N, D]``.
+
+    ``order="authors"``: the outputs as the authors' code concatenates them, the centres in the order
+    of their ``idx`` (``topk`` by attention; PruMerge+ appends the spatial samples, ascending) and the
+    extra token last; ``"position"``: ascending position."""
     x = x.float()
     n = x.shape[0]
     a = [float(v) for v in attn]
     m = literal_outlier_count(attn)
     kc = k - 1 if extra_token else k
-    order = sorted(range(n), key=lambda i: (-a[i], i))
+    ranked = sorted(range(n), key=lambda i: (-a[i], i))
     if not plus:
-        centres = order[:kc]
+        centres = ranked[:kc]
     else:
         o = min(m, kc)
-        centres = order[:o]
+        centres = ranked[:o]
         rest = [i for i in range(n) if i not in set(centres)]
         u = kc - o
         centres = centres + [rest[(j * len(rest)) // u] for j in range(u)]
@@ -55,7 +68,9 @@ def literal_prumerge(
             extra = extra + a[j] * x[j]
         extra_pos = min(non_centres, key=lambda j: (-a[j], j))
         values[extra_pos] = extra
-    positions = sorted(values)
+    positions = list(centres) + ([extra_pos] if extra_token else [])
+    if order == "position":
+        positions = sorted(positions)
     slot = {p: s for s, p in enumerate(positions)}
     assignment = []
     for j in range(n):

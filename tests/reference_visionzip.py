@@ -7,17 +7,27 @@ import torch
 
 
 def literal_visionzip(
-    x: torch.Tensor, attn: torch.Tensor, dominant: int, contextual: int, merge: str = "target_plus_mean"
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    dominant: int,
+    contextual: int,
+    merge: str = "target_plus_mean",
+    order: str = "authors",
 ):
-    """Return (positions, tokens, assignment) for one image ``x`` ``[N, D]`` with attention ``[N]``."""
+    """Return (positions, tokens, assignment) for one image ``x`` ``[N, D]`` with attention ``[N]``.
+
+    ``order="authors"``: ``torch.cat([dominant_tokens, contextual_tokens])``, the dominant tokens as
+    ``masked_select`` lists them (ascending), then one contextual token per target in target order
+    (ascending among the remaining tokens); ``"position"``: ascending position."""
     x = x.float()
     n = x.shape[0]
     a = [float(v) for v in attn]
-    order = sorted(range(n), key=lambda i: (-a[i], i))
-    dom = sorted(order[:dominant])
+    ranked = sorted(range(n), key=lambda i: (-a[i], i))
+    dom = sorted(ranked[:dominant])
     rem = [i for i in range(n) if i not in set(dom)]  # ascending, like masked_select
     values = {p: x[p].clone() for p in dom}
     owner = {p: p for p in dom}
+    targets = []
     if contextual > 0:
         m = len(rem)
         step = max(1, m // contextual)
@@ -42,7 +52,7 @@ def literal_visionzip(
             owner[t] = t
             for o in members:
                 owner[o] = t
-    positions = sorted(values)
+    positions = dom + targets if order == "authors" else sorted(values)
     slot = {p: s for s, p in enumerate(positions)}
     assignment = [slot[owner[i]] if i in owner else -1 for i in range(n)]
     return positions, torch.stack([values[p] for p in positions]), assignment

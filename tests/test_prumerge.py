@@ -7,7 +7,7 @@ import torch
 
 import tokencomp as tc
 from reference_prumerge import literal_outlier_count, literal_prumerge
-from tokencomp.strategies.prumerge import iqr_outlier_count
+from tokencomp.strategies.prumerge import authors_keep_count, iqr_outlier_count
 from tokencomp.testing import check_compressor
 
 
@@ -39,12 +39,13 @@ def test_default_equals_literal_authors_procedure(seed, n, d, k):
     _check_literal(tokens(2, n, d, seed), attention(2, n, seed), k)
 
 
+@pytest.mark.parametrize("order", ["authors", "position"])
 @pytest.mark.parametrize("extra_token", [True, False])
 @pytest.mark.parametrize("k", [8, 40, 100])
 @pytest.mark.parametrize("seed", range(3))
-def test_plus_equals_literal(seed, k, extra_token):
+def test_plus_equals_literal(seed, k, extra_token, order):
     x, a = tokens(2, 196, 24, seed), attention(2, 196, seed)
-    result = _check_literal(x, a, k, plus=True, extra_token=extra_token)
+    result = _check_literal(x, a, k, plus=True, extra_token=extra_token, order=order)
     kc = k - int(extra_token)
     m = result.info["num_outliers"]
     assert (m > 0).all()
@@ -54,10 +55,12 @@ def test_plus_equals_literal(seed, k, extra_token):
         assert top <= set(result.indices[b].tolist())
 
 
+@pytest.mark.parametrize("order", ["authors", "position"])
 @pytest.mark.parametrize("knn", [1, 5, 60])
 @pytest.mark.parametrize("seed", range(2))
-def test_knn_and_no_extra_token_equal_literal(seed, knn):
-    _check_literal(tokens(2, 64, 12, seed), attention(2, 64, seed), 20, knn=knn, extra_token=False)
+def test_knn_and_no_extra_token_equal_literal(seed, knn, order):
+    x, a = tokens(2, 64, 12, seed), attention(2, 64, seed)
+    _check_literal(x, a, 20, knn=knn, extra_token=False, order=order)
 
 
 def test_outlier_count_equals_numpy_percentile_rule():
@@ -104,11 +107,43 @@ def test_plus_fill_hand_worked():
     # PruMerge keeps the top-4 attention: 5, then the ties 0, 1, 2 (lower positions first).
     a = torch.tensor([1.0, 1, 1, 1, 1, 10, 1, 1]) / 17
     x = tokens(1, 8, 4, 0)[0]
-    plus = tc.create("prumerge", plus=True, knn=2, extra_token=False).compress(x, 4, tc.Context(cls_attention=a))
-    assert plus.indices.tolist() == [0, 2, 4, 5]
+    # The authors' order: the outlier first, then the samples ascending (PruMerge+); the top-4 by
+    # attention (PruMerge). order="position" sorts both.
+    ctx = tc.Context(cls_attention=a)
+    plus = tc.create("prumerge", plus=True, knn=2, extra_token=False).compress(x, 4, ctx)
+    assert plus.indices.tolist() == [5, 0, 2, 4]
     assert plus.info["num_outliers"].tolist() == 1
-    plain = tc.create("prumerge", knn=2, extra_token=False).compress(x, 4, tc.Context(cls_attention=a))
-    assert plain.indices.tolist() == [0, 1, 2, 5]
+    plain = tc.create("prumerge", knn=2, extra_token=False).compress(x, 4, ctx)
+    assert plain.indices.tolist() == [5, 0, 1, 2]
+    for variant, is_plus, expected in ((plus, True, [0, 2, 4, 5]), (plain, False, [0, 1, 2, 5])):
+        by_position = tc.create("prumerge", plus=is_plus, knn=2, extra_token=False, order="position")
+        result = by_position.compress(x, 4, ctx)
+        assert result.indices.tolist() == expected
+        # the same outputs, each at its own position, in another order
+        perm = [variant.indices.tolist().index(p) for p in expected]  # unbatched: [K] indices
+        assert torch.equal(result.tokens, variant.tokens[perm])
+
+
+@pytest.mark.parametrize("n", [196, 576, 729])
+def test_num_outliers_is_the_authors_int_of_n_times_ratio(n):
+    # outlier_dectection returns count / N; topk takes int(N * ratio), which at N = 729 and 196 is one
+    # less than the count for some counts (count 1 of 729 keeps none)
+    counts = torch.arange(n + 1)
+    expected = [int(n * (c / n)) for c in range(n + 1)]
+    assert authors_keep_count(counts, n).tolist() == expected
+    assert (authors_keep_count(counts, n) != counts).any() == (n != 576)
+
+
+def test_extra_token_comes_last_in_the_authors_order():
+    x, a = tokens(2, 64, 8, 3), attention(2, 64, 3)
+    ctx = tc.Context(cls_attention=a)
+    authors = tc.create("prumerge", knn=4).compress(x, 9, ctx)
+    by_position = tc.create("prumerge", knn=4, order="position").compress(x, 9, ctx)
+    centres = authors.indices[:, :-1]
+    assert torch.equal(torch.gather(a, 1, centres), torch.gather(a, 1, centres).sort(dim=1, descending=True).values)
+    assert torch.equal(authors.indices.sort(dim=1).values, by_position.indices)
+    perm = authors.indices.argsort(dim=1)
+    assert torch.equal(torch.gather(authors.tokens, 1, perm[..., None].expand(-1, -1, 8)), by_position.tokens)
 
 
 def test_plus_with_many_outliers_equals_plain():

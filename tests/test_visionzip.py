@@ -36,15 +36,16 @@ def test_default_equals_literal_authors_procedure(seed, n, d, k):
         assert int(result.info["dominant"][b].sum()) == k - c
 
 
+@pytest.mark.parametrize("order", ["authors", "position"])
 @pytest.mark.parametrize("merge", ["target_plus_mean", "mean"])
 @pytest.mark.parametrize("contextual", [0, 1, 7, 20])
 @pytest.mark.parametrize("seed", range(2))
-def test_variants_equal_literal(merge, contextual, seed):
+def test_variants_equal_literal(merge, contextual, seed, order):
     x, a = tokens(2, 144, 24, seed), attention(2, 144, seed)
-    comp = tc.create("visionzip", contextual=contextual, contextual_merge=merge)
+    comp = tc.create("visionzip", contextual=contextual, contextual_merge=merge, order=order)
     result = comp.compress(x, 20, tc.Context(cls_attention=a))
     for b in range(2):
-        positions, values, assignment = literal_visionzip(x[b], a[b], 20 - contextual, contextual, merge)
+        positions, values, assignment = literal_visionzip(x[b], a[b], 20 - contextual, contextual, merge, order)
         assert result.indices[b].tolist() == positions
         assert result.assignment[b].tolist() == assignment
         torch.testing.assert_close(result.tokens[b], values, rtol=1e-5, atol=1e-5)
@@ -71,12 +72,18 @@ def test_hand_worked_example():
     # plain mean: (1.5, 0) and (1, 2).
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0], [1.0, 3.0]])
     ctx = tc.Context(cls_attention=torch.tensor([0.10, 0.30, 0.05, 0.25, 0.15, 0.15]))
+    # The authors' order: dominant 1, 3, then contextual 0, 4; order="position" interleaves them.
     result = tc.create("visionzip", contextual=2).compress(x, 4, ctx)
+    assert result.indices.tolist() == [1, 3, 0, 4]
+    torch.testing.assert_close(result.tokens, torch.tensor([[0.0, 1.0], [0.0, 3.0], [3.0, 0.0], [2.0, 4.0]]))
+    assert result.assignment.tolist() == [2, 0, 2, 1, 3, 3]
+    assert result.info["dominant"].tolist() == [True, True, False, False]
+    result = tc.create("visionzip", contextual=2, order="position").compress(x, 4, ctx)
     assert result.indices.tolist() == [0, 1, 3, 4]
     torch.testing.assert_close(result.tokens, torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 3.0], [2.0, 4.0]]))
     assert result.assignment.tolist() == [0, 1, 0, 2, 3, 3]
     assert result.info["dominant"].tolist() == [False, True, True, False]
-    mean = tc.create("visionzip", contextual=2, contextual_merge="mean").compress(x, 4, ctx)
+    mean = tc.create("visionzip", contextual=2, contextual_merge="mean", order="position").compress(x, 4, ctx)
     torch.testing.assert_close(mean.tokens, torch.tensor([[1.5, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 2.0]]))
 
 
@@ -84,7 +91,9 @@ def test_target_without_assigned_tokens_stays_unchanged():
     # N = K: every remaining token is a target, nothing is merged; the output is the input.
     x, a = tokens(2, 30, 6, 3), attention(2, 30, 3)
     result = tc.create("visionzip", contextual=5).compress(x, 30, tc.Context(cls_attention=a))
-    torch.testing.assert_close(result.tokens, x)
+    torch.testing.assert_close(result.tokens, torch.gather(x, 1, result.indices[..., None].expand(-1, -1, 6)))
+    by_position = tc.create("visionzip", contextual=5, order="position").compress(x, 30, tc.Context(cls_attention=a))
+    torch.testing.assert_close(by_position.tokens, x)
 
 
 def test_contextual_zero_is_pure_selection():

@@ -22,6 +22,7 @@ from .validation import all_finite, check_finite, check_tokens, resolve_budget
 # PaddingMode is tokencomp.padding's.
 Stage = Literal["pre_llm", "in_llm"]
 InLLMPositions = Literal["keep", "renumber"]
+OutputOrder = Literal["position", "strategy"]
 
 __all__ = ["Compressor"]
 
@@ -67,6 +68,13 @@ class Compressor(ABC):
         and decoding (FastV, DART) or the shorter sequence is renumbered (ApET's stage 2, SparseVLM,
         PyramidDrop). A strategy whose value depends on a parameter makes it a property (PyramidDrop's
         ``positions``); ``tc.register`` then leaves it to be read per instance.
+    output_order : {"position", "strategy"}
+        The order of :attr:`CompressionResult.tokens`, which is the order the language model receives
+        them in. ``"position"`` (default): ascending original position, so ``indices`` is strictly
+        ascending. ``"strategy"``: the strategy's own sequence (VisionZip's and PruMerge's authors feed
+        their dominant tokens or centres first); ``indices`` is then unique but in that order. A
+        strategy whose order depends on a parameter makes it a property, as ``in_llm_positions``.
+        In-LLM stages must keep position order (the hidden states stay in sequence order).
     parameter_constraints : dict of str to tuple of Constraint
         What each ``__init__`` parameter allows (:mod:`tokencomp.constraints`), e.g.
         ``{"num_basis": (Interval(int, 1),), "seed": (IsNone(), Interval(int, 0))}``. The declared
@@ -131,6 +139,7 @@ class Compressor(ABC):
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     in_llm_positions: ClassVar[InLLMPositions] = "keep"
+    output_order: ClassVar[OutputOrder] = "position"
     budget_param: ClassVar[str] = ""
     complexity: ClassVar[str] = ""
     cost_regimes: ClassVar[dict[str, dict[str, Any]]] = {}

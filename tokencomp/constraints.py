@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 from .errors import InvalidParameterError
 
 __all__ = [
+    "OUTPUT_ORDER",
     "Boolean",
     "Constraint",
     "Interval",
@@ -267,3 +268,12 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - objects whose == is not a bool are simply different
         return False
+
+
+# The ``order`` parameter of a strategy whose authors feed the language model another order than
+# position order (VisionZip, PruMerge); such a strategy's ``output_order`` is ``"strategy"`` under
+# ``"authors"``.
+OUTPUT_ORDER = Options(
+    ("authors", "position"),
+    hint="'authors' gives the language model the authors' sequence, 'position' ascending original position.",
+)

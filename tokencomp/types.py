@@ -18,9 +18,12 @@ class CompressionResult:
     ----------
     tokens : torch.Tensor
         ``[B, K, D]`` (or ``[K, D]`` for unbatched input) compressed tokens, in the input's dtype and
-        device, ordered by ``indices``.
+        device, in the order the language model receives them.
     indices : torch.Tensor
-        ``[B, K]`` int64, the original position each output token sits at, strictly ascending.
+        ``[B, K]`` int64, the original position each output token sits at, in the order of ``tokens``:
+        unique in each row, and strictly ascending unless the strategy's ``output_order`` is
+        ``"strategy"`` (its authors feed another order, e.g. VisionZip's contextual tokens after its
+        dominant ones).
     assignment : torch.Tensor
         ``[B, N]`` int64, the output slot that represents each input token: its own slot when it is
         kept, its merge target when it was merged, ``-1`` when it was dropped without merging. For every

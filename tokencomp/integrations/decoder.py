@@ -126,6 +126,13 @@ class DecoderStages:
                     f"language model has {len(self.layers)} decoder layers; use a layer in [1, {len(self.layers) - 1}]."
                 )
             check_supplied(stage.compressor, SUPPLIED, "in-LLM integration")
+            if stage.compressor.output_order != "position":
+                raise InputError(
+                    f"tokencomp.apply: {stage.compressor.display_name()!r} at layer {stage.layer} returns its "
+                    f"tokens in its own order (output_order={stage.compressor.output_order!r}), but inside the "
+                    "language model the kept hidden states stay in sequence order; give it output_order "
+                    "'position' (ascending indices)."
+                )
         if len({s.layer for s in self.stages}) != len(self.stages):
             raise InputError("tokencomp.apply: two in-LLM stages at the same layer; give each stage its own layer.")
 

@@ -6,7 +6,9 @@ newline tokens always stay and are not counted in the budget; the strategy sees 
 (``grid`` when they form a square, the instruction's ``text_embeddings``, and the [CLS] attention of
 every crop laid out like the packed tokens). Videos (NeXT-Video, OneVision) are compressed per clip
 (``video="clip"``, ``grid = (t, h, w)``) or frame by frame (``video="frame"``) on the tokens after the
-model's own pooling; OneVision's trailing newline token stays. The prompt is then shortened as for
+model's own pooling; OneVision's trailing newline token stays. The kept tokens sit among the newline
+tokens in position order, since the newlines end the rows of the token grid (a strategy's own output
+order, e.g. VisionZip's dominant tokens first, does not apply to this layout). The prompt is then shortened as for
 LLaVA-1.5 (:mod:`tokencomp.integrations.llava`), whose vision side ([CLS] attention, eager fallback)
 this integration shares.
 """
@@ -215,11 +217,14 @@ def _splice(
     tokens: torch.Tensor, is_newline: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the newline rows and the non-newline rows at ``indices``, those holding ``values`` (merged
-    values at the kept slots). Returns the kept mask ``[N]`` and the kept rows."""
+    values at the kept slots). Returns the kept mask ``[N]`` and the kept rows.
+
+    The packed layout's newline rows end the rows of the token grid, so the kept tokens sit there in
+    position order, whatever order the strategy returns them in (``output_order``)."""
     chosen = torch.zeros(int((~is_newline).sum()), dtype=torch.bool, device=tokens.device)
     chosen[indices] = True
     keep = is_newline.clone()
     keep[~is_newline] = chosen
     out = tokens[keep].clone()
-    out[~is_newline[keep]] = values.to(out.dtype)
+    out[~is_newline[keep]] = values[indices.argsort()].to(out.dtype)
     return keep, out

@@ -4,12 +4,13 @@ Where: on the vision tower's output after the patch merger (``point="post_merger
 (images differ in size; the strategy gets the image's ``grid = (h, w)`` of merged tokens) and, for
 videos, one call per clip (``video="clip"``, ``grid = (t, h, w)``, the budget per clip) or one batched
 call over its frames (``video="frame"``, the budget per temporal patch). The kept
-tokens keep their **original 3-D M-RoPE positions** (temporal, height, width): their placeholders stay at
-their positions in the prompt, the others leave it, and the position ids handed to the language model
-are the original ones gathered at the kept positions. ``generate`` then continues from the right
-positions: its own 3-D position ids keep counting in the original layout, and the model's
-``rope_deltas`` are raised by the number of tokens removed from each row, so a plain ``forward`` with a
-cache continues correctly too.
+tokens keep their **original 3-D M-RoPE positions** (temporal, height, width): as many placeholders as
+tokens are kept stay in the prompt, the tokens fill them in the strategy's order (position order, or
+its authors' order for a strategy whose ``output_order`` is ``"strategy"``, e.g. VisionZip's dominant
+tokens first), and each token's position ids are those of its own original position. ``generate``
+then continues from the right positions: its own 3-D position ids keep counting in the original
+layout, and the model's ``rope_deltas`` are raised by the number of tokens removed from each row, so a
+plain ``forward`` with a cache continues correctly too.
 
 In-LLM stages run in Qwen's decoder as in LLaVA's (:mod:`tokencomp.integrations.decoder`), with one
 difference: the kept tokens always keep their 3-D M-RoPE positions (a strategy that asks to renumber,
@@ -131,9 +132,16 @@ class QwenVLIntegration(Integration):
         grid: torch.Tensor,
         merge: int,
         text: Any,
-    ) -> torch.Tensor:
-        """Compress each image or video of one modality; returns the ``[N_total]`` placeholders kept."""
-        kept_tokens, flags, assignments = [], [], []
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compress each image or video of one modality.
+
+        Returns the ``[N_total]`` placeholders kept and, for each kept placeholder in prompt order, the
+        placeholder (``0 .. N_total - 1``) whose original M-RoPE position its token carries: the kept
+        tokens fill the kept placeholders in the strategy's order (``output_order``), each keeping its
+        own position.
+        """
+        kept_tokens, flags, assignments, sources = [], [], [], []
+        offset = 0
         # the row each item sits in: the row of its first placeholder (items run row by row)
         rows = item_rows(placeholders, [f.shape[0] for f in features])
         for i, (feature, thw, row) in enumerate(zip(features, grid.tolist(), rows)):
@@ -152,6 +160,8 @@ class QwenVLIntegration(Integration):
             kept_tokens.append(tokens)
             flags.append(chosen)
             assignments.append(assignment)
+            sources.append(indices + offset)
+            offset += feature.shape[0]
         chosen = torch.cat(flags).to(placeholders.device)
         if int(placeholders.sum()) != chosen.numel():
             raise InputError(
@@ -167,12 +177,14 @@ class QwenVLIntegration(Integration):
                 for layer in deepstack
             ]
         self.replace_output(kwargs, name, **fields)
-        return chosen
+        return chosen, torch.cat(sources).to(placeholders.device)
 
     def prefill(self, module: Any, kwargs: dict, input_ids: torch.Tensor) -> dict:
         merge = module.visual.spatial_merge_size
-        # Step 1: compress each image and each video (clip or frame by frame); note the survivors.
+        # Step 1: compress each image and each video (clip or frame by frame); note the survivors and,
+        # for each, the column whose M-RoPE position its token carries.
         keep = torch.ones_like(input_ids, dtype=torch.bool)
+        source = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids).clone()
         grids: dict[str, torch.Tensor] = {}
         modalities = self._modalities(module, kwargs, input_ids)
         text = None
@@ -181,10 +193,14 @@ class QwenVLIntegration(Integration):
             text = instruction_embeddings(module.get_input_embeddings(), input_ids, visual)  # [B, T, D]
         for name, placeholders, features, grid in modalities:
             # Step 2: the placeholders that stay (they run in the order of the items, row by row).
-            keep[placeholders] = self._compress_modality(kwargs, name, placeholders, features, grid, merge, text)
+            chosen, sources = self._compress_modality(kwargs, name, placeholders, features, grid, merge, text)
+            keep[placeholders] = chosen
+            where = placeholders.nonzero()  # [N_total, 2] (row, column), in the order of the items
+            kept_at = where[chosen]
+            source[kept_at[:, 0], kept_at[:, 1]] = where[sources, 1]
             grids[name] = grid
         state = Shortening.from_keep(keep)
-        # Step 3: original M-RoPE positions at the kept places; the text row renumbered.
+        # Step 3: each kept token's original M-RoPE positions; the text row renumbered.
         positions = kwargs.get("position_ids")
         mask = kwargs.get("attention_mask")
         if positions is None or positions.dim() != 3:
@@ -200,6 +216,7 @@ class QwenVLIntegration(Integration):
         if mask is None:
             mask = torch.ones_like(input_ids)
         short_mask = state.apply(mask, fill=0)
+        rope = rope.gather(-1, source.to(rope.device).expand_as(rope))
         rope_kept = torch.stack([state.apply(r, fill=1) for r in rope])
         text_row = positions_from_mask(short_mask)[None].to(rope_kept.dtype)
         kwargs["position_ids"] = torch.cat([text_row, rope_kept], dim=0)

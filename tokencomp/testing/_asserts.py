@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..base import Compressor
@@ -20,12 +22,14 @@ def assert_result_valid(
     selection: bool = False,
     finite_info: bool = False,
     what: str = "",
+    ordered: Optional[bool] = None,
 ) -> None:
     """Assert that ``result`` is a valid compression of ``tokens`` ``[B, N, D]`` to ``k`` tokens per row.
 
     Shapes ``[B, K, D]``, ``[B, K]``, ``[B, N]``; ``indices`` and ``assignment`` int64 on the tokens'
-    device; output tokens in the tokens' dtype and finite; ``indices`` in ``[0, N)`` and strictly
-    ascending (so unique in each row); ``assignment`` in ``[-1, K)`` with ``assignment[indices[k]] == k``.
+    device; output tokens in the tokens' dtype and finite; ``indices`` in ``[0, N)``, unique in each row
+    and, for a strategy in position order, strictly ascending; ``assignment`` in ``[-1, K)`` with
+    ``assignment[indices[k]] == k``.
 
     Parameters
     ----------
@@ -44,7 +48,12 @@ def assert_result_valid(
         per-token entries hold NaN at padding).
     what : str
         The input, for the messages (e.g. ``"zero tokens, K=4"``).
+    ordered : bool, optional
+        Whether ``indices`` must be strictly ascending; by default, when ``who`` is a compressor whose
+        ``output_order`` is ``"position"`` (and always for a name).
     """
+    if ordered is None:
+        ordered = not isinstance(who, Compressor) or who.output_order == "position"
     who = repr(who) if isinstance(who, Compressor) else str(who)
     if what:
         who = f"{who}: {what}"
@@ -52,7 +61,11 @@ def assert_result_valid(
     idx, a = result.indices, result.assignment
     n = tokens.shape[1]
     assert bool(((idx >= 0) & (idx < n)).all()), f"{who}: indices out of [0, {n}): {idx}"
-    assert bool((idx[:, 1:] > idx[:, :-1]).all()), f"{who}: indices not strictly ascending: {idx}"
+    if ordered:
+        assert bool((idx[:, 1:] > idx[:, :-1]).all()), f"{who}: indices not strictly ascending: {idx}"
+    else:
+        ranked = idx.sort(dim=1).values
+        assert bool((ranked[:, 1:] > ranked[:, :-1]).all()), f"{who}: indices not unique in each row: {idx}"
     assert bool(((a >= -1) & (a < k)).all()), f"{who}: assignment outside [-1, {k}): {a}"
     assert torch.equal(torch.gather(a, 1, idx), torch.arange(k, device=idx.device).expand_as(idx)), (
         f"{who}: assignment[indices[k]] must be k (a kept position maps to its own slot)"

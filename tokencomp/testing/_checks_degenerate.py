@@ -23,7 +23,7 @@ _FLOAT16_SCALES = (2.0**-10, 2.0**11)
 def check_identical_tokens(compressor: Compressor) -> None:
     """Identical tokens (every one of the ``N`` tokens the same vector ``v``) are compressed normally.
 
-    At every budget the result is valid (indices unique, ascending and in range, ``assignment``
+    At every budget the result is valid (indices unique, in range and ordered as declared, ``assignment``
     consistent with them, tokens and ``info`` finite), and two calls give the same result. Every output
     token is ``v``: exactly for a strategy that returns input tokens unchanged, to float rounding for
     one that merges (the mean of copies of ``v`` is ``v``). A strategy whose outputs are not averages
