@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import tokencomp as tc
-from reference_precision import authors_vispruner
+from reference_precision import authors_pdrop_row, authors_vispruner
 from tokencomp.errors import InvalidParameterError
 
 HALF = [torch.float16, torch.bfloat16]
-STRATEGIES = ["vispruner"]
+STRATEGIES = ["vispruner", "pdrop"]
+# a LLaVA-1.5 prompt: system tokens, the image, the instruction (LLaMA-7B: 32 heads of 128 channels)
+SYS, IMAGE, TEXT, HEADS, HEAD_DIM = 35, 576, 40, 32, 128
 
 
 def vision_inputs(b: int, n: int, d: int, heads: int, seed: int, dtype: torch.dtype):
@@ -61,6 +63,52 @@ def test_vispruner_input_on_float32_tokens_is_float32():
     a = tc.create("vispruner", compute_dtype="input").compress(x, 64, context)
     b = tc.create("vispruner").compress(x, 64, context)
     assert torch.equal(a.indices, b.indices) and torch.equal(a.tokens, b.tokens)
+
+
+# ---------------------------------------------------------------------------------------------- PyramidDrop
+def llm_inputs(b: int, seed: int, dtype: torch.dtype, length: int = SYS + IMAGE + TEXT):
+    """A layer's rotated queries and keys ``[B, H, L, Dh]`` in ``dtype`` (logits of standard deviation ~2)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    query = torch.randn(b, HEADS, length, HEAD_DIM, generator=g) * 2**0.5
+    keys = torch.randn(b, HEADS, length, HEAD_DIM, generator=g) * 2**0.5
+    return query.to(dtype), keys.to(dtype)
+
+
+def pdrop_context(query, keys, key_mask=None) -> tc.Context:
+    """What the integration gives PyramidDrop at a boundary: the last token's query and every key."""
+    b = query.shape[0]
+    visual = (SYS + torch.arange(IMAGE)).expand(b, IMAGE).contiguous()
+    return tc.Context(query=query[:, :, -1], keys=keys, visual_positions=visual, key_mask=key_mask)
+
+
+def pdrop_kept(query, keys, k, key_mask=None):
+    length = query.shape[2]
+    rows = authors_pdrop_row(query, keys, length, SYS, IMAGE, k, key_mask)
+    return [(row - SYS).tolist() for row in rows]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("seed,k", [(0, 288), (1, 144), (2, 72)])
+def test_pdrop_input_equals_authors_half(dtype, seed, k):
+    query, keys = llm_inputs(2, seed, dtype)
+    tokens = torch.randn(2, IMAGE, 64).to(dtype)
+    mask = torch.ones(2, query.shape[2], dtype=torch.bool)
+    mask[1, :3] = False  # a left-padded row
+    result = tc.create("pdrop", compute_dtype="input").compress(tokens, k, pdrop_context(query, keys, mask))
+    want = pdrop_kept(query, keys, k, mask)
+    assert result.indices.tolist() == want
+    assert result.info["scores"].dtype == dtype
+    # the integration hands over float32 copies of the model's projections: the same arithmetic
+    context = pdrop_context(query.float(), keys.float(), mask)
+    assert tc.create("pdrop", compute_dtype="input").compress(tokens, k, context).indices.tolist() == want
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_pdrop_float32_equals_authors_float32(seed):
+    query, keys = llm_inputs(2, seed, torch.float16)
+    tokens = torch.randn(2, IMAGE, 64).half()
+    result = tc.create("pdrop").compress(tokens, 288, pdrop_context(query, keys))
+    assert result.indices.tolist() == pdrop_kept(query.float(), keys.float(), 288)
 
 
 # ---------------------------------------------------------------------------------------------- parameter
