@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import tokencomp as tc
-from reference_precision import authors_pdrop_row, authors_vispruner
+from reference_precision import authors_fastv, authors_pdrop_row, authors_vispruner, eager_attention_weights
 from tokencomp.errors import InvalidParameterError
 
 HALF = [torch.float16, torch.bfloat16]
-STRATEGIES = ["vispruner", "pdrop"]
+STRATEGIES = ["vispruner", "pdrop", "fastv"]
 # a LLaVA-1.5 prompt: system tokens, the image, the instruction (LLaMA-7B: 32 heads of 128 channels)
 SYS, IMAGE, TEXT, HEADS, HEAD_DIM = 35, 576, 40, 32, 128
 
@@ -109,6 +109,37 @@ def test_pdrop_float32_equals_authors_float32(seed):
     tokens = torch.randn(2, IMAGE, 64).half()
     result = tc.create("pdrop").compress(tokens, 288, pdrop_context(query, keys))
     assert result.indices.tolist() == pdrop_kept(query.float(), keys.float(), 288)
+
+
+# ---------------------------------------------------------------------------------------------- FastV
+def fastv_case(seed: int, dtype: torch.dtype):
+    """Eager attention weights ``[B, H, L, L]`` of layer ``K - 1`` in ``dtype`` and the context the
+    integration builds from them (the float32 head mean of the last row, at the image tokens)."""
+    query, keys = llm_inputs(2, seed, dtype)
+    weights = eager_attention_weights(query, keys)
+    row = weights[:, :, -1:, :].float().mean(dim=1)[:, -1]
+    return weights, tc.Context(text_attention=row[:, SYS : SYS + IMAGE])
+
+
+def fastv_kept(weights, k):
+    return [(authors_fastv(weights[i : i + 1], SYS, IMAGE, k) - SYS).tolist() for i in range(weights.shape[0])]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("seed,k", [(0, 288), (1, 144), (2, 64)])
+def test_fastv_input_equals_authors_half(dtype, seed, k):
+    weights, context = fastv_case(seed, dtype)
+    tokens = torch.randn(2, IMAGE, 64).to(dtype)
+    result = tc.create("fastv", compute_dtype="input").compress(tokens, k, context)
+    assert result.indices.tolist() == fastv_kept(weights, k)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_fastv_float32_equals_authors_float32(seed):
+    weights, context = fastv_case(seed, torch.float16)
+    tokens = torch.randn(2, IMAGE, 64).half()
+    result = tc.create("fastv").compress(tokens, 288, context)
+    assert result.indices.tolist() == fastv_kept(weights.float(), 288)
 
 
 # ---------------------------------------------------------------------------------------------- parameter
