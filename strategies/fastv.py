@@ -33,9 +33,10 @@ Departures, all stated:
   (the authors read batch row 0).
 - Precision: ``compute_dtype="float32"`` (the default) ranks the float32 head average of the attention
   weights; the authors average the heads in the model's dtype (``torch.mean`` of the float16 weights in
-  their evaluation), which rounds the average to half precision. Float32 is the default because it makes
-  the ranking the same for float16, bfloat16 and float32 models and on every device: rounded to half
-  precision, many of the 576 averages tie exactly, and a tie or a rounding step at the cut changes which
+  their evaluation), which rounds the average to half precision. Float32 is the default because the ranking
+  then depends on the attention weights' values alone, not on the dtype the average is rounded to nor on a
+  device's half-precision kernels: rounded to half precision (about three significant digits in float16, two
+  in bfloat16), many of the 576 averages tie exactly, and a tie or a rounding step at the cut changes which
   tokens are kept. ``compute_dtype="input"`` reproduces the authors' arithmetic: it rounds the head average
   to the tokens' dtype, the model's (float16 / bfloat16; float32 ranks as the default). The integration
   supplies the float32 mean of the model's half-precision weights, and torch's half-precision mean

@@ -44,8 +44,9 @@ Departures from the authors' code:
 - Precision: ``compute_dtype="float32"`` (the default) computes the attention row in float32 whatever the
   query's and keys' dtype; the authors compute ``q K^T / sqrt(Dh)`` in the model's dtype (float16 in their
   evaluation), take the softmax in float32, cast it back to that dtype and average the heads in it. Float32
-  is the default because it makes the ranking the same for float16, bfloat16 and float32 models and on
-  every device: attention weights rounded to half precision tie exactly far more often, and a tie or a
+  is the default because the ranking then depends on the query's and keys' values alone, not on the dtype
+  they are stored in nor on a device's half-precision kernels: attention weights rounded to half precision
+  (about three significant digits in float16, two in bfloat16) tie exactly far more often, and a tie or a
   rounding step at the cut changes which tokens are kept. ``compute_dtype="input"`` reproduces the authors'
   arithmetic in the tokens' dtype, the model's (float16 / bfloat16; float32 computes as the default): the
   query and keys are cast to it, which is exact for the integration's float32 copies of the model's

@@ -27,10 +27,12 @@ features that are kept, and their attention is the head-averaged [CLS] row). Oth
 * **Precision.** ``compute_dtype="float32"`` (the default) computes the attention ranking and the cosines
   in float32 whatever the tokens' dtype; the authors compute them in the model's dtype (float16 in their
   evaluation: the head average, ``x / x.norm()``, the ``A B^T`` products and their maxima). Float32 is the
-  default because it makes the selection the same for float16, bfloat16 and float32 tokens and on every
-  device: in half precision the scores round to about three significant digits, so many tie exactly, and
-  a tie or a rounding step at a drop boundary changes that round's list and every round after it (on
-  LLaVA-1.5 shapes about 37 of 64 kept tokens are the same as with the authors' float16 arithmetic).
+  default because the selection then depends on the tokens' values alone, not on the dtype they are
+  stored in nor on a device's half-precision kernels (the same values in float16, bfloat16 or float32
+  select the same tokens): in half precision the scores keep about three significant digits (float16; two
+  in bfloat16), so many tie exactly, and a tie or a rounding step at a drop boundary changes that round's
+  list and every round after it (on random inputs of LLaVA-1.5 shapes only about 35 of 64 kept tokens
+  are the same as with the authors' float16 arithmetic, ``tests/test_compute_dtype.py``).
   ``compute_dtype="input"`` reproduces the authors' arithmetic in the tokens' dtype (float16 / bfloat16;
   float32 tokens compute as with the default).
 * Ties in the attention and similarity rankings go to the lower position / earlier list entry (the
