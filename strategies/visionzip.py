@@ -46,7 +46,8 @@ Departures from the authors' code:
   the head-averaged attention rounded to it (the same ranking as their half-precision sum over a
   power-of-two number of heads, e.g. CLIP-L's 16), the normalisation, similarities and arg max in it; the
   sums of the assigned tokens and their counts accumulate in float32 and are rounded once to it (what a
-  half-precision ``bmm`` / ``sum`` on a GPU does), then divided and added in it.
+  half-precision ``bmm`` / ``sum`` on a GPU does), then divided and added in it. Where that rounded sum
+  overflows (float16 tokens of size ~1e3), the authors' code gives ``inf``; ours divides in float32 there.
 """
 
 from __future__ import annotations
@@ -246,5 +247,15 @@ def _merge_in_half(
     counts = torch.zeros(b, c, dtype=torch.float32, device=tgt.device)
     counts.scatter_add_(1, match, torch.ones(match.shape, dtype=torch.float32, device=tgt.device))
     if merge == "mean":
-        return (sums + tgt.float()).to(dt) / (counts + 1).to(dt).unsqueeze(-1), match
-    return tgt + sums.to(dt) / counts.to(dt).clamp_min(1).unsqueeze(-1), match
+        return _half_mean(sums + tgt.float(), counts + 1, dt), match
+    return tgt + _half_mean(sums, counts.clamp_min(1), dt), match
+
+
+def _half_mean(sums: torch.Tensor, counts: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """``sums.to(dt) / counts.to(dt)`` (float32 ``[B, C, D]`` and ``[B, C]``): the authors' half-precision mean.
+
+    Where the rounded sum overflows ``dt`` (float16 tokens of size ~1e3 summed over dozens of tokens), the
+    authors' code gives ``inf``; there the mean is divided in float32 and rounded once instead.
+    """
+    mean = sums.to(dt) / counts.to(dt).unsqueeze(-1)
+    return torch.where(torch.isfinite(mean), mean, (sums / counts.unsqueeze(-1)).to(dt))
