@@ -198,6 +198,10 @@ def test_fastv_float32_equals_authors_float32(seed):
 
 
 # ---------------------------------------------------------------------------------------------- parameter
+def test_strategies_with_compute_dtype():
+    assert sorted(n for n in tc.available() if "compute_dtype" in tc.get(n).parameter_constraints) == sorted(STRATEGIES)
+
+
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_compute_dtype_default_and_round_trip(name):
     assert tc.create(name).get_params()["compute_dtype"] == "float32"
