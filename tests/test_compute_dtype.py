@@ -197,6 +197,66 @@ def test_fastv_float32_equals_authors_float32(seed):
     assert result.indices.tolist() == fastv_kept(weights.float(), 288)
 
 
+# ---------------------------------------------------------------------------------------------- in the LLM
+@pytest.fixture(scope="module")
+def bf16_llava():
+    from tiny_models import tiny_llava
+
+    return tiny_llava(attn_implementation="eager").to(torch.bfloat16)
+
+
+def _recording(comp):
+    """``comp`` with every ``(tokens, context, result)`` its stages see kept in ``comp.seen``."""
+    inner = comp._compress
+    comp.seen = []
+
+    def record(tokens, k, context):
+        result = inner(tokens, k, context)
+        comp.seen.append((tokens, context, result))
+        return result
+
+    comp._compress = record
+    return comp
+
+
+def test_fastv_input_in_a_bfloat16_model_keeps_the_authors_tokens(bf16_llava):
+    from tiny_models import llava_prompt
+
+    inputs = llava_prompt(bf16_llava, seed=10)
+    comp = _recording(tc.create("fastv", compute_dtype="input"))
+    with torch.no_grad():
+        full = bf16_llava(**inputs, output_attentions=True)
+        with tc.apply(bf16_llava, comp, budget=12):
+            bf16_llava(**inputs)
+    tokens, context, result = comp.seen[0]
+    assert tokens.dtype == torch.bfloat16 and result.info["scores"].dtype == torch.bfloat16
+    start = int((inputs["input_ids"][0] == 119).nonzero()[0])
+    want = authors_fastv(full.attentions[1], start, tokens.shape[1], 12) - start
+    assert result.indices[0].tolist() == want.tolist()
+
+
+def test_pdrop_input_in_a_bfloat16_model_computes_in_bfloat16(bf16_llava):
+    from tiny_models import llava_prompt
+
+    inputs = llava_prompt(bf16_llava, seed=12)
+    comp = _recording(tc.create("pdrop", layers=[1, 2], compute_dtype="input"))
+    with torch.no_grad(), tc.apply(bf16_llava, comp):
+        bf16_llava(**inputs)
+    assert len(comp.seen) == 2
+    for tokens, context, result in comp.seen:
+        # the integration's float32 query and keys hold bfloat16 values: casting back is exact
+        assert torch.equal(context.keys.to(torch.bfloat16).float(), context.keys)
+        assert torch.equal(context.query.to(torch.bfloat16).float(), context.query)
+        assert tokens.dtype == torch.bfloat16 and result.info["scores"].dtype == torch.bfloat16
+        length = context.keys.shape[2]
+        positions = context.visual_positions[0]
+        start, n = int(positions[0]), positions.shape[0]
+        assert positions.tolist() == list(range(start, start + n))
+        q = context.query.to(torch.bfloat16)[:, :, None].expand(-1, -1, length, -1)  # the last row is used
+        want = authors_pdrop_row(q, context.keys.to(torch.bfloat16), length, start, n, result.indices.shape[1])
+        assert result.indices[0].tolist() == (want[0] - start).tolist()
+
+
 # ---------------------------------------------------------------------------------------------- parameter
 def test_strategies_with_compute_dtype():
     assert sorted(n for n in tc.available() if "compute_dtype" in tc.get(n).parameter_constraints) == sorted(STRATEGIES)
