@@ -31,6 +31,16 @@ Departures, all stated:
   ``eval_aokvqa_latency_fastv_inplace.sh``), prunes once at prefill: decoding sees the kept tokens only.
 - Ties in attention go to the lower position (a stable descending sort, not ``topk``); batched over ``B``
   (the authors read batch row 0).
+- Precision: ``compute_dtype="float32"`` (the default) ranks the float32 head average of the attention
+  weights; the authors average the heads in the model's dtype (``torch.mean`` of the float16 weights in
+  their evaluation), which rounds the average to half precision. Float32 is the default because the ranking
+  then depends on the attention weights' values alone, not on the dtype the average is rounded to nor on a
+  device's half-precision kernels: rounded to half precision (about three significant digits in float16, two
+  in bfloat16), many of the 576 averages tie exactly, and a tie or a rounding step at the cut changes which
+  tokens are kept. ``compute_dtype="input"`` reproduces the authors' arithmetic: it rounds the head average
+  to the tokens' dtype, the model's (float16 / bfloat16; float32 ranks as the default). The integration
+  supplies the float32 mean of the model's half-precision weights, and torch's half-precision mean
+  accumulates in float32 and rounds once, so the rounded row is the authors' head average.
 """
 
 from __future__ import annotations
@@ -38,8 +48,8 @@ from __future__ import annotations
 import torch
 
 from tokencomp.base import Compressor
-from tokencomp.constraints import Interval
-from tokencomp.kernels import selection_result
+from tokencomp.constraints import COMPUTE_DTYPE, Interval
+from tokencomp.kernels import half_precision, selection_result
 from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
@@ -54,6 +64,10 @@ class FastV(Compressor):
     layer : int, default 2
         The decoder layer ``K`` after which the tokens are pruned (the authors' ``K = 2``): the
         attention row is that of layer ``K - 1``.
+    compute_dtype : {"float32", "input"}, default "float32"
+        The precision of the head-averaged attention row that ranks the tokens: ``"float32"`` whatever the
+        model's dtype, or ``"input"``, rounded to the tokens' (hidden states') dtype when it is float16 /
+        bfloat16, as the authors' head average in a half-precision model.
 
     Notes
     -----
@@ -72,15 +86,16 @@ class FastV(Compressor):
     info_layout = {"scores": "token"}
     paper = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024 (arXiv 2403.06764)"
 
-    parameter_constraints = {"layer": (Interval(int, 1),)}
+    parameter_constraints = {"layer": (Interval(int, 1),), "compute_dtype": (COMPUTE_DTYPE,)}
 
-    def __init__(self, *, layer: int = 2) -> None:
+    def __init__(self, *, layer: int = 2, compute_dtype: str = "float32") -> None:
         self.layer = layer
+        self.compute_dtype = compute_dtype
 
     def llm_layers(self) -> tuple[int, ...]:
         return (self.layer,)
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        scores = attention_scores(context, "text_attention")
+        scores = attention_scores(context, "text_attention", dtype=half_precision(self.compute_dtype, tokens.dtype))
         top = rank_descending(scores)[:, :k]
         return selection_result(tokens, top.sort(dim=-1).values, scores=scores)

@@ -40,8 +40,17 @@ Departures from the authors' code:
 - Schedule: the authors take a list of ratios (``image_token_ratio_list``, ``[0.5, 0.25, 0.125]``); we
   take one ``ratio`` and its powers, the same list for the paper's setting.
 - Only the authors' inference branch: the query is the prompt's last token (in training they use every
-  token before an answer). The head average is taken in float32 (they cast the softmax back to the
-  model's dtype first), and ties go to the lower position (``topk`` leaves them unspecified).
+  token before an answer). Ties go to the lower position (``topk`` leaves them unspecified).
+- Precision: ``compute_dtype="float32"`` (the default) computes the attention row in float32 whatever the
+  query's and keys' dtype; the authors compute ``q K^T / sqrt(Dh)`` in the model's dtype (float16 in their
+  evaluation), take the softmax in float32, cast it back to that dtype and average the heads in it. Float32
+  is the default because the ranking then depends on the query's and keys' values alone, not on the dtype
+  they are stored in nor on a device's half-precision kernels: attention weights rounded to half precision
+  (about three significant digits in float16, two in bfloat16) tie exactly far more often, and a tie or a
+  rounding step at the cut changes which tokens are kept. ``compute_dtype="input"`` reproduces the authors'
+  arithmetic in the tokens' dtype, the model's (float16 / bfloat16; float32 computes as the default): the
+  query and keys are cast to it, which is exact for the integration's float32 copies of the model's
+  projections.
 - On an M-RoPE decoder (Qwen2-VL) the integration keeps the 3-D positions whatever ``positions`` says:
   renumbering a 3-D layout has no single meaning, and the authors' code is LLaVA's 1-D one.
 """
@@ -51,8 +60,8 @@ from __future__ import annotations
 import torch
 
 from tokencomp.base import Compressor
-from tokencomp.constraints import Interval, ListOf, Options
-from tokencomp.kernels import selection_result
+from tokencomp.constraints import COMPUTE_DTYPE, Interval, ListOf, Options
+from tokencomp.kernels import half_precision, selection_result
 from tokencomp.kernels.attention import attention_row, rank_descending
 from tokencomp.registry import register
 from tokencomp.types import CompressionResult, Context
@@ -75,6 +84,11 @@ class PyramidDrop(Compressor):
         ``0 .. L' - 1`` in later layers and shifts every decoding step down by the tokens dropped;
         ``"keep"`` keeps the kept tokens' original positions (decoding continues from the prompt length).
         Read by the model integration through :attr:`in_llm_positions`.
+    compute_dtype : {"float32", "input"}, default "float32"
+        The precision of the attention row: ``"float32"`` whatever the model's dtype, or ``"input"``, the
+        tokens' (hidden states') dtype when it is float16 / bfloat16 (the authors' arithmetic in a
+        half-precision model: ``q K^T / sqrt(Dh)`` in it, the softmax in float32 cast back to it, the head
+        average in it).
 
     Notes
     -----
@@ -97,6 +111,7 @@ class PyramidDrop(Compressor):
         "layers": (ListOf(Interval(int, 1), increasing=True),),
         "ratio": (Interval(float, 0.0, 1.0, closed="right"),),
         "positions": (Options(POSITIONS),),
+        "compute_dtype": (COMPUTE_DTYPE,),
     }
 
     def __init__(
@@ -105,10 +120,12 @@ class PyramidDrop(Compressor):
         layers: list[int] = (8, 16, 24),  # type: ignore[assignment]
         ratio: float = 0.5,
         positions: str = "renumber",
+        compute_dtype: str = "float32",
     ) -> None:
         self.layers = layers
         self.ratio = ratio
         self.positions = positions
+        self.compute_dtype = compute_dtype
 
     @property
     def in_llm_positions(self) -> str:  # type: ignore[override]
@@ -124,7 +141,9 @@ class PyramidDrop(Compressor):
         return [int(n * self.ratio ** (s + 1)) for s in range(len(self.layers))]
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
-        row = attention_row(context.query, context.keys, context.key_mask)  # [B, L]
+        # the model's dtype: the integration hands over float32 copies of its half-precision query and keys
+        half = half_precision(self.compute_dtype, tokens.dtype)
+        row = attention_row(context.query, context.keys, context.key_mask, dtype=half)  # [B, L]
         scores = torch.gather(row, 1, context.visual_positions)  # [B, N]
         keep = rank_descending(scores)[:, :k]
         return selection_result(tokens, keep.sort(dim=-1).values, scores=scores)

@@ -35,7 +35,22 @@ Departures from the authors' code:
 * ``C = 0`` (the default rule for ``K <= 3``, or ``contextual=0``) keeps ``K`` dominant tokens and
   drops the rest; the authors' code divides by zero there.
 * Ties in the attention ranking go to the lower position (``torch.topk`` leaves them unspecified);
-  a zero similarity vector is normalised with ``eps`` (``F.normalize``) instead of giving NaN.
+  a zero similarity vector is normalised with ``eps`` (``F.normalize``), or stays zero with
+  ``compute_dtype="input"``, instead of giving NaN.
+* Precision: ``compute_dtype="float32"`` (the default) ranks, matches and merges in float32 whatever the
+  tokens' dtype; the authors do it all in the model's dtype (float16 in their evaluation): the sum of the
+  heads' attention, ``x / x.norm()``, the similarity product, the merge's ``bmm`` and division and the
+  ``target +`` addition. Float32 is the default because the selection and the assignment then depend on the
+  tokens' values alone, not on the dtype they are stored in nor on a device's half-precision kernels (the
+  same values in float16, bfloat16 or float32 give the same result): in half precision the scores keep about
+  three significant digits (float16; two in bfloat16), so many tie exactly, and a tie or a rounding step
+  moves a token to another target or across the dominant cut. ``compute_dtype="input"`` reproduces the
+  authors' arithmetic in the tokens' dtype (float16 / bfloat16; float32 tokens compute as with the default):
+  the head-averaged attention rounded to it (the same ranking as their half-precision sum over a
+  power-of-two number of heads, e.g. CLIP-L's 16), the normalisation, similarities and arg max in it; the
+  sums of the assigned tokens and their counts accumulate in float32 and are rounded once to it (what a
+  half-precision ``bmm`` / ``sum`` on a GPU does), then divided and added in it. Where that rounded sum
+  overflows (float16 tokens of size ~1e3), the authors' code gives ``inf``; ours divides in float32 there.
 """
 
 from __future__ import annotations
@@ -45,11 +60,13 @@ from typing import Optional
 import torch
 
 from tokencomp.base import Compressor
-from tokencomp.constraints import OUTPUT_ORDER, Interval, IsNone, Options
+from tokencomp.constraints import COMPUTE_DTYPE, OUTPUT_ORDER, Interval, IsNone, Options
 from tokencomp.errors import InputError
 from tokencomp.kernels import (
     batched_gather,
     cosine_match,
+    divide_by_norm,
+    half_precision,
     merge_rows,
     row_blocks,
     selection_result,
@@ -85,6 +102,10 @@ class VisionZip(Compressor):
     order : {"authors", "position"}, default "authors"
         The sequence the language model receives: every dominant token (by position) before every
         contextual token (by position), as the authors' code; or all of them by position.
+    compute_dtype : {"float32", "input"}, default "float32"
+        The precision of the dominant ranking, the matching and the merge: ``"float32"`` whatever the
+        tokens' dtype, or ``"input"``, the tokens' own dtype when they are float16 / bfloat16 (the
+        authors' arithmetic in a half-precision model; see the departures).
 
     Notes
     -----
@@ -110,14 +131,21 @@ class VisionZip(Compressor):
         "contextual": (IsNone(), Interval(int, 0)),
         "contextual_merge": (Options(CONTEXTUAL_MERGES),),
         "order": (OUTPUT_ORDER,),
+        "compute_dtype": (COMPUTE_DTYPE,),
     }
 
     def __init__(
-        self, *, contextual: Optional[int] = None, contextual_merge: str = "target_plus_mean", order: str = "authors"
+        self,
+        *,
+        contextual: Optional[int] = None,
+        contextual_merge: str = "target_plus_mean",
+        order: str = "authors",
+        compute_dtype: str = "float32",
     ) -> None:
         self.contextual = contextual
         self.contextual_merge = contextual_merge
         self.order = order
+        self.compute_dtype = compute_dtype
 
     @property
     def output_order(self) -> str:  # type: ignore[override]
@@ -145,7 +173,8 @@ class VisionZip(Compressor):
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         b, n, d = tokens.shape
         dev = tokens.device
-        attn = attention_scores(context)
+        half = half_precision(self.compute_dtype, tokens.dtype)
+        attn = attention_scores(context, dtype=half)
         c = self._contextual_count(k)
         dom = k - c
 
@@ -168,11 +197,14 @@ class VisionZip(Compressor):
         other_ranks = torch.sort(is_target.to(torch.int64), stable=True).indices[: m - c]
         tgt_pos = rem[:, ranks]  # [B, C], ascending
         oth_pos = rem[:, other_ranks]  # [B, M - C], ascending
-        tgt = batched_gather(tokens, tgt_pos).float()  # maths in float32 (rows read as needed)
+        # maths in float32, or the tokens' half precision (rows read as needed)
+        tgt = batched_gather(tokens, tgt_pos).to(torch.float32 if half is None else half)
 
         # 4.-5. Assign every other remaining token to its most similar target and merge, one block of
         # the M - C others at a time (they are ~88 % of the tokens: never gathered whole).
-        if self.contextual_merge == "mean":
+        if half is not None:
+            ctx, match = _merge_in_half(tokens, tgt, oth_pos, self.contextual_merge)
+        elif self.contextual_merge == "mean":
             ctx, match = merge_rows(tgt, tokens, oth_pos)
         else:
             sums = torch.zeros_like(tgt)
@@ -206,3 +238,42 @@ class VisionZip(Compressor):
             assignment=assignment,
             info={"dominant": perm < dom},
         )
+
+
+def _merge_in_half(
+    tokens: torch.Tensor, tgt: torch.Tensor, oth_pos: torch.Tensor, merge: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 4.-5. in the half-precision dtype of ``tokens`` and the targets ``tgt`` ``[B, C, D]``.
+
+    The authors' arithmetic in a half-precision model: ``x / x.norm()`` of the targets and of the other
+    remaining tokens (``oth_pos`` ``[B, M - C]``), their product and its ``argmax`` (the first maximum),
+    all in that dtype; the sums of the assigned tokens and the counts accumulate in float32 and are rounded
+    once to it, then the mean and ``target + mean`` (or ``contextual_merge="mean"``'s division) are taken
+    in it. One block of the other tokens at a time, as the float32 path. Returns the contextual tokens
+    ``[B, C, D]`` and the match ``[B, M - C]``.
+    """
+    b, c, d = tgt.shape
+    dt = tgt.dtype
+    unit = divide_by_norm(tgt).transpose(1, 2)
+    sums = torch.zeros(b, c, d, dtype=torch.float32, device=tgt.device)
+    match = torch.empty(oth_pos.shape, dtype=torch.int64, device=tgt.device)
+    for blk in row_blocks(b, oth_pos.shape[1], max(d, c)):
+        src = batched_gather(tokens, oth_pos[:, blk])
+        best = torch.bmm(divide_by_norm(src), unit).argmax(dim=-1)
+        match[:, blk] = best
+        sums.view(b * c, d).index_add_(0, flat_index(best, c), src.reshape(-1, d).float())
+    counts = torch.zeros(b, c, dtype=torch.float32, device=tgt.device)
+    counts.scatter_add_(1, match, torch.ones(match.shape, dtype=torch.float32, device=tgt.device))
+    if merge == "mean":
+        return _half_mean(sums + tgt.float(), counts + 1, dt), match
+    return tgt + _half_mean(sums, counts.clamp_min(1), dt), match
+
+
+def _half_mean(sums: torch.Tensor, counts: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """``sums.to(dt) / counts.to(dt)`` (float32 ``[B, C, D]`` and ``[B, C]``): the authors' half-precision mean.
+
+    Where the rounded sum overflows ``dt`` (float16 tokens of size ~1e3 summed over dozens of tokens), the
+    authors' code gives ``inf``; there the mean is divided in float32 and rounded once instead.
+    """
+    mean = sums.to(dt) / counts.to(dt).unsqueeze(-1)
+    return torch.where(torch.isfinite(mean), mean, (sums / counts.unsqueeze(-1)).to(dt))

@@ -22,10 +22,22 @@ The algorithm, as the authors run it on the vision tower's output (their default
 ``info["important"]`` ``[B, K]`` bool marks the output slots holding important tokens.
 
 Departures from the authors' code: none in the algorithm (their similarity is on the same
-features that are kept, and their attention is the head-averaged [CLS] row). Ties in the attention
-and similarity rankings go to the lower position / earlier list entry (the authors' non-stable
-``argsort`` leaves them unspecified); zero tokens are normalised with ``eps`` (``F.normalize``)
-instead of giving NaN.
+features that are kept, and their attention is the head-averaged [CLS] row). Otherwise:
+
+* **Precision.** ``compute_dtype="float32"`` (the default) computes the attention ranking and the cosines
+  in float32 whatever the tokens' dtype; the authors compute them in the model's dtype (float16 in their
+  evaluation: the head average, ``x / x.norm()``, the ``A B^T`` products and their maxima). Float32 is the
+  default because the selection then depends on the tokens' values alone, not on the dtype they are
+  stored in nor on a device's half-precision kernels (the same values in float16, bfloat16 or float32
+  select the same tokens): in half precision the scores keep about three significant digits (float16; two
+  in bfloat16), so many tie exactly, and a tie or a rounding step at a drop boundary changes that round's
+  list and every round after it (on random inputs of LLaVA-1.5 shapes only about 35 of 64 kept tokens
+  are the same as with the authors' float16 arithmetic, ``tests/test_compute_dtype.py``).
+  ``compute_dtype="input"`` reproduces the authors' arithmetic in the tokens' dtype (float16 / bfloat16;
+  float32 tokens compute as with the default).
+* Ties in the attention and similarity rankings go to the lower position / earlier list entry (the
+  authors' non-stable ``argsort`` leaves them unspecified); zero tokens are normalised with ``eps``
+  (``F.normalize``), or stay zero with ``compute_dtype="input"``, instead of giving NaN.
 
 Cost. The residual tokens are normalised once (not all ``N``), and a round needs only the cosines
 between the tokens of ``A`` and of ``B``. Those never change (only the list does, and entries move
@@ -58,8 +70,16 @@ from functools import partial
 import torch
 
 from tokencomp.base import Compressor
-from tokencomp.constraints import Interval, Options
-from tokencomp.kernels import GEMM_MIN, batched_gather, gemm_pieces, row_blocks, selection_result
+from tokencomp.constraints import COMPUTE_DTYPE, Interval, Options
+from tokencomp.kernels import (
+    GEMM_MIN,
+    batched_gather,
+    divide_by_norm,
+    gemm_pieces,
+    half_precision,
+    row_blocks,
+    selection_result,
+)
 from tokencomp.kernels import blocks as _blocks
 from tokencomp.kernels.attention import attention_scores, rank_descending
 from tokencomp.kernels.blocks import unit_vectors
@@ -156,6 +176,13 @@ class VisPruner(Compressor):
         Whether the cosines of the residual tokens are computed once and kept (``R0^2`` floats) or
         every round of duplicate removal multiplies the tokens anew; ``"auto"`` keeps them while they
         hold at most 4x the tokens' elements (see the module notes). The result is the same.
+        With ``compute_dtype="input"`` on half-precision tokens every round multiplies anew, as the
+        authors' code.
+    compute_dtype : {"float32", "input"}, default "float32"
+        The precision of the head-averaged attention and the cosines: ``"float32"`` whatever the
+        tokens' dtype, or ``"input"``, the tokens' own dtype when they are float16 / bfloat16 (the
+        authors' arithmetic in a half-precision model: the attention row rounded to it, the tokens
+        divided by their norms, the ``A B^T`` products and their maxima all in that dtype).
     """
 
     stage = "pre_llm"
@@ -177,15 +204,18 @@ class VisPruner(Compressor):
     parameter_constraints = {
         "important_ratio": (Interval(float, 0.0, 1.0),),
         "cache": (Options(("auto", "always", "never")),),
+        "compute_dtype": (COMPUTE_DTYPE,),
     }
 
-    def __init__(self, *, important_ratio: float = 0.5, cache: str = "auto") -> None:
+    def __init__(self, *, important_ratio: float = 0.5, cache: str = "auto", compute_dtype: str = "float32") -> None:
         self.important_ratio = important_ratio
         self.cache = cache
+        self.compute_dtype = compute_dtype
 
     def _compress(self, tokens: torch.Tensor, k: int, context: Context) -> CompressionResult:
         b, n, d = tokens.shape
-        attn = attention_scores(context)
+        half = half_precision(self.compute_dtype, tokens.dtype)
+        attn = attention_scores(context, dtype=half)
         k_imp = int(k * self.important_ratio)
         k_div = k - k_imp
 
@@ -195,7 +225,7 @@ class VisPruner(Compressor):
 
         # 3. Iterative duplicate removal among the residual tokens.
         if k_div > 0 and residual.shape[1] > k_div:
-            residual = _remove_duplicates(tokens, residual, k_div, self.cache)
+            residual = _remove_duplicates(tokens, residual, k_div, "never" if half else self.cache, half)
 
         selected = torch.cat([important, residual], dim=1) if k_div > 0 else important
         indices = selected.sort(dim=-1).values
@@ -203,11 +233,20 @@ class VisPruner(Compressor):
         return selection_result(tokens, indices, important=torch.gather(is_imp, 1, indices))
 
 
-def _remove_duplicates(tokens: torch.Tensor, residual: torch.Tensor, k_div: int, cache: str) -> torch.Tensor:
-    """Step 3 on the residual list ``[B, R0]`` (positions in ``tokens``): the ``[B, K_div]`` survivors in list order."""
+def _remove_duplicates(
+    tokens: torch.Tensor, residual: torch.Tensor, k_div: int, cache: str, half: torch.dtype | None = None
+) -> torch.Tensor:
+    """Step 3 on the residual list ``[B, R0]`` (positions in ``tokens``): the ``[B, K_div]`` survivors in list order.
+
+    With ``half`` (the tokens' dtype, for ``compute_dtype="input"``), the unit vectors and every product
+    are computed in it (the authors' ``x / x.norm()`` and ``a @ b.T``), never cached.
+    """
     b, r0 = residual.shape
     n, d = tokens.shape[1:]
-    unit = _unit_rows(tokens, residual)  # float32 unit vectors of the residual tokens, by list slot
+    if half is None:
+        unit = _unit_rows(tokens, residual)  # float32 unit vectors of the residual tokens, by list slot
+    else:
+        unit = divide_by_norm(batched_gather(tokens, residual))
     rows_of = partial(batched_gather, unit)  # list slots [B, S] -> unit rows [B, S, D]
     gram = buf = None
     fits = r0 * r0 <= _GRAM_FACTOR * n * d

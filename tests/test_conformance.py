@@ -29,6 +29,16 @@ def test_registered_strategy_conforms(compressor, check):
     check(compressor)
 
 
+# strategies that can compute in the inputs' half precision, as their authors: the suite again in that mode
+# (its cases include float16 and bfloat16 tokens)
+HALF_PRECISION = [n for n in STRATEGIES if "compute_dtype" in tc.get(n).parameter_constraints]
+
+
+@parametrize_with_checks([tc.create(name, compute_dtype="input") for name in HALF_PRECISION])
+def test_input_precision_conforms(compressor, check):
+    check(compressor)
+
+
 def test_registry_skips_exactly_the_expected_checks():
     skips = set()
     for name in STRATEGIES:

@@ -56,7 +56,12 @@ def test_masked_keys_are_excluded_from_the_softmax():
 
 def test_schedule_of_the_paper():
     assert tc.create("pdrop").stage_budgets(576) == [288, 144, 72]
-    assert tc.create("pdrop").get_params() == {"layers": [8, 16, 24], "ratio": 0.5, "positions": "renumber"}
+    assert tc.create("pdrop").get_params() == {
+        "layers": [8, 16, 24],
+        "ratio": 0.5,
+        "positions": "renumber",
+        "compute_dtype": "float32",
+    }
 
 
 @pytest.mark.parametrize("positions", ["renumber", "keep"])

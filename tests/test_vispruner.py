@@ -127,7 +127,11 @@ def test_bad_ratio_raises_on_construction(value):
 def test_cache_parameter():
     with pytest.raises(tc.InvalidParameterError, match="'cache' must be one of 'auto', 'always', 'never'; got 'yes'"):
         tc.create("vispruner", cache="yes")
-    assert tc.create("vispruner", cache="never").get_params() == {"important_ratio": 0.5, "cache": "never"}
+    assert tc.create("vispruner", cache="never").get_params() == {
+        "important_ratio": 0.5,
+        "cache": "never",
+        "compute_dtype": "float32",
+    }
     # the bench's regimes force each algorithm
     assert tc.get("vispruner").cost_regimes == {"cached": {"cache": "always"}, "recomputed": {"cache": "never"}}
 

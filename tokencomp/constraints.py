@@ -18,6 +18,8 @@ from typing import Any, Optional, Union
 from .errors import InvalidParameterError
 
 __all__ = [
+    "COMPUTE_DTYPE",
+    "COMPUTE_DTYPES",
     "OUTPUT_ORDER",
     "Boolean",
     "Constraint",
@@ -203,6 +205,17 @@ class ListOf(Constraint):
         if self.increasing and good is not None:
             misses.append([good, good])
         return tuple(misses)
+
+
+# The ``compute_dtype`` parameter shared by the strategies whose authors compute in the model's half
+# precision: "float32" (the default) computes in float32 whatever the inputs' dtype, "input" in the inputs'
+# own dtype, which reproduces the authors' arithmetic when the model runs float16 or bfloat16.
+COMPUTE_DTYPES = ("float32", "input")
+COMPUTE_DTYPE = Options(
+    COMPUTE_DTYPES,
+    hint="'float32' computes in float32 whatever the inputs' dtype (deterministic selections); 'input' computes "
+    "in the inputs' own dtype, as the authors' code does in a float16 / bfloat16 model.",
+)
 
 
 def _an_accepted(constraint: Constraint) -> Any:

@@ -30,6 +30,42 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# The half-precision dtypes a strategy's ``compute_dtype="input"`` computes in (its authors' arithmetic in a
+# float16 / bfloat16 model); inputs of any other dtype keep the float32 maths.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def half_precision(choice: str, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The half-precision dtype a strategy's ``compute_dtype`` parameter asks for on inputs of ``dtype``.
+
+    Parameters
+    ----------
+    choice : {"float32", "input"}
+        The strategy's ``compute_dtype``.
+    dtype : torch.dtype
+        The dtype of the inputs the computation reads.
+
+    Returns
+    -------
+    torch.dtype or None
+        ``dtype`` when ``choice`` is ``"input"`` and ``dtype`` is float16 or bfloat16 (compute as the authors
+        do, in the inputs' dtype); ``None`` otherwise: the strategy's float32 maths, unchanged (float32 and
+        float64 inputs give the same result with either choice).
+    """
+    return dtype if choice == "input" and dtype in HALF_DTYPES else None
+
+
+def divide_by_norm(rows: torch.Tensor) -> torch.Tensor:
+    """``rows / rows.norm(dim=-1, keepdim=True)`` in ``rows``' own dtype: the authors' normalisation, literally.
+
+    In half precision this rounds the norm and the quotient to that precision, as the authors' code does in
+    a float16 model (:func:`unit_vectors` normalises in float32 after a power-of-two scaling instead). Zero
+    rows stay zero (the authors' code gives NaN there); every other row has exactly the authors' values.
+    """
+    norms = rows.norm(dim=-1, keepdim=True)
+    return rows / norms.masked_fill(norms == 0, 1)
+
+
 def row_blocks(batch: int, n: int, width: int, elements: Optional[int] = None) -> list[slice]:
     """Slices of ``range(n)`` such that a ``[batch, rows, width]`` block holds at most ``elements``.
 
