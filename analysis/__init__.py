@@ -6,10 +6,11 @@
 - FlashAttention compatibility, measured: :func:`run_vlm` runs each strategy under a forced
   FLASH_ATTENTION backend; :func:`attention_cost` times eager attention against SDPA.
 - The modules, one job each: inputs (:mod:`.data` images, :mod:`.features` visual tokens, :mod:`.grid`
-  the ablation's defaults), metrics (:mod:`.retention`, :mod:`.prediction`, :mod:`.position`), measuring
-  (:mod:`.measure`), the image-token grid (:mod:`.ablation`), the in-model runner (:mod:`.vlm` on
-  :mod:`.tiny_vlm`; :mod:`.generate` on a real checkpoint), the kernel bench (:mod:`.bench`), saved rows
-  (:mod:`.results`) and the report (:mod:`.tables`, :mod:`.plots`, :mod:`.report`).
+  the ablation's defaults, :mod:`.scenes` the grounded VQA benchmark's scenes and questions), metrics
+  (:mod:`.retention`, :mod:`.prediction`, :mod:`.position`), measuring (:mod:`.measure`), the image-token
+  grid (:mod:`.ablation`), the in-model runner (:mod:`.vlm` on :mod:`.tiny_vlm`; :mod:`.generate` on a
+  real checkpoint), the kernel bench (:mod:`.bench`), saved rows (:mod:`.results`) and the report
+  (:mod:`.tables`, :mod:`.plots`, :mod:`.report`).
 
 The names below are imported on first use, so that ``import tokencomp.analysis.grid`` (the command
 line's defaults) does not load scipy, matplotlib or the models.

@@ -37,7 +37,7 @@ from tokencomp.cli import app
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TUTORIALS = ("tutorials/own-strategy", "tutorials/ablation", "tutorials/huggingface")
 # the other pages with code: their python blocks run too (their shell blocks are marked no-run)
-PAGES = TUTORIALS + ("getting-started", "concepts", "apet")
+PAGES = TUTORIALS + ("getting-started", "concepts", "apet", "scenes")
 SHELL_LANGUAGES = ("bash", "console", "shell", "sh")
 
 _DIRECTIVE = re.compile(r"^(?P<indent> *)\.\. (?:code-block|code|sourcecode)::[ \t]*(?P<language>\S*)[ \t]*$")
