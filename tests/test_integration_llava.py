@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokencomp as tc
-from tiny_models import first_layer_lengths, llava_prompt, pre_hooks, tiny_llava
+from tiny_models import first_layer_lengths, llava_prompt, pre_hooks, tiny_dinov2_llava, tiny_llava
 
 N = 36  # (84 / 14)^2 patches per image
 
@@ -141,6 +141,54 @@ def test_cls_attention_is_the_layer_rows(model):
     expected = out.attentions[-2][:, :, 0, 1:].mean(dim=1)
     torch.testing.assert_close(captured["cls"], expected)
     assert captured["grid"] == (6, 6)
+
+
+class SpyCls(tc.Compressor):
+    """Keeps the first ``k`` tokens and records the context it was given."""
+
+    requires = ("cls_attention",)
+    needs_attention = True
+    deterministic = True
+    seen: dict = {}
+
+    def _compress(self, tokens, k, context):
+        SpyCls.seen.update(cls=context.cls_attention, grid=context.grid)
+        return tc.selection_result(tokens, torch.arange(k).expand(tokens.shape[0], k))
+
+
+@pytest.mark.parametrize("feature_layer", [-1, -2])
+def test_dinov2_tower_cls_attention_is_the_layer_rows(feature_layer):
+    # A DINOv2 tower keeps its attention at encoder.layer[i].attention (CLIP: encoder.layers[i].self_attn).
+    eager = tiny_dinov2_llava(attn_implementation="eager", vision_feature_layer=feature_layer)
+    inputs = llava_prompt(eager, seed=7)
+    with torch.no_grad():
+        out = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+        with tc.apply(eager, SpyCls(), budget=5):
+            eager(**inputs)
+    expected = out.attentions[feature_layer][:, :, 0, 1:].mean(dim=1)
+    torch.testing.assert_close(SpyCls.seen["cls"], expected)
+    assert SpyCls.seen["grid"] == (6, 6)
+
+
+def test_dinov2_tower_visionzip_cache_and_eager_fallback():
+    eager = tiny_dinov2_llava(attn_implementation="eager")
+    inputs = llava_prompt(eager, batch=2, pad=[0, 3], seed=8)
+    single = llava_prompt(eager, seed=9)  # no padding: eager and SDPA differ only on padded rows
+    with tc.apply(eager, "visionzip", budget=12):
+        cached = greedy(eager, inputs)
+        uncached = greedy(eager, inputs, use_cache=False)
+        with torch.no_grad():
+            expected = eager(**single).logits
+    assert torch.equal(cached, uncached)
+    sdpa = tiny_dinov2_llava()
+    with tc.apply(sdpa, "visionzip", budget=12):
+        with pytest.raises(tc.errors.AttentionUnavailableError, match="allow_eager_fallback=True"):
+            with torch.no_grad():
+                sdpa(**single)
+    with torch.no_grad(), tc.apply(sdpa, "visionzip", budget=12, allow_eager_fallback=True):
+        fallback = sdpa(**single).logits
+    torch.testing.assert_close(fallback, expected, rtol=1e-4, atol=1e-4)
+    assert sdpa.model.vision_tower.config._attn_implementation == "sdpa"  # switched back
 
 
 def test_errors(model):

@@ -41,6 +41,34 @@ def llava_prompt(model, images: int = 1, batch: int = 1, seed: int = 0, pad: lis
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
+def tiny_dinov2_llava(attn_implementation: str = "sdpa", vision_feature_layer: int = -1):
+    """A random-weight LLaVA-1.5 layout with a DINOv2 tower (mini-llava's): 84 px, 6 x 6 patches, [CLS] first,
+    LayerScale, attention modules at ``encoder.layer[i].attention``; features without [CLS]."""
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=84, patch_size=14)
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=120,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=119,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    return spread_weights(model)
+
+
 def save_tiny_llava_checkpoint(folder) -> None:
     """A tiny LLaVA and a working processor (word-level tokenizer, CLIP image processor) saved to ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers

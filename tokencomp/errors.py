@@ -8,7 +8,13 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["AttentionUnavailableError", "InputError", "InvalidParameterError", "UnknownStrategyError"]
+__all__ = [
+    "AttentionUnavailableError",
+    "InputError",
+    "InvalidParameterError",
+    "UnknownStrategyError",
+    "WeightsUnavailableError",
+]
 
 
 class InputError(ValueError):
@@ -24,6 +30,14 @@ class UnknownStrategyError(InputError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class WeightsUnavailableError(InputError):
+    """Pretrained weights a command needs cannot be obtained (no network, a checksum that differs).
+
+    The message names the files, why they are missing and the exact command that fetches them by hand;
+    everything of tokencomp that does not need them keeps working.
+    """
 
 
 class AttentionUnavailableError(RuntimeError):

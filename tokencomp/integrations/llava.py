@@ -8,7 +8,8 @@ then shortened to the budget, and every later decoding step is translated to the
 
 Context supplied to the strategy: ``grid`` (the square patch grid) and, for strategies that read it,
 ``cls_attention``: the [CLS] row of the attention in the vision layer whose output LLaVA uses
-(``vision_feature_layer``), averaged over heads, without the [CLS] column. That needs eager attention in
+(``vision_feature_layer``), averaged over heads, without the [CLS] column (CLIP towers and DINOv2 ones,
+whose layers are ``encoder.layer[i].attention``). That needs eager attention in
 the vision tower; under SDPA / FlashAttention the call raises unless ``allow_eager_fallback=True``, which
 switches the vision tower to eager attention for the call and back.
 
@@ -94,9 +95,15 @@ class LlavaIntegration(Integration):
         return [projector.register_forward_hook(self._compress_projector_output)]
 
     def _attention_layer(self) -> torch.nn.Module:
+        """The self-attention module of the vision layer whose output LLaVA uses.
+
+        CLIP and SigLIP towers keep it in ``encoder.layers[i].self_attn``, DINOv2 in
+        ``encoder.layer[i].attention``; both return ``(output, weights)`` (weights only under eager).
+        """
         tower = self.inner.vision_tower
         tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel wraps it in older layouts
-        layers = tower.encoder.layers
+        encoder = tower.encoder
+        layers = encoder.layers if hasattr(encoder, "layers") else encoder.layer
         feature_layer = self.model.config.vision_feature_layer
         if not isinstance(feature_layer, int):
             raise InputError(
@@ -107,7 +114,8 @@ class LlavaIntegration(Integration):
         index = feature_layer % (len(layers) + 1) - 1
         if index < 0:
             raise InputError("tokencomp.apply: vision_feature_layer selects the embeddings; they have no attention.")
-        return layers[index].self_attn
+        layer = layers[index]
+        return layer.self_attn if hasattr(layer, "self_attn") else layer.attention
 
     def _vision_start(self, module: torch.nn.Module, args: tuple) -> None:
         self.stats.begin()  # counters add up until the prefill is recorded
