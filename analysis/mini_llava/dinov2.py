@@ -177,7 +177,7 @@ def onnx_state_dict(path: Path, progress: bool = True) -> dict[str, torch.Tensor
     state["embeddings.position_embeddings"] = np.concatenate(
         [state.pop("position_embeddings.cls"), state.pop("position_embeddings.grid")], axis=1
     )
-    out = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
+    out = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}  # a writable copy
     out["embeddings.mask_token"] = torch.zeros(1, out["embeddings.cls_token"].shape[-1])
     return out
 

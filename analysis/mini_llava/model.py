@@ -174,9 +174,12 @@ def load_mini_llava(
     )
     with no_init_weights():  # every tensor is loaded below
         model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    model.model.vision_tower.load_state_dict(tower, strict=True)
-    language = load_file(str(folder / "model.safetensors"))  # "model.*"; the head is tied to the embeddings
-    model.model.language_model.load_state_dict({k.removeprefix("model."): v for k, v in language.items()}, strict=True)
+    # assign: the loaded tensors become the parameters (no copy of 600 MB); the head is tied to the embeddings
+    model.model.vision_tower.load_state_dict(tower, strict=True, assign=True)
+    language = load_file(str(folder / "model.safetensors"))  # "model.*" only: the tied head is not stored
+    model.model.language_model.load_state_dict(
+        {k.removeprefix("model."): v for k, v in language.items()}, strict=True, assign=True
+    )
     model.tie_weights()
     _load_projector(model.model.multi_modal_projector, projector, seed)
     return model.eval(), mini_llava_processor(tokenizer, image_size)
