@@ -131,6 +131,7 @@ def train(
     lr: float = 1e-3,
     batch: int = 4,
     lora_rank: int = 8,
+    lora_lr_ratio: float = 0.2,
     checkpoint_minutes: float = 5.0,
     resume: bool = False,
     threads: int | None = None,
@@ -144,7 +145,12 @@ def train(
     meta = {"lora_rank": str(lora_rank), "lora_alpha": str(2 * lora_rank), "image_size": str(_SIZE), "seed": str(seed)}
     params = _trainable(model, lora_rank, seed)
     model.train()
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    projector = set(map(id, model.model.multi_modal_projector.parameters()))
+    groups = [
+        {"params": [p for p in params if id(p) in projector], "base_lr": lr},
+        {"params": [p for p in params if id(p) not in projector], "base_lr": lr * lora_lr_ratio},
+    ]
+    optimiser = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=0.0)
     step, samples, spent = 0, 0, 0.0
     if resume and (out / "state.pt").exists():
         saved = torch.load(out / "state.pt", weights_only=False)
@@ -160,7 +166,7 @@ def train(
         elapsed = time.perf_counter() - started
         scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget))))
         for group in optimiser.param_groups:
-            group["lr"] = lr * scale
+            group["lr"] = group["base_lr"] * scale
         losses, accs = [], []
         for _ in range(batch):
             scene, qs = next(data)
