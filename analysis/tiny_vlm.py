@@ -9,9 +9,11 @@ matrices with std 0.2 so that outputs depend on the image.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["spread_weights", "tiny_llava"]
+__all__ = ["spread_weights", "tiny_llava", "tiny_text_config"]
 
 
 def spread_weights(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
@@ -24,7 +26,30 @@ def spread_weights(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> t
     return model.eval()
 
 
-def tiny_llava(attn_implementation: str = "sdpa", image_size: int = 84, layers: int = 4, vision_layers: int = 3):
+def tiny_text_config(layers: int = 4) -> Any:
+    """The tiny Llama decoder of every tiny VLM here: width 64, 4 heads / 2 KV heads, vocabulary 120."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=120,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+    )
+
+
+def tiny_llava(
+    attn_implementation: str = "sdpa",
+    image_size: int = 84,
+    layers: int = 4,
+    vision_layers: int = 3,
+    vision: Any = None,
+    vision_feature_layer: int = -2,
+):
     """A random-weight LLaVA-1.5 layout: CLIP tower, features of layer -2 without [CLS], Llama decoder.
 
     Parameters
@@ -37,33 +62,29 @@ def tiny_llava(attn_implementation: str = "sdpa", image_size: int = 84, layers: 
         Decoder layers (LLaVA-1.5-7B has 32, which in-LLM strategies' default layers assume).
     vision_layers : int
         Vision-tower layers.
+    vision : transformers.PretrainedConfig, optional
+        Another tower's configuration instead of the tiny CLIP one (``image_size`` and ``vision_layers``
+        then do not apply), e.g. a DINOv2 one.
+    vision_feature_layer : int
+        The tower layer the features come from.
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=14,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=120,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-    )
+    if vision is None:
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=14,
+            projection_dim=32,
+        )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=text,
+        text_config=tiny_text_config(layers),
         image_token_id=119,
-        vision_feature_layer=-2,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(0)

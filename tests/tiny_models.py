@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from tokencomp.analysis.tiny_vlm import spread_weights, tiny_llava  # noqa: F401  (shared with the analysis)
+from tokencomp.analysis.tiny_vlm import spread_weights, tiny_llava, tiny_text_config  # noqa: F401  (shared)
 
 
 def llava_prompt(model, images: int = 1, batch: int = 1, seed: int = 0, pad: list[int] | None = None):
@@ -44,29 +44,10 @@ def llava_prompt(model, images: int = 1, batch: int = 1, seed: int = 0, pad: lis
 def tiny_dinov2_llava(attn_implementation: str = "sdpa", vision_feature_layer: int = -1):
     """A random-weight LLaVA-1.5 layout with a DINOv2 tower (mini-llava's): 84 px, 6 x 6 patches, [CLS] first,
     LayerScale, attention modules at ``encoder.layer[i].attention``; features without [CLS]."""
-    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import Dinov2Config
 
     vision = Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=84, patch_size=14)
-    text = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=120,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=119,
-        vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    return spread_weights(model)
+    return tiny_llava(attn_implementation, vision=vision, vision_feature_layer=vision_feature_layer)
 
 
 def save_tiny_llava_checkpoint(folder) -> None:
@@ -254,18 +235,9 @@ def left_pad_batch(rows: list[dict], pad_id: int = 0) -> dict:
 def tiny_llava_next(attn_implementation: str = "sdpa", onevision: bool = False, video: bool = False):
     """LLaVA-NeXT (OneVision, or NeXT-Video) layout: 56 px crops of 4 x 4 patches, any-res pinpoints,
     newline token; video frames pooled to 2 x 2 tokens."""
-    from transformers import CLIPVisionConfig, LlamaConfig, SiglipVisionConfig
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
 
-    text = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=120,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-    )
+    text = tiny_text_config()
     pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
     if onevision:
         from transformers import LlavaOnevisionConfig as Config
