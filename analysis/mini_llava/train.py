@@ -39,6 +39,8 @@ __all__ = ["LORA_TARGETS", "SUFFIX", "encode_conversation", "main", "trained_sta
 #: The LM projections the LoRA adapts.
 LORA_TARGETS = ("q_proj", "v_proj")
 _END = "<|im_end|>"
+#: The image side mini-llava trains at (256 image tokens).
+_SIZE = 224
 
 
 def encode_conversation(processor: Any, scene: scenes.Scene, questions: list[scenes.Question]) -> dict:
@@ -87,9 +89,6 @@ def _scenes(seed: int, per_scene_types: tuple[str, ...]) -> Iterator[tuple[scene
         chosen = list(by_type.values())
         rng.shuffle(chosen)
         yield scene, chosen
-
-
-_SIZE = 224
 
 
 def _trainable(model: Any, lora_rank: int, seed: int) -> Any:
