@@ -48,6 +48,16 @@ class Row(TypedDict, total=False):
     budget: int | float | None  # None: the strategy's own per-layer schedule
     kept: float
     n_images: int
+    # inside mini-llava (tokencomp.analysis.vqa): scenes questions answered
+    n_questions: int
+    accuracy: float
+    accuracy_ci95: float
+    accuracy_uncompressed: float
+    relative_accuracy: float
+    relative_accuracy_ci95: float
+    prefill_ms: float
+    prefill_ms_uncompressed: float
+    prefill_ratio: float
     recon_error: float
     recon_error_ci95: float
     lstsq_error: float
@@ -78,9 +88,22 @@ class Row(TypedDict, total=False):
     example_kept: Optional[list[int]]  # the first image's kept positions
     per_image: dict[str, list[float]]
     eager_cost: dict[str, dict[str, Any]]  # per attention shape measured
+    accuracy_by_type: dict[str, dict[str, float]]  # per question type: accuracy, accuracy_uncompressed, n
+    cell_accuracy: dict[str, list[float]]  # per scenes grid cell: accuracy, accuracy_uncompressed, n
+    replies: list[str]  # mini-llava's reply to each question
 
 
-_JSON_ONLY = ("grid", "flash_measured", "heatmap", "example_kept", "per_image", "eager_cost")
+_JSON_ONLY = (
+    "grid",
+    "flash_measured",
+    "heatmap",
+    "example_kept",
+    "per_image",
+    "eager_cost",
+    "accuracy_by_type",
+    "cell_accuracy",
+    "replies",
+)
 # results.csv columns, in order.
 COLUMNS = tuple(k for k in Row.__annotations__ if k not in _JSON_ONLY)
 
@@ -146,10 +169,18 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
     """Write ``path`` through a temporary file in the same folder, renamed into place when complete."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make every result file private
         with os.fdopen(fd, "w", newline="") as fh:
             write(fh)
         os.replace(tmp, path)

@@ -172,3 +172,18 @@ def test_measure_cell_heatmap_counts_originals_only():
     ts = TokenSet("x", torch.randn(4, 9, 3), (3, 3), list("abcd"), view_of=torch.tensor([0, 0, 1, 1]))
     row = measure_cell(ts, "pooling", {}, 1)  # one pooled token: the centre of the 3 x 3 grid
     assert row["heatmap"] == [0, 0, 0, 0, 1.0, 0, 0, 0, 0] and row["n_images"] == 4
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_result_files_follow_the_umask(tmp_path, umask, mode):
+    """Atomic writes go through a temporary file; its 0600 must not become the result files' mode."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        save_results(tmp_path, [], {})
+    finally:
+        os.umask(old)
+    for name in ("results.json", "results.csv", "run.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode
