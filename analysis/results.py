@@ -249,6 +249,22 @@ def _check_rows(rows: Any, path: Path) -> None:
                 f"{row['strategy']!r}, params {row['params']!r}; features and strategy must be strings, params a "
                 "JSON object"
             )
+        budget = row["budget"]
+        if isinstance(budget, bool) or not (budget is None or isinstance(budget, (int, float))):
+            raise InputError(
+                f"{str(path)!r}: row {i} has budget {budget!r}; a budget is a number (a count or a fraction) or "
+                f"null (the strategy's own schedule). Fix or delete the row, or run `tokencomp ablate` again"
+            )
+    keys: dict[Any, int] = {}
+    for i, row in enumerate(rows):
+        key = row_key(row)
+        if key in keys:
+            raise InputError(
+                f"{str(path)!r}: rows {keys[key]} and {i} are the same cell ({row['features']}, {row['strategy']} "
+                f"{row['params']}, budget {row['budget']}); a results file holds each cell once. Delete one of "
+                "them, or run `tokencomp ablate` again"
+            )
+        keys[key] = i
 
 
 def load_results(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -187,3 +187,25 @@ def test_result_files_follow_the_umask(tmp_path, umask, mode):
         os.umask(old)
     for name in ("results.json", "results.csv", "run.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode
+
+
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        (lambda rows: rows[0].update(budget="64"), "row 0 has budget '64'; a budget is a number"),
+        (lambda rows: rows[0].update(budget=True), "row 0 has budget True"),
+        (lambda rows: rows.append(dict(rows[0])), "rows 0 and 2 are the same cell"),
+    ],
+)
+def test_hand_corrupted_rows_are_refused_on_load(tmp_path, edit, fragment):
+    rows = [
+        {"features": "pixels", "strategy": "apet", "params": "{}", "budget": 64, "kept": 64, "n_images": 2},
+        {"features": "pixels", "strategy": "apet", "params": "{}", "budget": 0.5, "kept": 288, "n_images": 2},
+    ]
+    load = tmp_path / "results.json"
+    load.write_text(json.dumps(rows))
+    assert len(load_results(tmp_path)[0]) == 2
+    edit(rows)
+    load.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_results(tmp_path)
