@@ -12,7 +12,14 @@ import numpy as np
 import torch
 
 import tokencomp as tc
-from tokencomp.analysis.features import FEATURES, EfficientNetTokens, HFVisionTokens, is_hf, pixel_patches
+from tokencomp.analysis.features import (
+    FEATURES,
+    EfficientNetTokens,
+    HFVisionTokens,
+    dinov2_tokens,
+    is_hf,
+    pixel_patches,
+)
 from tokencomp.base import Compressor
 from tokencomp.errors import InputError
 
@@ -36,8 +43,9 @@ __all__ = [
     "run_ablation",
 ]
 
-# Context fields the image ablation can provide. Neither feature set has a [CLS] token, so
-# ``cls_attention`` is a stated proxy (see :func:`mean_token_attention`).
+# Context fields the image ablation can provide. EfficientNet and pixel tokens have no [CLS] token, so
+# there ``cls_attention`` is a stated proxy (see :func:`mean_token_attention`); dinov2 and hf: towers with
+# a [CLS] token give the real row.
 PROVIDED_CONTEXT = ("grid", "cls_attention")
 CLS_PROXY_NOTE = (
     "cls_attention is a proxy: the features have no [CLS] token, so the attention a query equal to the "
@@ -141,8 +149,10 @@ def make_tokens(features: str, images: list[tuple[str, np.ndarray]], views: Iter
 
     ``efficientnet``: 576 x 1280 from the pretrained ImageNet network, with its classifier as the head,
     on every view in ``views`` (crops and flips give the prediction read-out more samples); ``pixels``:
-    576 x 588 raw patches; ``hf:MODEL``: a CLIP / SigLIP vision tower's patch tokens and, for CLIP, its
-    real [CLS] attention. Views apply to feature sets with a head only.
+    576 x 588 raw patches; ``dinov2``: 576 x 384 from mini-llava's pretrained DINOv2 ViT-S/14 at 336 px
+    with its last layer's real [CLS] attention; ``hf:MODEL``: a CLIP / SigLIP / DINOv2 / ViT tower's patch
+    tokens and, where it has a [CLS] token, its real [CLS] attention. Views apply to feature sets with a
+    head only.
     """
     if features == "efficientnet":
         extractor = EfficientNetTokens(image_size=768)
@@ -160,8 +170,8 @@ def make_tokens(features: str, images: list[tuple[str, np.ndarray]], views: Iter
     arrays = [img for _, img in images]
     if features == "pixels":
         return TokenSet(features, pixel_patches(arrays, image_size=336, patch=14), (24, 24), names)
-    if is_hf(features):
-        extractor = HFVisionTokens(features[3:])
+    if is_hf(features) or features == "dinov2":
+        extractor = HFVisionTokens(features[3:]) if is_hf(features) else dinov2_tokens()
         tokens, cls = extractor.encode(arrays)
         return TokenSet(features, tokens, extractor.grid, names, cls_attention=cls)
     raise InputError(f"unknown features {features!r}; allowed: {', '.join(FEATURES)} or hf:MODEL")

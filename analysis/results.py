@@ -48,6 +48,16 @@ class Row(TypedDict, total=False):
     budget: int | float | None  # None: the strategy's own per-layer schedule
     kept: float
     n_images: int
+    # inside mini-llava (tokencomp.analysis.vqa): scenes questions answered
+    n_questions: int
+    accuracy: float
+    accuracy_ci95: float
+    accuracy_uncompressed: float
+    relative_accuracy: float
+    relative_accuracy_ci95: float
+    prefill_ms: float
+    prefill_ms_uncompressed: float
+    prefill_ratio: float
     recon_error: float
     recon_error_ci95: float
     lstsq_error: float
@@ -78,9 +88,22 @@ class Row(TypedDict, total=False):
     example_kept: Optional[list[int]]  # the first image's kept positions
     per_image: dict[str, list[float]]
     eager_cost: dict[str, dict[str, Any]]  # per attention shape measured
+    accuracy_by_type: dict[str, dict[str, float]]  # per question type: accuracy, accuracy_uncompressed, n
+    cell_accuracy: dict[str, list[float]]  # per scenes grid cell: accuracy, accuracy_uncompressed, n
+    replies: list[str]  # mini-llava's reply to each question
 
 
-_JSON_ONLY = ("grid", "flash_measured", "heatmap", "example_kept", "per_image", "eager_cost")
+_JSON_ONLY = (
+    "grid",
+    "flash_measured",
+    "heatmap",
+    "example_kept",
+    "per_image",
+    "eager_cost",
+    "accuracy_by_type",
+    "cell_accuracy",
+    "replies",
+)
 # results.csv columns, in order.
 COLUMNS = tuple(k for k in Row.__annotations__ if k not in _JSON_ONLY)
 
@@ -146,10 +169,18 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
     """Write ``path`` through a temporary file in the same folder, renamed into place when complete."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make every result file private
         with os.fdopen(fd, "w", newline="") as fh:
             write(fh)
         os.replace(tmp, path)
@@ -218,6 +249,22 @@ def _check_rows(rows: Any, path: Path) -> None:
                 f"{row['strategy']!r}, params {row['params']!r}; features and strategy must be strings, params a "
                 "JSON object"
             )
+        budget = row["budget"]
+        if isinstance(budget, bool) or not (budget is None or isinstance(budget, (int, float))):
+            raise InputError(
+                f"{str(path)!r}: row {i} has budget {budget!r}; a budget is a number (a count or a fraction) or "
+                f"null (the strategy's own schedule). Fix or delete the row, or run `tokencomp ablate` again"
+            )
+    keys: dict[Any, int] = {}
+    for i, row in enumerate(rows):
+        key = row_key(row)
+        if key in keys:
+            raise InputError(
+                f"{str(path)!r}: rows {keys[key]} and {i} are the same cell ({row['features']}, {row['strategy']} "
+                f"{row['params']}, budget {row['budget']}); a results file holds each cell once. Delete one of "
+                "them, or run `tokencomp ablate` again"
+            )
+        keys[key] = i
 
 
 def load_results(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -19,6 +19,9 @@ from .results import flash_measurements, mean_ci
 
 __all__ = [
     "METRICS",
+    "feature_order",
+    "type_table",
+    "uncompressed_accuracy",
     "METRIC_BY_KEY",
     "Metric",
     "MetricTable",
@@ -28,6 +31,7 @@ __all__ = [
     "eager_ratios",
     "is_default",
     "label",
+    "labels",
     "metric_table",
 ]
 
@@ -42,6 +46,15 @@ class Metric:
 
 
 METRICS = (
+    Metric(
+        "relative_accuracy",
+        "relative_accuracy_ci95",
+        "mini-llava's accuracy on scenes questions relative to uncompressed on the same questions "
+        "(95 % CI: paired bootstrap)",
+        True,
+        1.0,
+    ),
+    Metric("accuracy", "accuracy_ci95", "mini-llava's exact-match accuracy on scenes questions", True, math.nan),
     Metric(
         "recon_error",
         "recon_error_ci95",
@@ -83,6 +96,14 @@ METRICS = (
         0.0,
     ),
     Metric(
+        "prefill_ratio",
+        None,
+        "Prefill time against uncompressed (the whole prompt: tower, compression, language model; median of "
+        "the first questions)",
+        False,
+        1.0,
+    ),
+    Metric(
         "position_bias",
         None,
         "Position bias: Wasserstein distance of the kept positions from uniform after "
@@ -109,10 +130,20 @@ def _params(row: dict[str, Any]) -> dict[str, Any]:
     return json.loads(row["params"]) if isinstance(row["params"], str) else dict(row["params"])
 
 
-def label(row: dict[str, Any]) -> str:
-    """``strategy`` and its parameters (the seed left out)."""
-    shown = {k: v for k, v in _params(row).items() if k != "seed"}
+def label(row: dict[str, Any], seed: bool = False) -> str:
+    """``strategy`` and its parameters (the seed left out unless ``seed``)."""
+    shown = {k: v for k, v in _params(row).items() if seed or k != "seed"}
     return row["strategy"] + "".join(f" {k}={v}" for k, v in shown.items())
+
+
+def labels(rows: list[dict[str, Any]]) -> list[str]:
+    """:func:`label` of each row, with the seed where rows of one strategy differ by their seed only (a
+    seed sweep: each seed its own line, not one line showing the last)."""
+    plain = [label(r) for r in rows]
+    seeds: dict[str, set] = {}
+    for name, r in zip(plain, rows):
+        seeds.setdefault(name, set()).add(_params(r).get("seed"))
+    return [label(r, seed=True) if len(seeds[name]) > 1 else name for name, r in zip(plain, rows)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,6 +212,39 @@ def flash_table(rows: list[dict[str, Any]]) -> list[FlashRow]:
     return table
 
 
+def feature_order(rows: list[dict[str, Any]]) -> list[str]:
+    """The feature sets of ``rows``: the in-model answers (the headline) first, the rest as they came."""
+    from .vqa import VQA_FEATURES
+
+    names = list(dict.fromkeys(r["features"] for r in rows))
+    return sorted(names, key=lambda f: f != VQA_FEATURES)
+
+
+def uncompressed_accuracy(rows: list[dict[str, Any]], features: str) -> list[tuple[int, float]]:
+    """The uncompressed model's accuracy per question count the rows of ``features`` were measured on."""
+    found = {
+        int(r["n_questions"]): float(r["accuracy_uncompressed"])
+        for r in rows
+        if r["features"] == features and not r.get("skipped") and r.get("n_questions")
+    }
+    return sorted(found.items(), reverse=True)
+
+
+def type_table(rows: list[dict[str, Any]], features: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Accuracy per question type, ``"compressed / uncompressed (n)"``, per configuration and budget."""
+    subset = [r for r in rows if r["features"] == features and not r.get("skipped") and r.get("accuracy_by_type")]
+    types = list(dict.fromkeys(t for r in subset for t in r["accuracy_by_type"]))
+    body = []
+    for r, name in zip(subset, labels(subset)):
+        per = r["accuracy_by_type"]
+        cells = [
+            f"{per[t]['accuracy']:.2f} / {per[t]['accuracy_uncompressed']:.2f} ({per[t]['n']})" if t in per else "-"
+            for t in types
+        ]
+        body.append((f"{name}, {budget_name(r['budget'])}", cells))
+    return types, body
+
+
 def budget_name(budget: Any) -> str:
     return "own schedule" if budget is None else f"budget {budget}"
 
@@ -196,6 +260,7 @@ class MetricTable:
     kept: dict[Any, str]
     rows: list[tuple[str, list[Optional[tuple[float, float, bool]]]]]
     n_images: int
+    n_questions: int = 0  # the most questions a row answered (rows inside mini-llava), else 0
 
 
 def metric_table(rows: list[dict[str, Any]], features: str, key: str) -> Optional[MetricTable]:
@@ -205,14 +270,16 @@ def metric_table(rows: list[dict[str, Any]], features: str, key: str) -> Optiona
     if not any(not math.isnan(as_float(r.get(key))) for r in subset):
         return None
     columns = list(dict.fromkeys(r["budget"] for r in subset))
-    columns.sort(key=lambda b: (b is None, b if b is not None else 0))
+    kept_of = {b: sorted({as_float(r["kept"]) for r in subset if r["budget"] == b}) for b in columns}
+    # by the tokens kept (a fraction among counts sorts where it lands), the own schedules last
+    columns.sort(key=lambda b: (b is None, kept_of[b][0] if b is not None else 0, str(b)))
     kept = {}
     for b in columns:
-        ks = sorted({as_float(r["kept"]) for r in subset if r["budget"] == b})
+        ks = kept_of[b]
         kept[b] = (
             "kept " + "/".join(f"{k:g}" for k in ks)
             if b is None
-            else f"keep {ks[0]:g}"
+            else f"keep {ks[0]:g}" + (f" ({b:g})" if isinstance(b, float) else "")
             if len(ks) == 1
             else f"budget {b}"
         )
@@ -222,8 +289,9 @@ def metric_table(rows: list[dict[str, Any]], features: str, key: str) -> Optiona
         values = [as_float(r.get(key)) for r in subset if r["budget"] == b and not math.isnan(as_float(r.get(key)))]
         best[b] = pick(values) if values else math.nan
     body = []
-    for name in dict.fromkeys(label(r) for r in subset):
-        mine = {r["budget"]: r for r in subset if label(r) == name}
+    names = labels(subset)
+    for name in dict.fromkeys(names):
+        mine = {r["budget"]: r for r, n in zip(subset, names) if n == name}
         cells: list[Optional[tuple[float, float, bool]]] = []
         for b in columns:
             r = mine.get(b)
@@ -233,7 +301,10 @@ def metric_table(rows: list[dict[str, Any]], features: str, key: str) -> Optiona
             value = as_float(r.get(key))
             cells.append((value, as_float(r.get(metric.ci)) if metric.ci else math.nan, value == best[b]))
         body.append((name, cells))
-    return MetricTable(features, metric, columns, kept, body, int(max(as_float(r["n_images"]) for r in subset)))
+    n_images = int(max(as_float(r["n_images"]) for r in subset))
+    return MetricTable(
+        features, metric, columns, kept, body, n_images, max(int(r.get("n_questions") or 0) for r in subset)
+    )
 
 
 def compare(rows: list[dict[str, Any]], focus: str = DEFAULT_FOCUS) -> list[dict[str, Any]]:

@@ -43,6 +43,8 @@ __all__ = [
     "AttentionShape",
     "LLAVA_7B_SHAPES",
     "VLMCell",
+    "apply_point",
+    "text_conditioned",
     "attention_cost",
     "eager_kind",
     "llava_inputs",
@@ -279,6 +281,18 @@ LLAVA_7B_SHAPES = {
 }
 
 
+def text_conditioned(comp: Compressor) -> bool:
+    """Whether ``comp`` reads the instruction (scores the tokens against its embeddings)."""
+    return "text_embeddings" in comp.requires
+
+
+def apply_point(comp: Compressor) -> Optional[str]:
+    """The ``point`` the in-model views give :func:`tokencomp.apply`: text-conditioned pre-LLM strategies
+    score the tokens against the instruction's embeddings, which live in the language model's space, so
+    they act after the projector; every other strategy at its integration's default."""
+    return "post_projector" if comp.stage == "pre_llm" and text_conditioned(comp) else None
+
+
 def budget_runs(
     name: str, params: dict[str, Any], budgets: list[int | float]
 ) -> list[tuple[dict[str, Any], Any, Any, str]]:
@@ -382,9 +396,7 @@ class _Bench:
         backend, the kept positions and the prefill's time."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        # Text-conditioned pre-LLM strategies score the tokens against the instruction's embeddings,
-        # which live in the language model's space: they act after the projector.
-        point = "post_projector" if comp.stage == "pre_llm" and "text_embeddings" in comp.requires else None
+        point = apply_point(comp)
         with record_kept([comp]) as log, sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             with tc.apply(self.model, comp, budget=budget, point=point, allow_eager_fallback=fallback):
                 logprobs, elapsed = timed(lambda: next_token_logprobs(self.model, batch))

@@ -63,14 +63,24 @@ def test_ablate_writes_results(tmp_path):
     assert (tmp_path / "report.md").is_file() and (tmp_path / "plots" / "retention_pixels.png").is_file()
 
 
+TIMINGS = ("time_ms", "prefill_ms", "prefill_ms_uncompressed", "prefill_ratio")
+
+
 def test_ablate_is_deterministic(tmp_path):
     args = ["ablate", "--features", "pixels", "--max-images", "3", "--budgets", "64", "--strategies", "apet,random"]
-    runner.invoke(app, args + ["--out", str(tmp_path / "a")])
-    runner.invoke(app, args + ["--out", str(tmp_path / "b")])
-    a = [{k: v for k, v in r.items() if k != "time_ms"} for r in csv.DictReader(open(tmp_path / "a" / "results.csv"))]
-    b = [{k: v for k, v in r.items() if k != "time_ms"} for r in csv.DictReader(open(tmp_path / "b" / "results.csv"))]
-    assert a == b and len(a) == 13 + 2  # 12 ApET variants and random on pixels; ApET and random in the tiny VLM
-    assert {r["features"] for r in a} == {"pixels", "tiny-llava"}
+    args += ["--questions", "5"]
+    for out in ("a", "b"):
+        result = runner.invoke(app, args + ["--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if k not in TIMINGS} for r in _csv(tmp_path / out / "results.csv")]
+
+    a, b = rows("a"), rows("b")
+    assert a == b and len(a) == 13 + 2  # 12 ApET variants and random on pixels; ApET and random in mini-llava
+    assert {r["features"] for r in a} == {"pixels", "mini-llava"}
+    assert {r["n_questions"] for r in a if r["features"] == "mini-llava"} == {"5"}
+    assert "mini-llava uncompressed: accuracy" in result.output
 
 
 @pytest.mark.parametrize(
@@ -172,6 +182,8 @@ def test_report_rerenders_from_saved_results(tmp_path):
         "64",
         "--strategies",
         "apet,random,fastv",
+        "--questions",
+        "5",
         "--out",
         str(tmp_path),
     ]
@@ -179,13 +191,13 @@ def test_report_rerenders_from_saved_results(tmp_path):
     original = (tmp_path / "report.md").read_text()
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert plots == [
+        "answer_cells_mini-llava.png",
         "flash_compatibility.png",
+        "heatmaps_mini-llava.png",
         "heatmaps_pixels.png",
-        "heatmaps_tiny-llava.png",
         "overlay_pixels.png",
-        "overlay_tiny-llava.png",
+        "retention_mini-llava.png",
         "retention_pixels.png",
-        "retention_tiny-llava.png",
     ]
     for p in (tmp_path / "plots").iterdir():
         p.unlink()
@@ -197,7 +209,7 @@ def test_report_rerenders_from_saved_results(tmp_path):
     assert "| fastv | **no** (needs eager)" in original and "| apet | yes |" in original
     rows = _csv(tmp_path / "results.csv")
     flash = {(r["features"], r["strategy"]): r["flash_compatible"] for r in rows}
-    assert flash[("pixels", "apet")] == "True" and flash[("tiny-llava", "fastv")] == "False"
+    assert flash[("pixels", "apet")] == "True" and flash[("mini-llava", "fastv")] == "False"
     missing = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
@@ -480,8 +492,12 @@ def _rows_without_time(folder):
     return csv_rows, json_rows
 
 
-def _interrupt_cell(monkeypatch, after):
-    """Make the ablation's cell measurement raise KeyboardInterrupt once ``after`` cells have finished."""
+def _interrupt_cell(monkeypatch, after, sigterm=False):
+    """Make the ablation's cell measurement raise KeyboardInterrupt (or send this process SIGTERM) once
+    ``after`` cells have finished."""
+    import os
+    import signal
+
     from tokencomp.analysis import ablation
 
     real, calls = ablation.measure_cell, []
@@ -489,6 +505,8 @@ def _interrupt_cell(monkeypatch, after):
     def measure(*args, **kwargs):
         calls.append(args[1:])
         if len(calls) > after:
+            if sigterm:
+                os.kill(os.getpid(), signal.SIGTERM)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -645,3 +663,77 @@ def test_a_budget_the_strategy_refuses_is_one_line(tmp_path):
     )
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and "Traceback" not in result.output
+
+
+def test_help_shows_the_defaults():
+    """The help texts are plain text: a "[default: ...]" is shown, not swallowed as rich markup."""
+    result = runner.invoke(app, ["ablate", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0
+    assert (
+        "[default: 64,128,192]" in text and "[default: 60]" in text and "[default: efficientnet,pixels,dinov2]" in text
+    )
+
+
+@pytest.mark.parametrize(
+    "line,fragment",
+    [
+        ('vlm = "no"', "vlm = 'no' is not a boolean; write vlm = true or vlm = false"),
+        ("max_images = -1", "config max_images = -1: give an integer >= 1"),
+        ("max_images = 0", "config max_images = 0: give an integer >= 1"),
+        ('max_images = "2"', "config max_images = '2': give an integer >= 1"),
+        ("questions = 1.5", "config questions = 1.5: give an integer >= 1"),
+        ("images = 5", "config images = 5: give a folder path"),
+        ("out = 5", "config out = 5: give a folder path"),
+        ('seed = "1"', "config seed = '1': give an integer in [0, 2**63)"),
+        ("seed = 18446744073709551615", "give an integer in [0, 2**63)"),
+    ],
+)
+def test_config_values_are_checked_not_coerced(line, fragment, tmp_path):
+    """A TOML value of the wrong type or range is refused in one line, before anything runs."""
+    config = tmp_path / "grid.toml"
+    config.write_text(f'features = ["pixels"]\nstrategies = ["random"]\n{line}\n')
+    out = [] if line.startswith("out") else ["--out", str(tmp_path / "out")]
+    result = runner.invoke(app, ["ablate", "--config", str(config), *out])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert fragment in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--views", "full,full"], "--views: 'full' is given twice"),
+        (["--budgets", "64,64"], "--budgets: '64' is given twice"),
+        (["--strategies", "random,random"], "--strategies: 'random' is given twice"),
+        (["--param", "apet.basis=fps,fps"], "--param apet.basis: 'fps' is given twice"),
+    ],
+)
+def test_a_value_given_twice_is_refused(args, fragment):
+    """A duplicate would run twice and count as two independent samples (confidence intervals too narrow)."""
+    result = runner.invoke(app, ["ablate", "--features", "pixels", "--max-images", "2", "--no-vlm", *args])
+    assert result.exit_code == 2 and fragment in result.output, result.output
+
+
+def test_a_seed_sweep_is_one_line_per_seed_and_columns_follow_the_kept_count(tmp_path):
+    """-p random.seed=0,1,2 gives three table lines (not one showing the last seed); a fraction's column
+    sits where its kept count falls and says which budget it is."""
+    args = [*ABLATE[:-1], "64,0.25,16", "-s", "random", "-p", "random.seed=0,1,2", "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "report.md").read_text()
+    assert all(f"| random seed={s} |" in report for s in (0, 1, 2))
+    assert "| strategy | keep 16 | keep 64 | keep 144 (0.25) |" in report
+
+
+def test_sigterm_saves_finished_cells_like_ctrl_c(tmp_path, monkeypatch):
+    """SIGTERM (schedulers, ``timeout``, ``docker stop``) is handled as Ctrl-C: finished cells are saved."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    _interrupt_cell(monkeypatch, after=2, sigterm=True)
+    result = runner.invoke(app, INTERRUPTED + ["--out", str(tmp_path)])
+    assert result.exit_code == 130 and "Traceback" not in result.output, result.output
+    assert "interrupted: 2 finished cells are saved" in result.output
+    assert len(_csv(tmp_path / "results.csv")) == 2
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone again

@@ -1,4 +1,4 @@
-"""HFVisionTokens: tokens and [CLS] attention of tiny CLIP / SigLIP towers saved to disk (offline)."""
+"""HFVisionTokens: tokens and [CLS] attention of tiny CLIP / SigLIP / DINOv2 / ViT towers saved to disk (offline)."""
 
 from __future__ import annotations
 
@@ -63,10 +63,14 @@ def saved(tmp_path_factory):
         CLIPModel,
         CLIPVisionConfig,
         CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
         SiglipConfig,
         SiglipModel,
         SiglipVisionConfig,
         SiglipVisionModel,
+        ViTConfig,
+        ViTModel,
     )
 
     root = tmp_path_factory.mktemp("hf")
@@ -78,6 +82,9 @@ def saved(tmp_path_factory):
         ),
         "siglip_vision": SiglipVisionModel(SiglipVisionConfig(**VISION)),
         "siglip_full": SiglipModel(SiglipConfig(vision_config=VISION, text_config=TEXT)),
+        # DINOv2 configured for 518 px (as the hub's checkpoints): the tokens come at the images' 56 px
+        "dinov2": Dinov2Model._from_config(Dinov2Config(**{**VISION, "image_size": 518}), attn_implementation="eager"),
+        "vit": ViTModel._from_config(ViTConfig(**VISION), add_pooling_layer=False, attn_implementation="eager"),
         "bert": BertModel(
             BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50)
         ),
@@ -89,6 +96,7 @@ def saved(tmp_path_factory):
         out[name] = (model, str(root / name))
     processor = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     processor.save_pretrained(root / "clip_full")
+    processor.save_pretrained(root / "dinov2")  # DINOv2 takes its input side from the processor's crop
     bad = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     models["clip_vision"].save_pretrained(root / "clip_bad_processor")
     bad.save_pretrained(root / "clip_bad_processor")
@@ -160,6 +168,29 @@ def test_siglip_tokens_are_last_hidden_state_and_no_cls(saved, name):
     torch.testing.assert_close(zero(images), ref.hidden_states[0])
 
 
+@pytest.mark.parametrize("name", ["dinov2", "vit"])
+def test_dinov2_and_vit_tokens_are_the_last_layer_without_cls_and_their_cls_row(saved, name):
+    model, folder = saved[name]
+    images = _images()
+    ext = HFVisionTokens(folder, batch_size=2)
+    tokens, attention = ext.encode(images)
+    if name == "dinov2":
+        from transformers import CLIPImageProcessor
+
+        pixels = CLIPImageProcessor.from_pretrained(folder)(images=images, return_tensors="pt")["pixel_values"]
+    else:
+        pixels = _normalised(images, (0.5,) * 3, (0.5,) * 3)
+    with torch.no_grad():
+        ref = model(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
+    assert ext.family == name and ext.layer == -1 and ext.image_size == 56 and ext.grid == (4, 4)
+    assert tokens.shape == (3, 16, 32) and attention.shape == (3, 16)
+    torch.testing.assert_close(tokens, ref.hidden_states[-1][:, 1:])
+    row = ref.attentions[-1][:, :, 0, 1:].mean(1)
+    torch.testing.assert_close(attention, row / row.sum(-1, keepdim=True))
+    other = ref.attentions[0][:, :, 0, 1:].mean(1)  # the first layer attends differently
+    assert not torch.allclose(attention, other / other.sum(-1, keepdim=True), atol=1e-3)
+
+
 def test_fallback_preprocessing_is_square_image_and_family_normalisation(saved):
     clip = HFVisionTokens(saved["clip_vision"][1])
     siglip = HFVisionTokens(saved["siglip_vision"][1])
@@ -200,7 +231,7 @@ def test_errors(saved):
     with pytest.raises(
         ValueError,
         match=r"'bert'.*allowed model types: clip, clip_vision_model, siglip, "
-        r"siglip_vision_model",
+        r"siglip_vision_model, dinov2, vit",
     ):
         HFVisionTokens(saved["bert"][1])
     folder = saved["clip_vision"][1]
@@ -219,3 +250,25 @@ def test_errors(saved):
 def test_is_hf():
     assert is_hf("hf:openai/clip-vit-large-patch14-336") and is_hf("hf:/data/ckpt")
     assert not is_hf("efficientnet") and not is_hf("pixels") and not is_hf("openai/hf:clip")
+
+
+def test_builtin_dinov2_features_are_the_pretrained_towers_last_layer_at_336():
+    """``--features dinov2``: mini-llava's pretrained DINOv2 at 336 px, 576 x 384 tokens, the real [CLS] row."""
+    from tokencomp.analysis.features import DINOV2_SIZE, dinov2_tokens
+    from tokencomp.analysis.mini_llava.dinov2 import IMAGENET_MEAN, IMAGENET_STD
+    from tokencomp.errors import WeightsUnavailableError
+
+    try:
+        ext = dinov2_tokens()
+    except WeightsUnavailableError as error:
+        pytest.skip(f"the pretrained DINOv2 cannot be obtained here: {error}")
+    images = _images()[:2]
+    tokens, attention = ext.encode(images)
+    assert DINOV2_SIZE == 336 and ext.grid == (24, 24) and tokens.shape == (2, 576, 384)
+    x = torch.stack([square_image(img, 336) for img in images])
+    pixels = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        ref = ext.model(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
+    torch.testing.assert_close(tokens, ref.hidden_states[12][:, 1:])
+    row = ref.attentions[11][:, :, 0, 1:].mean(1)
+    torch.testing.assert_close(attention, row / row.sum(-1, keepdim=True))

@@ -55,7 +55,7 @@ def test_layout(mini):
     config = llava.config
     assert type(llava).__name__ == "LlavaForConditionalGeneration"
     assert type(llava.model.vision_tower).__name__ == "Dinov2Model"
-    assert (config.vision_config.image_size, config.vision_feature_layer) == (224, -1)
+    assert (config.vision_config.image_size, config.vision_feature_layer) == (224, -5)
     assert config.vision_feature_select_strategy == "default"
     projector = llava.model.multi_modal_projector
     assert (projector.linear_1.in_features, projector.linear_1.out_features, projector.linear_2.out_features) == (
@@ -90,7 +90,9 @@ def test_image_tokens(mini, image, size, tokens):
     assert int((inputs["input_ids"] == llava.config.image_token_id).sum()) == tokens
     with torch.no_grad():
         features = llava.model.get_image_features(
-            pixel_values=inputs["pixel_values"], vision_feature_layer=-1, vision_feature_select_strategy="default"
+            pixel_values=inputs["pixel_values"],
+            vision_feature_layer=model.FEATURE_LAYER,
+            vision_feature_select_strategy="default",
         )
         logits = llava(**inputs).logits
     assert features.pooler_output[0].shape == (tokens, 576)

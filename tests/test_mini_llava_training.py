@@ -13,7 +13,13 @@ import torch
 
 from tokencomp.analysis import scenes
 from tokencomp.analysis.mini_llava import answers, model, trained
-from tokencomp.analysis.mini_llava.train import LORA_TARGETS, encode_conversation, trained_state
+from tokencomp.analysis.mini_llava.train import (
+    LORA_TARGETS,
+    answer_hits,
+    encode_conversation,
+    scene_questions,
+    trained_state,
+)
 from tokencomp.errors import InputError, WeightsUnavailableError
 
 
@@ -84,6 +90,33 @@ def test_missing_trained_weights_say_how_to_train(tmp_path):
         trained.load_trained_mini_llava(tmp_path / "none.safetensors")
 
 
+def test_weights_of_another_feature_layer_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"linear_1.weight": torch.zeros(1)}, str(tmp_path / "old.safetensors"), metadata={"feature_layer": "-1"})
+    with pytest.raises(InputError, match=r"hidden state '-1'.*vision_feature_layer=-5. Retrain"):
+        trained.load_trained_mini_llava(tmp_path / "old.safetensors")
+
+
+def test_answer_hits_by_hand():
+    """Each run of labelled tokens is one answer; it is a hit when teacher forcing predicts all of it."""
+    labels = torch.tensor([[-100, -100, 7, 8, -100, -100, 9, -100, 5]])
+    predicted = torch.tensor([0, 7, 8, 0, 0, 9, 0, 4])  # the prediction at t is for the token at t + 1
+    logits = torch.nn.functional.one_hot(torch.cat([predicted, torch.tensor([0])]), 10).float()[None]
+    assert answer_hits(logits, labels) == [True, True, False]
+    logits[0, 2] = torch.nn.functional.one_hot(torch.tensor(3), 10).float()  # the 8 is missed
+    assert answer_hits(logits, labels) == [False, True, False]
+
+
+def test_training_scenes_get_several_distinct_questions():
+    import random
+
+    scene = scenes.make_scene("train", 11, image_size=224)
+    qs = scene_questions(scene, 3, random.Random(0))
+    assert len({q.text for q in qs}) == len(qs) >= 5 and {q.type for q in qs} >= {"count", "colour", "shape"}
+    assert [q.text for q in scene_questions(scene, 3, random.Random(0))] == [q.text for q in qs]  # seeded
+
+
 @pytest.fixture(scope="module")
 def processor():
     try:
@@ -125,3 +158,36 @@ def test_trained_state_holds_projector_and_lora():
     state = trained_state(outer)
     assert {"weight", "bias"} <= set(state)
     assert sum(k.startswith("lora.") for k in state) == 2 * 2 * len(LORA_TARGETS)
+
+
+class _Words:
+    """A tokenizer of whole words: ``triangle`` is two tokens, every other word one."""
+
+    vocab = {w: i for i, w in enumerate([*scenes.COLOURS, *scenes.SHAPES, "background", "tri", "angle"])}
+
+    def __call__(self, word, add_special_tokens=False):
+        ids = [self.vocab["tri"], self.vocab["angle"]] if word == "triangle" else [self.vocab[word]]
+        return {"input_ids": ids}
+
+
+def test_alignment_targets_are_the_objects_words_inside_their_boxes():
+    from tokencomp.analysis.mini_llava.align import patch_targets
+
+    scene = scenes.make_scene("train", 5, image_size=224)
+    embeddings = torch.randn(len(_Words.vocab), 4, generator=torch.Generator().manual_seed(0))
+    target = patch_targets(scene, _Words(), embeddings)
+    assert target.shape == (256, 4)
+    e = {w: embeddings[i] for w, i in _Words.vocab.items()}
+    e["triangle"] = (e["tri"] + e["angle"]) / 2
+    inside = torch.zeros(256, dtype=torch.bool)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        col, row = int((obj.centre[0]) // 14), int((obj.centre[1]) // 14)  # the patch holding the centre
+        centre = (col * 14 + 7, row * 14 + 7)
+        if x0 <= centre[0] < x1 and y0 <= centre[1] < y1:
+            torch.testing.assert_close(target[row * 16 + col], (e[obj.colour] + e[obj.shape]) / 2)
+        rows = [r for r in range(16) if y0 <= r * 14 + 7 < y1]
+        cols = [c for c in range(16) if x0 <= c * 14 + 7 < x1]
+        inside[[r * 16 + c for r in rows for c in cols]] = True
+    assert bool(inside.any()) and not bool(inside.all())
+    torch.testing.assert_close(target[~inside], e["background"].expand(int((~inside).sum()), -1))

@@ -172,3 +172,40 @@ def test_measure_cell_heatmap_counts_originals_only():
     ts = TokenSet("x", torch.randn(4, 9, 3), (3, 3), list("abcd"), view_of=torch.tensor([0, 0, 1, 1]))
     row = measure_cell(ts, "pooling", {}, 1)  # one pooled token: the centre of the 3 x 3 grid
     assert row["heatmap"] == [0, 0, 0, 0, 1.0, 0, 0, 0, 0] and row["n_images"] == 4
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_result_files_follow_the_umask(tmp_path, umask, mode):
+    """Atomic writes go through a temporary file; its 0600 must not become the result files' mode."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        save_results(tmp_path, [], {})
+    finally:
+        os.umask(old)
+    for name in ("results.json", "results.csv", "run.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode
+
+
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        (lambda rows: rows[0].update(budget="64"), "row 0 has budget '64'; a budget is a number"),
+        (lambda rows: rows[0].update(budget=True), "row 0 has budget True"),
+        (lambda rows: rows.append(dict(rows[0])), "rows 0 and 2 are the same cell"),
+    ],
+)
+def test_hand_corrupted_rows_are_refused_on_load(tmp_path, edit, fragment):
+    rows = [
+        {"features": "pixels", "strategy": "apet", "params": "{}", "budget": 64, "kept": 64, "n_images": 2},
+        {"features": "pixels", "strategy": "apet", "params": "{}", "budget": 0.5, "kept": 288, "n_images": 2},
+    ]
+    load = tmp_path / "results.json"
+    load.write_text(json.dumps(rows))
+    assert len(load_results(tmp_path)[0]) == 2
+    edit(rows)
+    load.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_results(tmp_path)

@@ -52,6 +52,7 @@ def accuracy(pairs: Iterable[tuple[scenes.Question, str]]) -> dict[str, dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..vqa import VQABench  # its shared image prefix: each scene's image runs once for its questions
     from .trained import load_trained_mini_llava
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,11 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the table and replies as JSON here")
     args = parser.parse_args(argv)
     model, processor = load_trained_mini_llava(args.weights)
-    pairs, rows = [], []
-    for scene, question in scenes.dataset(args.split, args.n, image_size=processor.image_processor.crop_size["height"]):
-        reply = answer(model, processor, scene, question)
-        pairs.append((question, reply))
-        rows.append({**question.to_dict(), "reply": reply, "seed": scene.seed})
+    size = processor.image_processor.crop_size["height"]
+    data = scenes.dataset(args.split, args.n, image_size=size)
+    replies = VQABench(model, processor, data, per_question_n=0).full.replies
+    pairs = [(q, reply) for (_, q), reply in zip(data, replies)]
+    rows = [{**q.to_dict(), "reply": reply, "seed": s.seed} for (s, q), reply in zip(data, replies)]
     table = accuracy(pairs)
     chance = scenes.chance_accuracy([q for q, _ in pairs])
     for key, value in sorted(table.items()):

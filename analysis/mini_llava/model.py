@@ -6,11 +6,11 @@ The LLaVA-1.5 layout with small parts:
   been fine-tuned for saliency), a ``transformers.Dinov2Model`` built by ``LlavaModel`` through
   ``AutoModel.from_config``; ``image_size`` 224 px gives 16 x 16 = 256 image tokens (the training size),
   336 px gives LLaVA-1.5's 24 x 24 = 576;
-- features: ``vision_feature_layer=-1``, the last layer's output (``hidden_states[-1]``, before DINOv2's
-  final LayerNorm, as LLaVA reads CLIP's hidden states), without [CLS] (``vision_feature_select_strategy=
-  "default"``). The last layer because the [CLS]-attention strategies then read the [CLS] row of the layer
-  that made the features, and because its patch norms are even (median 39, max 52 on real photos): no
-  high-norm artefact tokens to dominate a projector;
+- features: ``vision_feature_layer=-5``, the output of the eighth of the twelve layers (``hidden_states[8]``,
+  as LLaVA reads an inner layer of CLIP), without [CLS] (``vision_feature_select_strategy="default"``).
+  Where the objects' colour survives: logistic regression on a scene cell's mean token tells the object's
+  colour with 96 % accuracy from layer 8 and 75 % from the last layer (the saliency fine-tuning washes it
+  out), its shape with 86 % and 84 %. The [CLS]-attention strategies read the [CLS] row of that layer;
 - projector: LLaVA-1.5's two-layer MLP, 384 -> 576 -> 576 with GELU, read from a safetensors file
   (``linear_1.weight`` ...) or, without one, seeded PyTorch default initialisation: untrained, so the
   answers mean nothing until a projector is trained;
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 IMAGE_TOKEN = "<empty_output>"
-FEATURE_LAYER = -1
+FEATURE_LAYER = -5
 #: The projector's tensors, as ``LlavaMultiModalProjector.state_dict()`` names them.
 PROJECTOR_KEYS = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")
 

@@ -1,19 +1,22 @@
 """Train mini-llava's projector (and a small LoRA on SmolLM2) on the ``scenes`` train split.
 
-``python -m tokencomp.analysis.mini_llava.train --out DIR [--minutes 55] [--seed 0]``: a seeded, resumable
-run that a 2-core CPU finishes in about an hour. The DINOv2 tower and SmolLM2's weights stay frozen; the
-LLaVA-1.5-style projector is trained from its seeded initialisation and, with ``--lora-rank`` > 0, a LoRA
-(``peft``) on the language model's query and value projections. Each training sequence is one scene with
-one question of every type as a multi-turn conversation (LLaVA-1.5's instruction format), so one pass
-over the image's tokens teaches five answers; the loss is on the answers (and their end-of-turn token).
+``python -m tokencomp.analysis.mini_llava.train --out DIR [--minutes 65] [--seed 0]``: a seeded, resumable
+run that a 2-core CPU finishes in about 70 minutes. The DINOv2 tower and SmolLM2's weights stay frozen.
+Stage 0 (:mod:`.align`, a few minutes) fits the LLaVA-1.5-style projector to the scenes' labels (object
+patches to their colour and shape words' embeddings); then the projector and, with ``--lora-rank`` > 0, a
+LoRA (``peft``) on every linear layer of the language model train on the answers. Each training sequence
+is one scene with about ten questions as a multi-turn conversation (LLaVA-1.5's instruction format), so
+one pass over the image's tokens teaches ten answers; the loss is on the answers (and their end-of-turn
+token).
 
 What it writes to ``DIR``:
 
 - ``mini_llava.safetensors``: the projector and, under ``lora.*``, the LoRA factors (a few megabytes),
   rewritten at every checkpoint (``--checkpoint-minutes``), with the optimiser state in ``state.pt``, so a
   killed run continues with ``--resume``;
-- ``train_log.jsonl``: one line per logged step (loss, answer-token accuracy, samples, seconds);
-- ``eval.json``: greedy accuracy per question type on ``--eval-questions`` validation questions.
+- ``train_log.jsonl``: stage 0's losses and held-out word accuracy, then one line per step (loss,
+  answer-token accuracy, questions, seconds), with the teacher-forced validation accuracy per question
+  type every 8 minutes.
 
 The trained files committed with the package come from this script with its defaults.
 """
@@ -31,13 +34,29 @@ from typing import Any, Iterator
 import torch
 
 from .. import scenes
+from .align import align_projector
 from .answers import SUFFIX
-from .model import chat_prompt, load_mini_llava
+from .model import FEATURE_LAYER, chat_prompt, load_mini_llava
 
-__all__ = ["LORA_TARGETS", "SUFFIX", "encode_conversation", "main", "trained_state", "train"]
+__all__ = [
+    "LORA_TARGETS",
+    "ROUNDS",
+    "SUFFIX",
+    "answer_hits",
+    "encode_conversation",
+    "main",
+    "scene_questions",
+    "trained_state",
+    "train",
+]
 
-#: The LM projections the LoRA adapts.
-LORA_TARGETS = ("q_proj", "v_proj")
+#: The LM projections the LoRA adapts: every linear layer of attention and MLP.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Draws of one question per type per training scene (duplicates dropped): about 12 questions per image.
+ROUNDS = 3
+#: Validation scenes of the periodic check, and how often it runs.
+_VAL_SCENES = 24
+_VAL_MINUTES = 8.0
 _END = "<|im_end|>"
 #: The image side mini-llava trains at (256 image tokens).
 _SIZE = 224
@@ -76,19 +95,23 @@ def encode_conversation(processor: Any, scene: scenes.Scene, questions: list[sce
     }
 
 
-def _scenes(seed: int, per_scene_types: tuple[str, ...]) -> Iterator[tuple[scenes.Scene, list[scenes.Question]]]:
-    """Training scenes in a seeded random order, each with one question per type it allows."""
+def scene_questions(scene: scenes.Scene, rounds: int, rng: random.Random) -> list[scenes.Question]:
+    """``rounds`` draws of one question per type about ``scene``, duplicates dropped, in a shuffled order."""
+    chosen: dict[str, scenes.Question] = {}
+    for _ in range(rounds):
+        for q in scenes.questions_for(scene, rng=rng.randrange(2**32)):
+            chosen.setdefault(q.text, q)
+    out = list(chosen.values())
+    rng.shuffle(out)
+    return out
+
+
+def _scenes(seed: int, rounds: int) -> Iterator[tuple[scenes.Scene, list[scenes.Question]]]:
+    """Training scenes in a seeded random order, each with its :func:`scene_questions`."""
     rng = random.Random(seed)
     while True:
-        index = rng.randrange(10**7)
-        scene = scenes.make_scene("train", index, image_size=_SIZE)
-        qs = scenes.questions_for(scene, types=per_scene_types)
-        by_type: dict[str, scenes.Question] = {}
-        for q in qs:
-            by_type.setdefault(q.type, q)
-        chosen = list(by_type.values())
-        rng.shuffle(chosen)
-        yield scene, chosen
+        scene = scenes.make_scene("train", rng.randrange(10**7), image_size=_SIZE)
+        yield scene, scene_questions(scene, rounds, rng)
 
 
 def _trainable(model: Any, lora_rank: int, seed: int) -> Any:
@@ -123,25 +146,70 @@ def _answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred[mask] == target[mask]).float().mean()) if bool(mask.any()) else float("nan")
 
 
+def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> list[bool]:
+    """Per answer of a conversation (a run of labelled tokens), whether teacher forcing predicts all of it."""
+    target = labels[0, 1:]
+    right = (logits[0, :-1].argmax(-1) == target) | (target == -100)
+    labelled = (target != -100).int()
+    starts = torch.nonzero(torch.diff(labelled, prepend=labelled.new_zeros(1)) == 1).flatten().tolist()
+    ends = torch.nonzero(torch.diff(labelled, append=labelled.new_zeros(1)) == -1).flatten().tolist()
+    return [bool(right[a : b + 1].all()) for a, b in zip(starts, ends)]
+
+
+def _validate(model: Any, processor: Any, seed: int) -> dict[str, float]:
+    """Teacher-forced exact-answer accuracy per question type on :data:`_VAL_SCENES` validation scenes."""
+    rng = random.Random(seed)
+    hits: dict[str, list[bool]] = {}
+    model.eval()
+    with torch.no_grad():
+        for index in range(_VAL_SCENES):
+            scene = scenes.make_scene("validation", index, image_size=_SIZE)
+            qs = scene_questions(scene, 1, rng)
+            inputs = encode_conversation(processor, scene, qs)
+            for q, hit in zip(qs, answer_hits(model(**inputs).logits, inputs["labels"])):
+                hits.setdefault(q.type, []).append(hit)
+    model.train()
+    every = [h for v in hits.values() for h in v]
+    return {"overall": sum(every) / len(every), **{k: sum(v) / len(v) for k, v in sorted(hits.items())}}
+
+
 def train(
     out: Path,
-    minutes: float,
+    minutes: float = 65.0,
     seed: int = 0,
-    lr: float = 1e-3,
+    lr: float = 5e-4,
     batch: int = 4,
     lora_rank: int = 8,
-    lora_lr_ratio: float = 0.2,
+    lora_lr_ratio: float = 1.0,
+    align_scenes: int = 2000,
+    align_epochs: int = 10,
     checkpoint_minutes: float = 5.0,
     resume: bool = False,
     threads: int | None = None,
 ) -> None:
-    """Train for ``minutes`` of wall time (optimiser steps of ``batch`` scenes), checkpointing as it goes."""
+    """Align the projector (:mod:`.align`, ``align_scenes`` scenes, ``align_epochs`` passes; skipped when
+    resuming), then train it and the LoRA for ``minutes`` of wall time (optimiser steps of ``batch`` scenes),
+    checkpointing as it goes."""
     if threads:
         torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model, processor = load_mini_llava(_SIZE, seed=seed)
-    meta = {"lora_rank": str(lora_rank), "lora_alpha": str(2 * lora_rank), "image_size": str(_SIZE), "seed": str(seed)}
+    meta = {
+        "lora_rank": str(lora_rank),
+        "lora_alpha": str(2 * lora_rank),
+        "image_size": str(_SIZE),
+        "feature_layer": str(FEATURE_LAYER),
+        "seed": str(seed),
+    }
+    log = (out / "train_log.jsonl").open("a")
+
+    def write(record: dict) -> None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+    if not (resume and (out / "state.pt").exists()) and align_scenes > 0:
+        write(align_projector(model, processor, align_scenes, align_epochs, seed, FEATURE_LAYER, log=write))
     params = _trainable(model, lora_rank, seed)
     model.train()
     projector = set(map(id, model.model.multi_modal_projector.parameters()))
@@ -156,11 +224,10 @@ def train(
         model.load_state_dict(saved["model"], strict=False)
         optimiser.load_state_dict(saved["optimiser"])
         step, samples, spent = saved["step"], saved["samples"], saved["spent"]
-    data = _scenes(seed + step, scenes.QUESTION_TYPES)
+    data = _scenes(seed + step, ROUNDS)
     budget = minutes * 60
     warmup = 30
-    log = (out / "train_log.jsonl").open("a")
-    started, last_checkpoint = time.perf_counter() - spent, time.perf_counter()
+    started, last_checkpoint, last_val = time.perf_counter() - spent, time.perf_counter(), time.perf_counter()
     while time.perf_counter() - started < budget:
         elapsed = time.perf_counter() - started
         scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget))))
@@ -187,8 +254,10 @@ def train(
             "seconds": round(time.perf_counter() - started, 1),
             "lr": lr * scale,
         }
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        if time.perf_counter() - last_val > _VAL_MINUTES * 60:
+            record["validation"] = _validate(model, processor, seed)
+            last_val = time.perf_counter()
+        write(record)
         if time.perf_counter() - last_checkpoint > checkpoint_minutes * 60:
             _checkpoint(out, model, optimiser, (step, samples, time.perf_counter() - started), meta)
             last_checkpoint = time.perf_counter()
@@ -212,11 +281,13 @@ def _checkpoint(out: Path, model: Any, optimiser: Any, progress: tuple[int, int,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--minutes", type=float, default=55.0)
+    parser.add_argument("--minutes", type=float, default=65.0, help="of the second stage")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch", type=int, default=4, help="scenes per optimiser step")
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--align-scenes", type=int, default=2000, help="stage 0's scenes (0: no alignment)")
+    parser.add_argument("--align-epochs", type=int, default=10)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
@@ -228,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         batch=args.batch,
         lora_rank=args.lora_rank,
+        align_scenes=args.align_scenes,
+        align_epochs=args.align_epochs,
         checkpoint_minutes=args.checkpoint_minutes,
         resume=args.resume,
         threads=args.threads,

@@ -16,7 +16,7 @@ import torch
 
 from tokencomp.errors import InputError
 
-from .model import load_mini_llava
+from .model import FEATURE_LAYER, load_mini_llava
 
 __all__ = ["TRAINED", "load_trained_mini_llava", "merge_lora"]
 
@@ -63,6 +63,12 @@ def load_trained_mini_llava(
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if metadata.get("feature_layer") != str(FEATURE_LAYER):
+        raise InputError(
+            f"{str(path)!r} was trained on the tower's hidden state {metadata.get('feature_layer', 'unknown')!r}; this "
+            f"mini-llava reads vision_feature_layer={FEATURE_LAYER}. Retrain with this version's train.py, or use "
+            "the version that wrote the file."
+        )
     model, processor = load_mini_llava(image_size, attn_implementation=attn_implementation)
     projector = {k: v for k, v in tensors.items() if not k.startswith("lora.")}
     model.model.multi_modal_projector.load_state_dict(projector, strict=True)

@@ -24,6 +24,8 @@ __all__ = ["UserError", "app", "main", "strategy_markdown"]
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # the help texts are plain text: "[default: 64]" must not be read as rich markup (and vanish)
+    rich_markup_mode=None,
     help="Compare visual-token compression strategies for vision-language models.",
 )
 for _name, _command in (

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
-from typing import Callable, Iterator, Optional
+import threading
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -40,8 +42,10 @@ def user_errors(on_interrupt: Optional[Callable[[], None]] = None) -> Iterator[N
     A mistake on the command line (:class:`UserError`), a value tokencomp refuses
     (:class:`~tokencomp.errors.InputError`) or a file that cannot be read or written (``OSError``) is
     printed on one line with exit code 2. Every other exception is a bug and keeps its traceback.
-    ``on_interrupt`` handles Ctrl-C (it is re-raised without one).
+    ``on_interrupt`` handles Ctrl-C and SIGTERM (what schedulers, ``timeout`` and ``docker stop`` send)
+    alike; without one, they stop the command as usual.
     """
+    previous = _term_as_interrupt() if on_interrupt is not None else None
     try:
         yield
     except (UserError, InputError, OSError) as exc:
@@ -50,3 +54,18 @@ def user_errors(on_interrupt: Optional[Callable[[], None]] = None) -> Iterator[N
         if on_interrupt is None:
             raise
         on_interrupt()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _term_as_interrupt() -> Any:
+    """Make SIGTERM raise KeyboardInterrupt (in the main thread); returns the handler it replaced, or
+    ``None`` where signals cannot be handled (another thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)

@@ -1,7 +1,7 @@
 """``tokencomp ablate``'s options, merged once: flags > ``--config`` TOML > defaults.
 
 The defaults are the analysis's own (:mod:`tokencomp.analysis.grid`); only where the results go and
-whether the tiny VLM runs are the command line's.
+whether mini-llava runs are the command line's.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ ABLATE_DEFAULTS: dict[str, Any] = {
     "seed": grid.DEFAULT_SEED,
     "out": "tokencomp-ablation",
     "vlm": True,
+    "questions": grid.DEFAULT_QUESTIONS,
     "focus": grid.DEFAULT_FOCUS,
 }
 
@@ -58,6 +59,7 @@ class AblateOptions:
     seed: int
     out: Path
     vlm: bool
+    questions: int
     focus: str
 
     @classmethod
@@ -77,11 +79,12 @@ class AblateOptions:
             if raw["strategies"] is None
             else _parse.strategy_names(_parse.comma_list(str(raw["strategies"]), "--strategies")),
             params=list(raw["params"] or []),
-            images=Path(raw["images"]) if raw["images"] else None,
-            max_images=raw["max_images"],
-            seed=raw["seed"],
-            out=Path(raw["out"]),
-            vlm=bool(raw["vlm"]),
+            images=_parse.path_value(raw["images"], "images") if raw["images"] is not None else None,
+            max_images=_parse.positive_int(raw["max_images"], "max_images") if raw["max_images"] is not None else None,
+            seed=_parse.seed(raw["seed"]),
+            out=_parse.path_value(raw["out"], "out"),
+            vlm=_parse.boolean(raw["vlm"], "vlm"),
+            questions=_parse.positive_int(raw["questions"], "questions"),
         )
 
 

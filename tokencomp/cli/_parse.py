@@ -12,7 +12,11 @@ from tokencomp.errors import UnknownStrategyError
 from ._app import UserError
 
 __all__ = [
+    "boolean",
     "budgets",
+    "path_value",
+    "positive_int",
+    "seed",
     "comma_list",
     "device",
     "dtype",
@@ -24,11 +28,21 @@ __all__ = [
 
 
 def comma_list(text: str, what: str) -> list[str]:
-    """The non-empty items of a comma-separated list; an empty list is refused."""
+    """The non-empty items of a comma-separated list; an empty list, or an item given twice, is refused."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise UserError(f"{what} is empty; give a comma-separated list")
+    _once(items, what)
     return items
+
+
+def _once(values: list[Any], what: str) -> None:
+    """Refuse a value given twice: it would run twice and count as two independent samples."""
+    seen: list[Any] = []
+    for v in values:
+        if any(v == s and type(v) is type(s) for s in seen):
+            raise UserError(f"{what}: {v!r} is given twice; give each value once")
+        seen.append(v)
 
 
 def budgets(text: str) -> list[int | float]:
@@ -44,6 +58,7 @@ def budgets(text: str) -> list[int | float]:
                 raise UserError(
                     f"--budgets: {item!r} is not a number; use counts like 64 or fractions like 0.25"
                 ) from None
+    _once(out, "--budgets")
     return out
 
 
@@ -63,6 +78,35 @@ def positive_ints(option: str, text: str) -> list[int]:
             raise UserError(f"{option}: {value} must be >= 1")
         values.append(value)
     return values
+
+
+# The flags check their own types; what reaches these checks with the wrong type came from a --config file.
+def positive_int(value: Any, key: str) -> int:
+    """One integer >= 1 (a TOML string, float or boolean is refused, not coerced)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"--{key.replace('_', '-')} / config {key} = {value!r}: give an integer >= 1, e.g. {key} = 2")
+    return value
+
+
+def seed(value: Any) -> int:
+    """A seed: an integer in [0, 2**63) (what torch's generators take)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise UserError(f"--seed / config seed = {value!r}: give an integer in [0, 2**63), e.g. seed = 0")
+    return value
+
+
+def boolean(value: Any, key: str) -> bool:
+    """A flag's or TOML file's true / false (a TOML string such as "no" is refused, not coerced)."""
+    if not isinstance(value, bool):
+        raise UserError(f"--config: {key} = {value!r} is not a boolean; write {key} = true or {key} = false")
+    return value
+
+
+def path_value(value: Any, key: str) -> Path:
+    """A non-empty path (a TOML number or an empty string is refused)."""
+    if not isinstance(value, (str, Path)) or not str(value).strip():
+        raise UserError(f'--{key} / config {key} = {value!r}: give a folder path, e.g. {key} = "results"')
+    return Path(value)
 
 
 def output_folder(path: Path, option: str = "--out") -> Path:
@@ -96,6 +140,7 @@ def param_grid(spec: str) -> tuple[str, str, list[Any]]:
             f"malformed parameter grid {spec!r}: it has an empty value; expected STRATEGY.PARAM=V1,V2,... "
             "e.g. apet.basis=fps,qr,random"
         )
+    _once(values, f"--param {strategy}.{key}")
     return strategy, key, values
 
 

@@ -76,20 +76,31 @@ def _mean_ci(cell: Any) -> str:
 
 
 def ablation_tables(rows: list[dict[str, Any]]) -> None:
-    """One table per feature set and metric (mean ± 95 % CI), then the FlashAttention measurements."""
-    from tokencomp.analysis.tables import METRICS, metric_table
+    """One table per feature set and metric (mean ± 95 % CI), the in-model answers first (with the accuracy
+    per question type), then the FlashAttention measurements."""
+    from tokencomp.analysis.tables import METRICS, feature_order, metric_table, type_table, uncompressed_accuracy
 
-    for features in dict.fromkeys(r["features"] for r in rows):
+    for features in feature_order(rows):
+        for n, accuracy in uncompressed_accuracy(rows, features):
+            console.print(f"{features} uncompressed: accuracy {accuracy:.3f} on the first {n} questions")
         for metric in METRICS:
             table = None if metric.key == "time_ms" else metric_table(rows, features, metric.key)
             if table is None:
                 continue
             direction = "higher" if metric.higher_is_better else "lower"
             ci = ", mean ± 95% CI" if metric.ci else ""
+            what = f"{table.n_questions} questions" if table.n_questions else f"{table.n_images} images"
             _table(
-                f"{metric.title} ({features}, {table.n_images} images{ci}; {direction} is better)",
+                f"{metric.title} ({features}, {what}{ci}; {direction} is better)",
                 ["strategy", *(table.kept[b] for b in table.columns)],
                 [[name, *map(_mean_ci, cells)] for name, cells in table.rows],
+            )
+        types, body = type_table(rows, features)
+        if body:
+            _table(
+                f"Accuracy per question type ({features}; compressed / uncompressed (questions))",
+                ["strategy", *types],
+                [[name, *cells] for name, cells in body],
             )
     _flash_table(rows)
 

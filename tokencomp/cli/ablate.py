@@ -1,5 +1,5 @@
-"""``tokencomp ablate``: the grid of strategies x parameters x budgets on real image tokens and inside a
-tiny VLM, saved as it runs, then tables, ``report.md`` and plots."""
+"""``tokencomp ablate``: the grid of strategies x parameters x budgets on real image tokens and inside
+mini-llava answering ``scenes`` questions, saved as it runs, then tables, ``report.md`` and plots."""
 
 from __future__ import annotations
 
@@ -20,15 +20,6 @@ from ._autosave import Autosave, interrupted
 from ._options import ABLATE_DEFAULTS, AblateOptions
 
 __all__ = ["ablate_command"]
-
-VLM_FEATURES = "tiny-llava"  # the features column of the rows measured inside the tiny VLM
-VLM_NOTE = (
-    "tiny-llava rows: a random-weight LLaVA-1.5 layout built from its config classes (CLIP tower at 336 px, "
-    "576 visual tokens, 32-layer Llama decoder, hidden size 64). Its answers mean nothing; its code paths "
-    "(the tower's [CLS] row, the decoder's attention at a layer, the cut sequence) are the real ones. "
-    "next_token_agreement / logit_kl compare it with itself uncompressed; position_bias there shuffles the "
-    "image's 14 px patches. Strategies with their own per-layer schedule run at their defaults (budget: own schedule)."
-)
 
 
 @dataclass
@@ -75,7 +66,6 @@ def _image_strategies(options: AblateOptions, names: list[str]) -> list[str]:
 def plan(options: AblateOptions) -> Plan:
     """The configurations ``options`` ask for, with the notes the report carries about them."""
     from tokencomp.analysis.ablation import CLS_PROXY_NOTE, configurations
-    from tokencomp.analysis.features import is_hf
 
     names = options.strategies if options.strategies is not None else list(tc.available())
     image_names = _image_strategies(options, names)
@@ -87,11 +77,13 @@ def plan(options: AblateOptions) -> Plan:
         configurations(names, vlm_grids, options.seed) if options.vlm else [],
     )
     needing_cls = [n for n in image_names if "cls_attention" in tc.get(n).requires]
-    if needing_cls and any(not is_hf(f) for f in options.features):
+    if needing_cls and any(f in ("efficientnet", "pixels") for f in options.features):
         found.notes.append(f"{', '.join(needing_cls)} on efficientnet / pixels tokens: {CLS_PROXY_NOTE}")
         say(f"[yellow]note[/] for {', '.join(needing_cls)}: {CLS_PROXY_NOTE}")
     if options.vlm:
-        found.notes.append(VLM_NOTE)
+        from tokencomp.analysis.vqa import NOTE
+
+        found.notes.append(NOTE)
     return found
 
 
@@ -113,6 +105,7 @@ def _meta(options: AblateOptions, n_images: int, notes: list[str]) -> dict[str, 
         "budgets": options.budgets,
         "features": options.features,
         "vlm": options.vlm,
+        "questions": options.questions,
         "focus": options.focus,
         "notes": notes,
     }
@@ -135,7 +128,7 @@ def _finished(target: Path, meta: dict[str, Any], resume: bool) -> list[dict[str
         say(f"[yellow]note[/] replacing the results in {target} (--resume continues them instead)")
         return []
     rows, old = load_results(target)
-    differ = [k for k in ("seed", "images", "n_images", "views") if k in old and old[k] != meta[k]]
+    differ = [k for k in ("seed", "images", "n_images", "views", "questions") if k in old and old[k] != meta[k]]
     if differ:
         raise UserError(
             f"--resume: {str(target)!r} was run with different {', '.join(differ)} "
@@ -147,10 +140,11 @@ def _finished(target: Path, meta: dict[str, Any], resume: bool) -> list[dict[str
 
 
 def _run(options: AblateOptions, found: Plan, picked: list[tuple[str, Any]], saver: Autosave) -> None:
-    """Every cell of ``found`` not in ``saver.rows``, on image tokens, then inside the tiny VLM."""
+    """Every cell of ``found`` not in ``saver.rows``, on image tokens, then inside mini-llava."""
     from tokencomp.analysis.ablation import make_tokens, run_ablation
     from tokencomp.analysis.results import cell_key, row_key
     from tokencomp.analysis.vlm import budget_runs
+    from tokencomp.analysis.vqa import VQA_FEATURES
 
     done = {row_key(r) for r in saver.rows}
     todo = {
@@ -161,7 +155,7 @@ def _run(options: AblateOptions, found: Plan, picked: list[tuple[str, Any]], sav
         (n, p, b)
         for (n, base) in found.vlm_configs
         for p, _, b, _ in budget_runs(n, base, options.budgets)
-        if cell_key(VLM_FEATURES, n, p, b) not in done
+        if cell_key(VQA_FEATURES, n, p, b) not in done
     ]
     with console.status("extracting visual tokens..."):
         token_sets = [make_tokens(f, picked, options.views) for f in options.features if todo[f]]
@@ -176,18 +170,17 @@ def _run(options: AblateOptions, found: Plan, picked: list[tuple[str, Any]], sav
 
         run_ablation(token_sets, found.image_configs, options.budgets, on_cell=add, done=done)
         if vlm_todo:
-            from tokencomp.analysis.tiny_vlm import tiny_llava
-            from tokencomp.analysis.vlm import run_vlm
+            from tokencomp.analysis.vqa import default_bench, run_vqa
 
-            progress.update(task, description="inside a tiny LLaVA")
-            run_vlm(
-                tiny_llava(image_size=336, layers=32),
-                [img for _, img in picked],
+            progress.update(task, description="mini-llava: loading, uncompressed answers")
+            bench = default_bench(options.questions)
+            progress.update(task, description="mini-llava on scenes")
+            run_vqa(
+                bench,
                 found.vlm_configs,
                 options.budgets,
-                seed=options.seed,
-                on_cell=lambda c: add(c.row(VLM_FEATURES)),
-                skip=lambda n, p, b: cell_key(VLM_FEATURES, n, p, b) in done,
+                on_cell=add,
+                skip=lambda n, p, b: cell_key(VQA_FEATURES, n, p, b) in done,
             )
 
 
@@ -209,7 +202,8 @@ def ablate_command(
         None,
         "--features",
         "-f",
-        help=f"efficientnet, pixels and/or hf:MODEL (a CLIP / SigLIP tower). {_DEFAULT['features']}",
+        help=f"efficientnet, pixels, dinov2 and/or hf:MODEL (a CLIP / SigLIP / DINOv2 / ViT tower). "
+        f"{_DEFAULT['features']}",
     ),
     param: Optional[list[str]] = typer.Option(
         None, "--param", "-p", help="Parameter grid STRATEGY.PARAM=V1,V2 (repeatable); replaces the default grid."
@@ -233,10 +227,19 @@ def ablate_command(
     vlm: Optional[bool] = typer.Option(
         None,
         "--vlm/--no-vlm",
-        help="Also run every strategy inside a tiny LLaVA (agreement, position bias, FlashAttention). [default: on]",
+        help="Also run every strategy inside mini-llava answering scenes questions (accuracy, agreement, "
+        "FlashAttention). [default: on]",
+    ),
+    questions: Optional[int] = typer.Option(
+        None,
+        "--questions",
+        "-q",
+        min=1,
+        help="scenes test questions mini-llava answers per cell (in-LLM and text-conditioned strategies: fewer). "
+        f"{_DEFAULT['questions']}",
     ),
 ) -> None:
-    """Run the ablation grid on real image tokens (and inside a tiny VLM); print tables, write results,
+    """Run the ablation grid on real image tokens and inside mini-llava; print tables, write results,
     report.md and plots."""
     from tokencomp.analysis.report import write_report
     from tokencomp.analysis.results import join_flash
@@ -252,6 +255,7 @@ def ablate_command(
         "seed": seed,
         "out": out,
         "vlm": vlm,
+        "questions": questions,
     }
     saver: list[Autosave] = []  # what Ctrl-C saves, once the run has one
     with user_errors(on_interrupt=lambda: interrupted(saver[0] if saver else None)):
