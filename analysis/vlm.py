@@ -43,7 +43,10 @@ __all__ = [
     "AttentionShape",
     "LLAVA_7B_SHAPES",
     "VLMCell",
+    "agreement",
     "apply_point",
+    "eager_costs",
+    "largest_cost",
     "text_conditioned",
     "attention_cost",
     "eager_kind",
@@ -200,6 +203,28 @@ def attention_cost(shape: AttentionShape, repeats: int = 3, seed: int = 0) -> di
 
 
 # ---------------------------------------------------------------- the grid
+def agreement(full: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``[Q, V]`` log-probabilities: top-1 agreement with ``full`` (the uncompressed model's) and
+    ``KL(full || logprobs)`` (rounding below zero read as zero)."""
+    agree = (logprobs.argmax(-1) == full.argmax(-1)).float()
+    kl = (full.exp() * (full - logprobs)).sum(-1).clamp(min=0)
+    return agree, kl
+
+
+def eager_costs(cache: dict[Any, dict[str, float]], shapes: list[Any]) -> dict[str, dict[str, Any]]:
+    """Eager against SDPA per attention shape, by its label; each shape timed once and kept in ``cache``."""
+    for shape in shapes:
+        if shape not in cache:
+            cache[shape] = attention_cost(shape)
+    return {s.label: {"length": s.length, "heads": s.heads, "head_dim": s.head_dim, **cache[s]} for s in shapes}
+
+
+def largest_cost(costs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The :data:`~tokencomp.analysis.results.EAGER_KEYS` of the largest shape in :func:`eager_costs`."""
+    largest = max(costs.values(), key=lambda c: c["heads"] * c["head_dim"] * c["length"])
+    return {k: largest[k] for k in EAGER_KEYS}
+
+
 @dataclass
 class VLMCell:
     """One strategy configuration at one budget inside a VLM, with its measurements."""
@@ -251,8 +276,7 @@ class VLMCell:
             side = math.isqrt(self.heatmap.numel())
             row["grid"] = [side, side] if side * side == self.heatmap.numel() else None
         if self.eager_cost:
-            largest = max(self.eager_cost.values(), key=lambda c: c["heads"] * c["head_dim"] * c["length"])
-            cast(dict, row).update({k: largest[k] for k in EAGER_KEYS})
+            cast(dict, row).update(largest_cost(self.eager_cost))
         return row
 
 
@@ -425,8 +449,7 @@ class _Bench:
     def _agreement(self, cell: VLMCell, logprobs: torch.Tensor, kept: Optional[torch.Tensor]) -> None:
         """Next-token agreement and KL against the uncompressed model, and where the kept tokens lie."""
         cell.kept = float(kept.shape[1]) if kept is not None else float(self.n_visual)
-        agree = (logprobs.argmax(-1) == self.full.argmax(-1)).float()
-        kl = (self.full.exp() * (self.full - logprobs)).sum(-1).clamp(min=0)
+        agree, kl = agreement(self.full, logprobs)
         cell.next_token_agreement, cell.next_token_agreement_ci = mean_ci(agree)
         cell.logit_kl, cell.logit_kl_ci = mean_ci(kl)
         cell.per_image = {"next_token_agreement": agree.tolist(), "logit_kl": kl.tolist()}
@@ -439,9 +462,4 @@ class _Bench:
         shapes = [model_shape(kind, self.model, self.length)] + (
             [self.real_shapes[kind]] if kind in self.real_shapes else []
         )
-        for shape in shapes:
-            if shape not in self.costs:
-                self.costs[shape] = attention_cost(shape)
-        cell.eager_cost = {
-            s.label: {"length": s.length, "heads": s.heads, "head_dim": s.head_dim, **self.costs[s]} for s in shapes
-        }
+        cell.eager_cost = eager_costs(self.costs, shapes)

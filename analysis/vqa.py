@@ -43,8 +43,18 @@ from .measure import timed
 from .mini_llava.answers import SUFFIX, normalise
 from .mini_llava.model import chat_prompt
 from .position import kept_heatmap
-from .results import EAGER_KEYS, Row, mean_ci
-from .vlm import LLAVA_7B_SHAPES, apply_point, attention_cost, eager_kind, model_shape, record_kept, text_conditioned
+from .results import Row, mean_ci
+from .vlm import (
+    LLAVA_7B_SHAPES,
+    agreement,
+    apply_point,
+    eager_costs,
+    eager_kind,
+    largest_cost,
+    model_shape,
+    record_kept,
+    text_conditioned,
+)
 
 __all__ = [
     "IMAGE_SIZE",
@@ -286,22 +296,15 @@ class VQABench:
         with the largest shape's figures as the row's flat columns."""
         length = int(self.inputs[0]["input_ids"].shape[1])
         shapes = [model_shape(kind, self.model, length), LLAVA_7B_SHAPES[kind]]
-        for shape in shapes:
-            if shape not in self.costs:
-                self.costs[shape] = attention_cost(shape)
-        costs = {
-            s.label: {"length": s.length, "heads": s.heads, "head_dim": s.head_dim, **self.costs[s]} for s in shapes
-        }
-        largest = max(costs.values(), key=lambda c: c["heads"] * c["head_dim"] * c["length"])
-        return {"eager_cost": costs, **{k: largest[k] for k in EAGER_KEYS}}
+        costs = eager_costs(self.costs, shapes)
+        return {"eager_cost": costs, **largest_cost(costs)}
 
     # ------------------------------------------------------------ comparison with the uncompressed model
     def _compare(self, answers: Answers, n: int) -> dict[str, Any]:
         hits, ref = answers.hits.double(), self.full.hits[:n].double()
         questions = [q for _, q in self.pairs[:n]]
         full = self.full.first[:n]
-        agree = (answers.first.argmax(-1) == full.argmax(-1)).float()
-        kl = (full.exp() * (full - answers.first)).sum(-1).clamp(min=0)
+        agree, kl = agreement(full, answers.first)
         fields: dict[str, Any] = {"n_questions": n, "n_images": len({id(s) for s, _ in self.pairs[:n]})}
         fields["accuracy"], fields["accuracy_ci95"] = mean_ci(hits)
         fields["accuracy_uncompressed"] = float(ref.mean())
