@@ -211,7 +211,9 @@ def agreement(full: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor,
     return agree, kl
 
 
-def eager_costs(cache: dict[Any, dict[str, float]], shapes: list[Any]) -> dict[str, dict[str, Any]]:
+def eager_costs(
+    cache: dict[AttentionShape, dict[str, float]], shapes: list[AttentionShape]
+) -> dict[str, dict[str, Any]]:
     """Eager against SDPA per attention shape, by its label; each shape timed once and kept in ``cache``."""
     for shape in shapes:
         if shape not in cache:
