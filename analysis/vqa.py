@@ -18,15 +18,15 @@ benchmark, greedy, as the uncompressed model is asked them. Per strategy and bud
 
 Strategies that neither read the question nor run inside the language model compress an image the same
 way for every question, so the image's prefix (everything up to its last placeholder) is run once per
-scene and each question continues from a copy of that prefix's KV cache (a chunked prefill: equal to the
-one-piece prefill up to float rounding). The others (in-LLM, text-conditioned) need a whole prefill per
-question and answer the first :attr:`VQABench.per_question_n` questions only; their uncompressed
-reference is taken on the same questions, so every figure compares like with like.
+scene and its questions continue from that prefix's KV cache as one batch (a chunked prefill, the
+padding masked and each row's positions its own: equal to the one-piece prefill up to float rounding).
+The others (in-LLM, text-conditioned) need a whole prefill per question and answer the first
+:attr:`VQABench.per_question_n` questions only; their uncompressed reference is taken on the same
+questions, so every figure compares like with like.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -196,7 +196,8 @@ class VQABench:
     def _from_prefix(
         self, comp: Optional[Compressor], budget: Any, questions: Iterable[int], fallback: bool
     ) -> Iterable[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
-        """One scene: its image prefix run once (compressed), each question continued from its KV cache."""
+        """One scene: its image prefix run once (compressed), its questions continued from that KV cache in one
+        batch."""
         questions = list(questions)
         ids = self.inputs[questions[0]]["input_ids"]
         cut = int((ids[0] == self.image_token).nonzero().max()) + 1
@@ -211,26 +212,51 @@ class VQABench:
                 pixel_values=self.inputs[questions[0]]["pixel_values"],
                 use_cache=True,
             )
-        cache = out.cache
         positions = log.positions[0] if log.positions is not None else None
-        for i in questions:
-            suffix = self.inputs[i]["input_ids"][:, cut:]
-            reply, first = self._greedy(suffix, copy.deepcopy(cache))  # the cache grows with the question
+        suffixes = [self.inputs[i]["input_ids"][0, cut:] for i in questions]
+        cache = out.cache  # after a pre-LLM cut the prefix is shorter than ``cut``: positions follow the cache
+        for reply, first in zip(*self._greedy(suffixes, cache, cache.get_seq_length())):
             yield reply, first, positions
 
-    def _greedy(self, ids: torch.Tensor, cache: Any) -> tuple[str, torch.Tensor]:
-        """Greedy decoding from ``cache`` after ``ids`` (as ``generate`` does), up to :data:`MAX_NEW_TOKENS`."""
-        logits = self.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
-        first = logits[0].float().log_softmax(-1)
-        tokens: list[int] = []
-        token = int(logits.argmax(-1))
-        while token != self.end:
-            tokens.append(token)
-            if len(tokens) == MAX_NEW_TOKENS:
+    def _greedy(self, suffixes: list[torch.Tensor], cache: Any, start: int) -> tuple[list[str], torch.Tensor]:
+        """Greedy replies (as ``generate`` gives them, up to :data:`MAX_NEW_TOKENS`) to several continuations
+        of one prefix, decoded as one batch from ``cache`` (the prefix's, ``start`` positions long).
+
+        The suffixes are left-padded to one length with the padding between prefix and suffix: masked out,
+        and each row's positions continue the prefix's, so every row sees what it would alone (up to float
+        rounding). Returns the replies and the first answer tokens' log-probabilities ``[B, V]``.
+        """
+        rows = len(suffixes)
+        width = max(len(s) for s in suffixes)
+        pad = torch.tensor([width - len(s) for s in suffixes])
+        ids = torch.stack([torch.cat([s.new_full((width - len(s),), self.end), s]) for s in suffixes])
+        real = torch.arange(width)[None] >= pad[:, None]  # [B, width]
+        mask = torch.cat([torch.ones(rows, start, dtype=torch.long), real.long()], 1)
+        position = (start + torch.arange(width)[None] - pad[:, None]).clamp(min=start)
+        cache.batch_repeat_interleave(rows)
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True
+        ).logits[:, -1]
+        first = logits.float().log_softmax(-1)
+        tokens = torch.empty(rows, 0, dtype=torch.long)
+        done = torch.zeros(rows, dtype=torch.bool)
+        token = logits.argmax(-1)
+        last = position[:, -1]
+        while True:
+            done |= token == self.end
+            if bool(done.all()):
                 break
-            logits = self.model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[:, -1]
-            token = int(logits.argmax(-1))
-        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True), first
+            tokens = torch.cat([tokens, torch.where(done, self.end, token)[:, None]], 1)
+            if tokens.shape[1] == MAX_NEW_TOKENS:
+                break
+            last = last + 1
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], 1)
+            logits = self.model(
+                input_ids=token[:, None], attention_mask=mask, position_ids=last[:, None], cache=cache, use_cache=True
+            ).logits[:, -1]
+            token = logits.argmax(-1)
+        decode = self.processor.tokenizer.decode
+        return [decode([t for t in row if t != self.end], skip_special_tokens=True) for row in tokens.tolist()], first
 
     def _whole(
         self, comp: Optional[Compressor], budget: Any, i: int, fallback: bool
