@@ -8,7 +8,7 @@ import numpy as np
 
 from tokencomp.errors import InputError
 
-__all__ = ["BUNDLED_IMAGES", "bundled_images", "load_image_folder", "to_rgb"]
+__all__ = ["BUNDLED_IMAGES", "bundled_images", "load_image_folder", "read_image", "to_rgb"]
 
 # scikit-image images that load offline (natural photographs, microscopy, astronomy, scans, text).
 _SKIMAGE = (
@@ -94,19 +94,46 @@ def load_image_folder(folder: str | Path) -> list[tuple[str, np.ndarray]]:
     ValueError
         If the folder does not exist, holds no image, or an image file cannot be decoded.
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(folder)
     if not path.is_dir():
         raise InputError(f"image folder {str(path)!r} does not exist or is not a folder")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InputError(f"image folder {str(path)!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
-    images = []
-    for file in files:
-        try:
-            with Image.open(file) as im:
-                images.append((file.name, to_rgb(np.asarray(im.convert("RGB")))))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise InputError(f"cannot read image {str(file)!r}: {exc}") from exc
-    return images
+    return [(file.name, read_image(file)) for file in files]
+
+
+#: PIL modes of more than 8 bits per sample, and the full-scale value each is read against.
+_WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def read_image(file: str | Path) -> np.ndarray:
+    """One image file as ``[H, W, 3]`` uint8, upright (its EXIF orientation applied).
+
+    16-bit and 32-bit integer images are read against the 16-bit full scale (65535) and float images
+    against 1.0, before any conversion to 8 bits; a value outside that range is an error (a 10-bit image
+    stored in 16 bits reads dark: rescale it to the full range first).
+
+    Raises
+    ------
+    tokencomp.errors.InputError
+        The file cannot be decoded, is a decompression bomb, or holds values outside its full scale.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as opened:
+            im = ImageOps.exif_transpose(opened)
+            if im.mode not in _WIDE_MODES:
+                return np.array(im.convert("RGB"))
+            values = np.array(im, dtype=np.float64)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read image {str(file)!r}: {exc}") from exc
+    full = _WIDE_MODES[im.mode]
+    lo, hi = float(values.min()), float(values.max())
+    if lo < 0 or hi > full:
+        raise InputError(
+            f"image {str(file)!r} (PIL mode {im.mode}) has values in [{lo:g}, {hi:g}]; allowed: [0, {full:g}] "
+            "(the full scale of its type); rescale it into that range, or save it as 8-bit"
+        )
+    return to_rgb((values / full * 255).round().astype(np.uint8))

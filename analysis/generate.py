@@ -42,11 +42,11 @@ def load_image(spec: str):
     """A PIL image from a file path, or one of the bundled images by name (e.g. ``astronaut``)."""
     from PIL import Image
 
-    from .data import BUNDLED_IMAGES, bundled_images
+    from .data import BUNDLED_IMAGES, bundled_images, read_image
 
     path = Path(spec)
     if path.exists():
-        return Image.open(path).convert("RGB")
+        return Image.fromarray(read_image(path))
     if spec in BUNDLED_IMAGES:
         ((_, array),) = bundled_images([spec])
         return Image.fromarray(array)

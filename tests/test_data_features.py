@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tokencomp.analysis.data import BUNDLED_IMAGES, bundled_images, load_image_folder, to_rgb
+from tokencomp.analysis.data import BUNDLED_IMAGES, bundled_images, load_image_folder, read_image, to_rgb
 from tokencomp.analysis.features import EfficientNetTokens, pixel_patches, square_image
 
 
@@ -64,3 +64,36 @@ def test_image_folder(tmp_path):
         load_image_folder(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         load_image_folder(tmp_path / "missing")
+
+
+def test_wide_images_keep_their_values(tmp_path):
+    """16-bit and float images are scaled to 8 bits from their full scale, not clipped by PIL first."""
+    ramp = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)  # 0, 257, ..., 65535
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    assert Image.open(tmp_path / "wide.png").mode.startswith("I")
+    got = read_image(tmp_path / "wide.png")
+    assert got.shape == (16, 16, 3) and np.array_equal(got[..., 0], (ramp // 257).astype(np.uint8))
+    unit = (np.arange(64, dtype=np.float32) / 63).reshape(8, 8)
+    Image.fromarray(unit, mode="F").save(tmp_path / "unit.tif")
+    assert np.array_equal(read_image(tmp_path / "unit.tif")[..., 1], (unit * 255).round().astype(np.uint8))
+    Image.fromarray(unit * 2, mode="F").save(tmp_path / "over.tif")
+    with pytest.raises(ValueError, match=r"values in \[0, 2\]; allowed: \[0, 1\]"):
+        read_image(tmp_path / "over.tif")
+
+
+def test_images_are_read_upright_and_writable(tmp_path):
+    image = np.zeros((4, 6, 3), dtype=np.uint8)
+    image[0, 0] = 255  # a marked corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(image).save(tmp_path / "turned.png", exif=exif)
+    got = read_image(tmp_path / "turned.png")
+    assert got.shape == (6, 4, 3) and got[0, -1].tolist() == [255, 255, 255]
+    assert got.flags.writeable  # no "NumPy array is not writable" warning downstream
+
+
+def test_a_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is then over twice the limit
+    with pytest.raises(ValueError, match="cannot read image .*big.png.*decompression bomb"):
+        read_image(tmp_path / "big.png")
