@@ -128,6 +128,45 @@ def test_context_shape_checks():
         comp.compress(x, 4, {"grid": (4, 4)})
 
 
+@pytest.mark.parametrize(
+    "context,fragment",
+    [
+        (
+            tc.Context(grid=(True, 16)),
+            r"context.grid must be \(h, w\) or \(t, h, w\) of positive ints; got \(True, 16\)",
+        ),
+        (
+            tc.Context(cls_attention=torch.ones(2, 16, dtype=torch.int64)),
+            r"cls_attention must be a floating-point tensor \[B, N\]; got torch.int64",
+        ),
+        (
+            tc.Context(visual_positions=torch.zeros(2, 16)),
+            r"visual_positions must be a int64 tensor \[B, N\]; got torch.float32",
+        ),
+        (tc.Context(key_mask=torch.ones(2, 20)), r"key_mask must be a bool tensor \[B, L\]; got torch.float32"),
+        (tc.Context(layer="abc"), r"context.layer must be an int >= 0 or None; got 'abc'"),
+        (tc.Context(layer=True), r"context.layer must be an int >= 0 or None; got True"),
+        (tc.Context(schedule_n=0), r"context.schedule_n must be an int >= 1 or None; got 0"),
+        (tc.Context(generator=0), r"context.generator must be a torch.Generator or None; got int"),
+    ],
+)
+def test_context_values_of_the_wrong_kind_are_refused(context, fragment):
+    """Each of these was accepted silently (or failed deep inside a strategy)."""
+    with pytest.raises(ValueError, match=fragment):
+        tc.create("random").compress(torch.randn(2, 16, 4), 4, context)
+
+
+@pytest.mark.parametrize("name", ["apet", "tome", "divprune", "pooling", "random"])
+def test_compression_under_autograd_is_a_clear_error(name):
+    """apet, tome and divprune raised "functions with out=... arguments don't support automatic differentiation"."""
+    x = torch.randn(2, 64, 8, requires_grad=True)
+    with pytest.raises(ValueError, match=rf"^{name}: tokens require grad and autograd is on.*torch.no_grad\(\)"):
+        tc.create(name).compress(x, 16)
+    with torch.no_grad():
+        assert tc.create(name).compress(x, 16).tokens.shape == (2, 16, 8)
+    assert tc.create(name).compress(x.detach(), 16).tokens.shape == (2, 16, 8)
+
+
 def test_required_context_field_is_named():
     class NeedsCls(tc.Compressor):
         requires = ("cls_attention",)

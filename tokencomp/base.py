@@ -350,8 +350,14 @@ class Compressor(ABC):
             for name, layout in Context.layout().items()
             if getattr(context, name) is not None
         }
-        if context.valid is not None and context.valid.dtype != torch.bool:
-            raise InputError(f"{owner}: context.valid must be a bool tensor; got {context.valid.dtype}.")
+        for name, least in (("layer", 0), ("schedule_n", 1)):
+            value = getattr(context, name)
+            if value is not None and (type(value) is not int or value < least):
+                raise InputError(f"{owner}: context.{name} must be an int >= {least} or None; got {value!r}.")
+        if context.generator is not None and not isinstance(context.generator, torch.Generator):
+            raise InputError(
+                f"{owner}: context.generator must be a torch.Generator or None; got {type(context.generator).__name__}."
+            )
         if context.grid is not None:
             updates["grid"] = _checked_grid(owner, context.grid, n)
         self._check_attention_inputs(updates, context, b, n)
@@ -390,9 +396,7 @@ class Compressor(ABC):
                     f"{owner}: context.keys [B, H, L, Dh] = {tuple(keys.shape)} does not match "
                     f"context.query [B, H, Dh] = {tuple(query.shape)}."
                 )
-        if pos is not None:
-            if pos.dtype != torch.int64:
-                raise InputError(f"{owner}: context.visual_positions must be int64; got {pos.dtype}.")
+        if pos is not None:  # int64: checked with its layout
             if keys is not None and bool(((pos < 0) | (pos >= keys.shape[2])).any()):
                 raise InputError(f"{owner}: context.visual_positions must index the L={keys.shape[2]} keys.")
         if (
@@ -461,13 +465,16 @@ def _batched_field(
             f"{owner}: context.{name} must have shape {layout.shape} = {layout.expected(b, n)} to match the tokens; "
             f"got {tuple(value.shape)}."
         )
+    if not layout.accepts(value.dtype):
+        kind = "floating-point" if layout.dtype == "float" else layout.dtype
+        raise InputError(f"{owner}: context.{name} must be a {kind} tensor {layout.shape}; got {value.dtype}.")
     return value
 
 
 def _checked_grid(owner: str, grid: Any, n: int) -> tuple[int, ...]:
     """``grid`` as a tuple, checked to be ``(h, w)`` or ``(t, h, w)`` of positive ints holding ``n`` tokens."""
     given, grid = grid, tuple(grid)
-    if len(grid) not in (2, 3) or not all(isinstance(g, int) and g >= 1 for g in grid):
+    if len(grid) not in (2, 3) or not all(type(g) is int and g >= 1 for g in grid):  # a bool is no size
         raise InputError(f"{owner}: context.grid must be (h, w) or (t, h, w) of positive ints; got {given!r}.")
     if _prod(grid) != n:
         raise InputError(f"{owner}: context.grid={grid} holds {_prod(grid)} tokens but the tokens have N={n}.")

@@ -54,11 +54,20 @@ class FieldLayout(NamedTuple):
         Its number of dimensions, batch included.
     token_dim : int or None
         The dimension of its token axis ``N`` (the field holds one entry per visual token), else ``None``.
+    dtype : str
+        What its values must be: ``"float"`` (any floating-point dtype), ``"bool"`` or ``"int64"``.
     """
 
     shape: str
     rank: int
     token_dim: Optional[int]
+    dtype: str = "float"
+
+    def accepts(self, dtype: torch.dtype) -> bool:
+        """Whether a tensor of ``dtype`` may hold this field."""
+        if self.dtype == "float":
+            return dtype.is_floating_point
+        return dtype == {"bool": torch.bool, "int64": torch.int64}[self.dtype]
 
     def expected(self, b: int, n: int) -> str:
         """The shape with the batch size ``b`` and the token count ``n`` filled in, e.g. ``"[2, T, 16]"``."""
@@ -66,11 +75,12 @@ class FieldLayout(NamedTuple):
         return "[" + ", ".join(str(b) if s == "B" else str(n) if s == "N" else s for s in dims) + "]"
 
 
-def _tensor(shape: str) -> Any:
-    """An optional tensor field of :class:`Context` of the given ``shape`` (batch first, e.g. ``"[B, N]"``)."""
+def _tensor(shape: str, dtype: str = "float") -> Any:
+    """An optional tensor field of :class:`Context` of the given ``shape`` (batch first, e.g. ``"[B, N]"``)
+    and ``dtype`` (:attr:`FieldLayout.dtype`)."""
     dims = shape.strip("[]").split(", ")
     token_dim = dims.index("N") if "N" in dims else None
-    return field(default=None, metadata={"layout": FieldLayout(shape, len(dims), token_dim)})
+    return field(default=None, metadata={"layout": FieldLayout(shape, len(dims), token_dim, dtype)})
 
 
 @dataclass
@@ -136,15 +146,15 @@ class Context:
     text_attention: Optional[torch.Tensor] = _tensor("[B, N]")
     hidden_states: Optional[torch.Tensor] = _tensor("[B, L, H]")
     layer: Optional[int] = None
-    valid: Optional[torch.Tensor] = _tensor("[B, N]")
+    valid: Optional[torch.Tensor] = _tensor("[B, N]", "bool")
     generator: Optional[torch.Generator] = None
     cross_attention: Optional[torch.Tensor] = _tensor("[B, T, N]")
     query: Optional[torch.Tensor] = _tensor("[B, H, Dh]")
     keys: Optional[torch.Tensor] = _tensor("[B, H, L, Dh]")
-    visual_positions: Optional[torch.Tensor] = _tensor("[B, N]")
-    key_mask: Optional[torch.Tensor] = _tensor("[B, L]")
+    visual_positions: Optional[torch.Tensor] = _tensor("[B, N]", "int64")
+    key_mask: Optional[torch.Tensor] = _tensor("[B, L]", "bool")
     image_embeddings: Optional[torch.Tensor] = _tensor("[B, N, E]")
-    raters: Optional[torch.Tensor] = _tensor("[B, T]")
+    raters: Optional[torch.Tensor] = _tensor("[B, T]", "bool")
     schedule_n: Optional[int] = None
 
     # ------------------------------------------------------------------ the fields' layout

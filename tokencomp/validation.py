@@ -93,7 +93,7 @@ def check_tokens(owner: str, tokens: Any, finite: bool = True) -> tuple[torch.Te
     ------
     ValueError
         If ``tokens`` is not a floating-point tensor of 2 or 3 dimensions with ``N >= 1`` and
-        ``D >= 1`` and (with ``finite``) only finite values.
+        ``D >= 1`` and (with ``finite``) only finite values, or requires grad with autograd on.
     """
     if not isinstance(tokens, torch.Tensor):
         raise InputError(
@@ -103,6 +103,12 @@ def check_tokens(owner: str, tokens: Any, finite: bool = True) -> tuple[torch.Te
         raise InputError(
             f"{owner}: tokens must have a floating-point dtype; got {tokens.dtype}. "
             "Convert them first, e.g. tokens.float()."
+        )
+    if tokens.requires_grad and torch.is_grad_enabled():
+        raise InputError(
+            f"{owner}: tokens require grad and autograd is on; token compression does not support gradients. "
+            "Run it in torch.no_grad() or torch.inference_mode() (under tokencomp.apply: the model's forward or "
+            "generate)."
         )
     if tokens.dim() not in (2, 3):
         raise InputError(
