@@ -715,6 +715,22 @@ def test_a_value_given_twice_is_refused(args, fragment):
     assert result.exit_code == 2 and fragment in result.output, result.output
 
 
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--out", ""], "--out / config out = '': give a folder path"),
+        (["--images", ""], "--images / config images = '': give a folder path"),
+        (["--views", "nosuch"], "--views: unknown 'nosuch'; allowed: full, flip"),
+    ],
+)
+def test_empty_paths_and_unknown_views_are_refused_whatever_runs(args, fragment, tmp_path, monkeypatch):
+    """``--out ''`` wrote into the working directory and ``--views nosuch`` ran when only pixels read no view."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["ablate", "--features", "pixels", "--max-images", "2", "--no-vlm", *args])
+    assert result.exit_code == 2 and fragment in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_seed_sweep_is_one_line_per_seed_and_columns_follow_the_kept_count(tmp_path):
     """-p random.seed=0,1,2 gives three table lines (not one showing the last seed); a fraction's column
     sits where its kept count falls and says which budget it is."""

@@ -73,7 +73,7 @@ class AblateOptions:
         return cls(
             budgets=_parse.budgets(str(raw["budgets"])),
             features=_features(str(raw["features"])),
-            views=_parse.comma_list(str(raw["views"]), "--views"),
+            views=_views(str(raw["views"])),
             focus=_parse.strategy_names([str(raw["focus"])])[0],
             strategies=None
             if raw["strategies"] is None
@@ -95,6 +95,15 @@ def _features(text: str) -> list[str]:
     for f in names:
         if f not in FEATURES and not (is_hf(f) and len(f) > 3):
             raise UserError(f"--features: unknown {f!r}; allowed: {', '.join(FEATURES)} or hf:MODEL")
+    return names
+
+
+def _views(text: str) -> list[str]:
+    """The views, checked whatever the feature sets (``pixels`` alone does not read them)."""
+    names = _parse.comma_list(text, "--views")
+    unknown = [v for v in names if v not in grid.VIEWS]
+    if unknown:
+        raise UserError(f"--views: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join(grid.VIEWS)}")
     return names
 
 

@@ -105,7 +105,8 @@ def boolean(value: Any, key: str) -> bool:
 def path_value(value: Any, key: str) -> Path:
     """A non-empty path (a TOML number or an empty string is refused)."""
     if not isinstance(value, (str, Path)) or not str(value).strip():
-        raise UserError(f'--{key} / config {key} = {value!r}: give a folder path, e.g. {key} = "results"')
+        example = {"out": "results", "images": "photos"}.get(key, "folder")
+        raise UserError(f'--{key} / config {key} = {value!r}: give a folder path, e.g. {key} = "{example}"')
     return Path(value)
 
 

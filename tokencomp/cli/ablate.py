@@ -208,7 +208,7 @@ def ablate_command(
     param: Optional[list[str]] = typer.Option(
         None, "--param", "-p", help="Parameter grid STRATEGY.PARAM=V1,V2 (repeatable); replaces the default grid."
     ),
-    images: Optional[Path] = typer.Option(None, "--images", help="A folder of your own images (default: bundled)."),
+    images: Optional[str] = typer.Option(None, "--images", help="A folder of your own images (default: bundled)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Use only the first N images."),
     views: Optional[str] = typer.Option(
         None,
@@ -218,7 +218,7 @@ def ablate_command(
     seed: Optional[int] = typer.Option(
         None, "--seed", min=0, help=f"Seed for every seeded strategy and the shuffles. {_DEFAULT['seed']}"
     ),
-    out: Optional[Path] = typer.Option(
+    out: Optional[str] = typer.Option(  # a str: typer makes '' Path('.'), which path_value cannot refuse
         None, "--out", "-o", help=f"Results, report and plots go here. {_DEFAULT['out']}"
     ),
     resume: bool = typer.Option(
