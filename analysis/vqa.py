@@ -214,19 +214,19 @@ class VQABench:
             )
         positions = log.positions[0] if log.positions is not None else None
         suffixes = [self.inputs[i]["input_ids"][0, cut:] for i in questions]
-        cache = out.cache  # after a pre-LLM cut the prefix is shorter than ``cut``: positions follow the cache
-        for reply, first in zip(*self._greedy(suffixes, cache, cache.get_seq_length())):
+        for reply, first in zip(*self._greedy(suffixes, out.cache)):
             yield reply, first, positions
 
-    def _greedy(self, suffixes: list[torch.Tensor], cache: Any, start: int) -> tuple[list[str], torch.Tensor]:
+    def _greedy(self, suffixes: list[torch.Tensor], cache: Any) -> tuple[list[str], torch.Tensor]:
         """Greedy replies (as ``generate`` gives them, up to :data:`MAX_NEW_TOKENS`) to several continuations
-        of one prefix, decoded as one batch from ``cache`` (the prefix's, ``start`` positions long).
+        of one prefix, decoded as one batch from ``cache``, the prefix's (after a pre-LLM cut shorter than
+        the prefix's ids: the positions follow the cache).
 
         The suffixes are left-padded to one length with the padding between prefix and suffix: masked out,
         and each row's positions continue the prefix's, so every row sees what it would alone (up to float
         rounding). Returns the replies and the first answer tokens' log-probabilities ``[B, V]``.
         """
-        rows = len(suffixes)
+        rows, start = len(suffixes), cache.get_seq_length()
         width = max(len(s) for s in suffixes)
         pad = torch.tensor([width - len(s) for s in suffixes])
         ids = torch.stack([torch.cat([s.new_full((width - len(s),), self.end), s]) for s in suffixes])

@@ -443,8 +443,9 @@ class SparseVLM(Compressor):
         return raters | ~raters.any(dim=1, keepdim=True)  # nobody above the mean: everyone rates
 
     def _given_raters(self, raters: torch.Tensor, t: int) -> torch.Tensor:
-        """``Context.raters`` checked: bool ``[B, T]`` over the ``T`` rows of ``cross_attention``, a rater per row."""
-        if raters.dtype != torch.bool or raters.shape[1] != t:
+        """``Context.raters`` (bool: checked with its layout) checked to span the ``T`` rows of ``cross_attention``,
+        with a rater per row."""
+        if raters.shape[1] != t:
             raise InputError(
                 f"{self.display_name()}: context.raters must be a bool tensor [B, T] over the T={t} text tokens of "
                 f"context.cross_attention; got {raters.dtype} {tuple(raters.shape)}. Pass the info['raters'] of an "
